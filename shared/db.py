@@ -1,0 +1,73 @@
+"""PostgreSQL access shared by the services: an async connection pool and schema migrations.
+
+Each service owns one schema and a folder of numbered `.sql` migrations; `migrate` applies the
+ones not yet applied, in order, each in its own transaction, under an advisory lock so that
+several processes starting at once apply each migration exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger(__name__)
+
+
+async def open_pool(
+    url: str, *, name: str, min_size: int = 1, max_size: int = 10, timeout: float = 30.0
+) -> AsyncConnectionPool:
+    """An opened pool whose connections are checked before use, so a restarted server heals."""
+    pool = AsyncConnectionPool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        name=name,
+        open=False,
+        timeout=timeout,
+        check=AsyncConnectionPool.check_connection,
+        kwargs={"application_name": f"renderflow-{name}"},
+    )
+    await pool.open(wait=True, timeout=timeout)
+    return pool
+
+
+async def migrate(url: str, schema: str, migrations_dir: Path) -> list[str]:
+    """Applies the migrations of `migrations_dir` not yet applied to `schema`; returns their names."""
+    applied: list[str] = []
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [f"migrate:{schema}"])
+        try:
+            await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {}.schema_migrations"
+                    " (version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+                ).format(sql.Identifier(schema))
+            )
+            cur = await conn.execute(
+                sql.SQL("SELECT version FROM {}.schema_migrations").format(sql.Identifier(schema))
+            )
+            done = {row[0] for row in await cur.fetchall()}
+            for path in sorted(migrations_dir.glob("*.sql")):
+                if path.stem in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(
+                        sql.SQL("SET LOCAL search_path TO {}, public").format(sql.Identifier(schema))
+                    )
+                    await conn.execute(path.read_text().encode())
+                    await conn.execute(
+                        sql.SQL("INSERT INTO {}.schema_migrations (version) VALUES (%s)").format(
+                            sql.Identifier(schema)
+                        ),
+                        [path.stem],
+                    )
+                applied.append(path.stem)
+                log.info("applied migration", extra={"schema": schema, "migration": path.stem})
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", [f"migrate:{schema}"])
+    return applied

@@ -1,0 +1,49 @@
+"""gRPC channels to Renderflow services: tracing, keepalive, and retries of transient failures.
+
+Callers wrap calls in `shared.rpc_errors.rpc_errors()` so that they only ever see domain errors.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+# Retry transient transport failures (peer restarting, connection reset) a few times with backoff.
+# gRPC only retries a call that has not yet reached the server's handler, so this is safe for
+# every method; application-level retries are the caller's business.
+_SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [{}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 3,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps(_SERVICE_CONFIG)),
+    # Reconnect fast after a peer restarts instead of backing off for up to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+def create_channel(target: str) -> grpc.aio.Channel:
+    """An insecure channel to `target` (host:port) with tracing and the options above."""
+    interceptors = aio_client_interceptors()  # type: ignore[no-untyped-call]
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)

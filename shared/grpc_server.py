@@ -1,0 +1,150 @@
+"""gRPC server bootstrap shared by every service: error mapping, tracing, health, reflection, drain.
+
+`create_server` builds a server without starting it (tests use the same object on port 0);
+`serve_until_signalled` runs it as a process's main loop and drains on SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+from shared.errors import RenderflowError
+from shared.rpc_errors import to_status
+
+log = logging.getLogger(__name__)
+
+# Keepalive pings let clients notice a dead server quickly; large messages carry images.
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Translates domain errors into gRPC statuses, and anything unexpected into a logged INTERNAL."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                try:
+                    return await inner_uu(request, context)
+                except Exception as exc:
+                    await _abort(context, method, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(
+                request: Any, context: grpc.aio.ServicerContext[Any, Any]
+            ) -> AsyncIterator[Any]:
+                try:
+                    async for item in inner_us(request, context):
+                        yield item
+                except Exception as exc:
+                    await _abort(context, method, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:
+    if isinstance(exc, asyncio.CancelledError):
+        raise exc
+    if not isinstance(exc, RenderflowError):
+        if context.code() is not None or _is_abort(exc):
+            raise exc  # the handler aborted on purpose; keep its status
+        log.exception("unexpected error in %s", method)
+        exc = RenderflowError()
+    status = to_status(exc)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # grpc.aio raises this private exception type from context.abort().
+    return type(exc).__name__ == "AbortError"
+
+
+@dataclass
+class ServerHandle:
+    """A built (not yet started) server and its health servicer."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    service_names: Sequence[str]
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+
+def create_server(service_names: Sequence[str]) -> ServerHandle:
+    """A grpc.aio server with error mapping, tracing, health and reflection; add servicers, bind, start."""
+    server = grpc.aio.server(
+        interceptors=[aio_server_interceptor(), ErrorInterceptor()],  # type: ignore[no-untyped-call]
+        options=SERVER_OPTIONS,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        server,
+    )
+    return ServerHandle(server, health_servicer, service_names)
+
+
+async def start(handle: ServerHandle, listen: str) -> int:
+    """Binds and starts the server; returns the bound port (useful with port 0)."""
+    port = handle.server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    await handle.server.start()
+    await handle.set_serving(True)
+    return port
+
+
+async def serve_until_signalled(handle: ServerHandle, listen: str, grace_s: float = 10.0) -> None:
+    """Runs the server until SIGTERM or SIGINT, then drains in-flight calls for up to `grace_s`."""
+    port = await start(handle, listen)
+    log.info("listening", extra={"address": listen, "port": port})
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("draining", extra={"grace_s": grace_s})
+        await handle.set_serving(False)
+        await handle.server.stop(grace_s)
