@@ -1,14 +1,13 @@
 """gRPC server bootstrap shared by every service: error mapping, tracing, health, reflection, drain.
 
 `create_server` builds a server without starting it (tests use the same object on port 0);
-`serve_until_signalled` runs it as a process's main loop and drains on SIGTERM or SIGINT.
+`start` binds and starts it, `drain` stops it gracefully.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -134,17 +133,9 @@ async def start(handle: ServerHandle, listen: str) -> int:
     return port
 
 
-async def serve_until_signalled(handle: ServerHandle, listen: str, grace_s: float = 10.0) -> None:
-    """Runs the server until SIGTERM or SIGINT, then drains in-flight calls for up to `grace_s`."""
-    port = await start(handle, listen)
-    log.info("listening", extra={"address": listen, "port": port})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        log.info("draining", extra={"grace_s": grace_s})
-        await handle.set_serving(False)
-        await handle.server.stop(grace_s)
+async def drain(handle: ServerHandle, grace_s: float) -> None:
+    """Stops taking calls (health NOT_SERVING first, so balancers look elsewhere) and gives the
+    calls in flight up to `grace_s` seconds to finish."""
+    log.info("draining", extra={"grace_s": grace_s})
+    await handle.set_serving(False)
+    await handle.server.stop(grace_s)
