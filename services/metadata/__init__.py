@@ -1,0 +1,1 @@
+"""The metadata service: users, API keys, projects, chains, rules, and their change feed."""
