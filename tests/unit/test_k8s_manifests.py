@@ -1,0 +1,394 @@
+"""The Kubernetes manifests in k8s/: valid against the API's schemas, and holding what a reviewer
+checks by hand (non-root pods with limits, settings from one ConfigMap, ports that agree)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import yaml
+
+from shared.settings import Env
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+# A KEDA custom resource: no schema in the validator, checked on its own below.
+KEDA_SCALED_OBJECT = K8S / "keda" / "scaledobject.yaml"
+EXAMPLE_SECRET = K8S / "secret.example.yaml"
+# The oldest Kubernetes these manifests are meant for, and the newest the validator knows.
+KUBERNETES_VERSIONS = ("1.30", "1.37")
+
+NAMESPACE = "renderflow"
+CONFIGMAP = "renderflow-config"
+# Each Renderflow Deployment and the module its container runs (`python -m ...`).
+ENTRY_POINTS = {
+    "metadata": "services.metadata",
+    "imagefetch": "services.imagefetch",
+    "generation": "services.generation",
+    "worker": "services.generation.worker",
+    "gateway": "gateway",
+}
+# The settings each of those processes builds from its environment.
+SETTINGS_CLASSES = {
+    "metadata": "services.metadata.config:Settings",
+    "imagefetch": "services.imagefetch.config:Settings",
+    "generation": "services.generation.config:Settings",
+    "worker": "services.generation.config:WorkerSettings",
+    "gateway": "gateway.config:Settings",
+}
+GRPC_SERVICES = ("metadata", "imagefetch", "generation")
+WITH_DATABASE = ("metadata", "generation", "worker")
+WITH_ARTIFACTS = ("generation", "worker")
+
+Manifest = dict[str, Any]
+
+
+def _documents(path: Path) -> list[Manifest]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _object_files() -> list[Path]:
+    """Every file of Kubernetes objects under k8s/ (kustomizations are not objects)."""
+    return sorted(
+        path
+        for path in K8S.rglob("*.yaml")
+        if path.name != "kustomization.yaml" and path != KEDA_SCALED_OBJECT
+    )
+
+
+class Cluster:
+    """Every object of k8s/, looked up by kind and name."""
+
+    def __init__(self, objects: list[Manifest]) -> None:
+        self.objects = objects
+
+    def get(self, kind: str, name: str) -> Manifest:
+        found = [o for o in self.objects if o["kind"] == kind and o["metadata"]["name"] == name]
+        assert len(found) == 1, f"expected one {kind} {name!r}, found {len(found)}"
+        return found[0]
+
+    def all(self, kind: str) -> list[Manifest]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    def deployments_selected_by(self, selector: dict[str, str]) -> list[Manifest]:
+        return [
+            d
+            for d in self.all("Deployment")
+            if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        ]
+
+    @property
+    def settings(self) -> dict[str, str]:
+        data: dict[str, str] = self.get("ConfigMap", CONFIGMAP)["data"]
+        return data
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Cluster:
+    return Cluster([doc for path in _object_files() for doc in _documents(path)])
+
+
+def _pod(deployment: Manifest) -> Manifest:
+    pod: Manifest = deployment["spec"]["template"]["spec"]
+    return pod
+
+
+def _container(deployment: Manifest) -> Manifest:
+    """The one container of a Renderflow Deployment (no sidecars here)."""
+    containers = _pod(deployment)["containers"]
+    assert len(containers) == 1, deployment["metadata"]["name"]
+    container: Manifest = containers[0]
+    return container
+
+
+def _containers(deployment: Manifest) -> Iterator[Manifest]:
+    pod = _pod(deployment)
+    yield from pod.get("initContainers", [])
+    yield from pod["containers"]
+
+
+def _container_port(deployment: Manifest, port: int | str) -> int:
+    """The container port a Service targetPort or a probe port (number or name) reaches."""
+    for container in _containers(deployment):
+        for declared in container.get("ports", []):
+            if port in (declared["containerPort"], declared.get("name")):
+                number: int = declared["containerPort"]
+                return number
+    raise AssertionError(f"{deployment['metadata']['name']} declares no container port {port!r}")
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def _service_target(cluster: Cluster, name: str, port: int) -> int:
+    """The container port that the Service `name` sends its `port` to."""
+    service = cluster.get("Service", name)
+    matching = [p for p in service["spec"]["ports"] if p["port"] == port]
+    assert matching, f"Service {name} has no port {port}"
+    (deployment,) = cluster.deployments_selected_by(service["spec"]["selector"])
+    return _container_port(deployment, matching[0].get("targetPort", port))
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", _object_files(), ids=lambda p: str(p.relative_to(K8S)))
+def test_manifest_is_valid_for_kubernetes(path: Path, version: str) -> None:
+    """Strict: an unknown or misspelt field fails, as it would be dropped silently by kubectl."""
+    problems: list[str] = []
+    for doc in _documents(path):
+        name = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            where = ".".join(str(part) for part in error.path)
+            problems.append(f"{name}: {where}: {error.message}")
+        except kubernetes_validate.SchemaNotFoundError as error:
+            problems.append(f"{name}: {error.message}")
+    assert problems == []
+
+
+def test_kustomization_applies_every_manifest_but_the_example_secret_and_keda() -> None:
+    (kustomization,) = _documents(K8S / "kustomization.yaml")
+    expected = sorted(
+        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml" and p != EXAMPLE_SECRET
+    )
+    assert sorted(kustomization["resources"]) == expected
+
+
+def test_every_object_lives_in_the_renderflow_namespace(cluster: Cluster) -> None:
+    cluster.get("Namespace", NAMESPACE)
+    elsewhere = [
+        f"{o['kind']}/{o['metadata']['name']}"
+        for o in cluster.objects
+        if o["kind"] != "Namespace" and o["metadata"].get("namespace") != NAMESPACE
+    ]
+    assert elsewhere == []
+
+
+def test_every_container_runs_as_non_root_read_only_with_limits(cluster: Cluster) -> None:
+    problems: list[str] = []
+    for deployment in cluster.all("Deployment"):
+        pod = _pod(deployment)
+        pod_context = pod.get("securityContext", {})
+        if pod.get("automountServiceAccountToken") is not False:
+            problems.append(f"{deployment['metadata']['name']}: mounts a service account token")
+        if pod_context.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            problems.append(f"{deployment['metadata']['name']}: no RuntimeDefault seccomp profile")
+        for container in _containers(deployment):
+            where = f"{deployment['metadata']['name']}/{container['name']}"
+            context = {**pod_context, **container.get("securityContext", {})}
+            if context.get("runAsNonRoot") is not True or context.get("runAsUser") == 0:
+                problems.append(f"{where}: may run as root")
+            if context.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{where}: allows privilege escalation")
+            if context.get("capabilities", {}).get("drop") != ["ALL"]:
+                problems.append(f"{where}: keeps capabilities")
+            if context.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{where}: writable root filesystem")
+            for bound in ("requests", "limits"):
+                missing = {"cpu", "memory"} - set(container.get("resources", {}).get(bound, {}))
+                if missing:
+                    problems.append(f"{where}: no {bound} for {sorted(missing)}")
+    assert problems == []
+
+
+def test_renderflow_pods_run_as_the_image_user_with_a_writable_tmp(cluster: Cluster) -> None:
+    """The read-only root leaves /tmp (RENDERFLOW_RUN_DIR) as the only scratch space."""
+    user = re.search(r"^USER (\d+):(\d+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert user is not None, "the Dockerfile must name a numeric USER uid:gid"
+    assert cluster.settings["RENDERFLOW_RUN_DIR"].startswith("/tmp/")
+    for name in ENTRY_POINTS:
+        deployment = cluster.get("Deployment", name)
+        context = _pod(deployment)["securityContext"]
+        assert (str(context["runAsUser"]), str(context["runAsGroup"])) == user.groups(), name
+        volumes = {v["name"]: v for v in _pod(deployment)["volumes"]}
+        (tmp,) = [m for m in _container(deployment)["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert "emptyDir" in volumes[tmp["name"]], name
+
+
+def test_renderflow_deployments_take_their_settings_from_the_configmap(cluster: Cluster) -> None:
+    # The real Secret is made out of band; the example names its name and key.
+    (secret,) = _documents(EXAMPLE_SECRET)
+    for name, module in ENTRY_POINTS.items():
+        container = _container(cluster.get("Deployment", name))
+        assert container["image"].split(":")[0] == "renderflow", name
+        assert container["command"] == ["python", "-m", module], name
+        assert {"configMapRef": {"name": CONFIGMAP}} in container["envFrom"], name
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["OTEL_SERVICE_NAME"]["value"] == name
+        if name in WITH_DATABASE:
+            reference = env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+            assert reference["name"] == secret["metadata"]["name"], name
+            assert reference["key"] in secret["stringData"], name
+        else:
+            assert "DATABASE_URL" not in env, f"{name} has no database and must not get its URL"
+        # A setting lives in the ConfigMap or in one pod, never both: no override to hunt for.
+        assert not set(env) & set(cluster.settings), name
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS.values())
+def test_every_command_names_a_runnable_module(module: str) -> None:
+    """`python -m` runs a package's __main__, or the module itself (which then has a __main__ guard)."""
+    spec = importlib.util.find_spec(module)
+    assert spec is not None, module
+    if spec.submodule_search_locations is not None:
+        assert importlib.util.find_spec(f"{module}.__main__") is not None, f"{module} has no __main__"
+    else:
+        assert spec.origin is not None
+        assert 'if __name__ == "__main__":' in Path(spec.origin).read_text(), module
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_each_component_accepts_the_environment_of_its_pod(cluster: Cluster, name: str) -> None:
+    """ConfigMap, literal env and the Secret's keys, read by the component's own settings loader."""
+    (secret,) = _documents(EXAMPLE_SECRET)
+    environ = dict(cluster.settings)
+    for variable in _container(cluster.get("Deployment", name)).get("env", []):
+        if "value" in variable:
+            environ[variable["name"]] = variable["value"]
+        else:
+            environ[variable["name"]] = secret["stringData"][variable["valueFrom"]["secretKeyRef"]["key"]]
+    module, _, class_name = SETTINGS_CLASSES[name].partition(":")
+    settings = getattr(importlib.import_module(module), class_name).from_env(Env(environ))
+    if name in GRPC_SERVICES:
+        assert settings.listen == environ[f"RENDERFLOW_{name.upper()}_LISTEN"]
+    if name in WITH_ARTIFACTS:
+        assert str(settings.artifact_dir) == environ["RENDERFLOW_ARTIFACT_DIR"]
+
+
+def test_the_example_secret_holds_a_placeholder_not_a_password() -> None:
+    (secret,) = _documents(EXAMPLE_SECRET)
+    url = urlsplit(secret["stringData"]["DATABASE_URL"])
+    assert url.password is not None and "PLACEHOLDER" in url.password
+    assert url.hostname is not None and url.hostname.endswith(".invalid")
+    assert "EXAMPLE ONLY" in EXAMPLE_SECRET.read_text().splitlines()[0]
+
+
+def test_services_target_declared_container_ports(cluster: Cluster) -> None:
+    for service in cluster.all("Service"):
+        name = service["metadata"]["name"]
+        selected = cluster.deployments_selected_by(service["spec"]["selector"])
+        assert [d["metadata"]["name"] for d in selected] == [name], f"Service {name} selects {selected}"
+        for port in service["spec"]["ports"]:
+            _container_port(selected[0], port.get("targetPort", port["port"]))
+
+
+def test_configmap_addresses_reach_the_services_and_listeners(cluster: Cluster) -> None:
+    settings = cluster.settings
+    for name in GRPC_SERVICES:
+        host, port = _host_port(settings[f"RENDERFLOW_{name.upper()}_ADDR"])
+        listen_host, listen_port = _host_port(settings[f"RENDERFLOW_{name.upper()}_LISTEN"])
+        assert host == name
+        assert listen_host == "0.0.0.0"
+        assert _service_target(cluster, name, port) == listen_port
+        assert _container_port(cluster.get("Deployment", name), "grpc") == listen_port
+
+    gateway_port = int(settings["RENDERFLOW_GATEWAY_PORT"])
+    assert settings["RENDERFLOW_GATEWAY_HOST"] == "0.0.0.0"
+    assert _container_port(cluster.get("Deployment", "gateway"), "http") == gateway_port
+    assert _service_target(cluster, "gateway", gateway_port) == gateway_port
+
+    cache = urlsplit(settings["RENDERFLOW_CACHE_URL"])
+    assert cache.scheme == "redis" and cache.hostname and cache.port
+    assert _service_target(cluster, cache.hostname, cache.port) == 6379
+
+    otlp = urlsplit(settings["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    assert otlp.hostname and otlp.port
+    collector = yaml.safe_load(cluster.get("ConfigMap", "otel-collector-config")["data"]["config.yaml"])
+    _, receiver_port = _host_port(collector["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"])
+    assert _service_target(cluster, otlp.hostname, otlp.port) == receiver_port
+
+
+def test_collector_pipelines_use_only_configured_components(cluster: Cluster) -> None:
+    config = yaml.safe_load(cluster.get("ConfigMap", "otel-collector-config")["data"]["config.yaml"])
+    for pipeline, stages in config["service"]["pipelines"].items():
+        for section in ("receivers", "processors", "exporters"):
+            unknown = set(stages.get(section, [])) - set(config.get(section, {}))
+            assert not unknown, f"{pipeline} uses undefined {section} {unknown}"
+    _, health_port = _host_port(config["extensions"]["health_check"]["endpoint"])
+    collector = cluster.get("Deployment", "otel-collector")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert _container_port(collector, _container(collector)[probe]["httpGet"]["port"]) == health_port
+
+
+def test_grpc_services_use_native_grpc_probes(cluster: Cluster) -> None:
+    for name in GRPC_SERVICES:
+        deployment = cluster.get("Deployment", name)
+        container = _container(deployment)
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"]["port"] == _container_port(deployment, "grpc"), (name, probe)
+
+
+def test_gateway_probes_liveness_on_healthz_and_readiness_on_readyz(cluster: Cluster) -> None:
+    deployment = cluster.get("Deployment", "gateway")
+    container = _container(deployment)
+    http_port = _container_port(deployment, "http")
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert container[probe]["httpGet"]["path"] == path
+        assert _container_port(deployment, container[probe]["httpGet"]["port"]) == http_port
+
+
+def test_gateway_scales_on_cpu_and_keeps_one_pod_through_disruptions(cluster: Cluster) -> None:
+    gateway = cluster.get("Deployment", "gateway")
+    hpa = cluster.get("HorizontalPodAutoscaler", "gateway")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "gateway"}
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert "replicas" not in gateway["spec"], "the HPA owns the gateway's replica count"
+    pdb = cluster.get("PodDisruptionBudget", "gateway")
+    assert pdb["spec"]["selector"]["matchLabels"] == gateway["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["minAvailable"] >= 1
+
+
+def test_workers_have_time_to_drain_and_leave_one_at_a_time(cluster: Cluster) -> None:
+    worker = cluster.get("Deployment", "worker")
+    period = _pod(worker)["terminationGracePeriodSeconds"]
+    assert period >= 60
+    # Renders get most of the period; what is left hands back jobs, closes the pool, flushes traces.
+    env = {e["name"]: e for e in _container(worker)["env"]}
+    assert 0 < float(env["RENDERFLOW_WORKER_GRACE_S"]["value"]) <= period - 10
+    assert "replicas" not in worker["spec"], "KEDA (or kubectl scale) owns the worker count"
+    assert "ports" not in _container(worker)
+    pdb = cluster.get("PodDisruptionBudget", "worker")
+    assert pdb["spec"]["selector"]["matchLabels"] == worker["spec"]["selector"]["matchLabels"]
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_workers_and_generation_share_the_artifact_volume(cluster: Cluster) -> None:
+    claim = cluster.get("PersistentVolumeClaim", "renderflow-artifacts")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    artifact_dir = cluster.settings["RENDERFLOW_ARTIFACT_DIR"]
+    for name in WITH_ARTIFACTS:
+        deployment = cluster.get("Deployment", name)
+        volumes = {v["name"]: v for v in _pod(deployment)["volumes"]}
+        (mount,) = [m for m in _container(deployment)["volumeMounts"] if m["mountPath"] == artifact_dir]
+        assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == "renderflow-artifacts", name
+        assert not mount.get("readOnly"), name
+
+
+def test_keda_scales_workers_on_queue_depth_per_worker_slot(cluster: Cluster) -> None:
+    (scaled,) = _documents(KEDA_SCALED_OBJECT)
+    assert (scaled["apiVersion"], scaled["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
+    assert scaled["metadata"]["namespace"] == NAMESPACE
+    worker = cluster.get("Deployment", "worker")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == worker["metadata"]["name"]
+    assert 1 <= scaled["spec"]["minReplicaCount"] < scaled["spec"]["maxReplicaCount"]
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "postgresql"
+    env = {e["name"] for e in _container(worker)["env"]}
+    assert trigger["metadata"]["connectionFromEnv"] in env
+    # One pod per RENDERFLOW_WORKER_CONCURRENCY jobs: the query's divisor is that setting.
+    divisor = re.fullmatch(
+        r"SELECT ceil\(count\(\*\)::numeric / (\d+)\) FROM generation\.jobs", trigger["metadata"]["query"]
+    )
+    assert divisor is not None, trigger["metadata"]["query"]
+    assert divisor.group(1) == cluster.settings["RENDERFLOW_WORKER_CONCURRENCY"]
+    assert trigger["metadata"]["targetQueryValue"] == "1"
