@@ -15,6 +15,8 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 # gRPC only retries a call that has not yet reached the server's handler, so this is safe for
 # every method; application-level retries are the caller's business.
 _SERVICE_CONFIG = {
+    # Spread calls over every address the name resolves to (one per pod behind a headless Service).
+    "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [
         {
             "name": [{}],

@@ -28,6 +28,9 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Clients reconnect now and then, and so find pods added since they first connected. No
+    # grace limit: streams open at that moment (a Watch of a long video) run to their end.
+    ("grpc.max_connection_age_ms", 5 * 60_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
