@@ -1,0 +1,134 @@
+"""The whole stack as `renderflow run` starts it, driven over HTTP only, as a client would."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+from PIL import Image
+
+from tests.conftest import free_port
+
+DEV_KEY = "rf_e2e_development_key_0123456789abcdef"
+
+
+@dataclass
+class Stack:
+    url: str
+    process: asyncio.subprocess.Process
+    run_dir: Path
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    """`renderflow run` with its own embedded PostgreSQL, on free ports, in a fresh run dir."""
+    gateway_port = free_port()
+    env = {
+        **os.environ,
+        "RENDERFLOW_RUN_DIR": str(tmp_path / "run"),
+        "RENDERFLOW_GATEWAY_PORT": str(gateway_port),
+        "RENDERFLOW_PG_PORT": str(free_port()),
+        "RENDERFLOW_METADATA_ADDR": f"127.0.0.1:{free_port()}",
+        "RENDERFLOW_IMAGEFETCH_ADDR": f"127.0.0.1:{free_port()}",
+        "RENDERFLOW_GENERATION_ADDR": f"127.0.0.1:{free_port()}",
+        "RENDERFLOW_DEV_API_KEY": DEV_KEY,
+        "RENDERFLOW_WORKERS": "2",
+    }
+    env.pop("DATABASE_URL", None)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "services.cli",
+        "run",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{gateway_port}"
+    banner = await asyncio.wait_for(_read_until(process, url), timeout=90)
+    assert DEV_KEY in banner
+    try:
+        yield Stack(url, process, tmp_path / "run")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def _read_until(process: asyncio.subprocess.Process, needle: str) -> str:
+    assert process.stdout is not None
+    seen = ""
+    while needle not in seen or DEV_KEY not in seen:
+        line = await process.stdout.readline()
+        if not line:
+            raise AssertionError(f"renderflow run exited before it was ready:\n{seen}")
+        seen += line.decode()
+    return seen
+
+
+async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, str]]:
+    event: dict[str, str] = {}
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if "data" in event:
+                yield event
+            event = {}
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            event[field] = value.removeprefix(" ")
+
+
+async def test_thin_path_over_http_then_clean_shutdown(stack: Stack) -> None:
+    headers = {"Authorization": f"Bearer {DEV_KEY}"}
+    async with aiohttp.ClientSession(stack.url, headers=headers) as http:
+        async with http.post("/v1/projects", json={"slug": "e2e-demo", "name": "E2E"}) as created:
+            assert created.status == 201, await created.text()
+
+        request = {
+            "project": "e2e-demo",
+            "kind": "image",
+            "prompt": "a lighthouse at dusk",
+            "params": {"width": 320, "height": 200, "steps": 4, "seed": 7},
+        }
+        async with http.post("/v1/renders", json=request) as submitted:
+            assert submitted.status == 202, await submitted.text()
+            render = await submitted.json()
+            assert submitted.headers["Location"] == f"/v1/renders/{render['id']}"
+            assert render["status"] == "queued"
+
+        types: list[str] = []
+        async with http.get(f"/v1/renders/{render['id']}/events") as stream:
+            assert stream.headers["Content-Type"].startswith("text/event-stream")
+            async with asyncio.timeout(60):
+                async for event in _sse_events(stream):
+                    types.append(event["event"])
+                    assert json.loads(event["data"])["seq"] == int(event["id"])
+        assert types[0] == "queued" and types[-1] == "succeeded", types
+
+        async with http.get(f"/v1/renders/{render['id']}") as got:
+            finished = await got.json()
+        assert finished["status"] == "succeeded"
+        assert finished["output"]["content_type"] == "image/png"
+
+        async with http.get(f"/v1/renders/{render['id']}/output") as output:
+            assert output.status == 200
+            image = Image.open(io.BytesIO(await output.read()))
+            assert (image.format, image.size) == ("PNG", (320, 200))
+
+    children = psutil.Process(stack.process.pid).children(recursive=True)
+    assert len(children) >= 6  # postgres, three services, two workers, the gateway
+    stack.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(stack.process.wait(), timeout=12) == 0
+    _gone, alive = psutil.wait_procs(children, timeout=2)
+    assert alive == [], f"left behind: {[p.pid for p in alive]}"
