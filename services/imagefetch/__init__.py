@@ -1,0 +1,1 @@
+"""The image-fetch service: reference images under a hard deadline, cached, coalesced, SSRF-guarded."""

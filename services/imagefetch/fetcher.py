@@ -1,0 +1,300 @@
+"""HTTP fetching of one URL under a hard deadline: connections pinned to checked addresses, redirects
+re-checked hop by hop, transient failures retried with backoff, the size capped while streaming.
+
+No gRPC, no cache, no image decoding here: the result is bytes or a typed FetchFailure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from opentelemetry.trace import Span, Status, StatusCode
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+from yarl import URL
+
+from services.imagefetch.config import Settings
+from services.imagefetch.guard import check_address, normalize_url, parse_ip
+from services.imagefetch.instruments import Instruments
+from services.imagefetch.model import (
+    CONNECTION_FAILED,
+    INVALID_URL,
+    TIMEOUT,
+    TOO_LARGE,
+    TOO_MANY_REDIRECTS,
+    FetchFailure,
+    Progress,
+)
+
+USER_AGENT = "renderflow-imagefetch/0.1"
+CHUNK_BYTES = 64 * 1024
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/gif,image/*;q=0.8"
+
+# The checked addresses of the host the current request goes to, read by PinnedResolver. A context
+# variable, because the one session serves many fetches at once, each with its own answer.
+_PINS: ContextVar[dict[str, list[ResolveResult]] | None] = ContextVar("imagefetch_pins", default=None)
+
+ProgressSink = Callable[[Progress], None]
+
+
+class PinnedResolver(AbstractResolver):
+    """Answers only with the addresses the guard checked for this request; never asks DNS itself,
+    so the connection goes to exactly the address that was checked."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        pinned = (_PINS.get() or {}).get(host, [])
+        results = [
+            ResolveResult(**{**result, "port": port})
+            for result in pinned
+            if family in (socket.AF_UNSPEC, result["family"])
+        ]
+        if not results:
+            raise OSError(f"{host} was not resolved and checked before connecting")
+        return results
+
+    async def close(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Download:
+    """The body of a successful response, where it finally came from, and its caching header."""
+
+    data: bytes
+    final_url: URL
+    cache_control: str
+
+
+class HttpFetcher:
+    """Fetches URLs over one aiohttp session; see `fetch`."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: Settings, instruments: Instruments) -> None:
+        self._session = session
+        self._settings = settings
+        self._instruments = instruments
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings, instruments: Instruments) -> AsyncIterator[HttpFetcher]:
+        """A fetcher with its session; the session is closed on exit."""
+        connector = aiohttp.TCPConnector(resolver=PinnedResolver(), use_dns_cache=False)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
+        )
+        # trust_env=False: a proxy from the environment would connect wherever it likes.
+        async with aiohttp.ClientSession(
+            connector=connector,
+            timeout=timeout,
+            trust_env=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            headers={"User-Agent": USER_AGENT, "Accept": _ACCEPT, "Accept-Encoding": "identity"},
+        ) as session:
+            yield cls(session, settings, instruments)
+
+    async def fetch(
+        self,
+        url: URL,
+        deadline_at: float,
+        *,
+        on_attempt: Callable[[int], None] | None = None,
+        on_progress: ProgressSink | None = None,
+    ) -> Download:
+        """The body at `url` (already normalized), fetched before the loop time `deadline_at`.
+
+        Connection errors, timeouts of one attempt, 408, 429 and 5xx are retried with exponential
+        backoff and jitter (or the origin's Retry-After, capped), for a bounded number of attempts,
+        and never with a wait that would end past the deadline: then the last failure is final.
+        Raises FetchFailure.
+        """
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+
+        def stop(state: RetryCallState) -> bool:
+            return (
+                state.attempt_number >= settings.max_attempts
+                or loop.time() + state.upcoming_sleep >= deadline_at
+            )
+
+        retrying = AsyncRetrying(
+            stop=stop,
+            wait=_Backoff(settings),
+            retry=retry_if_exception(lambda exc: isinstance(exc, FetchFailure) and exc.retryable),
+            reraise=True,
+        )
+        deadline = asyncio.timeout_at(deadline_at)
+        try:
+            async with deadline:
+                async for attempt in retrying:
+                    with attempt:
+                        number = attempt.retry_state.attempt_number
+                        if on_attempt is not None:
+                            on_attempt(number)
+                        return await self._attempt(url, number, on_progress)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise FetchFailure.timed_out() from None
+        raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
+
+    async def _attempt(self, url: URL, number: int, on_progress: ProgressSink | None) -> Download:
+        started = time.monotonic()
+        outcome = TIMEOUT  # what it is when the deadline cancels the attempt
+        tracer = self._instruments.tracer
+        with tracer.start_as_current_span(
+            "imagefetch.attempt", attributes={"attempt": number}, record_exception=False
+        ) as span:
+            try:
+                download = await self._follow(url, number, on_progress, span)
+                outcome = "ok"
+                return download
+            except FetchFailure as failure:
+                outcome = failure.reason
+                span.set_attribute("imagefetch.failure_reason", failure.reason)
+                span.set_status(Status(StatusCode.ERROR, failure.message))
+                raise
+            finally:
+                self._instruments.attempts.add(1)
+                self._instruments.origin_duration.record(time.monotonic() - started, {"outcome": outcome})
+
+    async def _follow(self, url: URL, number: int, on_progress: ProgressSink | None, span: Span) -> Download:
+        current = url
+        for _hop in range(self._settings.max_redirects + 1):
+            token = _PINS.set(await self._pin(current))
+            try:
+                async with self._session.get(current, allow_redirects=False) as response:
+                    span.set_attribute("http.response.status_code", response.status)
+                    target = _redirect_target(response, current)
+                    if target is None:
+                        return await self._read(response, current, number, on_progress)
+            except aiohttp.ServerTimeoutError:
+                raise FetchFailure.timed_out("the origin stopped answering") from None
+            except aiohttp.InvalidURL:
+                raise FetchFailure(INVALID_URL, "the origin redirected to an invalid URL") from None
+            except aiohttp.ClientError as exc:
+                raise FetchFailure(
+                    CONNECTION_FAILED, f"the connection failed ({type(exc).__name__})", retryable=True
+                ) from None
+            finally:
+                _PINS.reset(token)
+            current = target
+            span.add_event("redirect", {"server.address": current.raw_host or ""})
+        raise FetchFailure(
+            TOO_MANY_REDIRECTS, f"the origin redirected more than {self._settings.max_redirects} times"
+        )
+
+    async def _pin(self, url: URL) -> dict[str, list[ResolveResult]]:
+        """Resolves the host once and checks every address; FetchFailure(blocked_address) if any is
+        refused. An IP literal is checked as it is (aiohttp connects to it without resolving)."""
+        host, port = url.raw_host or "", url.port or 0
+        literal = parse_ip(host)
+        if literal is not None:
+            check_address(literal, self._settings.allow)
+            return {}
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        except socket.gaierror as exc:
+            # A name that does not exist will not exist a moment later either.
+            retryable = exc.errno not in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None))
+            raise FetchFailure(CONNECTION_FAILED, f"cannot resolve {host}", retryable=retryable) from None
+        results: list[ResolveResult] = []
+        for family, _type, proto, _name, sockaddr in infos:
+            address = str(sockaddr[0])
+            checked = parse_ip(address)
+            if checked is None:
+                raise FetchFailure(CONNECTION_FAILED, f"{host} resolved to something not an address")
+            check_address(checked, self._settings.allow)
+            results.append(
+                ResolveResult(
+                    hostname=host,
+                    host=address,
+                    port=port,
+                    family=family,
+                    proto=proto,
+                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+                )
+            )
+        if not results:
+            raise FetchFailure(CONNECTION_FAILED, f"{host} has no address", retryable=True)
+        return {host: results}
+
+    async def _read(
+        self, response: aiohttp.ClientResponse, url: URL, number: int, on_progress: ProgressSink | None
+    ) -> Download:
+        if not 200 <= response.status < 300:
+            raise FetchFailure.http(response.status, parse_retry_after(response.headers.get("Retry-After")))
+        limit = self._settings.max_bytes
+        declared = response.content_length
+        if declared is not None and declared > limit:
+            raise FetchFailure(TOO_LARGE, f"the image is {declared} bytes, more than {limit}")
+        # Behind a content encoding the declared length is not the length of what we count.
+        encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
+        total = None if encoded else declared
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+            body += chunk
+            if len(body) > limit:
+                response.close()
+                raise FetchFailure(TOO_LARGE, f"the image is more than {limit} bytes")
+            if on_progress is not None:
+                on_progress(Progress(len(body), total, number))
+        return Download(bytes(body), url, response.headers.get("Cache-Control", ""))
+
+
+def _redirect_target(response: aiohttp.ClientResponse, current: URL) -> URL | None:
+    """The normalized next URL of a redirect (FetchFailure(invalid_url) if it is not one we may
+    follow), or None when the response is not a redirect."""
+    location = response.headers.get("Location")
+    if response.status not in _REDIRECTS or not location:
+        return None
+    try:
+        joined = current.join(URL(location))
+    except ValueError:
+        raise FetchFailure(INVALID_URL, "the origin redirected to an invalid URL") from None
+    return normalize_url(str(joined))
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+class _Backoff:
+    """Exponential backoff with jitter, unless the origin said how long to wait (then that, capped)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._cap = settings.retry_after_cap_s
+        self._exponential = wait_exponential_jitter(
+            multiplier=settings.backoff_initial_s,
+            max=settings.backoff_max_s,
+            jitter=settings.backoff_initial_s,
+        )
+
+    def __call__(self, state: RetryCallState) -> float:
+        failure = state.outcome.exception() if state.outcome is not None else None
+        if isinstance(failure, FetchFailure) and failure.retry_after is not None:
+            return min(failure.retry_after, self._cap)
+        return float(self._exponential(state))

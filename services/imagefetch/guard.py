@@ -1,0 +1,180 @@
+"""The SSRF guard: which URLs may be fetched and which addresses may be connected to (pure, no I/O).
+
+A URL is normalized once (scheme and host lowercased, default port and fragment dropped, odd
+spellings of an IPv4 address such as `2130706433`, `0x7f000001`, `0177.0.0.1` or `127.1` and
+IPv4-mapped IPv6 rewritten to the canonical address), so that the address checked is the address
+connected to and one resource has one cache key. An address is refused unless it is a public
+unicast address (addresses embedded in 6to4, Teredo, NAT64 and IPv4-compatible IPv6 are checked
+too) or it lies in the allow-list.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+from yarl import URL
+
+from services.imagefetch.model import BLOCKED_ADDRESS, INVALID_URL, FetchFailure
+
+Address = IPv4Address | IPv6Address
+Network = IPv4Network | IPv6Network
+
+MAX_URL_LENGTH = 8192
+_SCHEMES = {"http": 80, "https": 443}
+_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+_NUMBER = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+_FORBIDDEN_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
+_NAT64 = IPv6Network("64:ff9b::/96")
+_IPV4_COMPATIBLE = IPv6Network("::/96")
+
+
+def parse_allow_list(items: Iterable[str]) -> tuple[Network, ...]:
+    """Addresses and CIDR networks (`127.0.0.1`, `10.0.0.0/8`, `::1`); ValueError names a bad one."""
+    networks: list[Network] = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"not an address or network: {item!r}") from None
+    return tuple(networks)
+
+
+def normalize_url(raw: str) -> URL:
+    """The canonical form of an http(s) URL, or FetchFailure(invalid_url) saying what is wrong."""
+    raw = raw.strip()
+    if not raw:
+        raise _invalid("the URL is empty")
+    if len(raw) > MAX_URL_LENGTH:
+        raise _invalid(f"the URL is longer than {MAX_URL_LENGTH} characters")
+    if _FORBIDDEN_CHARS.search(raw):
+        raise _invalid("the URL contains spaces, control characters or backslashes")
+    try:
+        url = URL(raw)
+        port = url.explicit_port
+    except (ValueError, UnicodeError):
+        raise _invalid("the URL cannot be parsed") from None
+    if url.scheme not in _SCHEMES:
+        raise _invalid("only http and https URLs are fetched")
+    if not url.is_absolute() or not url.raw_host:
+        raise _invalid("the URL has no host")
+    if url.raw_user is not None or url.raw_password is not None:
+        raise _invalid("URLs with credentials are not fetched")
+    if port == 0:
+        raise _invalid("port 0 is not a port")
+    host = canonical_host(url.raw_host)
+    return URL.build(
+        scheme=url.scheme,
+        host=f"[{host}]" if ":" in host else host,
+        port=None if port == _SCHEMES[url.scheme] else port,
+        path=url.raw_path or "/",
+        query_string=url.raw_query_string,
+        encoded=True,
+    )
+
+
+def canonical_host(host: str) -> str:
+    """A host name in lowercase without its trailing dot, or an IP address in its one canonical
+    spelling; FetchFailure(invalid_url) for anything else."""
+    host = host.lower()
+    if host.endswith("."):
+        host = host[:-1]
+    if ":" in host:
+        try:
+            v6 = IPv6Address(host)
+        except ValueError:
+            raise _invalid("the host is not a valid IPv6 address") from None
+        if v6.scope_id is not None:
+            raise _invalid("IPv6 zone identifiers are not allowed")
+        return str(v6.ipv4_mapped or v6)
+    labels = host.split(".")
+    if _NUMBER.match(labels[-1]):
+        # A host ending in a number is an IPv4 address in some spelling (as browsers and
+        # inet_aton read it), never a DNS name.
+        v4 = parse_ipv4(host)
+        if v4 is None:
+            raise _invalid("the host looks like an IPv4 address but is not a valid one")
+        return str(v4)
+    if len(host) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise _invalid("the host is not a valid host name")
+    return host
+
+
+def parse_ipv4(host: str) -> IPv4Address | None:
+    """An IPv4 address written the way inet_aton accepts it (1 to 4 parts, each decimal, 0x-hex or
+    0-octal, the last filling the remaining bytes), or None."""
+    parts = host.split(".")
+    if not 1 <= len(parts) <= 4:
+        return None
+    numbers: list[int] = []
+    for part in parts:
+        try:
+            if part.startswith("0x"):
+                numbers.append(int(part[2:] or "0", 16))
+            elif len(part) > 1 and part.startswith("0"):
+                numbers.append(int(part[1:], 8))
+            else:
+                numbers.append(int(part, 10))
+        except ValueError:
+            return None
+    *leading, last = numbers
+    if any(n > 255 for n in leading) or last >= 256 ** (4 - len(leading)):
+        return None
+    value = last
+    for index, number in enumerate(leading):
+        value |= number << (8 * (3 - index))
+    return IPv4Address(value)
+
+
+def parse_ip(host: str) -> Address | None:
+    """The address a canonical host stands for, or None if it is a name."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def check_address(address: Address, allow: Iterable[Network]) -> Address:
+    """`address` if it may be connected to (IPv4-mapped forms unwrapped); else
+    FetchFailure(blocked_address)."""
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if any(address.version == net.version and address in net for net in allow):
+        return address
+    if not _is_public(address) or not all(_is_public(inner) for inner in _embedded_ipv4(address)):
+        raise FetchFailure(BLOCKED_ADDRESS, f"the address {address} is not public and not allow-listed")
+    return address
+
+
+def _is_public(address: Address) -> bool:
+    # is_global alone lets multicast, site-local and some reserved ranges through.
+    return (
+        address.is_global
+        and not address.is_multicast
+        and not address.is_reserved
+        and not address.is_unspecified
+        and not address.is_loopback
+        and not address.is_link_local
+        and not address.is_private
+        and not (isinstance(address, IPv6Address) and address.is_site_local)
+    )
+
+
+def _embedded_ipv4(address: Address) -> list[IPv4Address]:
+    """IPv4 addresses a packet to this IPv6 address may end up at (tunnels and translators)."""
+    if isinstance(address, IPv4Address):
+        return []
+    embedded: list[IPv4Address] = []
+    if address.sixtofour is not None:
+        embedded.append(address.sixtofour)
+    if address.teredo is not None:
+        embedded.extend(address.teredo)
+    if address in _NAT64 or address in _IPV4_COMPATIBLE:
+        embedded.append(IPv4Address(int(address) & 0xFFFFFFFF))
+    return embedded
+
+
+def _invalid(message: str) -> FetchFailure:
+    return FetchFailure(INVALID_URL, message)

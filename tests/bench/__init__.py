@@ -1,0 +1,1 @@
+"""Benchmarks: scripts run by hand (`python -m tests.bench.<name>`), not collected by pytest."""
