@@ -1,0 +1,116 @@
+"""The artifact store: render outputs named by render id, written atomically, read in ranges.
+
+Naming by render id makes a second write of the same render (a job that ran twice) harmless:
+it replaces the file with equal bytes in one rename.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from services.generation.validation import is_valid_id
+from shared.errors import NotFound, ValidationFailed
+
+CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """What was stored for a render."""
+
+    size: int
+    sha256: str
+
+
+class ArtifactStore(Protocol):
+    """Where outputs live. Writes are atomic; a repeated write of a render replaces it whole."""
+
+    async def put(self, render_id: str, data: bytes) -> StoredArtifact:
+        """Stores `data` as the render's output."""
+        ...
+
+    async def size(self, render_id: str) -> int:
+        """The size of the render's output; NotFound when there is none."""
+        ...
+
+    def read(self, render_id: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
+        """The bytes from `offset`, `length` of them (0 = to the end), in chunks of 64 KiB."""
+        ...
+
+    async def get(self, render_id: str) -> bytes:
+        """The whole output of a render."""
+        ...
+
+
+class LocalArtifactStore:
+    """Artifacts as files in one directory, fanned out by the id's first two characters."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+
+    def path(self, render_id: str) -> Path:
+        """The file of a render's output (ids are checked so they cannot leave the root)."""
+        if not is_valid_id(render_id):
+            raise ValueError(f"not a render id: {render_id!r}")
+        return self._root / render_id[:2] / render_id
+
+    async def put(self, render_id: str, data: bytes) -> StoredArtifact:
+        return await asyncio.to_thread(self._put, self.path(render_id), data)
+
+    @staticmethod
+    def _put(path: Path, data: bytes) -> StoredArtifact:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+        # The rename itself must survive a crash too.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return StoredArtifact(len(data), hashlib.sha256(data).hexdigest())
+
+    async def size(self, render_id: str) -> int:
+        try:
+            return (await asyncio.to_thread(self.path(render_id).stat)).st_size
+        except FileNotFoundError:
+            raise NotFound(f"render {render_id} has no stored output") from None
+
+    async def read(self, render_id: str, offset: int = 0, length: int = 0) -> AsyncIterator[bytes]:
+        if offset < 0 or length < 0:
+            raise ValidationFailed.field("offset" if offset < 0 else "length", "must not be negative")
+        total = await self.size(render_id)
+        end = total if length == 0 else min(total, offset + length)
+        if offset > total:
+            raise ValidationFailed.field("offset", f"is beyond the end ({total} bytes)")
+        file = await asyncio.to_thread(open, self.path(render_id), "rb")
+        try:
+            await asyncio.to_thread(file.seek, offset)
+            position = offset
+            while position < end:
+                chunk = await asyncio.to_thread(file.read, min(CHUNK, end - position))
+                if not chunk:
+                    break
+                position += len(chunk)
+                yield chunk
+        finally:
+            file.close()
+
+    async def get(self, render_id: str) -> bytes:
+        """The whole output of a render (for references)."""
+        return b"".join([chunk async for chunk in self.read(render_id)])

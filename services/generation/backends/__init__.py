@@ -1,0 +1,72 @@
+"""Generator backends behind one small interface, and the errors they classify.
+
+A backend turns a `GenerationInput` into an `Artifact`, reporting each step through
+`on_progress(step, total)`. It is stopped by cancelling the task that awaits it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+ProgressCallback = Callable[[int, int], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """Everything a backend needs for one render."""
+
+    render_id: str
+    kind: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    seed: int
+    rules: tuple[str, ...] = ()
+    reference: bytes | None = None
+    duration_s: float = 0.0
+    fps: int = 0
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A generated output."""
+
+    data: bytes
+    content_type: str
+    width: int
+    height: int
+    duration_s: float = 0.0
+
+
+class BackendError(Exception):
+    """A backend could not generate; `transient` says whether another attempt may succeed."""
+
+    transient = False
+
+    def __init__(self, message: str, reason: str = "backend_error") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TransientBackendError(BackendError):
+    """A failure worth retrying later (provider overloaded, connection lost, timeout)."""
+
+    transient = True
+
+
+class PermanentBackendError(BackendError):
+    """A failure that would repeat on every attempt (invalid input, unsupported request)."""
+
+
+class Backend(Protocol):
+    """A generator of images (and later videos)."""
+
+    name: str
+
+    async def generate(self, job: GenerationInput, on_progress: ProgressCallback) -> Artifact:
+        """Generates the output, awaiting `on_progress(step, total)` once per step."""
+        ...

@@ -1,0 +1,232 @@
+"""The generation service's domain values: render specs, renders, events, batches and their states."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+Kind = Literal["image", "video"]
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+# The phase timings a render can carry, in the order they happen.
+TIMING_NAMES: tuple[str, ...] = (
+    "auth_ms",
+    "validation_ms",
+    "db_ms",
+    "enqueue_ms",
+    "queue_wait_ms",
+    "image_fetch_ms",
+    "generation_ms",
+    "store_ms",
+    "total_ms",
+)
+
+
+@dataclass(frozen=True)
+class Params:
+    """Generation parameters; video ones are ignored for images."""
+
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    seed: int = 0
+    duration_s: float = 0.0
+    fps: int = 0
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Where the reference image comes from: a URL or another render's output (exactly one)."""
+
+    url: str = ""
+    render_id: str = ""
+    required: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "render_id": self.render_id, "required": self.required}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule as snapshotted when the render was prepared."""
+
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class RenderSpec:
+    """One render to queue, as prepared by the metadata service (before validation)."""
+
+    render_id: str = ""
+    project_id: str = ""
+    project: str = ""
+    chain_id: str = ""
+    position: int = 0
+    kind: str = "image"
+    prompt: str = ""
+    negative_prompt: str = ""
+    params: Params = field(default_factory=Params)
+    rules: tuple[Rule, ...] = ()
+    reference: Reference | None = None
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class Submission:
+    """Who submits, with what dedupe key and trace, and the time already spent upstream."""
+
+    user_id: str
+    idempotency_key: str = ""
+    request_hash: str = ""
+    traceparent: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RenderError:
+    """Why a render failed (`code`: reference_fetch_failed, generation_failed, ...)."""
+
+    code: str
+    reason: str = ""
+    message: str = ""
+    retryable: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "reason": self.reason,
+            "message": self.message,
+            "retryable": self.retryable,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RenderError:
+        return cls(
+            data["code"], data.get("reason", ""), data.get("message", ""), data.get("retryable", False)
+        )
+
+
+@dataclass(frozen=True)
+class Output:
+    """A finished render's stored bytes, as described to clients."""
+
+    url: str
+    content_type: str
+    bytes: int
+    width: int
+    height: int
+    sha256: str
+    duration_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Render:
+    """A render as stored, with the derived queue figures filled in by queries that ask for them."""
+
+    id: str
+    user_id: str
+    project_id: str
+    project: str
+    chain_id: str
+    position: int
+    kind: str
+    status: str
+    progress: float
+    prompt: str
+    negative_prompt: str
+    params: Params
+    rules: tuple[Rule, ...]
+    reference: Reference | None
+    batch_id: str
+    output: Output | None
+    error: RenderError | None
+    timings: dict[str, float]
+    attempts: int
+    trace_id: str
+    traceparent: str
+    priority: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    last_progress_at: datetime | None
+    queue_position: int | None = None
+    eta_s: float | None = None
+    stalled: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a render's event log; `seq` counts from 1 without gaps."""
+
+    render_id: str
+    seq: int
+    type: str
+    at: datetime
+    progress: float | None = None
+    phase: str = ""
+    message: str = ""
+    error: RenderError | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append; its seq and time are assigned by the store."""
+
+    type: str
+    progress: float | None = None
+    phase: str = ""
+    message: str = ""
+    error: RenderError | None = None
+
+    def payload(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if self.progress is not None:
+            data["progress"] = self.progress
+        if self.phase:
+            data["phase"] = self.phase
+        if self.message:
+            data["message"] = self.message
+        if self.error is not None:
+            data["error"] = self.error.to_json()
+        return data
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Renders submitted together, with how many are in each status."""
+
+    id: str
+    user_id: str
+    created_at: datetime
+    counts: dict[str, int]
+    renders: list[Render]
+
+
+@dataclass(frozen=True)
+class RenderFilter:
+    """What ListRenders selects; empty strings mean any."""
+
+    project_id: str = ""
+    chain_id: str = ""
+    status: str = ""
+    by_position: bool = False
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of renders and the token of the next (empty at the end)."""
+
+    renders: list[Render]
+    next_page_token: str

@@ -1,0 +1,83 @@
+"""Reference images for renders: fetched through the imagefetch service, or read from another
+render's output. This module is the worker's gRPC edge towards imagefetch."""
+
+from __future__ import annotations
+
+import grpc
+from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
+
+from services.generation.artifacts import ArtifactStore
+from services.generation.domain import Render
+from services.generation.storage import RenderStore
+from shared.errors import NotFound, RenderflowError, Unavailable
+from shared.rpc_errors import rpc_errors
+
+
+class ReferenceFailed(Exception):
+    """The reference could not be had. `reason` as imagefetch names it (timeout, http_404, ...);
+    `transient` when the cause is our own plumbing (imagefetch down), worth another attempt."""
+
+    def __init__(
+        self, reason: str, message: str, *, retryable: bool = False, transient: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retryable = retryable
+        self.transient = transient
+
+
+class References:
+    """Resolves a render's reference to image bytes."""
+
+    def __init__(
+        self, channel: grpc.aio.Channel, renders: RenderStore, artifacts: ArtifactStore, timeout_s: float
+    ) -> None:
+        self._stub = imagefetch_pb2_grpc.ImageFetchServiceStub(channel)
+        self._renders = renders
+        self._artifacts = artifacts
+        self._timeout_s = timeout_s
+
+    async def resolve(self, render: Render) -> bytes:
+        """The reference image of `render` (which must have one); ReferenceFailed otherwise."""
+        reference = render.reference
+        assert reference is not None
+        if reference.url:
+            return await self._fetch(reference.url)
+        return await self._output_of(render.user_id, reference.render_id)
+
+    async def _fetch(self, url: str) -> bytes:
+        request = imagefetch_pb2.FetchRequest(url=url, deadline_ms=int(self._timeout_s * 1000))
+        try:
+            with rpc_errors():
+                # A little slack over the fetch's own deadline, so its typed timeout wins.
+                result = await self._stub.Fetch(request, timeout=self._timeout_s + 1.0)
+        except Unavailable as exc:  # also DeadlineExceeded
+            raise ReferenceFailed(
+                "unavailable",
+                f"the image-fetch service failed: {exc.message}",
+                retryable=True,
+                transient=True,
+            ) from exc
+        except RenderflowError as exc:
+            raise ReferenceFailed("invalid_url", exc.message) from exc
+        if result.WhichOneof("outcome") == "failure":
+            failure = result.failure
+            raise ReferenceFailed(failure.reason, failure.message, retryable=failure.retryable)
+        return result.image.data
+
+    async def _output_of(self, user_id: str, render_id: str) -> bytes:
+        try:
+            source = await self._renders.get(user_id, render_id)
+        except NotFound:
+            raise ReferenceFailed("not_found", f"render {render_id} not found") from None
+        if source.status != "succeeded":
+            retryable = not source.terminal
+            raise ReferenceFailed(
+                "not_ready", f"render {render_id} has no output ({source.status})", retryable=retryable
+            )
+        try:
+            return await self._artifacts.get(render_id)
+        except NotFound:
+            raise ReferenceFailed("not_found", f"the output of render {render_id} is missing") from None
+        except OSError as exc:
+            raise ReferenceFailed("unavailable", "the artifact store failed", transient=True) from exc

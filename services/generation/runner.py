@@ -1,0 +1,303 @@
+"""The work path of one claimed job: started → image_fetch → generation → store → succeeded.
+
+Each phase is a span and a duration in the render's `timings`. Every write is fenced by the
+lease; when one touches nothing the job was taken away and its result is dropped. Failures are
+classified: transient ones are retried after a backoff until attempts run out, permanent ones
+fail the render at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from services.generation.artifacts import ArtifactStore
+from services.generation.backends import Backend, BackendError, GenerationInput
+from services.generation.domain import NewEvent, Output, Render, RenderError
+from services.generation.jobs import Claim, JobQueue
+from services.generation.references import ReferenceFailed, References
+from services.generation.storage import RenderStore
+from shared.errors import Unavailable
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("renderflow.generation.worker")
+
+StopReason = Literal["cancel", "shutdown", "lease_lost"]
+_CANCELLED = RenderError("cancelled", message="cancelled at the user's request")
+
+
+class LeaseLost(Exception):
+    """A fenced write touched nothing: another worker has the job now, or it has ended."""
+
+
+class Failure(Exception):
+    """The render cannot succeed on this attempt; `transient` when a later one might."""
+
+    def __init__(self, error: RenderError, transient: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.transient = transient
+
+
+@dataclass
+class Control:
+    """Why the worker cancelled a job's task (None: it did not)."""
+
+    stop_reason: StopReason | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Capped exponential backoff with jitter between attempts."""
+
+    base_s: float
+    max_s: float
+
+    def delay(self, attempt: int) -> float:
+        backoff: float = min(self.max_s, self.base_s * 2.0 ** (attempt - 1))
+        return backoff * random.uniform(0.5, 1.0)
+
+
+class EventWriter:
+    """Fenced event writes of one job, with progress coalesced to one event per `interval_s`.
+    The last step's event is always written, in the same statement as the next phase's."""
+
+    def __init__(self, queue: JobQueue, claim: Claim, interval_s: float) -> None:
+        self._queue = queue
+        self._claim = claim
+        self._interval_s = interval_s
+        self._last_progress = -float("inf")
+        self._held: NewEvent | None = None
+
+    async def write(self, events: Sequence[NewEvent], **changes: Any) -> None:
+        if self._held is not None:
+            events = [self._held, *events]
+            changes.setdefault("progress", self._held.progress)
+            self._held = None
+        if not await self._queue.progress(self._claim, events, **changes):
+            raise LeaseLost(self._claim.render_id)
+
+    async def progress(self, step: int, total: int) -> None:
+        event = NewEvent("progress", progress=round(step / total, 4))
+        if step >= total:
+            self._held = event
+            return
+        now = time.monotonic()
+        if now - self._last_progress >= self._interval_s:
+            self._last_progress = now
+            await self.write([event], progress=event.progress)
+
+
+class JobRunner:
+    """Runs claimed jobs to their end."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        renders: RenderStore,
+        backends: Mapping[str, Backend],
+        artifacts: ArtifactStore,
+        references: References,
+        *,
+        retry: RetryPolicy,
+        progress_interval_s: float,
+        on_retry: Callable[[float], None] = lambda delay_s: None,
+    ) -> None:
+        self._queue = queue
+        self._renders = renders
+        self._backends = backends
+        self._artifacts = artifacts
+        self._references = references
+        self._retry = retry
+        self._progress_interval_s = progress_interval_s
+        self.on_retry = on_retry
+        """Called with the backoff of each retry (the worker wakes up when it is over)."""
+
+    async def run(self, claim: Claim, control: Control) -> None:
+        """Runs the job; when the worker cancels it, records why (cancelled, handed back, dropped)."""
+        extra = {"render_id": claim.render_id, "attempt": claim.attempts}
+        try:
+            if claim.cancel_requested:
+                await self._queue.finish(claim, "cancelled", error=_CANCELLED)
+                return
+            await self._attempt(claim)
+        except asyncio.CancelledError:
+            reason = control.stop_reason
+            if reason is None:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            log.info("job stopped", extra={**extra, "reason": reason})
+            if reason == "cancel":
+                await self._queue.finish(claim, "cancelled", error=_CANCELLED)
+            elif reason == "shutdown":
+                await self._queue.requeue(claim, 0.0, "handed back by a stopping worker", refund=True)
+        except LeaseLost:
+            log.warning("lease lost; dropping the result", extra=extra)
+        except Unavailable:
+            # The database is away: nothing can be recorded now. The job's lease is no longer
+            # renewed, so the rescuer requeues it once it expires.
+            log.exception("render interrupted; it will be retried when its lease expires", extra=extra)
+        except Exception as exc:
+            log.exception("render failed unexpectedly", extra=extra)
+            error = RenderError("internal", type(exc).__name__, "an unexpected error stopped the render")
+            await self._queue.finish(claim, "failed", error=error)
+
+    async def _attempt(self, claim: Claim) -> None:
+        render = await self._renders.get_any(claim.render_id)
+        attributes: dict[str, str | int] = {
+            "render.id": render.id,
+            "render.kind": render.kind,
+            "render.attempt": claim.attempts,
+        }
+        with tracer.start_as_current_span(
+            "render", kind=SpanKind.CONSUMER, links=_links(render.traceparent), attributes=attributes
+        ) as span:
+            queue_wait = tracer.start_span("queue_wait", start_time=_ns(claim.created_at))
+            queue_wait.end(end_time=_ns(claim.claimed_at))
+            timings = {"queue_wait_ms": _ms_between(claim.created_at, claim.claimed_at)}
+            writer = EventWriter(self._queue, claim, self._progress_interval_s)
+            try:
+                await self._work(claim, render, writer, timings)
+            except Failure as failure:
+                span.set_status(Status(StatusCode.ERROR, failure.error.code))
+                await self._failed(claim, failure, timings)
+
+    async def _work(
+        self, claim: Claim, render: Render, writer: EventWriter, timings: dict[str, float]
+    ) -> None:
+        first = "image_fetch" if render.reference else "generation"
+        started = NewEvent(
+            "started", message=f"attempt {claim.attempts} of {claim.max_attempts} on {claim.worker_id}"
+        )
+        await writer.write(
+            [started, NewEvent("phase", phase=first)],
+            status="running",
+            attempts=claim.attempts,
+            progress=0.0,
+            timings=timings,
+        )
+        reference = None
+        if render.reference is not None:
+            with _phase("image_fetch", timings):
+                reference, note = await self._reference(render)
+            await writer.write([NewEvent("phase", phase="generation", message=note)], timings=timings)
+        backend = self._backends.get(claim.backend)
+        if backend is None:
+            raise Failure(RenderError("internal", "unknown_backend", f"no backend {claim.backend!r}"), False)
+        with _phase("generation", timings):
+            try:
+                artifact = await backend.generate(_input(render, reference), writer.progress)
+            except BackendError as exc:
+                error = RenderError("generation_failed", exc.reason, str(exc), retryable=exc.transient)
+                raise Failure(error, exc.transient) from exc
+        await writer.write([NewEvent("phase", phase="store")], timings=timings)
+        with _phase("store", timings):
+            try:
+                stored = await self._artifacts.put(render.id, artifact.data)
+            except OSError as exc:
+                raise Failure(
+                    RenderError("internal", "store_failed", str(exc), retryable=True), True
+                ) from exc
+        timings["total_ms"] = _ms_between(render.created_at, datetime.now(UTC))
+        output = Output(
+            url=f"/v1/renders/{render.id}/output",
+            content_type=artifact.content_type,
+            bytes=stored.size,
+            width=artifact.width,
+            height=artifact.height,
+            sha256=stored.sha256,
+            duration_s=artifact.duration_s,
+        )
+        if not await self._queue.finish(claim, "succeeded", output=output, timings=timings):
+            raise LeaseLost(claim.render_id)
+
+    async def _reference(self, render: Render) -> tuple[bytes | None, str]:
+        """The reference bytes, or None and why the render goes on without them."""
+        assert render.reference is not None
+        try:
+            return await self._references.resolve(render), ""
+        except ReferenceFailed as exc:
+            if not render.reference.required:
+                return None, f"going on without the reference: {exc.reason} ({exc})"
+            error = RenderError("reference_fetch_failed", exc.reason, str(exc), retryable=exc.retryable)
+            raise Failure(error, exc.transient) from exc
+
+    async def _failed(self, claim: Claim, failure: Failure, timings: dict[str, float]) -> None:
+        error = failure.error
+        if failure.transient and claim.attempts < claim.max_attempts:
+            delay = self._retry.delay(claim.attempts)
+            message = (
+                f"attempt {claim.attempts} failed ({error.reason}: {error.message}); retry in {delay:.1f} s"
+            )
+            if not await self._queue.requeue(claim, delay, message):
+                raise LeaseLost(claim.render_id)
+            self.on_retry(delay)
+            return
+        if failure.transient:
+            error = RenderError(
+                error.code,
+                error.reason,
+                f"{error.message} (after {claim.attempts} attempts)",
+                error.retryable,
+            )
+        if not await self._queue.finish(claim, "failed", error=error, timings=timings):
+            raise LeaseLost(claim.render_id)
+
+
+@contextmanager
+def _phase(name: str, timings: dict[str, float]) -> Iterator[None]:
+    """A span for the phase, and its duration in `timings` (kept even when the phase fails)."""
+    started = time.perf_counter()
+    try:
+        with tracer.start_as_current_span(name):
+            yield
+    finally:
+        timings[f"{name}_ms"] = round((time.perf_counter() - started) * 1000, 3)
+
+
+def _input(render: Render, reference: bytes | None) -> GenerationInput:
+    params = render.params
+    return GenerationInput(
+        render_id=render.id,
+        kind=render.kind,
+        prompt=render.prompt,
+        negative_prompt=render.negative_prompt,
+        width=params.width,
+        height=params.height,
+        steps=params.steps,
+        seed=params.seed,
+        rules=tuple(rule.text for rule in render.rules),
+        reference=reference,
+        duration_s=params.duration_s,
+        fps=params.fps,
+    )
+
+
+def _links(traceparent: str) -> list[Link]:
+    """A link to the submitting request's span, so the job's trace leads back to it."""
+    if not traceparent:
+        return []
+    context = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
+    span_context = trace.get_current_span(context).get_span_context()
+    return [Link(span_context)] if span_context.is_valid else []
+
+
+def _ns(moment: datetime) -> int:
+    return int(moment.timestamp() * 1e9)
+
+
+def _ms_between(start: datetime, end: datetime) -> float:
+    return round((end - start).total_seconds() * 1000, 3)

@@ -1,0 +1,79 @@
+"""The generation gRPC server's resources, opened and closed in one place."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from renderflow.v1 import generation_pb2, generation_pb2_grpc
+
+from services.generation.artifacts import LocalArtifactStore
+from services.generation.config import Settings
+from services.generation.events import EventHub
+from services.generation.listener import Listener
+from services.generation.service import Renders
+from services.generation.servicer import GenerationServicer
+from services.generation.storage import RenderStore
+from shared.db import migrate, open_pool
+from shared.grpc_server import create_server, drain, start
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "generation"
+MIGRATIONS = Path(__file__).parent / "migrations"
+SERVICE_NAME = generation_pb2.DESCRIPTOR.services_by_name["GenerationService"].full_name
+
+
+def database_url(url: str) -> str:
+    """`url` (a URL or key=value conninfo) with the search path set to the service's schema."""
+    options = conninfo_to_dict(url).get("options") or ""
+    return make_conninfo(url, options=f"{options} -c search_path={SCHEMA}".strip())
+
+
+@asynccontextmanager
+async def background(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[asyncio.Task[None]]:
+    """Runs a coroutine as a task for the duration of the block, cancelling it on exit."""
+    task = asyncio.create_task(coro, name=name)
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[int]:
+    """Migrates, opens the pool and the event fan-out, serves GenerationService on
+    `settings.listen`, yields the bound port; on exit ends watches, drains and closes."""
+    async with AsyncExitStack() as stack:
+        await migrate(settings.database_url, SCHEMA, MIGRATIONS)
+        url = database_url(settings.database_url)
+        pool = await open_pool(url, name="generation", min_size=2, max_size=settings.pool_max)
+        stack.push_async_callback(pool.close)
+        store = RenderStore(pool)
+        hub = EventHub(store, settings.poll_interval_s)
+        await stack.enter_async_context(background(hub.run(), "generation-event-pump"))
+        if not settings.db_poll_only:
+            listener = Listener(url, ["generation_events"], hub.on_notify, hub.resync)
+            await stack.enter_async_context(background(listener.run(), "generation-listen"))
+        artifacts = LocalArtifactStore(settings.artifact_dir)
+        renders = Renders(store, hub, artifacts, settings.stall_after_s)
+        handle = create_server([SERVICE_NAME])
+        generation_pb2_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(renders), handle.server
+        )
+        port = await start(handle, settings.listen)
+
+        async def stop() -> None:
+            hub.close()  # watchers resume elsewhere from their last seq
+            await drain(handle, settings.drain_grace_s)
+
+        stack.push_async_callback(stop)
+        log.info("generation serving", extra={"port": port})
+        yield port

@@ -1,0 +1,119 @@
+"""The generation service's API side as domain operations: what each RPC does, without protobuf."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from opentelemetry import propagate, trace
+
+from services.generation.artifacts import ArtifactStore
+from services.generation.domain import (
+    Batch,
+    Event,
+    Output,
+    Page,
+    Render,
+    RenderFilter,
+    RenderSpec,
+    Submission,
+)
+from services.generation.events import EventHub, follow
+from services.generation.storage import RenderStore
+from services.generation.validation import normalized, normalized_batch
+from shared.errors import FailedPrecondition
+
+
+class Renders:
+    """Submitting, reading, cancelling and watching renders, on behalf of a user."""
+
+    def __init__(
+        self, store: RenderStore, hub: EventHub, artifacts: ArtifactStore, stall_after_s: float
+    ) -> None:
+        self._store = store
+        self._hub = hub
+        self._artifacts = artifacts
+        self._stall_after_s = stall_after_s
+
+    async def submit(self, spec: RenderSpec, submission: Submission) -> Render:
+        """Queues one render (idempotently); returns it as stored."""
+        started = time.perf_counter()
+        valid = normalized(spec)
+        return self._derived(await self._store.submit(valid, _traced(submission), started))
+
+    async def submit_batch(self, specs: list[RenderSpec], submission: Submission) -> Batch:
+        """Queues every render of a batch, or none of them when one is invalid."""
+        started = time.perf_counter()
+        valid = normalized_batch(specs)
+        batch = await self._store.submit_batch(valid, _traced(submission), started)
+        return replace(batch, renders=[self._derived(r) for r in batch.renders])
+
+    async def get(self, user_id: str, render_id: str) -> Render:
+        """The render with its queue position and a rough ETA while queued."""
+        render = await self._store.get(user_id, render_id)
+        if render.status == "queued":
+            figures = await self._store.queue_figures(render_id)
+            if figures is not None:
+                ahead, running, avg_run_s = figures
+                eta = None if avg_run_s is None else round(ahead / max(running, 1) * avg_run_s, 1)
+                render = replace(render, queue_position=ahead, eta_s=eta)
+        return self._derived(render)
+
+    async def list(self, user_id: str, where: RenderFilter, page_size: int, page_token: str) -> Page:
+        """One page of the user's renders."""
+        page = await self._store.list_page(user_id, where, page_size, page_token)
+        return Page([self._derived(r) for r in page.renders], page.next_page_token)
+
+    async def cancel(self, user_id: str, render_id: str) -> Render:
+        """Cancels a queued render at once; asks the worker of a running one to stop it."""
+        await self._store.cancel(user_id, render_id)
+        return await self.get(user_id, render_id)
+
+    async def watch(self, user_id: str, render_id: str, after_seq: int) -> AsyncIterator[Event]:
+        """The render's events after `after_seq`, then live ones, until its terminal event."""
+        render = await self._store.get(user_id, render_id)
+        if render.terminal:
+            for event in await self._store.events_after(render_id, after_seq):
+                yield event
+            return
+        async for event in follow(self._hub, self._store, {render_id: after_seq}):
+            yield event
+
+    async def get_batch(self, user_id: str, batch_id: str) -> Batch:
+        """The batch with its renders and counts."""
+        batch = await self._store.get_batch(user_id, batch_id)
+        return replace(batch, renders=[self._derived(r) for r in batch.renders])
+
+    async def watch_batch(self, user_id: str, batch_id: str) -> AsyncIterator[Event]:
+        """The events of every render of the batch, from the first, until all have ended."""
+        batch = await self._store.get_batch(user_id, batch_id)
+        async for event in follow(self._hub, self._store, {r.id: 0 for r in batch.renders}):
+            yield event
+
+    async def output(
+        self, user_id: str, render_id: str, offset: int, length: int
+    ) -> tuple[Output, AsyncIterator[bytes]]:
+        """The output's description and its bytes (a range of them); FailedPrecondition before
+        the render has succeeded."""
+        render = await self._store.get(user_id, render_id)
+        if render.output is None:
+            raise FailedPrecondition(f"render {render_id} has no output ({render.status})")
+        return render.output, self._artifacts.read(render_id, offset, length)
+
+    def _derived(self, render: Render) -> Render:
+        if render.status != "running":
+            return render
+        since = render.last_progress_at or render.started_at
+        stalled = since is not None and (datetime.now(UTC) - since).total_seconds() > self._stall_after_s
+        return replace(render, stalled=stalled)
+
+
+def _traced(submission: Submission) -> Submission:
+    """The submission with the caller's traceparent, or the current span's when it sent none."""
+    if submission.traceparent or not trace.get_current_span().get_span_context().is_valid:
+        return submission
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return replace(submission, traceparent=carrier.get("traceparent", ""))

@@ -1,0 +1,231 @@
+"""GenerationService over gRPC: protobuf in, one domain call, protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from renderflow.v1 import generation_pb2 as pb
+from renderflow.v1 import generation_pb2_grpc as pb_grpc
+from renderflow.v1 import metadata_pb2
+
+from services.generation.domain import (
+    TIMING_NAMES,
+    Batch,
+    Event,
+    Params,
+    Reference,
+    Render,
+    RenderError,
+    RenderFilter,
+    RenderSpec,
+    Rule,
+    Submission,
+)
+from services.generation.service import Renders
+
+Context = Any  # grpc.aio.ServicerContext, unused by these handlers
+
+_KINDS = {pb.RENDER_KIND_IMAGE: "image", pb.RENDER_KIND_VIDEO: "video"}
+_KIND_PB = {name: value for value, name in _KINDS.items()}
+_STATUS_PB = {
+    "queued": pb.RENDER_STATUS_QUEUED,
+    "running": pb.RENDER_STATUS_RUNNING,
+    "succeeded": pb.RENDER_STATUS_SUCCEEDED,
+    "failed": pb.RENDER_STATUS_FAILED,
+    "cancelled": pb.RENDER_STATUS_CANCELLED,
+}
+_STATUS = {value: name for name, value in _STATUS_PB.items()}
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    """Translates each RPC to a call of `Renders`."""
+
+    def __init__(self, renders: Renders) -> None:
+        self._renders = renders
+
+    async def Submit(self, request: pb.SubmitRequest, context: Context) -> pb.Render:
+        submission = _submission(request)
+        return render_pb(await self._renders.submit(spec_from_pb(request.render), submission))
+
+    async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Context) -> pb.Batch:
+        specs = [spec_from_pb(spec) for spec in request.renders]
+        return batch_pb(await self._renders.submit_batch(specs, _submission(request)))
+
+    async def GetRender(self, request: pb.GetRenderRequest, context: Context) -> pb.Render:
+        return render_pb(await self._renders.get(request.user_id, request.render_id))
+
+    async def ListRenders(self, request: pb.ListRendersRequest, context: Context) -> pb.ListRendersResponse:
+        where = RenderFilter(
+            project_id=request.project_id,
+            chain_id=request.chain_id,
+            status=_STATUS.get(request.status, ""),
+            by_position=request.by_position,
+        )
+        page = await self._renders.list(
+            request.user_id, where, request.page.page_size, request.page.page_token
+        )
+        return pb.ListRendersResponse(
+            renders=[render_pb(r) for r in page.renders], next_page_token=page.next_page_token
+        )
+
+    async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.Render:
+        return render_pb(await self._renders.cancel(request.user_id, request.render_id))
+
+    async def Watch(self, request: pb.WatchRequest, context: Context) -> AsyncIterator[pb.RenderEvent]:
+        async for event in self._renders.watch(request.user_id, request.render_id, request.after_seq):
+            yield event_pb(event)
+
+    async def GetBatch(self, request: pb.GetBatchRequest, context: Context) -> pb.Batch:
+        return batch_pb(await self._renders.get_batch(request.user_id, request.batch_id))
+
+    async def WatchBatch(
+        self, request: pb.WatchBatchRequest, context: Context
+    ) -> AsyncIterator[pb.RenderEvent]:
+        async for event in self._renders.watch_batch(request.user_id, request.batch_id):
+            yield event_pb(event)
+
+    async def GetOutput(
+        self, request: pb.GetOutputRequest, context: Context
+    ) -> AsyncIterator[pb.OutputChunk]:
+        output, chunks = await self._renders.output(
+            request.user_id, request.render_id, request.offset, request.length
+        )
+        first: pb.OutputChunk | None = pb.OutputChunk(
+            content_type=output.content_type, total_bytes=output.bytes, sha256=output.sha256
+        )
+        async for data in chunks:
+            if first is not None:
+                first.data = data
+                yield first
+                first = None
+            else:
+                yield pb.OutputChunk(data=data)
+        if first is not None:  # an empty range still says what the output is
+            yield first
+
+
+def spec_from_pb(spec: pb.RenderSpec) -> RenderSpec:
+    """A render spec from its protobuf."""
+    params = spec.params
+    reference = None
+    if spec.HasField("reference"):
+        ref = spec.reference
+        reference = Reference(url=ref.url, render_id=ref.render_id, required=ref.required)
+    return RenderSpec(
+        render_id=spec.render_id,
+        project_id=spec.project_id,
+        project=spec.project,
+        chain_id=spec.chain_id,
+        position=spec.position,
+        kind=_KINDS.get(spec.kind, "unspecified"),
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        params=Params(params.width, params.height, params.steps, params.seed, params.duration_s, params.fps),
+        rules=tuple(Rule(r.id, r.text) for r in spec.rules),
+        reference=reference,
+        priority=spec.priority,
+    )
+
+
+def _submission(request: pb.SubmitRequest | pb.SubmitBatchRequest) -> Submission:
+    timings = {
+        name: getattr(request.timings, name)
+        for name in TIMING_NAMES
+        if request.timings.HasField(name)  # type: ignore[arg-type]
+    }
+    return Submission(
+        user_id=request.user_id,
+        idempotency_key=request.idempotency_key,
+        request_hash=request.request_hash,
+        traceparent=request.traceparent,
+        timings=timings,
+    )
+
+
+def render_pb(render: Render) -> pb.Render:
+    """A render as protobuf."""
+    message = pb.Render(
+        id=render.id,
+        user_id=render.user_id,
+        project=render.project,
+        project_id=render.project_id,
+        chain_id=render.chain_id,
+        position=render.position,
+        kind=_KIND_PB.get(render.kind, pb.RENDER_KIND_UNSPECIFIED),
+        status=_STATUS_PB[render.status],
+        progress=render.progress,
+        prompt=render.prompt,
+        negative_prompt=render.negative_prompt,
+        params=pb.RenderParams(**render.params.__dict__),
+        rules=[metadata_pb2.RuleSnapshot(id=r.id, text=r.text) for r in render.rules],
+        batch_id=render.batch_id,
+        timings=pb.Timings(**render.timings),
+        attempts=render.attempts,
+        trace_id=render.trace_id,
+        created_at=_timestamp(render.created_at),
+        stalled=render.stalled,
+    )
+    if render.reference is not None:
+        ref = render.reference
+        if ref.url:
+            message.reference.url = ref.url
+        else:
+            message.reference.render_id = ref.render_id
+        message.reference.required = ref.required
+    if render.output is not None:
+        message.output.CopyFrom(pb.RenderOutput(**render.output.__dict__))
+    if render.error is not None:
+        message.error.CopyFrom(error_pb(render.error))
+    for name in ("started_at", "finished_at", "last_progress_at"):
+        value: datetime | None = getattr(render, name)
+        if value is not None:
+            getattr(message, name).CopyFrom(_timestamp(value))
+    if render.queue_position is not None:
+        message.queue_position = render.queue_position
+    if render.eta_s is not None:
+        message.eta_s = render.eta_s
+    return message
+
+
+def event_pb(event: Event) -> pb.RenderEvent:
+    """An event as protobuf."""
+    message = pb.RenderEvent(
+        seq=event.seq,
+        type=event.type,
+        render_id=event.render_id,
+        at=_timestamp(event.at),
+        phase=event.phase,
+        message=event.message,
+    )
+    if event.progress is not None:
+        message.progress = event.progress
+    if event.error is not None:
+        message.error.CopyFrom(error_pb(event.error))
+    return message
+
+
+def error_pb(error: RenderError) -> pb.RenderError:
+    """A render error as protobuf."""
+    return pb.RenderError(
+        code=error.code, reason=error.reason, message=error.message, retryable=error.retryable
+    )
+
+
+def batch_pb(batch: Batch) -> pb.Batch:
+    """A batch as protobuf, with its counts."""
+    counts = pb.BatchCounts(**batch.counts, total=len(batch.renders))
+    return pb.Batch(
+        id=batch.id,
+        counts=counts,
+        renders=[render_pb(r) for r in batch.renders],
+        created_at=_timestamp(batch.created_at),
+    )
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp

@@ -1,0 +1,115 @@
+"""Checks a render spec before it is queued, naming each bad field as the HTTP API does."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import replace
+from urllib.parse import urlsplit
+
+from services.generation.domain import Params, RenderSpec
+from shared.errors import FieldError, ValidationFailed
+
+MAX_PROMPT = 2000
+MAX_RULES = 100
+MAX_BATCH = 64
+SIDE = (64, 2048)
+STEPS = (1, 150)
+DURATION_S = (0.5, 60.0)
+FPS = (1, 60)
+PRIORITY = (-1000, 1000)
+# Ids name artifact files, so they must be safe as file names.
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# Zero means "not given" in the protocol; these are the defaults then.
+_DEFAULTS = Params(width=512, height=512, steps=20, seed=0, duration_s=4.0, fps=24)
+
+
+def is_valid_id(value: str) -> bool:
+    """Whether `value` can be a render id (letters, digits, `_`, `-`; at most 64)."""
+    return bool(_ID.match(value))
+
+
+def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
+    """The spec with defaults filled in and a render id chosen; ValidationFailed names every bad
+    field (prefixed with `prefix`, e.g. `items[3].`)."""
+    errors: list[FieldError] = []
+
+    def bad(name: str, message: str) -> None:
+        errors.append(FieldError(prefix + name, message))
+
+    def in_range(name: str, value: float, bounds: tuple[float, float]) -> None:
+        if not bounds[0] <= value <= bounds[1]:
+            bad(name, f"must be between {bounds[0]:g} and {bounds[1]:g}")
+
+    render_id = spec.render_id or str(uuid.uuid4())
+    if not is_valid_id(render_id):
+        bad("render_id", "must be 1-64 letters, digits, '_' or '-'")
+    if spec.kind not in ("image", "video"):
+        bad("kind", "must be image or video")
+    if not spec.prompt.strip():
+        bad("prompt", "must not be empty")
+    elif len(spec.prompt) > MAX_PROMPT:
+        bad("prompt", f"must be at most {MAX_PROMPT} characters")
+    if len(spec.negative_prompt) > MAX_PROMPT:
+        bad("negative_prompt", f"must be at most {MAX_PROMPT} characters")
+
+    given = spec.params
+    params = Params(
+        width=given.width or _DEFAULTS.width,
+        height=given.height or _DEFAULTS.height,
+        steps=given.steps or _DEFAULTS.steps,
+        seed=given.seed,
+        duration_s=(given.duration_s or _DEFAULTS.duration_s) if spec.kind == "video" else 0.0,
+        fps=(given.fps or _DEFAULTS.fps) if spec.kind == "video" else 0,
+    )
+    in_range("params.width", params.width, SIDE)
+    in_range("params.height", params.height, SIDE)
+    in_range("params.steps", params.steps, STEPS)
+    if params.seed < 0:
+        bad("params.seed", "must not be negative")
+    if spec.kind == "video":
+        in_range("params.duration_s", params.duration_s, DURATION_S)
+        in_range("params.fps", params.fps, FPS)
+
+    reference = spec.reference
+    if reference is not None:
+        if bool(reference.url) == bool(reference.render_id):
+            bad("reference", "must have exactly one of url and render_id")
+        elif reference.url:
+            parts = urlsplit(reference.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname or len(reference.url) > 2048:
+                bad("reference.url", "must be an absolute http or https URL of at most 2048 characters")
+        elif not is_valid_id(reference.render_id):
+            bad("reference.render_id", "is not a render id")
+        elif reference.render_id == render_id:
+            bad("reference.render_id", "must not be the render itself")
+
+    if len(spec.rules) > MAX_RULES:
+        bad("rules", f"must be at most {MAX_RULES}")
+    for index, rule in enumerate(spec.rules):
+        if len(rule.text) > MAX_PROMPT:
+            bad(f"rules[{index}].text", f"must be at most {MAX_PROMPT} characters")
+    in_range("priority", spec.priority, PRIORITY)
+    for name in ("project_id", "project", "chain_id"):
+        if len(getattr(spec, name)) > 200:
+            bad(name, "must be at most 200 characters")
+
+    if errors:
+        raise ValidationFailed(f"{errors[0].field}: {errors[0].message}", errors)
+    return replace(spec, render_id=render_id, params=params)
+
+
+def normalized_batch(specs: list[RenderSpec]) -> list[RenderSpec]:
+    """Every spec normalized; the first bad item fails the whole batch, its fields named
+    `items[i].<field>`."""
+    if not specs:
+        raise ValidationFailed.field("items", "must not be empty")
+    if len(specs) > MAX_BATCH:
+        raise ValidationFailed.field("items", f"must be at most {MAX_BATCH}")
+    result = [normalized(spec, f"items[{index}].") for index, spec in enumerate(specs)]
+    seen: set[str] = set()
+    for index, spec in enumerate(result):
+        if spec.render_id in seen:
+            raise ValidationFailed.field(f"items[{index}].render_id", "is repeated in the batch")
+        seen.add(spec.render_id)
+    return result

@@ -1,0 +1,162 @@
+"""Reference images in the work path, against a stand-in imagefetch server speaking the real
+contract: fetched and blended, going on without when allowed, failing with the fetch's reason
+when required, read from another render; and the job's trace linked to the submitting request."""
+
+# Fixtures come from test_generation_support and are requested by name (F401/F811 are expected).
+# ruff: noqa: F401, F811
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from PIL import Image
+from renderflow.v1 import generation_pb2 as pb
+from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
+
+from shared.grpc_server import create_server, start
+from tests.integration.test_generation_support import (
+    Stub,
+    WorkerFactory,
+    artifact_dir,
+    events,
+    finished,
+    start_worker,
+    status_name,
+    stub,
+    submit,
+    worker_settings,
+)
+
+OK_URL = "https://images.example/ok.png"
+MISSING_URL = "https://images.example/missing.png"
+
+
+class StandInImageFetch(imagefetch_pb2_grpc.ImageFetchServiceServicer):
+    """Serves a blue square for OK_URL and an http_404 failure for anything else."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+
+    async def Fetch(self, request: imagefetch_pb2.FetchRequest, context: Any) -> imagefetch_pb2.FetchResult:
+        self.requests.append(request.url)
+        if request.url != OK_URL:
+            failure = imagefetch_pb2.FetchFailure(reason="http_404", message="the origin said 404")
+            return imagefetch_pb2.FetchResult(url=request.url, failure=failure)
+        data = io.BytesIO()
+        Image.new("RGB", (32, 32), (0, 0, 255)).save(data, "PNG")
+        image = imagefetch_pb2.Image(
+            data=data.getvalue(),
+            content_type="image/png",
+            width=32,
+            height=32,
+            size_bytes=len(data.getvalue()),
+        )
+        return imagefetch_pb2.FetchResult(url=request.url, image=image)
+
+
+@pytest.fixture
+async def imagefetch() -> AsyncIterator[tuple[str, StandInImageFetch]]:
+    servicer = StandInImageFetch()
+    handle = create_server(["renderflow.v1.ImageFetchService"])
+    imagefetch_pb2_grpc.add_ImageFetchServiceServicer_to_server(servicer, handle.server)
+    port = await start(handle, "127.0.0.1:0")
+    yield f"127.0.0.1:{port}", servicer
+    await handle.server.stop(None)
+
+
+async def test_a_fetched_reference_shapes_the_output(
+    stub: Stub, start_worker: WorkerFactory, imagefetch: tuple[str, StandInImageFetch]
+) -> None:
+    address, servicer = imagefetch
+    await start_worker(imagefetch_addr=address)
+    plain = await finished(stub, (await submit(stub, seed=1)).id)
+    referenced = await submit(stub, seed=1, reference=pb.Reference(url=OK_URL))
+
+    done = await finished(stub, referenced.id)
+
+    assert status_name(done) == "succeeded" and servicer.requests == [OK_URL]
+    assert done.timings.HasField("image_fetch_ms")
+    assert done.output.sha256 != plain.output.sha256
+    phases = [e.phase for e in await events(stub, done.id) if e.type == "phase"]
+    assert phases == ["image_fetch", "generation", "store"]
+
+
+async def test_a_missing_optional_reference_is_skipped_and_said(
+    stub: Stub, start_worker: WorkerFactory, imagefetch: tuple[str, StandInImageFetch]
+) -> None:
+    await start_worker(imagefetch_addr=imagefetch[0])
+    plain = await finished(stub, (await submit(stub, seed=2)).id)
+    done = await finished(stub, (await submit(stub, seed=2, reference=pb.Reference(url=MISSING_URL))).id)
+    assert status_name(done) == "succeeded"
+    assert done.output.sha256 == plain.output.sha256  # deterministic, and the reference left out
+    notes = [e.message for e in await events(stub, done.id) if e.type == "phase" and e.message]
+    assert len(notes) == 1 and "http_404" in notes[0]
+
+
+async def test_a_missing_required_reference_fails_with_the_fetch_reason(
+    stub: Stub, start_worker: WorkerFactory, imagefetch: tuple[str, StandInImageFetch]
+) -> None:
+    await start_worker(imagefetch_addr=imagefetch[0])
+    reference = pb.Reference(url=MISSING_URL, required=True)
+    done = await finished(stub, (await submit(stub, reference=reference)).id)
+    assert status_name(done) == "failed" and done.attempts == 1
+    assert (done.error.code, done.error.reason) == ("reference_fetch_failed", "http_404")
+
+
+async def test_imagefetch_down_retries_a_required_reference(stub: Stub, start_worker: WorkerFactory) -> None:
+    await start_worker(imagefetch_addr="127.0.0.1:1", max_attempts=2)  # nothing listens there
+    optional = await finished(stub, (await submit(stub, reference=pb.Reference(url=OK_URL))).id)
+    required = await finished(
+        stub, (await submit(stub, reference=pb.Reference(url=OK_URL, required=True))).id
+    )
+    assert status_name(optional) == "succeeded"
+    assert status_name(required) == "failed" and required.attempts == 2
+    assert (required.error.code, required.error.reason) == ("reference_fetch_failed", "unavailable")
+
+
+async def test_another_render_as_reference_only_if_it_is_yours(
+    stub: Stub, start_worker: WorkerFactory
+) -> None:
+    await start_worker()
+    mine = await finished(stub, (await submit(stub, prompt="a blue whale")).id)
+    theirs = await finished(stub, (await submit(stub, user="bob")).id, user="bob")
+    plain = await finished(stub, (await submit(stub, seed=3)).id)
+
+    chained = await finished(stub, (await submit(stub, seed=3, reference=pb.Reference(render_id=mine.id))).id)
+    stolen = await submit(stub, reference=pb.Reference(render_id=theirs.id, required=True))
+    refused = await finished(stub, stolen.id)
+
+    assert status_name(chained) == "succeeded" and chained.output.sha256 != plain.output.sha256
+    assert status_name(refused) == "failed"
+    assert (refused.error.code, refused.error.reason) == ("reference_fetch_failed", "not_found")
+
+
+async def test_the_job_trace_links_to_the_submitting_request(stub: Stub, start_worker: WorkerFactory) -> None:
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        trace.set_tracer_provider(TracerProvider())
+        provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace_id, span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        await start_worker()
+        render = await submit(stub, traceparent=f"00-{trace_id}-{span_id}-01")
+        done = await finished(stub, render.id)
+        spans = exporter.get_finished_spans()
+    finally:
+        exporter.shutdown()
+    assert done.trace_id == trace_id
+    (root,) = [s for s in spans if s.name == "render" and (s.attributes or {}).get("render.id") == render.id]
+    links = [(link.context.trace_id, link.context.span_id) for link in root.links]
+    assert links == [(int(trace_id, 16), int(span_id, 16))]
+    children = {s.name for s in spans if s.parent and s.parent.span_id == root.context.span_id}
+    assert {"queue_wait", "generation", "store"} <= children

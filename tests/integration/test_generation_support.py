@@ -1,0 +1,160 @@
+"""Fixtures and helpers for the generation tests: a real server on port 0, in-process workers and
+worker processes, and small clients of the RPCs. (No tests here; the other generation test
+modules import from it.)"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeAlias
+
+import pytest
+from renderflow.v1 import generation_pb2 as pb
+from renderflow.v1 import generation_pb2_grpc as pb_grpc
+
+from services.generation.config import Settings, WorkerSettings
+from services.generation.server import running
+from services.generation.worker import Worker, running_worker
+from shared.grpc_client import create_channel
+from shared.rpc_errors import rpc_errors
+
+# The async stub type exists only in the .pyi stubs.
+Stub: TypeAlias = "pb_grpc.GenerationServiceAsyncStub"
+TERMINAL = {"succeeded", "failed", "cancelled"}
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def artifact_dir(tmp_path: Path) -> Path:
+    return tmp_path / "artifacts"
+
+
+@pytest.fixture
+def worker_settings(database_url: str, artifact_dir: Path) -> WorkerSettings:
+    """Fast settings for in-process workers: short leases, quick rescues and retries."""
+    return WorkerSettings(
+        database_url=database_url,
+        artifact_dir=artifact_dir,
+        imagefetch_addr="127.0.0.1:1",
+        worker_id="test-worker",
+        lease_s=2.0,
+        heartbeat_s=0.5,
+        rescue_interval_s=0.5,
+        retry_base_s=0.05,
+        retry_max_s=0.2,
+        poll_interval_s=1.0,
+        shutdown_grace_s=2.0,
+        progress_interval_s=0.0,
+    )
+
+
+@pytest.fixture
+async def stub(database_url: str, artifact_dir: Path) -> AsyncIterator[Stub]:
+    """A client of a real generation server on port 0."""
+    settings = Settings(
+        listen="127.0.0.1:0", database_url=database_url, artifact_dir=artifact_dir, drain_grace_s=0.5
+    )
+    async with running(settings) as port, create_channel(f"127.0.0.1:{port}") as channel:
+        yield pb_grpc.GenerationServiceStub(channel)
+
+
+WorkerFactory = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def start_worker(worker_settings: WorkerSettings) -> AsyncIterator[WorkerFactory]:
+    """Starts in-process workers (`start_worker(backends=..., **settings)`); stops them after."""
+    async with AsyncExitStack() as stack:
+
+        async def start(backends: Any = None, **changes: Any) -> Worker:
+            settings = replace(worker_settings, **changes)
+            return await stack.enter_async_context(running_worker(settings, backends=backends))
+
+        yield start
+
+
+ProcessFactory = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def spawn_worker(database_url: str, artifact_dir: Path, tmp_path: Path) -> Iterator[ProcessFactory]:
+    """Starts `python -m services.generation.worker` processes with short leases; kills them after."""
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(**env: str) -> subprocess.Popen[bytes]:
+        index = len(processes)
+        environ = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "RENDERFLOW_ARTIFACT_DIR": str(artifact_dir),
+            "RENDERFLOW_RUN_DIR": str(tmp_path / "run"),
+            "RENDERFLOW_WORKER_ID": f"process-{index}",
+            "RENDERFLOW_WORKER_LEASE_S": "2",
+            "RENDERFLOW_WORKER_HEARTBEAT_S": "0.5",
+            "RENDERFLOW_WORKER_RESCUE_S": "0.5",
+            "RENDERFLOW_WORKER_POLL_S": "1",
+            "RENDERFLOW_LOG_LEVEL": "WARNING",
+            **env,
+        }
+        log = (tmp_path / f"worker-{index}.log").open("wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.generation.worker"], cwd=REPO, env=environ, stderr=log
+        )
+        log.close()
+        processes.append(process)
+        return process
+
+    yield spawn
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def spec(**fields: Any) -> pb.RenderSpec:
+    """A small, valid image spec; `params` entries may be given as width=..., steps=... ."""
+    params = {key: fields.pop(key) for key in ("width", "height", "steps", "seed") if key in fields}
+    fields.setdefault("prompt", "a red fox in the snow")
+    fields.setdefault("kind", pb.RENDER_KIND_IMAGE)
+    return pb.RenderSpec(
+        params=pb.RenderParams(**{"width": 64, "height": 64, "steps": 4, **params}), **fields
+    )
+
+
+async def submit(stub: Stub, user: str = "alice", **fields: Any) -> pb.Render:
+    request_fields = {
+        k: fields.pop(k) for k in ("idempotency_key", "request_hash", "traceparent") if k in fields
+    }
+    with rpc_errors():
+        return await stub.Submit(pb.SubmitRequest(user_id=user, render=spec(**fields), **request_fields))
+
+
+async def events(stub: Stub, render_id: str, user: str = "alice", after_seq: int = 0) -> list[pb.RenderEvent]:
+    """Every event of a Watch, until the server ends the stream."""
+    with rpc_errors():
+        call = stub.Watch(pb.WatchRequest(user_id=user, render_id=render_id, after_seq=after_seq))
+        return [event async for event in call]
+
+
+async def finished(stub: Stub, render_id: str, user: str = "alice", timeout: float = 30.0) -> pb.Render:
+    """The render once it has ended (waits by watching, bounded by `timeout`)."""
+    await asyncio.wait_for(events(stub, render_id, user), timeout)
+    with rpc_errors():
+        return await stub.GetRender(pb.GetRenderRequest(user_id=user, render_id=render_id))
+
+
+async def output(stub: Stub, render_id: str, user: str = "alice", **range_: int) -> list[pb.OutputChunk]:
+    with rpc_errors():
+        call = stub.GetOutput(pb.GetOutputRequest(user_id=user, render_id=render_id, **range_))
+        return [chunk async for chunk in call]
+
+
+def status_name(render: pb.Render) -> str:
+    return pb.RenderStatus.Name(render.status).removeprefix("RENDER_STATUS_").lower()
