@@ -28,7 +28,7 @@ _SERVICE_CONFIG = {
                 "retryableStatusCodes": ["UNAVAILABLE"],
             },
         }
-    ]
+    ],
 }
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [

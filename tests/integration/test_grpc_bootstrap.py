@@ -63,9 +63,7 @@ async def test_domain_errors_arrive_typed(target: str) -> None:
         await _call_unary(target, "not_found")
     with pytest.raises(ValidationFailed) as invalid:
         await _call_unary(target, "invalid")
-    assert [(e.field, e.message) for e in invalid.value.errors] == [
-        ("params.width", "must be at most 2048")
-    ]
+    assert [(e.field, e.message) for e in invalid.value.errors] == [("params.width", "must be at most 2048")]
     with pytest.raises(RateLimited) as limited:
         await _call_unary(target, "limited")
     assert limited.value.retry_after == 2.5
