@@ -1,0 +1,106 @@
+"""The gateway application: `create_app` builds it (tests build the very same one), `running` serves it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from opentelemetry import trace
+
+from gateway.auth import AUTHENTICATOR, Authenticator, auth_middleware
+from gateway.clients import Clients, open_clients
+from gateway.config import Settings
+from gateway.problems import add_common_headers, problem_middleware
+from gateway.routes import events, health, output, projects, renders, rules
+from gateway.state import CLIENTS, EVENT_STREAMS, SETTINGS, TRACER
+from gateway.tracing import tracing_middleware
+
+log = logging.getLogger(__name__)
+
+CleanupContext = Callable[[web.Application], AsyncIterator[None]]
+
+
+def _clients_context(given: Clients | None) -> CleanupContext:
+    async def clients_context(app: web.Application) -> AsyncIterator[None]:
+        if given is not None:  # the caller's: it opened them, it closes them
+            app[CLIENTS] = given
+            yield
+            return
+        async with open_clients(app[SETTINGS]) as opened:
+            app[CLIENTS] = opened
+            yield
+
+    return clients_context
+
+
+async def _auth_context(app: web.Application) -> AsyncIterator[None]:
+    authenticator = Authenticator(app[CLIENTS].metadata, app[SETTINGS].auth_cache_ttl_s)
+    app[AUTHENTICATOR] = authenticator
+    follower = asyncio.create_task(authenticator.follow_changes(), name="auth-change-feed")
+    try:
+        yield
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+        await authenticator.close()
+
+
+async def _end_event_streams(app: web.Application) -> None:
+    # Event streams never end by themselves; end them so that shutdown need not wait out the grace
+    # period. Clients reconnect (to another instance) with Last-Event-ID and miss nothing.
+    streams = app[EVENT_STREAMS]
+    for task in list(streams):
+        task.cancel()
+
+
+def create_app(
+    settings: Settings,
+    clients: Clients | None = None,
+    *,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> web.Application:
+    """The gateway, not yet started. Without `clients`, it opens (and closes) its own channels;
+    without `tracer_provider`, spans go to the global one."""
+    app = web.Application(
+        middlewares=[tracing_middleware(tracer_provider), problem_middleware, auth_middleware],
+        client_max_size=settings.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[TRACER] = (tracer_provider or trace.get_tracer_provider()).get_tracer("gateway")
+    app[EVENT_STREAMS] = set()
+    app.on_response_prepare.append(add_common_headers)
+    app.on_shutdown.append(_end_event_streams)
+    app.cleanup_ctx.append(_clients_context(clients))
+    app.cleanup_ctx.append(_auth_context)
+    for module in (health, projects, rules, renders, events, output):
+        app.add_routes(module.routes)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: Settings,
+    clients: Clients | None = None,
+    *,
+    tracer_provider: trace.TracerProvider | None = None,
+) -> AsyncIterator[int]:
+    """Serves the gateway on `settings.host:settings.port`; yields the bound port (useful with port 0)
+    and, on exit, stops taking connections and gives requests in flight the grace period."""
+    app = create_app(settings, clients, tracer_provider=tracer_provider)
+    # Cancelling the handler of a client that went away is what frees its upstream streams at once.
+    runner = web.AppRunner(
+        app, handler_cancellation=True, shutdown_timeout=settings.shutdown_grace_s, access_log=None
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        port: int = runner.addresses[0][1]
+        log.info("gateway listening", extra={"url": f"http://{settings.host}:{port}"})
+        yield port
+    finally:
+        await runner.cleanup()

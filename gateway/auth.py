@@ -1,0 +1,160 @@
+"""API-key authentication: `Authorization: Bearer <key>` resolved by the metadata service, cached
+briefly, with cached entries dropped as soon as the change feed reports a key revoked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+from aiocache import SimpleMemoryCache
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.clients import MetadataClient
+from gateway.state import TIMER
+from shared.errors import RenderflowError, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+MAX_KEY_LENGTH = 512
+# Paths under this prefix need a key; health, readiness and the spec do not.
+PROTECTED_PREFIX = "/v1/"
+_NAMESPACE = "auth:"
+# Entries of the revocation index are pruned once it holds this many.
+_INDEX_PRUNE_AT = 10_000
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller, as its API key says."""
+
+    user_id: str
+    user_name: str
+    key_id: str
+
+
+@dataclass(frozen=True)
+class _Indexed:
+    key_id: str
+    user_id: str
+    expires_at: float
+
+
+def bearer_key(authorization: str | None) -> str:
+    """The API key of an `Authorization: Bearer <key>` header; Unauthenticated when absent or malformed."""
+    if not authorization:
+        raise Unauthenticated("An API key is required: send `Authorization: Bearer <key>`.")
+    scheme, _, key = authorization.strip().partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key or len(key) > MAX_KEY_LENGTH or " " in key:
+        raise Unauthenticated("The Authorization header must be `Bearer <key>`.")
+    return key
+
+
+def _cache_key(api_key: str) -> str:
+    # The cache never holds a key itself, only its digest.
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+class Authenticator:
+    """Resolves API keys to principals through a short-lived cache in front of metadata."""
+
+    def __init__(self, metadata: MetadataClient, ttl_s: float) -> None:
+        self._metadata = metadata
+        self._ttl_s = ttl_s
+        self._cache = SimpleMemoryCache(namespace=_NAMESPACE)
+        self._index: dict[str, _Indexed] = {}
+        self._invalidations = 0
+        self.last_seq = 0
+        """The last change of the metadata feed seen; the feed resumes after it."""
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of an `Authorization` header's key; Unauthenticated when it is not valid."""
+        api_key = bearer_key(authorization)
+        digest = _cache_key(api_key)
+        cached = await self._cache.get(digest)
+        if isinstance(cached, Principal):
+            return cached
+        invalidations = self._invalidations
+        answer = await self._metadata.authenticate(api_key)
+        principal = Principal(user_id=answer.user.id, user_name=answer.user.name, key_id=answer.key_id)
+        # A revocation that arrived while the call was in flight may concern this very key.
+        if self._ttl_s > 0 and invalidations == self._invalidations:
+            await self._cache.set(digest, principal, ttl=self._ttl_s)
+            self._remember(digest, principal)
+        return principal
+
+    def _remember(self, digest: str, principal: Principal) -> None:
+        now = time.monotonic()
+        if len(self._index) >= _INDEX_PRUNE_AT:
+            self._index = {d: e for d, e in self._index.items() if e.expires_at > now}
+        self._index[digest] = _Indexed(principal.key_id, principal.user_id, now + self._ttl_s)
+
+    async def forget(self, *, key_id: str | None = None, user_id: str | None = None) -> None:
+        """Drops the cached answers for an API key, or for every key of a user."""
+        self._invalidations += 1
+        doomed = [
+            digest
+            for digest, entry in self._index.items()
+            if entry.key_id == key_id or entry.user_id == user_id
+        ]
+        for digest in doomed:
+            del self._index[digest]
+            await self._cache.delete(digest)
+
+    async def follow_changes(self, min_backoff_s: float = 0.1, max_backoff_s: float = 5.0) -> None:
+        """Follows the metadata change feed for ever, forgetting revoked keys and deleted users;
+        reconnects with capped, jittered backoff and resumes after the last change seen."""
+        backoff = min_backoff_s
+        while True:
+            try:
+                async with contextlib.aclosing(self._metadata.watch_changes(self.last_seq)) as changes:
+                    async for change in changes:
+                        backoff = min_backoff_s
+                        self.last_seq = change.seq
+                        if change.entity == "api_key" and change.action in {"revoked", "deleted"}:
+                            await self.forget(key_id=change.entity_id)
+                        elif change.entity == "user" and change.action == "deleted":
+                            await self.forget(user_id=change.entity_id)
+                log.info("change feed ended; reconnecting", extra={"after_seq": self.last_seq})
+            except RenderflowError as exc:
+                log.warning(
+                    "change feed interrupted",
+                    extra={"after_seq": self.last_seq, "code": exc.code, "error": exc.message},
+                )
+            except Exception:
+                # A bug here must not silently end revocations for the life of the process.
+                log.exception("change feed follower failed", extra={"after_seq": self.last_seq})
+            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, max_backoff_s)
+
+    async def close(self) -> None:
+        """Empties the cache and cancels its expiry timers."""
+        # Only a clear by namespace cancels the timers; a plain clear leaves them pending.
+        await self._cache.clear(namespace=_NAMESPACE)
+        await self._cache.close()
+
+
+AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticates every request under /v1/ (the `auth` phase) before its handler runs."""
+    if request.path.startswith(PROTECTED_PREFIX):
+        with request[TIMER].phase("auth"):
+            request[PRINCIPAL] = await request.app[AUTHENTICATOR].authenticate(
+                request.headers.get("Authorization")
+            )
+    return await handler(request)
+
+
+def principal(request: web.Request) -> Principal:
+    """The authenticated caller of a request under /v1/."""
+    return request[PRINCIPAL]

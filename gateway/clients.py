@@ -1,0 +1,256 @@
+"""Typed async clients of the metadata and generation services, as the gateway uses them.
+
+Every call runs inside `rpc_errors()`, so callers only ever see domain errors, and carries a
+deadline. Streams are async generators that cancel their gRPC call when closed early, so a
+client that goes away leaves no call behind (close them with `contextlib.aclosing`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from renderflow.v1 import common_pb2, generation_pb2, generation_pb2_grpc, metadata_pb2, metadata_pb2_grpc
+
+from gateway.config import Settings
+from shared.grpc_client import create_channel
+from shared.rpc_errors import rpc_errors
+
+T = TypeVar("T")
+
+HEALTH_TIMEOUT_S = 1.0
+
+
+class _Client:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+        self.open_streams = 0
+        """Server streams in progress: each one a live call to the service."""
+
+    async def serving(self) -> bool:
+        """Whether the service's health check answers SERVING."""
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            answer = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def _stream(self, call: grpc.aio.UnaryStreamCall[Any, T]) -> AsyncGenerator[T, None]:
+        self.open_streams += 1
+        try:
+            with rpc_errors():
+                async for item in call:
+                    yield item
+        finally:
+            call.cancel()  # a no-op once the stream has ended
+            self.open_streams -= 1
+
+
+def _page(page_size: int, page_token: str) -> common_pb2.PageRequest:
+    return common_pb2.PageRequest(page_size=page_size, page_token=page_token)
+
+
+class MetadataClient(_Client):
+    """Users, API keys, projects, chains and rules (renderflow.v1.MetadataService)."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float) -> None:
+        super().__init__(channel)
+        self._stub = metadata_pb2_grpc.MetadataServiceStub(channel)
+        self._timeout = timeout_s
+
+    async def authenticate(self, api_key: str) -> metadata_pb2.AuthenticateResponse:
+        with rpc_errors():
+            return await self._stub.Authenticate(
+                metadata_pb2.AuthenticateRequest(api_key=api_key), timeout=self._timeout
+            )
+
+    async def create_project(self, user_id: str, slug: str, name: str) -> metadata_pb2.Project:
+        with rpc_errors():
+            return await self._stub.CreateProject(
+                metadata_pb2.CreateProjectRequest(user_id=user_id, slug=slug, name=name),
+                timeout=self._timeout,
+            )
+
+    async def get_project(self, user_id: str, slug: str) -> metadata_pb2.Project:
+        with rpc_errors():
+            return await self._stub.GetProject(
+                metadata_pb2.GetProjectRequest(user_id=user_id, slug=slug), timeout=self._timeout
+            )
+
+    async def list_projects(
+        self, user_id: str, page_size: int, page_token: str
+    ) -> metadata_pb2.ListProjectsResponse:
+        with rpc_errors():
+            return await self._stub.ListProjects(
+                metadata_pb2.ListProjectsRequest(user_id=user_id, page=_page(page_size, page_token)),
+                timeout=self._timeout,
+            )
+
+    async def create_chain(self, user_id: str, project: str, name: str) -> metadata_pb2.Chain:
+        with rpc_errors():
+            return await self._stub.CreateChain(
+                metadata_pb2.CreateChainRequest(user_id=user_id, project=project, name=name),
+                timeout=self._timeout,
+            )
+
+    async def get_chain(self, user_id: str, project: str, chain_id: str) -> metadata_pb2.Chain:
+        with rpc_errors():
+            return await self._stub.GetChain(
+                metadata_pb2.GetChainRequest(user_id=user_id, project=project, chain_id=chain_id),
+                timeout=self._timeout,
+            )
+
+    async def list_chains(
+        self, user_id: str, project: str, page_size: int, page_token: str
+    ) -> metadata_pb2.ListChainsResponse:
+        with rpc_errors():
+            return await self._stub.ListChains(
+                metadata_pb2.ListChainsRequest(
+                    user_id=user_id, project=project, page=_page(page_size, page_token)
+                ),
+                timeout=self._timeout,
+            )
+
+    async def create_rule(
+        self, user_id: str, project: str, text: str, chain_id: str | None, active: bool | None
+    ) -> metadata_pb2.Rule:
+        request = metadata_pb2.CreateRuleRequest(
+            user_id=user_id, project=project, text=text, chain_id=chain_id or ""
+        )
+        if active is not None:
+            request.active = active
+        with rpc_errors():
+            return await self._stub.CreateRule(request, timeout=self._timeout)
+
+    async def list_rules(
+        self, user_id: str, project: str, page_size: int, page_token: str
+    ) -> metadata_pb2.ListRulesResponse:
+        with rpc_errors():
+            return await self._stub.ListRules(
+                metadata_pb2.ListRulesRequest(
+                    user_id=user_id, project=project, page=_page(page_size, page_token)
+                ),
+                timeout=self._timeout,
+            )
+
+    async def update_rule(
+        self, user_id: str, project: str, rule_id: str, text: str | None, active: bool | None
+    ) -> metadata_pb2.Rule:
+        request = metadata_pb2.UpdateRuleRequest(user_id=user_id, project=project, rule_id=rule_id)
+        if text is not None:
+            request.text = text
+        if active is not None:
+            request.active = active
+        with rpc_errors():
+            return await self._stub.UpdateRule(request, timeout=self._timeout)
+
+    async def delete_rule(self, user_id: str, project: str, rule_id: str) -> None:
+        with rpc_errors():
+            await self._stub.DeleteRule(
+                metadata_pb2.DeleteRuleRequest(user_id=user_id, project=project, rule_id=rule_id),
+                timeout=self._timeout,
+            )
+
+    async def prepare_render(
+        self, user_id: str, project: str, chain_id: str | None
+    ) -> metadata_pb2.PrepareRenderResponse:
+        with rpc_errors():
+            return await self._stub.PrepareRender(
+                metadata_pb2.PrepareRenderRequest(user_id=user_id, project=project, chain_id=chain_id or ""),
+                timeout=self._timeout,
+            )
+
+    def watch_changes(self, after_seq: int) -> AsyncGenerator[metadata_pb2.Change, None]:
+        """The change feed after `after_seq`, live and without deadline, until closed."""
+        return self._stream(self._stub.WatchChanges(metadata_pb2.WatchChangesRequest(after_seq=after_seq)))
+
+
+class GenerationClient(_Client):
+    """Renders, their events and outputs (renderflow.v1.GenerationService)."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout_s: float, output_timeout_s: float) -> None:
+        super().__init__(channel)
+        self._stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        self._timeout = timeout_s
+        self._output_timeout = output_timeout_s
+
+    async def submit(self, request: generation_pb2.SubmitRequest) -> generation_pb2.Render:
+        # Safe to retry: the render id is chosen by the caller and Submit is idempotent on it.
+        with rpc_errors():
+            return await self._stub.Submit(request, timeout=self._timeout)
+
+    async def get_render(self, user_id: str, render_id: str) -> generation_pb2.Render:
+        with rpc_errors():
+            return await self._stub.GetRender(
+                generation_pb2.GetRenderRequest(user_id=user_id, render_id=render_id), timeout=self._timeout
+            )
+
+    async def list_renders(
+        self,
+        user_id: str,
+        *,
+        project_id: str = "",
+        chain_id: str = "",
+        status: generation_pb2.RenderStatus.ValueType = generation_pb2.RENDER_STATUS_UNSPECIFIED,
+        page_size: int = 0,
+        page_token: str = "",
+        by_position: bool = False,
+    ) -> generation_pb2.ListRendersResponse:
+        request = generation_pb2.ListRendersRequest(
+            user_id=user_id,
+            project_id=project_id,
+            chain_id=chain_id,
+            status=status,
+            page=_page(page_size, page_token),
+            by_position=by_position,
+        )
+        with rpc_errors():
+            return await self._stub.ListRenders(request, timeout=self._timeout)
+
+    async def cancel(self, user_id: str, render_id: str) -> generation_pb2.Render:
+        with rpc_errors():
+            return await self._stub.Cancel(
+                generation_pb2.CancelRequest(user_id=user_id, render_id=render_id), timeout=self._timeout
+            )
+
+    def watch(
+        self, user_id: str, render_id: str, after_seq: int
+    ) -> AsyncGenerator[generation_pb2.RenderEvent, None]:
+        """A render's events after `after_seq`, then live ones, until its terminal event."""
+        request = generation_pb2.WatchRequest(user_id=user_id, render_id=render_id, after_seq=after_seq)
+        return self._stream(self._stub.Watch(request))
+
+    def get_output(
+        self, user_id: str, render_id: str, offset: int = 0, length: int = 0
+    ) -> AsyncGenerator[generation_pb2.OutputChunk, None]:
+        """The bytes of a finished render's output (from `offset`, `length` bytes; 0 = to the end)."""
+        request = generation_pb2.GetOutputRequest(
+            user_id=user_id, render_id=render_id, offset=offset, length=length
+        )
+        return self._stream(self._stub.GetOutput(request, timeout=self._output_timeout))
+
+
+@dataclass(frozen=True)
+class Clients:
+    """The gateway's clients of the services it fronts."""
+
+    metadata: MetadataClient
+    generation: GenerationClient
+
+
+@contextlib.asynccontextmanager
+async def open_clients(settings: Settings) -> AsyncIterator[Clients]:
+    """Opens a channel to each service and closes both on exit."""
+    async with (
+        create_channel(settings.addresses.metadata) as metadata,
+        create_channel(settings.addresses.generation) as generation,
+    ):
+        yield Clients(
+            MetadataClient(metadata, settings.rpc_timeout_s),
+            GenerationClient(generation, settings.rpc_timeout_s, settings.output_timeout_s),
+        )

@@ -1,0 +1,159 @@
+"""Resources as JSON, exactly as the HTTP contract names them, from the services' protobuf messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+from renderflow.v1 import generation_pb2, metadata_pb2
+
+JSON = dict[str, Any]
+
+KINDS = {"image": generation_pb2.RENDER_KIND_IMAGE, "video": generation_pb2.RENDER_KIND_VIDEO}
+STATUSES = {
+    "queued": generation_pb2.RENDER_STATUS_QUEUED,
+    "running": generation_pb2.RENDER_STATUS_RUNNING,
+    "succeeded": generation_pb2.RENDER_STATUS_SUCCEEDED,
+    "failed": generation_pb2.RENDER_STATUS_FAILED,
+    "cancelled": generation_pb2.RENDER_STATUS_CANCELLED,
+}
+_KIND_NAMES = {value: name for name, value in KINDS.items()}
+_STATUS_NAMES = {value: name for name, value in STATUSES.items()}
+_PHASES = ("auth", "validation", "db", "enqueue", "queue_wait", "image_fetch", "generation", "store", "total")
+TERMINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def timestamp(value: timestamp_pb2.Timestamp) -> str:
+    """RFC 3339 in UTC (`2025-01-02T03:04:05.678Z`)."""
+    text: str = value.ToJsonString()
+    return text
+
+
+def _maybe_time(message: Any, field: str) -> str | None:
+    return timestamp(getattr(message, field)) if message.HasField(field) else None
+
+
+def page(key: str, items: list[JSON], next_page_token: str) -> JSON:
+    """A page of a list: `{key: [...], "next_page_token": str | null}`."""
+    return {key: items, "next_page_token": next_page_token or None}
+
+
+def project_json(project: metadata_pb2.Project) -> JSON:
+    return {
+        "id": project.id,
+        "slug": project.slug,
+        "name": project.name,
+        "default_chain_id": project.default_chain_id,
+        "created_at": timestamp(project.created_at),
+    }
+
+
+def chain_json(chain: metadata_pb2.Chain) -> JSON:
+    return {
+        "id": chain.id,
+        "project": chain.project,
+        "name": chain.name,
+        "is_default": chain.is_default,
+        "length": chain.length,
+        "created_at": timestamp(chain.created_at),
+    }
+
+
+def rule_json(rule: metadata_pb2.Rule) -> JSON:
+    return {
+        "id": rule.id,
+        "project": rule.project,
+        "chain_id": rule.chain_id or None,
+        "text": rule.text,
+        "active": rule.active,
+        "created_at": timestamp(rule.created_at),
+    }
+
+
+def error_json(error: generation_pb2.RenderError) -> JSON:
+    return {
+        "code": error.code,
+        "reason": error.reason,
+        "message": error.message,
+        "retryable": error.retryable,
+    }
+
+
+def reference_json(reference: generation_pb2.Reference) -> JSON | None:
+    source = reference.WhichOneof("source")
+    if source is None:
+        return None
+    return {source: getattr(reference, source), "required": reference.required}
+
+
+def render_json(render: generation_pb2.Render) -> JSON:
+    """A render: status, progress, queue position, timings, output, error, trace id."""
+    is_video = render.kind == generation_pb2.RENDER_KIND_VIDEO
+    params = render.params
+    output = render.output
+    return {
+        "id": render.id,
+        "project": render.project,
+        "chain_id": render.chain_id,
+        "position": render.position,
+        "kind": _KIND_NAMES.get(render.kind, "image"),
+        "status": _STATUS_NAMES.get(render.status, "queued"),
+        "progress": render.progress,
+        "queue_position": render.queue_position if render.HasField("queue_position") else None,
+        "eta_s": render.eta_s if render.HasField("eta_s") else None,
+        "prompt": render.prompt,
+        "negative_prompt": render.negative_prompt or None,
+        "params": {
+            "width": params.width,
+            "height": params.height,
+            "steps": params.steps,
+            "seed": params.seed,
+            "duration_s": params.duration_s if is_video else None,
+            "fps": params.fps if is_video else None,
+        },
+        "rules": [{"id": rule.id, "text": rule.text} for rule in render.rules],
+        "reference": reference_json(render.reference),
+        "batch_id": render.batch_id or None,
+        "output": {
+            "url": output.url or f"/v1/renders/{render.id}/output",
+            "content_type": output.content_type,
+            "bytes": output.bytes,
+            "width": output.width,
+            "height": output.height,
+            "duration_s": output.duration_s if is_video else None,
+        }
+        if render.HasField("output")
+        else None,
+        "error": error_json(render.error) if render.HasField("error") else None,
+        "timings": {
+            f"{phase}_ms": getattr(render.timings, f"{phase}_ms")
+            if render.timings.HasField(f"{phase}_ms")  # type: ignore[arg-type]
+            else None
+            for phase in _PHASES
+        },
+        "attempts": render.attempts,
+        "trace_id": render.trace_id or None,
+        "created_at": _maybe_time(render, "created_at"),
+        "started_at": _maybe_time(render, "started_at"),
+        "finished_at": _maybe_time(render, "finished_at"),
+        "last_progress_at": _maybe_time(render, "last_progress_at"),
+    }
+
+
+def event_json(event: generation_pb2.RenderEvent) -> JSON:
+    """An event: `{seq, type, render_id, at, progress?, phase?, message?, error?}`."""
+    body: JSON = {
+        "seq": event.seq,
+        "type": event.type,
+        "render_id": event.render_id,
+        "at": timestamp(event.at),
+    }
+    if event.HasField("progress"):
+        body["progress"] = event.progress
+    if event.phase:
+        body["phase"] = event.phase
+    if event.message:
+        body["message"] = event.message
+    if event.HasField("error"):
+        body["error"] = error_json(event.error)
+    return body

@@ -1,0 +1,96 @@
+"""A finished render's bytes, streamed from the generation service: ETag, If-None-Match, one Range."""
+
+from __future__ import annotations
+
+import contextlib
+
+from aiohttp import web
+from renderflow.v1 import generation_pb2
+
+from gateway.auth import principal
+from gateway.problems import RangeNotSatisfiable
+from gateway.routes import ID, clients, phase
+from shared.errors import FailedPrecondition
+
+routes = web.RouteTableDef()
+
+CACHE_CONTROL = "private, max-age=86400"  # an output never changes once written
+
+
+def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
+    """The first and last byte of a single `bytes=a-b` / `bytes=a-` / `bytes=-n` range within
+    `total` bytes; None to send everything (no range, several, or one that cannot be read).
+    Raises RangeNotSatisfiable when the range starts past the end."""
+    if not header or total <= 0:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first_text, dash, last_text = spec.strip().partition("-")
+    if (
+        not dash
+        or not (first_text.isdigit() or first_text == "")
+        or not (last_text.isdigit() or last_text == "")
+    ):
+        return None
+    if first_text == "":
+        if last_text == "":
+            return None
+        suffix = int(last_text)
+        if suffix == 0:
+            raise RangeNotSatisfiable(total)
+        return max(0, total - suffix), total - 1
+    first = int(first_text)
+    last = int(last_text) if last_text else total - 1
+    if first >= total:
+        raise RangeNotSatisfiable(total)
+    if last < first:
+        return None
+    return first, min(last, total - 1)
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an `If-None-Match` header names `etag` (weak comparison, as for GET)."""
+    if not if_none_match:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag.removeprefix("W/") in tags
+
+
+@routes.get(f"/v1/renders/{ID}/output", allow_head=False)
+async def render_output(request: web.Request) -> web.StreamResponse:
+    user = principal(request)
+    render_id = request.match_info["id"]
+    generation = clients(request).generation
+    with phase(request, "db"):
+        render = await generation.get_render(user.user_id, render_id)
+    if render.status != generation_pb2.RENDER_STATUS_SUCCEEDED or not render.HasField("output"):
+        status = generation_pb2.RenderStatus.Name(render.status).removeprefix("RENDER_STATUS_").lower()
+        raise FailedPrecondition(f"The render has no output (it is {status}).")
+    output = render.output
+    headers = {"Accept-Ranges": "bytes", "Cache-Control": CACHE_CONTROL}
+    if output.sha256:
+        headers["ETag"] = f'"{output.sha256}"'
+        if etag_matches(request.headers.get("If-None-Match"), headers["ETag"]):
+            return web.Response(status=304, headers=headers)
+    if_range = request.headers.get("If-Range")
+    wanted = None if if_range and if_range != headers.get("ETag") else request.headers.get("Range")
+    byte_range = parse_range(wanted, output.bytes)
+    offset, length = (byte_range[0], byte_range[1] - byte_range[0] + 1) if byte_range else (0, 0)
+    chunks = generation.get_output(user.user_id, render_id, offset, length)
+    async with contextlib.aclosing(chunks):
+        first = await anext(chunks, None)  # a failure here is still a problem document
+        response = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
+        response.content_type = (first.content_type if first else "") or output.content_type
+        response.content_length = (
+            length if byte_range else output.bytes or (first.total_bytes if first else 0)
+        )
+        if byte_range:
+            response.headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{output.bytes}"
+        await response.prepare(request)
+        if first is not None:
+            await response.write(first.data)
+        async for chunk in chunks:
+            await response.write(chunk.data)
+        await response.write_eof()
+    return response

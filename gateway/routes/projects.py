@@ -1,0 +1,74 @@
+"""Projects and their chains."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.auth import principal
+from gateway.resources import chain_json, page, project_json
+from gateway.routes import body, clients, page_args, phase, query
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/projects")
+async def create_project(request: web.Request) -> web.Response:
+    user = principal(request)
+    fields = await body(request, "CreateProjectRequest")
+    with phase(request, "db"):
+        project = await clients(request).metadata.create_project(user.user_id, fields["slug"], fields["name"])
+    return web.json_response(
+        project_json(project), status=201, headers={"Location": f"/v1/projects/{project.slug}"}
+    )
+
+
+@routes.get("/v1/projects")
+async def list_projects(request: web.Request) -> web.Response:
+    user = principal(request)
+    page_size, page_token = page_args(query(request, "listProjects"))
+    with phase(request, "db"):
+        answer = await clients(request).metadata.list_projects(user.user_id, page_size, page_token)
+    return web.json_response(
+        page("projects", [project_json(p) for p in answer.projects], answer.next_page_token)
+    )
+
+
+@routes.get("/v1/projects/{slug}")
+async def get_project(request: web.Request) -> web.Response:
+    user = principal(request)
+    with phase(request, "db"):
+        project = await clients(request).metadata.get_project(user.user_id, request.match_info["slug"])
+    return web.json_response(project_json(project))
+
+
+@routes.post("/v1/projects/{slug}/chains")
+async def create_chain(request: web.Request) -> web.Response:
+    user = principal(request)
+    slug = request.match_info["slug"]
+    fields = await body(request, "CreateChainRequest")
+    with phase(request, "db"):
+        chain = await clients(request).metadata.create_chain(user.user_id, slug, fields["name"])
+    return web.json_response(
+        chain_json(chain), status=201, headers={"Location": f"/v1/projects/{slug}/chains/{chain.id}"}
+    )
+
+
+@routes.get("/v1/projects/{slug}/chains")
+async def list_chains(request: web.Request) -> web.Response:
+    user = principal(request)
+    page_size, page_token = page_args(query(request, "listChains"))
+    with phase(request, "db"):
+        answer = await clients(request).metadata.list_chains(
+            user.user_id, request.match_info["slug"], page_size, page_token
+        )
+    return web.json_response(page("chains", [chain_json(c) for c in answer.chains], answer.next_page_token))
+
+
+@routes.get("/v1/projects/{slug}/chains/{chain_id}")
+async def get_chain(request: web.Request) -> web.Response:
+    user = principal(request)
+    with phase(request, "db"):
+        chain = await clients(request).metadata.get_chain(
+            user.user_id, request.match_info["slug"], request.match_info["chain_id"]
+        )
+    return web.json_response(chain_json(chain))

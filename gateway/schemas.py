@@ -1,0 +1,253 @@
+"""The JSON Schemas (2020-12) of the gateway's requests and resources: the OpenAPI components, and
+what request bodies are validated against."""
+
+from __future__ import annotations
+
+from typing import Any
+
+Schema = dict[str, Any]
+
+MAX_PAGE_SIZE = 200
+SLUG_PATTERN = "^[a-z0-9][a-z0-9-]{1,62}$"
+STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"]
+ERROR_MESSAGE = "x-error-message"
+"""A schema extension: the message of a failure of the schema as a whole (oneOf, minProperties)."""
+_EVENT_TYPES = ["queued", "started", "phase", "progress", "succeeded", "failed", "cancelled"]
+
+
+def ref(name: str) -> Schema:
+    """A reference to the component schema `name`."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _object(
+    properties: dict[str, Schema],
+    required: list[str] | None = None,
+    *,
+    error_message: str | None = None,
+    **extra: Any,
+) -> Schema:
+    schema: Schema = {"type": "object", "properties": properties, "additionalProperties": False}
+    if required:
+        schema["required"] = required
+    if error_message:
+        # What a validation failure of the whole object says (instead of jsonschema's own words).
+        schema[ERROR_MESSAGE] = error_message
+    return {**schema, **extra}
+
+
+def _text(max_length: int, min_length: int = 1) -> Schema:
+    return {"type": "string", "minLength": min_length, "maxLength": max_length}
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _list_of(key: str, item: str) -> Schema:
+    return _object(
+        {key: {"type": "array", "items": ref(item)}, "next_page_token": {"type": ["string", "null"]}},
+        [key, "next_page_token"],
+    )
+
+
+ID: Schema = _text(64)
+"""An id (of a chain, rule or render)."""
+_TIME: Schema = {"type": "string", "format": "date-time"}
+_MAYBE_TIME: Schema = {"type": ["string", "null"], "format": "date-time"}
+_MS: Schema = {"type": ["number", "null"], "minimum": 0}
+
+SCHEMAS: dict[str, Schema] = {
+    "Problem": {
+        "type": "object",
+        "description": "An error (RFC 9457 problem details plus Renderflow's members).",
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "code": {"type": "string"},
+            "request_id": {"type": "string"},
+            "trace_id": {"type": ["string", "null"]},
+            "errors": {
+                "type": "array",
+                "items": _object({"field": {"type": "string"}, "message": {"type": "string"}}),
+            },
+        },
+        "required": ["type", "title", "status", "detail", "code", "request_id", "trace_id"],
+    },
+    "CreateProjectRequest": _object(
+        {"slug": {"type": "string", "pattern": SLUG_PATTERN}, "name": _text(200)}, ["slug", "name"]
+    ),
+    "CreateChainRequest": _object({"name": _text(200)}, ["name"]),
+    "CreateRuleRequest": _object(
+        {"text": _text(2000), "chain_id": {**ID, "type": ["string", "null"]}, "active": {"type": "boolean"}},
+        ["text"],
+    ),
+    "UpdateRuleRequest": _object(
+        {"text": _text(2000), "active": {"type": "boolean"}},
+        minProperties=1,
+        error_message="must change text or active",
+    ),
+    "RenderParamsInput": _object(
+        {
+            "width": {"type": "integer", "minimum": 16, "maximum": 2048, "default": 512},
+            "height": {"type": "integer", "minimum": 16, "maximum": 2048, "default": 512},
+            "steps": {"type": "integer", "minimum": 1, "maximum": 150, "default": 20},
+            "seed": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": 2**53 - 1,
+                "description": "random when omitted",
+            },
+            "duration_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 60, "default": 2.0},
+            "fps": {"type": "integer", "minimum": 1, "maximum": 60, "default": 12},
+        }
+    ),
+    "ReferenceInput": _object(
+        {
+            "url": {"type": "string", "pattern": "^https?://", "maxLength": 2048},
+            "render_id": ID,
+            "required": {"type": "boolean", "default": False},
+        },
+        oneOf=[{"required": ["url"]}, {"required": ["render_id"]}],
+        error_message="must have exactly one of url and render_id",
+    ),
+    "RenderRequest": _object(
+        {
+            "project": {"type": "string", "pattern": SLUG_PATTERN},
+            "chain_id": {**ID, "type": ["string", "null"]},
+            "kind": {"enum": ["image", "video"]},
+            "prompt": _text(4000),
+            "negative_prompt": {**_text(4000, min_length=0), "type": ["string", "null"]},
+            "params": ref("RenderParamsInput"),
+            "reference": ref("ReferenceInput"),
+        },
+        ["project", "kind", "prompt"],
+    ),
+    "Project": _object(
+        {
+            "id": ID,
+            "slug": {"type": "string"},
+            "name": {"type": "string"},
+            "default_chain_id": ID,
+            "created_at": _TIME,
+        },
+        ["id", "slug", "name", "default_chain_id", "created_at"],
+    ),
+    "Chain": _object(
+        {
+            "id": ID,
+            "project": {"type": "string"},
+            "name": {"type": "string"},
+            "is_default": {"type": "boolean"},
+            "length": {"type": "integer"},
+            "created_at": _TIME,
+        },
+        ["id", "project", "name", "is_default", "length", "created_at"],
+    ),
+    "Rule": _object(
+        {
+            "id": ID,
+            "project": {"type": "string"},
+            "chain_id": {"type": ["string", "null"]},
+            "text": {"type": "string"},
+            "active": {"type": "boolean"},
+            "created_at": _TIME,
+        },
+        ["id", "project", "chain_id", "text", "active", "created_at"],
+    ),
+    "RenderParams": _object(
+        {
+            "width": {"type": "integer"},
+            "height": {"type": "integer"},
+            "steps": {"type": "integer"},
+            "seed": {"type": "integer"},
+            "duration_s": {"type": ["number", "null"]},
+            "fps": {"type": ["integer", "null"]},
+        },
+    ),
+    "Render": _object(
+        {
+            "id": ID,
+            "project": {"type": "string"},
+            "chain_id": ID,
+            "position": {"type": "integer"},
+            "kind": {"enum": ["image", "video"]},
+            "status": {"enum": STATUSES},
+            "progress": {"type": "number", "minimum": 0, "maximum": 1},
+            "queue_position": {"type": ["integer", "null"]},
+            "eta_s": {"type": ["number", "null"]},
+            "prompt": {"type": "string"},
+            "negative_prompt": {"type": ["string", "null"]},
+            "params": ref("RenderParams"),
+            "rules": {"type": "array", "items": _object({"id": ID, "text": {"type": "string"}})},
+            "reference": _nullable(
+                _object({"url": {"type": "string"}, "render_id": ID, "required": {"type": "boolean"}})
+            ),
+            "batch_id": {"type": ["string", "null"]},
+            "output": _nullable(
+                _object(
+                    {
+                        "url": {"type": "string"},
+                        "content_type": {"type": "string"},
+                        "bytes": {"type": "integer"},
+                        "width": {"type": "integer"},
+                        "height": {"type": "integer"},
+                        "duration_s": {"type": ["number", "null"]},
+                    }
+                )
+            ),
+            "error": _nullable(
+                _object(
+                    {
+                        "code": {"type": "string"},
+                        "reason": {"type": "string"},
+                        "message": {"type": "string"},
+                        "retryable": {"type": "boolean"},
+                    }
+                )
+            ),
+            "timings": _object(
+                {
+                    f"{phase}_ms": _MS
+                    for phase in (
+                        "auth",
+                        "validation",
+                        "db",
+                        "enqueue",
+                        "queue_wait",
+                        "image_fetch",
+                        "generation",
+                        "store",
+                        "total",
+                    )
+                }
+            ),
+            "attempts": {"type": "integer"},
+            "trace_id": {"type": ["string", "null"]},
+            "created_at": _TIME,
+            "started_at": _MAYBE_TIME,
+            "finished_at": _MAYBE_TIME,
+            "last_progress_at": _MAYBE_TIME,
+        },
+    ),
+    "RenderEvent": _object(
+        {
+            "seq": {"type": "integer"},
+            "type": {"enum": _EVENT_TYPES},
+            "render_id": ID,
+            "at": _TIME,
+            "progress": {"type": "number"},
+            "phase": {"type": "string"},
+            "message": {"type": "string"},
+            "error": {"type": "object"},
+        },
+        ["seq", "type", "render_id", "at"],
+    ),
+    "ProjectList": _list_of("projects", "Project"),
+    "ChainList": _list_of("chains", "Chain"),
+    "RuleList": _list_of("rules", "Rule"),
+    "RenderList": _list_of("renders", "Render"),
+    "Health": _object({"status": {"type": "string"}, "checks": {"type": "object"}}, ["status"]),
+}

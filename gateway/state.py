@@ -1,0 +1,24 @@
+"""Typed keys of what the application and each request carry (the auth module owns its own)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from opentelemetry.trace import Tracer
+
+from gateway.clients import Clients
+from gateway.config import Settings
+from gateway.timing import PhaseTimer
+
+SETTINGS = web.AppKey("settings", Settings)
+CLIENTS = web.AppKey("clients", Clients)
+TRACER = web.AppKey("tracer", Tracer)
+EVENT_STREAMS = web.AppKey("event_streams", set[asyncio.Task[Any]])
+"""The handlers streaming events right now; shutdown ends them."""
+
+REQUEST_ID = web.RequestKey("request_id", str)
+TRACEPARENT = web.RequestKey("traceparent", str)
+TIMER = web.RequestKey("timer", PhaseTimer)
+STARTED_RESPONSE = web.RequestKey("started_response", bool)

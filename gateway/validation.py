@@ -1,0 +1,159 @@
+"""Request bodies and query strings, checked against the OpenAPI schemas; a failure names each field
+(`params.width`, `items[3].prompt`) and says what is wrong with it."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from aiohttp import web
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from gateway.openapi import SPEC, query_parameters
+from gateway.schemas import ERROR_MESSAGE, Schema
+from gateway.state import SETTINGS
+from shared.errors import FieldError, PayloadTooLarge, ValidationFailed
+
+_SPEC_URI = "urn:renderflow:openapi"
+_REGISTRY: Registry[Any] = Registry().with_resource(
+    _SPEC_URI, Resource.from_contents(SPEC, default_specification=DRAFT202012)
+)
+_TYPE_NAMES = {
+    "object": "an object",
+    "array": "an array",
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "null",
+}
+
+
+def field_path(parts: Iterable[str | int]) -> str:
+    """`params.width`, `items[3].prompt`: a path into a JSON document, as people write it."""
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _describe(error: ValidationError) -> Iterator[FieldError]:
+    where = list(error.absolute_path)
+    schema = error.schema if isinstance(error.schema, dict) else {}
+    value: Any = error.validator_value
+    instance: Any = error.instance
+    match error.validator:
+        case "required":
+            for name in value:
+                if isinstance(instance, dict) and name not in instance:
+                    yield FieldError(field_path([*where, name]), "is required")
+            return
+        case "additionalProperties":
+            known = schema.get("properties", {})
+            for name in instance:
+                if name not in known:
+                    yield FieldError(field_path([*where, name]), "is not a known field")
+            return
+        case "type":
+            types = value if isinstance(value, list) else [value]
+            message = "must be " + " or ".join(_TYPE_NAMES.get(str(t), str(t)) for t in types)
+        case "minimum":
+            message = f"must be at least {value}"
+        case "maximum":
+            message = f"must be at most {value}"
+        case "exclusiveMinimum":
+            message = f"must be greater than {value}"
+        case "exclusiveMaximum":
+            message = f"must be less than {value}"
+        case "minLength":
+            message = "must not be empty" if value == 1 else f"must have at least {value} characters"
+        case "maxLength":
+            message = f"must have at most {value} characters"
+        case "pattern":
+            message = f"must match {value}"
+        case "enum":
+            message = "must be one of " + ", ".join(str(v) for v in value)
+        case _:
+            message = schema.get(ERROR_MESSAGE) or error.message
+    yield FieldError(field_path(where), message)
+
+
+def _field_errors(errors: Iterable[ValidationError]) -> list[FieldError]:
+    found: dict[FieldError, None] = {}  # ordered and without repeats
+    for error in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
+        for field_error in _describe(error):
+            found[field_error] = None
+    return list(found)
+
+
+def _invalid(errors: list[FieldError]) -> ValidationFailed:
+    summary = "; ".join(f"{e.field or 'body'}: {e.message}" for e in errors[:5])
+    return ValidationFailed(f"The request is invalid ({summary}).", errors)
+
+
+@functools.cache
+def _schema_validator(name: str) -> Draft202012Validator:
+    return Draft202012Validator({"$ref": f"{_SPEC_URI}#/components/schemas/{name}"}, registry=_REGISTRY)
+
+
+def validate(document: Any, schema_name: str) -> None:
+    """Raises ValidationFailed naming every field of `document` that does not fit `schema_name`."""
+    errors = _field_errors(_schema_validator(schema_name).iter_errors(document))
+    if errors:
+        raise _invalid(errors)
+
+
+async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
+    """The request's JSON body, checked against the component schema `schema_name`."""
+    limit = request.app[SETTINGS].max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The body must be at most {limit} bytes.")
+    raw = await request.read()  # the application's client_max_size stops a longer chunked body
+    try:
+        document = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValidationFailed(
+            "The body is not valid JSON.", [FieldError("", f"is not valid JSON ({exc})")]
+        ) from None
+    validate(document, schema_name)
+    result: dict[str, Any] = document
+    return result
+
+
+@functools.cache
+def _query_validator(operation_id: str) -> tuple[dict[str, Schema], Draft202012Validator]:
+    parameters = query_parameters(operation_id)
+    schema = {"type": "object", "properties": parameters, "additionalProperties": False}
+    return parameters, Draft202012Validator(schema)
+
+
+def read_query(request: web.Request, operation_id: str) -> dict[str, Any]:
+    """The query parameters of `operation_id` given in the request (empty ones count as absent),
+    converted to their schema's type and checked."""
+    parameters, validator = _query_validator(operation_id)
+    values: dict[str, Any] = {}
+    errors: list[FieldError] = []
+    for name in dict.fromkeys(request.query):
+        given = request.query.getall(name)
+        if len(given) > 1:
+            errors.append(FieldError(name, "must be given at most once"))
+            continue
+        raw = given[0]
+        if raw == "":
+            continue
+        if parameters.get(name, {}).get("type") == "integer":
+            try:
+                values[name] = int(raw)
+            except ValueError:
+                errors.append(FieldError(name, "must be an integer"))
+            continue
+        values[name] = raw
+    errors.extend(_field_errors(validator.iter_errors(values)))
+    if errors:
+        raise _invalid(errors)
+    return values
