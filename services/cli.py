@@ -29,6 +29,12 @@ STOP_TIMEOUT = 7.5  # seconds for the services; PostgreSQL's fast shutdown fits 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `renderflow` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["trace-report"]:
+        # The report tool has its own options; hand it the rest of the command line.
+        from services.tracereport.cli import main as trace_report
+
+        return trace_report(argv[1:])
     args = _parser().parse_args(argv)
     env = Env()
     try:
@@ -53,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
         help="run the whole stack here (embedded PostgreSQL unless DATABASE_URL is set)",
     )
     commands.add_parser("worker", help="run one generation worker in the foreground")
+    commands.add_parser(
+        "trace-report",
+        add_help=False,
+        help="latency per route, phase budgets, slowest traces, error causes from exported spans",
+    )
     admin = commands.add_parser("admin", help="users and API keys, in the local stack's database")
     actions = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = actions.add_parser("create-user", help="create a user and print its first API key")

@@ -1,0 +1,1 @@
+"""`renderflow trace-report`: latency, phase, error and waterfall reports from OTLP-JSON span files."""

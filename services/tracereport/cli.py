@@ -1,0 +1,111 @@
+"""Command line of the trace report: `renderflow trace-report FILE...` (or `python -m
+services.tracereport`)."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from services.tracereport.html import render_html
+from services.tracereport.model import ReadCounts
+from services.tracereport.report import build_report, report_dict
+from services.tracereport.selection import Filters, load_spans, parse_since
+from services.tracereport.stats import DEFAULT_BUDGETS_MS
+from services.tracereport.text import render_text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Prints the report of the span files in `argv` (and writes --html/--json); the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        paths = expand_paths(args.files)
+        since = parse_since(args.since, datetime.now(UTC)) if args.since else None
+        budgets = {**DEFAULT_BUDGETS_MS, **dict(_budget(b) for b in args.budget)}
+    except ValueError as error:
+        parser.error(str(error))
+    filters = Filters(since=since, route=args.route, services=tuple(args.service))
+    counts = ReadCounts()
+    try:
+        spans = load_spans(paths, filters, counts)
+    except OSError as error:
+        print(f"trace-report: {error}", file=sys.stderr)
+        return 1
+    report = build_report(spans, counts, filters, budgets, top=args.top)
+    sys.stdout.write(render_text(report))
+    try:
+        if args.html:
+            Path(args.html).write_text(render_html(report), encoding="utf-8")
+        if args.json:
+            Path(args.json).write_text(json.dumps(report_dict(report), indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        print(f"trace-report: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def expand_paths(patterns: Sequence[str]) -> list[Path]:
+    """Files named by the arguments: a file, a directory (its *.jsonl files) or a glob pattern;
+    ValueError for an argument that names nothing."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            paths += sorted(path.glob("*.jsonl"))
+        elif path.exists():
+            paths.append(path)
+        elif matches := sorted(glob.glob(pattern, recursive=True)):
+            paths += [Path(match) for match in matches if Path(match).is_file()]
+        else:
+            raise ValueError(f"no such file, directory or match: {pattern}")
+    return list(dict.fromkeys(paths))
+
+
+def _budget(value: str) -> tuple[str, float]:
+    phase, equals, budget = value.partition("=")
+    try:
+        if not (phase and equals):
+            raise ValueError
+        return phase.strip(), float(budget)
+    except ValueError:
+        raise ValueError(f"--budget wants PHASE=MS, not {value!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="renderflow trace-report",
+        description="Latency per route and RPC method, phases against their budgets, the slowest traces "
+        "as waterfalls and the top error causes, from OTLP-JSON span files (.run/traces.jsonl).",
+    )
+    parser.add_argument(
+        "files", nargs="+", metavar="FILE", help="span files, directories of *.jsonl, or globs"
+    )
+    parser.add_argument("--top", type=int, default=5, metavar="N", help="slowest traces to draw (default 5)")
+    parser.add_argument(
+        "--since", metavar="WHEN", help="only spans since an RFC 3339 time or a duration ago (15m, 2h)"
+    )
+    parser.add_argument(
+        "--route", metavar="PATTERN", help="only traces with an endpoint matching (substring or glob)"
+    )
+    parser.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="only traces touching this service (repeatable)",
+    )
+    parser.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="PHASE=MS",
+        help="override a phase budget (repeatable)",
+    )
+    parser.add_argument("--html", metavar="OUT", help="also write the report as a self-contained HTML page")
+    parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
+    return parser

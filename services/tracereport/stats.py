@@ -1,0 +1,327 @@
+"""Latency statistics and the grouping of spans into endpoints, phases and error causes (pure)."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from services.tracereport.model import AttributeValue, Span
+
+PHASES = ("auth", "validation", "db", "enqueue", "queue_wait", "image_fetch", "generation", "store")
+"""The phases of DESIGN.md, in the order a render goes through them."""
+DEFAULT_BUDGETS_MS: Mapping[str, float] = {
+    "auth": 100,
+    "validation": 50,
+    "db": 200,
+    "enqueue": 50,
+    "image_fetch": 2000,
+    "store": 1000,
+}
+"""Slow-operation budgets per phase (DESIGN.md); queue_wait and generation are reported only."""
+PER_KIND_PHASES = frozenset({"generation"})
+"""Phases reported per `render.kind` (an image and a video take very different times)."""
+
+GRPC_CODES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)  # fmt: skip
+_REASON_KEYS = ("failure.reason", "error.code", "imagefetch.failure_reason", "error.type")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_OPAQUE = re.compile(r"\d+|[0-9a-fA-F]{16,}|(?=[A-Za-z]*\d)[A-Za-z0-9]{20,}")
+_GRPC_NAME = re.compile(r"/?([\w.]+)/(\w+)")
+# Histogram edges: 1, 1.5, 2, 3, 5, 7 per decade, from 0.1 ms to about 3 hours.
+_EDGES = tuple(m * 10.0**e for e in range(-1, 7) for m in (1, 1.5, 2, 3, 5, 7))
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) of sorted values, interpolating linearly between the closest
+    ranks (numpy's default); 0 for no values."""
+    if not ordered:
+        return 0.0
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+@dataclass(frozen=True)
+class Bin:
+    """Durations in [lo_ms, hi_ms)."""
+
+    lo_ms: float
+    hi_ms: float
+    count: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Count and latency figures (milliseconds) of a group of spans."""
+
+    count: int
+    avg_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    max_ms: float
+    histogram: tuple[Bin, ...] = field(default=(), repr=False)
+    """Log-spaced bins from the one holding the fastest span to the one holding the slowest."""
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Summary:
+        """The summary of these durations."""
+        ordered = sorted(values)
+        if not ordered:
+            return cls(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+        return cls(
+            count=len(ordered),
+            avg_ms=sum(ordered) / len(ordered),
+            p50_ms=percentile(ordered, 50),
+            p95_ms=percentile(ordered, 95),
+            p99_ms=percentile(ordered, 99),
+            max_ms=ordered[-1],
+            histogram=histogram(ordered),
+        )
+
+
+def histogram(ordered: Sequence[float]) -> tuple[Bin, ...]:
+    """Sorted durations counted in log-spaced bins, trimmed to the range they occupy."""
+    if not ordered:
+        return ()
+    edges = (0.0, *_EDGES, math.inf)
+    counts = [0] * (len(edges) - 1)
+    index = 0
+    for value in ordered:
+        while value >= edges[index + 1]:
+            index += 1
+        counts[index] += 1
+    used = [i for i, count in enumerate(counts) if count]
+    return tuple(Bin(edges[i], edges[i + 1], counts[i]) for i in range(used[0], used[-1] + 1))
+
+
+@dataclass(frozen=True, order=True)
+class Endpoint:
+    """What an HTTP or RPC span served or called, named as the report shows it."""
+
+    protocol: str
+    """http or grpc."""
+    side: str
+    """server or client."""
+    name: str
+    """`POST /v1/renders` (method and route template) or `GenerationService/Submit`."""
+
+
+def endpoint_of(span: Span) -> Endpoint | None:
+    """The HTTP route a server span served or the RPC method a span served or called; None for
+    other spans (phases, SQL, outgoing HTTP)."""
+    attrs = span.attributes
+    method = _first(attrs, "http.request.method", "http.method")
+    if span.kind == "server" and method is not None:
+        return Endpoint("http", "server", f"{str(method).upper()} {_http_route(span, str(method))}")
+    if span.kind not in ("server", "client"):
+        return None
+    named = _GRPC_NAME.fullmatch(span.name)
+    service = attrs.get("rpc.service") or (named.group(1) if named else None)
+    rpc_method = attrs.get("rpc.method") or (named.group(2) if named else None)
+    if service is None or rpc_method is None or (named is None and attrs.get("rpc.system") != "grpc"):
+        return None
+    return Endpoint("grpc", span.kind, f"{str(service).rsplit('.', 1)[-1]}/{rpc_method}")
+
+
+def _http_route(span: Span, method: str) -> str:
+    route = span.attributes.get("http.route")
+    if route:
+        return str(route)
+    target = _first(span.attributes, "url.path", "http.target")
+    if target is None:
+        target = span.name.removeprefix(method).strip() or "?"
+    return collapse_ids(str(target).split("?", 1)[0])
+
+
+def collapse_ids(path: str) -> str:
+    """The path with ids (UUIDs, numbers, long hex or opaque tokens) replaced by `{id}`, so that
+    requests for different resources group under one route."""
+    segments = []
+    for segment in _UUID.sub("{id}", path).split("/"):
+        head, colon, verb = segment.partition(":")  # keep custom verbs such as `:cancel`
+        segments.append(("{id}" if _OPAQUE.fullmatch(head) else head) + colon + verb)
+    return "/".join(segments)
+
+
+def http_status(span: Span) -> int | None:
+    """The HTTP response status code of a span, if it has one."""
+    return _int(_first(span.attributes, "http.response.status_code", "http.status_code"))
+
+
+def grpc_code(span: Span) -> int | None:
+    """The gRPC status code of a span, if it has one."""
+    return _int(span.attributes.get("rpc.grpc.status_code"))
+
+
+@dataclass(frozen=True)
+class EndpointStats:
+    """Latency and errors of one endpoint."""
+
+    endpoint: Endpoint
+    summary: Summary
+    errors: int
+    """HTTP 5xx, or gRPC calls that did not end OK."""
+    client_errors: int
+    """HTTP 4xx (always 0 for gRPC)."""
+
+    @property
+    def error_rate(self) -> float:
+        """Share of `errors` in the calls."""
+        return self.errors / self.summary.count if self.summary.count else 0.0
+
+    @property
+    def client_error_rate(self) -> float:
+        """Share of `client_errors` in the calls."""
+        return self.client_errors / self.summary.count if self.summary.count else 0.0
+
+
+def endpoint_stats(
+    spans: Iterable[Span], keep: Callable[[Span], bool] = lambda _: True
+) -> list[EndpointStats]:
+    """Per endpoint: HTTP routes, then RPC methods served, then RPC methods called; busiest first."""
+    groups: dict[Endpoint, list[Span]] = defaultdict(list)
+    for span in spans:
+        endpoint = endpoint_of(span)
+        if endpoint is not None and keep(span):
+            groups[endpoint].append(span)
+    result = []
+    for endpoint, members in groups.items():
+        errors = client_errors = 0
+        for span in members:
+            if endpoint.protocol == "http":
+                status = http_status(span)
+                errors += status >= 500 if status is not None else span.failed
+                client_errors += status is not None and 400 <= status < 500
+            else:
+                code = grpc_code(span)
+                errors += code != 0 if code is not None else span.failed
+        summary = Summary.of(span.duration_ms for span in members)
+        result.append(EndpointStats(endpoint, summary, errors, client_errors))
+    order = {("http", "server"): 0, ("grpc", "server"): 1, ("grpc", "client"): 2}
+    result.sort(key=lambda s: (order[s.endpoint.protocol, s.endpoint.side], -s.summary.count, s.endpoint))
+    return result
+
+
+@dataclass(frozen=True)
+class PhaseStats:
+    """Latency of one phase against its budget."""
+
+    phase: str
+    """The phase, with the render kind for phases reported per kind: `generation (video)`."""
+    summary: Summary
+    budget_ms: float | None
+    over_budget: int
+    """Spans slower than the budget."""
+
+    @property
+    def p95_over_budget(self) -> bool:
+        """Whether the phase's p95 is over its budget: the mark of a phase to look at."""
+        return self.budget_ms is not None and self.summary.p95_ms > self.budget_ms
+
+
+def phase_of(span: Span, phases: Iterable[str]) -> str | None:
+    """The phase a span times: its name when that is a phase, or its `renderflow.phase` attribute."""
+    if span.name in phases:
+        return span.name
+    phase = span.attributes.get("renderflow.phase")
+    return str(phase) if phase is not None else None
+
+
+def phase_stats(
+    spans: Iterable[Span], budgets: Mapping[str, float], kind_of: Callable[[Span], str | None]
+) -> list[PhaseStats]:
+    """Per phase (per render kind where that matters), in the order a render goes through them;
+    `kind_of` finds a span's render kind (on it or an ancestor)."""
+    names = (*PHASES, *sorted(set(budgets) - set(PHASES)))
+    groups: dict[tuple[int, str, str], list[float]] = defaultdict(list)
+    for span in spans:
+        phase = phase_of(span, names)
+        if phase is None:
+            continue
+        label = phase
+        if phase in PER_KIND_PHASES and (kind := kind_of(span)):
+            label = f"{phase} ({kind})"
+        rank = names.index(phase) if phase in names else len(names)
+        groups[rank, phase, label].append(span.duration_ms)
+    result = []
+    for (_, phase, label), durations in sorted(groups.items()):
+        budget = budgets.get(phase)
+        over = sum(d > budget for d in durations) if budget is not None else 0
+        result.append(PhaseStats(label, Summary.of(durations), budget, over))
+    return result
+
+
+@dataclass
+class ErrorCause:
+    """Failed spans of one name that failed for one reason."""
+
+    span_name: str
+    cause: str
+    count: int
+    example_trace_id: str
+    services: list[str]
+
+
+def is_error(span: Span) -> bool:
+    """Whether the span failed: error status, or an HTTP server span that answered 5xx."""
+    status = http_status(span)
+    return span.failed or (span.kind == "server" and status is not None and status >= 500)
+
+
+def error_cause(span: Span) -> str:
+    """Why a span failed, as specific as the span says: its failure reason or error code, the gRPC
+    or HTTP status, the status message, the exception type."""
+    reason = _first(span.attributes, *_REASON_KEYS)
+    if reason is not None:
+        return str(reason)
+    code = grpc_code(span)
+    if code:
+        return f"grpc {GRPC_CODES[code] if 0 <= code < len(GRPC_CODES) else code}"
+    status = http_status(span)
+    if status is not None and status >= 400:
+        return f"HTTP {status}"
+    return span.status_message or span.exception or "error"
+
+
+def error_causes(spans: Iterable[Span]) -> list[ErrorCause]:
+    """Failed spans grouped by (span name, cause), most frequent first."""
+    causes: dict[tuple[str, str], ErrorCause] = {}
+    for span in spans:
+        if not is_error(span):
+            continue
+        endpoint = endpoint_of(span)
+        name = endpoint.name if endpoint is not None else span.name
+        key = (name, error_cause(span))
+        cause = causes.get(key)
+        if cause is None:
+            causes[key] = ErrorCause(name, key[1], 1, span.trace_id, [span.service])
+        else:
+            cause.count += 1
+            if span.service not in cause.services:
+                cause.services.append(span.service)
+    return sorted(causes.values(), key=lambda c: (-c.count, c.span_name, c.cause))
+
+
+def _first(attrs: Mapping[str, AttributeValue], *keys: str) -> AttributeValue | None:
+    for key in keys:
+        value = attrs.get(key)
+        if value is not None and value != "":
+            return value
+    return None
+
+
+def _int(value: AttributeValue | None) -> int | None:
+    if isinstance(value, bool) or value is None or isinstance(value, tuple):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
