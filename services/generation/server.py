@@ -21,6 +21,7 @@ from services.generation.servicer import GenerationServicer
 from services.generation.storage import RenderStore
 from shared.db import migrate, open_pool
 from shared.grpc_server import create_server, drain, start
+from shared.health import watching_database_health
 
 log = logging.getLogger(__name__)
 
@@ -75,5 +76,7 @@ async def running(settings: Settings) -> AsyncIterator[int]:
             await drain(handle, settings.drain_grace_s)
 
         stack.push_async_callback(stop)
+        # NOT_SERVING while the database is unreachable: readiness probes look elsewhere.
+        await stack.enter_async_context(watching_database_health(pool, handle.set_serving))
         log.info("generation serving", extra={"port": port})
         yield port

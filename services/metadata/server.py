@@ -11,6 +11,7 @@ from renderflow.v1 import metadata_pb2_grpc
 
 from shared.db import open_pool
 from shared.grpc_server import create_server, drain, start
+from shared.health import watching_database_health
 
 from .changefeed import ChangeFeed
 from .config import Settings
@@ -54,5 +55,7 @@ async def running(settings: Settings) -> AsyncIterator[int]:
         # Runs before the drain: watch streams never end by themselves, so they are ended first
         # (their clients resume from their last seq elsewhere) instead of holding the drain.
         stack.callback(feed.end_watches)
+        # NOT_SERVING while the database is unreachable: readiness probes look elsewhere.
+        await stack.enter_async_context(watching_database_health(pool, handle.set_serving))
         log.info("metadata service listening", extra={"port": port})
         yield port
