@@ -1,0 +1,91 @@
+"""Backends chosen by the worker's settings, end to end through a real generation server and an
+in-process worker: the http backend against the fake provider, and procedural videos."""
+
+# Fixtures come from test_generation_support and are requested by name (F401/F811 are expected).
+# ruff: noqa: F401, F811
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from renderflow.v1 import generation_pb2 as pb
+
+from services.generation.backends.http import HttpBackendSettings
+from services.generation.backends.selection import BackendSettings
+from services.generation.backends.video import probe
+from tests.integration.test_generation_support import (
+    Stub,
+    WorkerFactory,
+    artifact_dir,
+    finished,
+    output,
+    spec,
+    start_worker,
+    status_name,
+    stub,
+    submit,
+    worker_settings,
+)
+from tests.support.provider import Provider
+
+TOKEN = "worker-test-token"
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[Provider]:
+    async with Provider(token=TOKEN, polls_to_finish=3) as server:
+        yield server
+
+
+def _http_for_images(provider: Provider) -> BackendSettings:
+    http = HttpBackendSettings(url=provider.url, token=TOKEN, poll_s=0.02, max_wait_s=10, backoff_s=0.01)
+    return BackendSettings(image="http", video="procedural", http=http)
+
+
+async def test_an_image_render_is_made_by_the_provider(
+    stub: Stub, start_worker: WorkerFactory, provider: Provider
+) -> None:
+    await start_worker(backend=_http_for_images(provider))
+    render = await submit(stub, width=96, height=64, steps=6)
+
+    done = await finished(stub, render.id)
+
+    assert status_name(done) == "succeeded", done.error
+    produced = provider.predictions["p1"].output
+    assert b"".join(chunk.data for chunk in await output(stub, render.id)) == produced
+    assert (done.output.content_type, done.output.width, done.output.height) == ("image/png", 96, 64)
+    assert done.output.bytes == len(produced) and done.progress == 1.0
+    assert provider.predictions["p1"].input["prompt"] == "a red fox in the snow"
+
+
+async def test_a_failure_at_the_provider_fails_the_render_with_its_message(
+    stub: Stub, start_worker: WorkerFactory, provider: Provider
+) -> None:
+    provider.fail_with = "the model refused the prompt"
+    await start_worker(backend=_http_for_images(provider))
+    render = await submit(stub)
+
+    done = await finished(stub, render.id)
+
+    assert status_name(done) == "failed" and done.attempts == 1
+    assert (done.error.code, done.error.reason) == ("generation_failed", "provider_failed")
+    assert "the model refused the prompt" in done.error.message and not done.error.retryable
+
+
+async def test_a_video_render_is_a_procedural_mp4(
+    stub: Stub, start_worker: WorkerFactory, provider: Provider
+) -> None:
+    await start_worker(backend=_http_for_images(provider))
+    video = spec(kind=pb.RENDER_KIND_VIDEO, width=64, height=64, steps=4)
+    video.params.duration_s, video.params.fps = 1.0, 12
+    render = await stub.Submit(pb.SubmitRequest(user_id="alice", render=video))
+
+    done = await finished(stub, render.id)
+
+    assert status_name(done) == "succeeded", done.error
+    data = b"".join(chunk.data for chunk in await output(stub, render.id))
+    info = await probe(data)
+    assert (done.output.content_type, done.output.duration_s) == ("video/mp4", 1.0)
+    assert (info.codec, info.width, info.height, info.frames) == ("h264", 64, 64, 12)
+    assert provider.hits["create"] == 0  # videos stay with the procedural backend
