@@ -86,6 +86,8 @@ class ProcessSpec:
     name: str
     argv: Sequence[str]
     health: HealthCheck | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    """Variables of this child only, over the supervisor's `env`."""
 
 
 @dataclass(frozen=True)
@@ -277,7 +279,7 @@ class Supervisor:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=log,
                     stderr=asyncio.subprocess.STDOUT,
-                    env=self._env,
+                    env={**self._env, **child.spec.env},
                     start_new_session=True,  # its own group: Ctrl-C reaches us only; we order the stop
                 )
             except OSError as error:

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from shared.errors import RenderflowError
+from shared.metrics import RpcMetricsInterceptor
 from shared.rpc_errors import to_status
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,8 @@ class ServerHandle:
 def create_server(service_names: Sequence[str]) -> ServerHandle:
     """A grpc.aio server with error mapping, tracing, health and reflection; add servicers, bind, start."""
     server = grpc.aio.server(
-        interceptors=[aio_server_interceptor(), ErrorInterceptor()],  # type: ignore[no-untyped-call]
+        # Outermost first: the span and the duration metric see the status the errors were turned into.
+        interceptors=[aio_server_interceptor(), RpcMetricsInterceptor(), ErrorInterceptor()],  # type: ignore[no-untyped-call]
         options=SERVER_OPTIONS,
     )
     health_servicer = health.aio.HealthServicer()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,3 +51,26 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # Access logs and library chatter at INFO would drown the events that matter.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def log_slow_operation(
+    logger: logging.Logger,
+    phase: str,
+    duration_ms: float,
+    budget_ms: float,
+    timings: Mapping[str, float],
+    **fields: Any,
+) -> None:
+    """One `slow operation` warning: the phase over its budget, and the whole timing breakdown so far
+    (`timings`, e.g. `{"auth_ms": 0.2, "db_ms": 250.1}`) so that the line alone says where the time
+    went; `fields` name what was slow (render_id, ...). The trace id comes with the current span."""
+    logger.warning(
+        "slow operation",
+        extra={
+            "phase": phase,
+            "duration_ms": round(duration_ms, 3),
+            "budget_ms": budget_ms,
+            "timings": {name: round(ms, 3) for name, ms in timings.items()},
+            **{key: value for key, value in fields.items() if value is not None},
+        },
+    )

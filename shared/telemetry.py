@@ -1,31 +1,53 @@
-"""Tracing bootstrap: OTLP to a collector when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, otherwise
-spans as OTLP-JSON lines appended to a local file (`<run dir>/traces.jsonl`)."""
+"""Telemetry bootstrap: traces, metrics and the phase budgets, from the standard `OTEL_*` variables.
+
+Traces go by OTLP to a collector when `OTEL_EXPORTER_OTLP_ENDPOINT` (or its traces variant) is set,
+over gRPC or `http/protobuf` (`OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`); otherwise as OTLP-JSON lines
+appended to `<run dir>/traces.jsonl`. `OTEL_TRACES_SAMPLER` is honoured by the SDK,
+`OTEL_TRACES_EXPORTER=none` turns tracing off, `OTEL_SDK_DISABLED=true` turns traces and metrics off.
+Metrics are read by Prometheus: see `shared.metrics`.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-from opentelemetry import trace
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+import aiohttp
+from aiohttp import web
+from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import Span, Status, StatusCode
+from yarl import URL
 
-from shared.settings import Env
+from shared.errors import RenderflowError
+from shared.metrics import MetricsServer, build_meter_provider, serve_metrics
+from shared.settings import ConfigError, Env
+
+log = logging.getLogger(__name__)
+
+TRACES_FILE = "traces.jsonl"
+"""The span file under the run directory when no collector is configured."""
 
 
 class JsonLinesSpanExporter(SpanExporter):
-    """Appends each batch of spans as one OTLP-JSON line (an ExportTraceServiceRequest).
+    """Appends each batch of spans as one OTLP/JSON line (an ExportTraceServiceRequest), as a
+    collector's file exporter writes them: ids in hex, enums as integers, 64-bit integers as strings.
 
-    Ids are written in hex, as the OTLP/JSON encoding (and a collector's file exporter) does.
-    One `write` per line on an O_APPEND descriptor keeps lines of several processes whole.
+    The JSON is built straight from the spans (through protobuf it costs several times more, in a
+    thread that holds the GIL the service needs). One `write` per line on an O_APPEND descriptor
+    keeps lines of several processes whole.
     """
 
     def __init__(self, path: Path) -> None:
@@ -34,14 +56,7 @@ class JsonLinesSpanExporter(SpanExporter):
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        request = MessageToDict(encode_spans(spans))
-        for resource_spans in request.get("resourceSpans", []):
-            for scope_spans in resource_spans.get("scopeSpans", []):
-                for span in scope_spans.get("spans", []):
-                    _ids_to_hex(span)
-                    for link in span.get("links", []):
-                        _ids_to_hex(link)
-        line = (json.dumps(request, separators=(",", ":")) + "\n").encode()
+        line = (json.dumps(otlp_json(spans), separators=(",", ":")) + "\n").encode()
         with self._lock:
             os.write(self._fd, line)
         return SpanExportResult.SUCCESS
@@ -51,39 +66,237 @@ class JsonLinesSpanExporter(SpanExporter):
             os.close(self._fd)
 
 
-def _ids_to_hex(obj: dict[str, object]) -> None:
-    import base64
+def otlp_json(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
+    """The ExportTraceServiceRequest of `spans` in the OTLP/JSON encoding."""
+    grouped: dict[int, tuple[Resource, dict[Any, list[dict[str, Any]]]]] = {}
+    for span in spans:
+        _, scopes = grouped.setdefault(id(span.resource), (span.resource, {}))
+        scopes.setdefault(span.instrumentation_scope, []).append(_span_json(span))
+    return {
+        "resourceSpans": [
+            {
+                "resource": {"attributes": _attributes_json(resource.attributes)},
+                "scopeSpans": [
+                    {"scope": _scope_json(scope), "spans": encoded} for scope, encoded in scopes.items()
+                ],
+            }
+            for resource, scopes in grouped.values()
+        ]
+    }
 
-    for key in ("traceId", "spanId", "parentSpanId"):
-        value = obj.get(key)
-        if isinstance(value, str) and value:
-            obj[key] = base64.b64decode(value).hex()
+
+def _span_json(span: ReadableSpan) -> dict[str, Any]:
+    context = span.get_span_context()
+    assert context is not None
+    encoded: dict[str, Any] = {
+        "traceId": format(context.trace_id, "032x"),
+        "spanId": format(context.span_id, "016x"),
+        "name": span.name,
+        "kind": span.kind.value + 1,  # the API's INTERNAL is 0, OTLP's SPAN_KIND_INTERNAL is 1
+        "startTimeUnixNano": str(span.start_time or 0),
+        "endTimeUnixNano": str(span.end_time or 0),
+    }
+    if span.parent is not None:
+        encoded["parentSpanId"] = format(span.parent.span_id, "016x")
+    if span.attributes:
+        encoded["attributes"] = _attributes_json(span.attributes)
+    if span.events:
+        encoded["events"] = [
+            {
+                "timeUnixNano": str(event.timestamp),
+                "name": event.name,
+                "attributes": _attributes_json(event.attributes or {}),
+            }
+            for event in span.events
+        ]
+    if span.links:
+        encoded["links"] = [
+            {
+                "traceId": format(link.context.trace_id, "032x"),
+                "spanId": format(link.context.span_id, "016x"),
+                "attributes": _attributes_json(link.attributes or {}),
+            }
+            for link in span.links
+        ]
+    if span.status.status_code is not StatusCode.UNSET:
+        encoded["status"] = {"code": span.status.status_code.value, "message": span.status.description or ""}
+    return encoded
+
+
+def _scope_json(scope: InstrumentationScope | None) -> dict[str, str]:
+    if scope is None:
+        return {}
+    return {"name": scope.name, "version": scope.version or ""}
+
+
+def _attributes_json(attributes: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [{"key": key, "value": _value_json(value)} for key, value in attributes.items()]
+
+
+def _value_json(value: Any) -> dict[str, Any]:
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    if isinstance(value, str):
+        return {"stringValue": value}
+    if isinstance(value, Sequence):
+        return {"arrayValue": {"values": [_value_json(item) for item in value]}}
+    return {"stringValue": str(value)}
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """Slow-operation thresholds per phase, in milliseconds (None: reported, never warned about).
+
+    A phase over its budget logs one `slow operation` warning with the whole timing breakdown.
+    """
+
+    auth_ms: float | None = 100.0
+    """RENDERFLOW_BUDGET_AUTH_MS: API key to user (cached)."""
+    validation_ms: float | None = 50.0
+    """RENDERFLOW_BUDGET_VALIDATION_MS: reading and validating the request."""
+    db_ms: float | None = 200.0
+    """RENDERFLOW_BUDGET_DB_MS: metadata and generation calls of one request."""
+    enqueue_ms: float | None = 50.0
+    """RENDERFLOW_BUDGET_ENQUEUE_MS: generation.Submit."""
+    queue_wait_ms: float | None = None
+    """RENDERFLOW_BUDGET_QUEUE_WAIT_MS: from submit to claim by a worker (none by default)."""
+    image_fetch_ms: float | None = 2000.0
+    """RENDERFLOW_BUDGET_IMAGE_FETCH_MS: the reference image."""
+    generation_ms: float | None = None
+    """RENDERFLOW_BUDGET_GENERATION_MS: the backend's work (none by default: it depends on the kind)."""
+    store_ms: float | None = 1000.0
+    """RENDERFLOW_BUDGET_STORE_MS: writing the artifact."""
+
+    @classmethod
+    def from_env(cls, env: Env) -> Budgets:
+        """Each field from RENDERFLOW_BUDGET_<PHASE>_MS; unset keeps the default, 0 means no budget."""
+        values: dict[str, float | None] = {}
+        for field in fields(cls):
+            name = f"RENDERFLOW_BUDGET_{field.name.upper()}"
+            if env.optional(name) is not None:
+                values[field.name] = env.float(name, 0.0, minimum=0) or None
+        return cls(**values)
+
+    def of(self, phase: str) -> float | None:
+        """The budget of `phase`, or None for phases without one."""
+        value = getattr(self, f"{phase}_ms", None)
+        return float(value) if isinstance(value, int | float) else None
 
 
 @dataclass
 class Telemetry:
-    """The process's tracer provider; `shutdown` flushes what is buffered."""
+    """What `setup_telemetry` installed; `shutdown` flushes buffered spans and stops serving metrics."""
 
-    provider: TracerProvider
+    tracer_provider: TracerProvider | None
+    meter_provider: MeterProvider | None
+    metrics_server: MetricsServer | None = None
 
     def shutdown(self) -> None:
-        self.provider.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+        if self.meter_provider is not None:
+            self.meter_provider.shutdown()
 
 
-def setup_telemetry(service: str, env: Env, run_dir: Path) -> Telemetry:
-    """Installs the global tracer provider and the psycopg instrumentation for this process."""
-    resource = Resource.create({"service.name": env.str("OTEL_SERVICE_NAME", service)})
-    provider = TracerProvider(resource=resource)
-    exporter: SpanExporter
-    if env.optional("OTEL_EXPORTER_OTLP_ENDPOINT") or env.optional("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+def setup_telemetry(service: str, env: Env, run_dir: Path, *, metrics_port: int = 0) -> Telemetry:
+    """Installs this process's global tracer and meter providers and the psycopg instrumentation,
+    and serves `/metrics` on RENDERFLOW_METRICS_PORT (default `metrics_port`; 0: not served, as for
+    the gateway, which serves it on its own port) at RENDERFLOW_METRICS_HOST (default 127.0.0.1).
+    Call once, in the entry point."""
+    if env.bool("OTEL_SDK_DISABLED", False):
+        return Telemetry(None, None)
+    resource = build_resource(service, env)
+    tracer_provider = build_tracer_provider(resource, env, run_dir)
+    if tracer_provider is not None:
+        trace.set_tracer_provider(tracer_provider)
+        instrumentor = PsycopgInstrumentor()
+        if not instrumentor.is_instrumented_by_opentelemetry:
+            instrumentor.instrument(enable_commenter=False, skip_dep_check=True)
+    meter_provider = build_meter_provider(resource)
+    metrics.set_meter_provider(meter_provider)
+    telemetry = Telemetry(tracer_provider, meter_provider)
+    port = env.int("RENDERFLOW_METRICS_PORT", metrics_port, minimum=0)
+    if port:
+        host = env.str("RENDERFLOW_METRICS_HOST", "127.0.0.1")
+        try:
+            telemetry.metrics_server = serve_metrics(host, port)
+        except OSError as exc:
+            # Metrics are worth a loud complaint, not a service that refuses to start.
+            log.error("cannot serve /metrics", extra={"host": host, "port": port, "error": str(exc)})
+    return telemetry
 
-        exporter = OTLPSpanExporter()
-    else:
-        exporter = JsonLinesSpanExporter(run_dir / "traces.jsonl")
+
+def build_resource(service: str, env: Env) -> Resource:
+    """The resource of this process's spans and metrics (OTEL_SERVICE_NAME overrides `service`;
+    OTEL_RESOURCE_ATTRIBUTES adds attributes)."""
+    return Resource.create({"service.name": env.str("OTEL_SERVICE_NAME", service)})
+
+
+def build_tracer_provider(resource: Resource, env: Env, run_dir: Path) -> TracerProvider | None:
+    """A tracer provider exporting as the `OTEL_*` variables say, or None when tracing is off."""
+    exporter = span_exporter(env, run_dir)
+    if exporter is None:
+        return None
+    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
     provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
-    instrumentor = PsycopgInstrumentor()
-    if not instrumentor.is_instrumented_by_opentelemetry:
-        instrumentor.instrument(enable_commenter=False, skip_dep_check=True)
-    return Telemetry(provider)
+    return provider
+
+
+def span_exporter(env: Env, run_dir: Path) -> SpanExporter | None:
+    """OTLP when an endpoint is set (or OTEL_TRACES_EXPORTER=otlp), None for OTEL_TRACES_EXPORTER=none,
+    else the OTLP-JSON lines file under `run_dir`."""
+    chosen = env.str("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if chosen == "none":
+        return None
+    if chosen not in ("", "otlp"):
+        raise ConfigError(f"OTEL_TRACES_EXPORTER must be otlp or none, got {chosen!r}")
+    endpoint = env.optional("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.optional(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if endpoint is None and chosen != "otlp":
+        return JsonLinesSpanExporter(run_dir / TRACES_FILE)
+    # The exporters read their endpoint, headers, timeout and compression from the same variables.
+    protocol = env.optional("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.str(
+        "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
+    )
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+        return GrpcExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+        return HttpExporter()
+    raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL must be grpc or http/protobuf, got {protocol!r}")
+
+
+def record_failure(span: Span, exc: BaseException) -> None:
+    """Marks `span` with what went wrong: a domain error's code as `error.code`; the exception and an
+    ERROR status for faults of the server's side (5xx-class errors and anything unexpected), not for
+    the caller's mistakes (not found, invalid, unauthenticated, too large), which are outcomes."""
+    status = 500
+    if isinstance(exc, RenderflowError):
+        span.set_attribute("error.code", exc.code)
+        status = exc.http_status
+    elif isinstance(exc, web.HTTPException):
+        status = exc.status
+    if status < 500:
+        return
+    span.record_exception(exc)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+def http_client_tracing() -> list[aiohttp.TraceConfig]:
+    """`trace_configs` for an aiohttp ClientSession: a CLIENT span per request, with the URL stripped of
+    its query and credentials (signed URLs carry secrets there)."""
+    return [create_trace_config(url_filter=_without_secrets)]
+
+
+def _without_secrets(url: URL) -> str:
+    return str(url.with_user(None).with_query(None).with_fragment(None))

@@ -13,6 +13,8 @@ from shared.settings import Env, run_dir
 from shared.telemetry import setup_telemetry
 
 SERVICE = "imagefetch"
+METRICS_PORT = 9102
+"""Where `/metrics` is served unless RENDERFLOW_METRICS_PORT says otherwise."""
 log = logging.getLogger("services.imagefetch")
 
 
@@ -20,7 +22,7 @@ async def main() -> None:
     env = Env()
     settings = Settings.from_env(env)
     setup_logging(SERVICE, env.str("RENDERFLOW_LOG_LEVEL", "INFO"))
-    telemetry = setup_telemetry(SERVICE, env, run_dir(env))
+    telemetry = setup_telemetry(SERVICE, env, run_dir(env), metrics_port=METRICS_PORT)
     try:
         async with running(settings) as port:
             log.info(

@@ -19,6 +19,7 @@ class Instruments:
     coalesced: metrics.Counter
     attempts: metrics.Counter
     failures: metrics.Counter
+    retries: metrics.Counter
     origin_duration: metrics.Histogram
 
     @classmethod
@@ -46,6 +47,11 @@ class Instruments:
             ),
             failures=meter.create_counter(
                 "imagefetch.failures", unit="{fetch}", description="Failed fetches, by reason"
+            ),
+            retries=meter.create_counter(
+                "imagefetch.retries",
+                unit="{attempt}",
+                description="Attempts at an origin that failed and were tried again, by reason",
             ),
             origin_duration=meter.create_histogram(
                 "imagefetch.origin.duration",

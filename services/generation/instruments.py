@@ -1,0 +1,79 @@
+"""The metric instruments of the generation service and its workers (exporters are wired elsewhere),
+and the loop that keeps the queue gauges current."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from opentelemetry import metrics
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.metrics import _Gauge as Gauge  # the synchronous gauge, not yet public by name
+
+from shared.metrics import SCOPE, phase_histogram
+
+log = logging.getLogger(__name__)
+
+KINDS = ("image", "video")
+"""Render kinds always reported by the queue gauges (0 when none is there)."""
+
+QueueDepth = Callable[[], Awaitable[Mapping[tuple[str, str], int]]]
+"""Jobs by (kind, state), state being `queued` or `running`."""
+
+
+@dataclass(frozen=True)
+class Instruments:
+    """Metrics of renders and the queue; built from the global meter provider unless given another.
+
+    The queue gauges count the whole queue, so every generation replica reports the same figures:
+    aggregate them with `max`, not `sum`.
+    """
+
+    phase_duration: metrics.Histogram
+    renders_finished: metrics.Counter
+    retries: metrics.Counter
+    queued: Gauge
+    running: Gauge
+
+    @classmethod
+    def create(cls, meter_provider: metrics.MeterProvider | None = None) -> Instruments:
+        meter = metrics.get_meter(f"{SCOPE}.generation", meter_provider=meter_provider)
+        return cls(
+            phase_duration=phase_histogram(meter),
+            renders_finished=meter.create_counter(
+                "renderflow.renders.finished",
+                unit="{render}",
+                description="Renders that reached an end, by status, error code and reason, and kind",
+            ),
+            retries=meter.create_counter(
+                "renderflow.renders.retries",
+                unit="{attempt}",
+                description="Failed attempts put back in the queue for another, by error code and reason",
+            ),
+            queued=meter.create_gauge(
+                "renderflow.queue.depth",
+                unit="{render}",
+                description="Renders waiting for a worker (retries in backoff included), by kind",
+            ),
+            running=meter.create_gauge(
+                "renderflow.renders.running", unit="{render}", description="Renders being worked on, by kind"
+            ),
+        )
+
+
+async def watch_queue(depth: QueueDepth, instruments: Instruments, interval_s: float) -> None:
+    """Refreshes the queue gauges from `depth` every `interval_s` seconds, for ever."""
+    while True:
+        try:
+            with suppress_instrumentation():  # a poll is not worth a trace
+                jobs = await depth()
+        except Exception:
+            log.warning("cannot read the queue depth", exc_info=True)
+        else:
+            for kind in {*KINDS, *(kind for kind, _ in jobs)}:
+                attributes = {"render.kind": kind}
+                instruments.queued.set(jobs.get((kind, "queued"), 0), attributes)
+                instruments.running.set(jobs.get((kind, "running"), 0), attributes)
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,142 @@
+"""`/metrics` of the gateway and of a service parse as Prometheus text, and the figures an SRE
+reads move when renders run: requests by route and status, RPC durations, phase durations, renders
+finished by status and error, retries by reason, the queue gauges, image-fetch cache hits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.generation.backends import (
+    Artifact,
+    Backend,
+    GenerationInput,
+    ProgressCallback,
+    TransientBackendError,
+)
+from services.generation.backends.procedural import ProceduralBackend
+from services.generation.backends.selection import JOB_BACKEND
+from shared.metrics import serve_metrics
+from tests.integration.test_observability_traces import (  # noqa: F401  (the fixtures register on import)
+    ObservedStack,
+    observed_fixture,
+    recorder_fixture,
+)
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class FlakyBackend:
+    """The procedural backend, whose first attempt at each `flaky...` prompt fails as an overloaded
+    provider would (a transient failure: the render is retried)."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self._inner = ProceduralBackend()
+        self._failed: set[str] = set()
+
+    async def generate(self, job: GenerationInput, on_progress: ProgressCallback) -> Artifact:
+        if job.prompt.startswith("flaky") and job.render_id not in self._failed:
+            self._failed.add(job.render_id)
+            raise TransientBackendError("the provider is overloaded", "overloaded")
+        return await self._inner.generate(job, on_progress)
+
+
+@pytest.fixture
+def worker_backends() -> Mapping[str, Backend]:
+    return {JOB_BACKEND: FlakyBackend()}
+
+
+@pytest.fixture
+async def service_metrics_url() -> AsyncIterator[str]:
+    """`/metrics` on a port of its own, as the gRPC services and the workers serve it."""
+    server = serve_metrics("127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.port}/metrics"
+    finally:
+        server.stop()
+
+
+async def scrape(stack: ObservedStack, url: str) -> Samples:
+    """Every sample of the page, parsed as Prometheus text (a page that does not parse fails here)."""
+    async with stack.http.get(url) as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples named `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(value for (sample, have), value in samples.items() if sample == name and wanted <= have)
+
+
+async def test_metrics_parse_and_move_when_renders_run(
+    observed: ObservedStack, service_metrics_url: str
+) -> None:
+    gateway_url = f"{observed.base}/metrics"
+    before = await scrape(observed, gateway_url)
+    ids = []
+    for prompt in ("plain", "flaky"):
+        status, render = await observed.submit(prompt=prompt)
+        assert status == 202
+        ids.append(render["id"])
+    image = observed.origin.url("/flaky/metrics")  # a 500 first: the image-fetch service retries
+    for prompt in ("first", "second"):
+        _, render = await observed.submit(prompt=prompt, reference={"url": image})
+        ids.append(render["id"])
+        await observed.finished(render["id"])
+    _, failing = await observed.submit(
+        prompt="failing", reference={"url": observed.origin.url("/status/404?m=1"), "required": True}
+    )
+    ids.append(failing["id"])
+    await observed.finished(*ids)
+    await observed.submit(project="nowhere", prompt="lost")
+
+    after = await scrape(observed, gateway_url)
+    service = await scrape(observed, service_metrics_url)
+
+    def moved(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    submits = {"http_route": "/v1/renders", "http_request_method": "POST"}
+    assert moved("renderflow_http_server_requests_total", **submits, http_response_status_class="2xx") == 5
+    assert moved("renderflow_http_server_requests_total", **submits, error_code="not_found") == 1
+    assert moved("renderflow_http_server_duration_seconds_count", **submits) == 6
+    assert moved("rpc_server_duration_seconds_count", rpc_method="Submit", rpc_grpc_status="OK") == 5
+    assert (
+        moved("rpc_server_duration_seconds_count", rpc_method="PrepareRender", rpc_grpc_status="NOT_FOUND")
+        == 1
+    )
+    # 5 renders, one of them claimed twice; 4 with an output; 3 with a reference.
+    phases = {"enqueue": 5, "queue_wait": 6, "image_fetch": 3, "generation": 5, "store": 4}
+    for phase, count in phases.items():
+        assert moved("renderflow_phase_duration_seconds_count", phase=phase, render_kind="image") == count, (
+            phase
+        )
+    for phase in ("auth", "validation", "db"):
+        assert moved("renderflow_phase_duration_seconds_count", phase=phase) >= 6, phase
+    assert moved("renderflow_renders_finished_total", status="succeeded", render_kind="image") == 4
+    failed = {"status": "failed", "error_code": "reference_fetch_failed", "error_reason": "http_404"}
+    assert moved("renderflow_renders_finished_total", **failed) == 1
+    assert (
+        moved("renderflow_renders_retries_total", error_code="generation_failed", error_reason="overloaded")
+        == 1
+    )
+    assert moved("imagefetch_retries_total", reason="http_500") == 1
+    assert moved("imagefetch_cache_misses_total") >= 2 and moved("imagefetch_cache_hits_total") >= 1
+    assert after[("renderflow_queue_depth", frozenset({("render_kind", "video")}))] == 0
+    assert ("renderflow_renders_running", frozenset({("render_kind", "image")})) in after
+    # The service's page is the same text format; in this one process, the same figures.
+    assert total(service, "renderflow_renders_finished_total") == total(
+        after, "renderflow_renders_finished_total"
+    )
+    assert total(service, "process_cpu_seconds_total") > 0

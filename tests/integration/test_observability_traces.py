@@ -1,0 +1,407 @@
+"""Traces through the real stack, in this process: one render submission is one trace from the
+gateway's HTTP span down to PostgreSQL, its job is a trace of its own linked to it, every phase is a
+span with plausible times, failures carry their reason, slow phases log their breakdown, and the
+trace report over the exported spans counts right."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from opentelemetry import metrics, trace
+from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.trace import SpanKind, StatusCode
+
+from gateway.app import running as gateway_running
+from gateway.config import Settings as GatewaySettings
+from services.generation.backends import Backend
+from services.generation.config import Settings as GenerationSettings
+from services.generation.config import WorkerSettings
+from services.generation.server import running as generation_running
+from services.generation.worker import running_worker
+from services.imagefetch.config import Settings as ImageFetchSettings
+from services.imagefetch.guard import parse_allow_list
+from services.imagefetch.server import running as imagefetch_running
+from services.metadata import admin
+from services.metadata.config import Settings as MetadataSettings
+from services.metadata.server import running as metadata_running
+from services.tracereport.model import ReadCounts
+from services.tracereport.report import build_report
+from services.tracereport.selection import Filters, load_spans
+from shared.logs import JsonFormatter
+from shared.metrics import build_meter_provider
+from shared.settings import Addresses
+from shared.telemetry import Budgets, JsonLinesSpanExporter
+from tests.support.origin import Origin
+
+PSYCOPG = "opentelemetry.instrumentation.psycopg"
+JOB_PHASES = ("queue_wait", "image_fetch", "generation", "store")
+TINY_MS = 0.001
+"""A budget every phase exceeds: slow-operation warnings on every submit and every render."""
+SLOW_LOGGERS = ("gateway.timing", "services.generation.runner")
+
+
+class Recorder(SpanProcessor):
+    """Keeps the spans that end while recording (the tests' window onto the global provider)."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReadableSpan] = []
+        self.recording = False
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.recording:
+            self.spans.append(span)
+
+    async def wait_for(self, done: Callable[[list[ReadableSpan]], bool], timeout_s: float = 20.0) -> None:
+        """Waits, bounded, until `done` holds over the spans recorded so far."""
+
+        async def poll() -> None:
+            while not done(self.spans):  # noqa: ASYNC110 (spans end in other tasks; nothing to await)
+                await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(poll(), timeout_s)
+
+
+_RECORDER = Recorder()
+_installed = False
+
+
+def _install_global_providers() -> Recorder:
+    """The process-wide tracer and meter providers (set once per process: they cannot be replaced),
+    with the recorder on the tracer provider; another test module may have set a provider already."""
+    global _installed
+    if not _installed:
+        resource = Resource.create({"service.name": "renderflow-tests"})
+        if not isinstance(trace.get_tracer_provider(), TracerProvider):
+            trace.set_tracer_provider(TracerProvider(resource=resource))
+        provider = trace.get_tracer_provider()
+        assert isinstance(provider, TracerProvider)
+        provider.add_span_processor(_RECORDER)
+        if not isinstance(metrics.get_meter_provider(), MeterProvider):
+            metrics.set_meter_provider(build_meter_provider(resource))
+        _installed = True
+    return _RECORDER
+
+
+@pytest.fixture(name="recorder", scope="module")
+def recorder_fixture() -> Iterator[Recorder]:
+    """Spans of everything this process does while the module's tests run, down to SQL."""
+    recorder = _install_global_providers()
+    instrumentor = PsycopgInstrumentor()
+    instrumented_here = not instrumentor.is_instrumented_by_opentelemetry
+    if instrumented_here:
+        instrumentor.instrument(enable_commenter=False, skip_dep_check=True)
+    recorder.recording = True
+    try:
+        yield recorder
+    finally:
+        recorder.recording = False
+        recorder.spans.clear()
+        if instrumented_here:
+            instrumentor.uninstrument()
+
+
+@dataclass
+class ObservedStack:
+    """Gateway, metadata, imagefetch, generation and a worker, with an origin for reference images."""
+
+    base: str
+    http: aiohttp.ClientSession
+    headers: dict[str, str]
+    origin: Origin
+    recorder: Recorder
+    logs: io.StringIO
+    """What the slow-operation loggers wrote, as JSON lines."""
+
+    async def submit(self, **fields: Any) -> tuple[int, dict[str, Any]]:
+        request = {"project": "obs", "kind": "image", "params": {"width": 64, "height": 64, "steps": 2}}
+        async with self.http.post(
+            f"{self.base}/v1/renders", headers=self.headers, json=request | fields
+        ) as r:
+            return r.status, await r.json()
+
+    async def finished(self, *render_ids: str) -> None:
+        """Waits until the worker's span of each render has ended (the render has its end)."""
+        wanted = set(render_ids)
+        await self.recorder.wait_for(lambda spans: wanted <= {job_id(s) for s in spans if s.name == "render"})
+
+    def slow_operations(self) -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in self.logs.getvalue().splitlines()]
+        return [line for line in lines if line["message"] == "slow operation"]
+
+
+def job_id(span: ReadableSpan) -> object:
+    return (span.attributes or {}).get("render.id")
+
+
+@pytest.fixture(name="observed")
+async def observed_fixture(
+    database_url: str, tmp_path: Path, recorder: Recorder, worker_backends: Mapping[str, Backend] | None
+) -> AsyncIterator[ObservedStack]:
+    artifacts = tmp_path / "artifacts"
+    logs = io.StringIO()
+    handler = logging.StreamHandler(logs)
+    handler.setFormatter(JsonFormatter("tests"))
+    async with AsyncExitStack() as stack:
+        origin = await stack.enter_async_context(Origin())
+        metadata = await stack.enter_async_context(
+            metadata_running(MetadataSettings(listen="127.0.0.1:0", database_url=database_url))
+        )
+        imagefetch = await stack.enter_async_context(
+            imagefetch_running(
+                ImageFetchSettings(
+                    listen="127.0.0.1:0", allow=parse_allow_list(["127.0.0.1"]), backoff_initial_s=0.01
+                )
+            )
+        )
+        generation = await stack.enter_async_context(
+            generation_running(
+                GenerationSettings(
+                    listen="127.0.0.1:0",
+                    database_url=database_url,
+                    artifact_dir=artifacts,
+                    queue_metrics_s=0.05,
+                )
+            )
+        )
+        worker = WorkerSettings(
+            database_url=database_url,
+            artifact_dir=artifacts,
+            imagefetch_addr=f"127.0.0.1:{imagefetch}",
+            worker_id="observed",
+            poll_interval_s=0.2,
+            shutdown_grace_s=0.2,
+            progress_interval_s=0.05,
+            retry_base_s=0.01,
+            retry_max_s=0.02,
+            budgets=Budgets(store_ms=TINY_MS),
+        )
+        await stack.enter_async_context(running_worker(worker, backends=worker_backends))
+        gateway = GatewaySettings(
+            port=0,
+            addresses=Addresses(metadata=f"127.0.0.1:{metadata}", generation=f"127.0.0.1:{generation}"),
+            budgets=Budgets(enqueue_ms=TINY_MS),
+        )
+        port = await stack.enter_async_context(gateway_running(gateway))
+        http = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)))
+        _, key = await admin.create_user(database_url, "sre")
+        headers = {"Authorization": f"Bearer {key}"}
+        base = f"http://127.0.0.1:{port}"
+        async with http.post(
+            f"{base}/v1/projects", headers=headers, json={"slug": "obs", "name": "Obs"}
+        ) as r:
+            assert r.status == 201
+        for name in SLOW_LOGGERS:
+            logging.getLogger(name).addHandler(handler)
+            stack.callback(logging.getLogger(name).removeHandler, handler)
+        recorder.spans.clear()
+        yield ObservedStack(base, http, headers, origin, recorder, logs)
+
+
+@pytest.fixture
+def worker_backends() -> Mapping[str, Backend] | None:
+    """The worker's backends (None: the configured ones)."""
+    return None
+
+
+@dataclass
+class Scenario:
+    """Renders submitted through the gateway, by what should become of them."""
+
+    plain: str
+    referenced: str
+    cached: str
+    missing_required: str
+    missing_optional: str
+    unknown_project_status: int
+    ids: list[str] = field(default_factory=list)
+
+
+async def run_scenario(stack: ObservedStack) -> Scenario:
+    """A plain render, one with a reference, one with the same reference (then cached), one whose
+    required reference is a 404 (fails), one whose optional reference is a 404 (goes on without),
+    and a submit to an unknown project."""
+    image = stack.origin.url("/image/observed")
+    _, plain = await stack.submit(prompt="plain")
+    _, referenced = await stack.submit(prompt="referenced", reference={"url": image})
+    await stack.finished(referenced["id"])
+    _, cached = await stack.submit(prompt="cached", reference={"url": image})
+    _, required = await stack.submit(
+        prompt="required", reference={"url": stack.origin.url("/status/404?n=1"), "required": True}
+    )
+    _, optional = await stack.submit(
+        prompt="optional", reference={"url": stack.origin.url("/status/404?n=2")}
+    )
+    unknown, _ = await stack.submit(project="nowhere", prompt="lost")
+    scenario = Scenario(plain["id"], referenced["id"], cached["id"], required["id"], optional["id"], unknown)
+    scenario.ids = [plain["id"], referenced["id"], cached["id"], required["id"], optional["id"]]
+    await stack.finished(*scenario.ids)
+    return scenario
+
+
+def attrs(span: ReadableSpan) -> Mapping[str, Any]:
+    return span.attributes or {}
+
+
+def the_one(spans: Sequence[ReadableSpan], **match: Any) -> ReadableSpan:
+    """The only span with the given name (and attributes: dots spelt `__`)."""
+    name = match.pop("name")
+    wanted = {key.replace("__", "."): value for key, value in match.items()}
+    found = [s for s in spans if s.name == name and wanted.items() <= dict(attrs(s)).items()]
+    assert len(found) == 1, (name, wanted, len(found))
+    return found[0]
+
+
+def in_trace(spans: Sequence[ReadableSpan], span: ReadableSpan) -> list[ReadableSpan]:
+    assert span.context is not None
+    return [s for s in spans if s.context is not None and s.context.trace_id == span.context.trace_id]
+
+
+def ancestors(span: ReadableSpan, trace_spans: Sequence[ReadableSpan]) -> list[ReadableSpan]:
+    by_id = {s.context.span_id: s for s in trace_spans if s.context is not None}
+    chain = []
+    while span.parent is not None and span.parent.span_id in by_id:
+        span = by_id[span.parent.span_id]
+        chain.append(span)
+    return chain
+
+
+def times(span: ReadableSpan) -> tuple[int, int]:
+    assert span.start_time is not None and span.end_time is not None
+    assert span.end_time >= span.start_time, span.name
+    return span.start_time, span.end_time
+
+
+async def test_a_submission_is_one_trace_down_to_sql_and_its_job_a_linked_trace(
+    observed: ObservedStack,
+) -> None:
+    scenario = await run_scenario(observed)
+    spans = list(observed.recorder.spans)
+
+    for render_id in scenario.ids:
+        request = the_one(spans, name="POST /v1/renders", render__id=render_id)
+        assert request.kind == SpanKind.SERVER and request.parent is None
+        assert {"render.project": "obs", "render.kind": "image"}.items() <= dict(attrs(request)).items()
+        assert attrs(request)["render.tenant"]
+        submission = in_trace(spans, request)
+        # One tree: every span of the trace hangs under the gateway's request span.
+        assert all(request in ancestors(s, submission) for s in submission if s is not request)
+        phases = {s.name: s for s in submission if s.parent and s.parent.span_id == request.context.span_id}
+        assert {"auth", "validation", "db", "enqueue"} <= phases.keys()
+        starts = [times(phases[name])[0] for name in ("auth", "validation", "db", "enqueue")]
+        assert starts == sorted(starts) and times(request)[0] <= starts[0]
+        assert max(times(p)[1] for p in phases.values()) <= times(request)[1]
+        for method, phase in (
+            ("MetadataService/PrepareRender", "db"),
+            ("GenerationService/Submit", "enqueue"),
+        ):
+            calls = [s for s in submission if s.name.endswith(method)]
+            assert {s.kind for s in calls} == {SpanKind.CLIENT, SpanKind.SERVER}, method
+            served = next(s for s in calls if s.kind == SpanKind.SERVER)
+            assert phases[phase] in ancestors(served, submission)
+            sql = [
+                s for s in submission if s.instrumentation_scope and s.instrumentation_scope.name == PSYCOPG
+            ]
+            assert any(served in ancestors(s, submission) for s in sql), f"no SQL under {method}"
+
+        job = the_one(spans, name="render", render__id=render_id)
+        assert job.kind == SpanKind.CONSUMER and job.context is not None
+        assert job.context.trace_id != request.context.trace_id
+        assert [(link.context.trace_id, link.context.span_id) for link in job.links] == [
+            (request.context.trace_id, request.context.span_id)
+        ]
+        assert attrs(job)["render.attempt"] == 1 and attrs(job)["render.backend"]
+        assert attrs(job)["render.project"] == "obs"
+        assert attrs(job)["render.tenant"] == attrs(request)["render.tenant"]
+        work = in_trace(spans, job)
+        steps = {s.name: s for s in work if s.parent and s.parent.span_id == job.context.span_id}
+        order = [name for name in JOB_PHASES if name in steps]
+        edges = [times(steps[name]) for name in order]
+        assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(edges))
+        assert times(steps["queue_wait"])[0] >= times(request)[0]  # created during the submit
+        assert any(s.instrumentation_scope and s.instrumentation_scope.name == PSYCOPG for s in work)
+
+    def job_steps(render_id: str) -> dict[str, ReadableSpan]:
+        job = the_one(spans, name="render", render__id=render_id)
+        assert job.context is not None
+        children = [s for s in in_trace(spans, job) if s.parent and s.parent.span_id == job.context.span_id]
+        return {s.name: s for s in children if s.name in JOB_PHASES}
+
+    assert job_steps(scenario.plain).keys() == {"queue_wait", "generation", "store"}
+    assert attrs(job_steps(scenario.referenced)["image_fetch"])["imagefetch.cache_hit"] is False
+    assert attrs(job_steps(scenario.cached)["image_fetch"])["imagefetch.cache_hit"] is True
+
+    failed = the_one(spans, name="render", render__id=scenario.missing_required)
+    assert failed.status.status_code == StatusCode.ERROR
+    assert attrs(failed)["failure.reason"] == "http_404"
+    assert attrs(failed)["error.code"] == "reference_fetch_failed"
+    assert job_steps(scenario.missing_required).keys() == {"queue_wait", "image_fetch"}
+    went_on = the_one(spans, name="render", render__id=scenario.missing_optional)
+    assert went_on.status.status_code != StatusCode.ERROR
+    for render_id in (scenario.missing_required, scenario.missing_optional):
+        fetch = job_steps(render_id)["image_fetch"]
+        assert fetch.status.status_code == StatusCode.ERROR and attrs(fetch)["failure.reason"] == "http_404"
+        origin_calls = [
+            s for s in in_trace(spans, fetch) if s.kind == SpanKind.CLIENT and s.name == "GET"
+        ]  # the image-fetch service's request to the origin
+        assert [attrs(s).get("http.status_code") for s in origin_calls] == [404]
+    assert scenario.unknown_project_status == 404
+
+
+async def test_slow_phases_log_one_warning_with_the_whole_breakdown(observed: ObservedStack) -> None:
+    _, render = await observed.submit(prompt="slow")
+    await observed.finished(render["id"])
+    warnings = observed.slow_operations()
+    request = the_one(observed.recorder.spans, name="POST /v1/renders", render__id=render["id"])
+    job = the_one(observed.recorder.spans, name="render", render__id=render["id"])
+    by_phase = {w["phase"]: w for w in warnings if w.get("render_id") == render["id"]}
+    assert by_phase.keys() == {"enqueue", "store"}
+    enqueue, store = by_phase["enqueue"], by_phase["store"]
+    assert enqueue["level"] == "warning" and enqueue["budget_ms"] == TINY_MS
+    assert enqueue["duration_ms"] > TINY_MS
+    assert {"auth_ms", "validation_ms", "db_ms", "enqueue_ms", "total_ms"} <= enqueue["timings"].keys()
+    assert enqueue["trace_id"] == format(request.context.trace_id, "032x")
+    assert {"queue_wait_ms", "generation_ms", "store_ms"} <= store["timings"].keys()
+    assert job.context is not None and store["trace_id"] == format(job.context.trace_id, "032x")
+
+
+async def test_the_trace_report_over_the_exported_spans(observed: ObservedStack, tmp_path: Path) -> None:
+    scenario = await run_scenario(observed)
+    path = tmp_path / "traces.jsonl"
+    exporter = JsonLinesSpanExporter(path)
+    exporter.export(observed.recorder.spans)
+    exporter.shutdown()
+
+    counts = ReadCounts()
+    report = build_report(load_spans([path], Filters(), counts), counts)
+
+    assert counts.bad_lines == 0 and counts.spans == len(observed.recorder.spans)
+    endpoints = {(e.endpoint.side, e.endpoint.name): e for e in report.endpoints}
+    submits = endpoints["server", "POST /v1/renders"]
+    assert submits.summary.count == 6 and submits.errors == 0
+    assert submits.client_errors == 1 and submits.client_error_rate == pytest.approx(1 / 6)
+    assert endpoints["server", "GenerationService/Submit"].summary.count == 5
+    assert endpoints["server", "ImageFetchService/Fetch"].summary.count >= 4
+    phases = {p.phase: p.summary.count for p in report.phases}
+    assert phases["enqueue"] == 5 and phases["queue_wait"] == 5 and phases["image_fetch"] == 4
+    assert phases["generation (image)"] == 4 and phases["store"] == 4
+    assert phases["auth"] >= 6 and phases["db"] >= 6
+    assert all(p.summary.p50_ms >= 0 and p.summary.max_ms >= p.summary.p50_ms for p in report.phases)
+    causes = {(c.span_name, c.cause): c.count for c in report.errors}
+    assert causes[("render", "http_404")] == 1
+    assert causes[("image_fetch", "http_404")] == 2
+    assert causes[("imagefetch.fetch", "http_404")] == 2
+    assert scenario.missing_required in {job_id(s) for s in observed.recorder.spans if s.name == "render"}
