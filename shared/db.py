@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import psycopg
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
@@ -28,11 +29,17 @@ async def open_pool(
         name=name,
         open=False,
         timeout=timeout,
-        check=AsyncConnectionPool.check_connection,
+        check=_check_connection,
         kwargs={"application_name": f"renderflow-{name}"},
     )
     await pool.open(wait=True, timeout=timeout)
     return pool
+
+
+async def _check_connection(conn: psycopg.AsyncConnection[object]) -> None:
+    # The liveness probe on every checkout is plumbing, not work: keep it out of the traces.
+    with suppress_instrumentation():
+        await AsyncConnectionPool.check_connection(conn)
 
 
 async def migrate(url: str, schema: str, migrations_dir: Path) -> list[str]:
