@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -36,7 +37,7 @@ async def open_pool(
     return pool
 
 
-async def _check_connection(conn: psycopg.AsyncConnection[object]) -> None:
+async def _check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
     # The liveness probe on every checkout is plumbing, not work: keep it out of the traces.
     with suppress_instrumentation():
         await AsyncConnectionPool.check_connection(conn)
