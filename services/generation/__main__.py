@@ -11,6 +11,9 @@ from shared.logs import setup_logging
 from shared.settings import Env, run_dir
 from shared.telemetry import setup_telemetry
 
+METRICS_PORT = 9103
+"""Where `/metrics` is served unless RENDERFLOW_METRICS_PORT says otherwise."""
+
 
 async def serve(settings: Settings) -> None:
     """Serves until SIGTERM or SIGINT, then drains."""
@@ -23,7 +26,7 @@ def main() -> None:
     env = Env()
     settings = Settings.from_env(env)
     setup_logging("generation", env.str("RENDERFLOW_LOG_LEVEL", "INFO"))
-    telemetry = setup_telemetry("generation", env, run_dir(env))
+    telemetry = setup_telemetry("generation", env, run_dir(env), metrics_port=METRICS_PORT)
     try:
         asyncio.run(serve(settings))
     finally:

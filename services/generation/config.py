@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.generation.backends.selection import BackendSettings
+from services.generation.pacing import parse_rates
 from shared.settings import Addresses, ConfigError, Env, listen_address, run_dir
+from shared.telemetry import Budgets
 
 
 def _database_url(env: Env) -> str:
@@ -42,6 +46,18 @@ class Settings:
     """RENDERFLOW_DRAIN_GRACE_S: how long calls in flight may finish on shutdown."""
     pool_max: int = 10
     """RENDERFLOW_GENERATION_POOL_MAX: most database connections of the server."""
+    queue_metrics_s: float = 5.0
+    """RENDERFLOW_QUEUE_METRICS_S: how often the queue depth and running gauges are refreshed."""
+    max_active_renders: int = 200
+    """RENDERFLOW_MAX_ACTIVE_RENDERS: the most renders one user may have queued or running; a submit
+    beyond it is refused with `quota_exceeded` (0: no limit)."""
+    prefetch_addr: str = ""
+    """RENDERFLOW_IMAGEFETCH_ADDR: the image-fetch service Submit asks to prefetch reference URLs
+    into its cache; empty (RENDERFLOW_PREFETCH=false): no prefetch."""
+    prefetch_timeout_s: float = 5.0
+    """RENDERFLOW_PREFETCH_TIMEOUT_S: deadline of one prefetch."""
+    prefetch_concurrency: int = 8
+    """RENDERFLOW_PREFETCH_CONCURRENCY: prefetches in flight at once."""
 
     @classmethod
     def from_env(cls, env: Env) -> Settings:
@@ -55,6 +71,11 @@ class Settings:
             stall_after_s=env.float("RENDERFLOW_STALL_AFTER_S", 60.0, minimum=1.0),
             drain_grace_s=env.float("RENDERFLOW_DRAIN_GRACE_S", 5.0, minimum=0.0),
             pool_max=env.int("RENDERFLOW_GENERATION_POOL_MAX", 10, minimum=2),
+            queue_metrics_s=env.float("RENDERFLOW_QUEUE_METRICS_S", 5.0, minimum=0.05),
+            max_active_renders=env.int("RENDERFLOW_MAX_ACTIVE_RENDERS", 200, minimum=0),
+            prefetch_addr=Addresses.from_env(env).imagefetch if env.bool("RENDERFLOW_PREFETCH", True) else "",
+            prefetch_timeout_s=env.float("RENDERFLOW_PREFETCH_TIMEOUT_S", 5.0, minimum=0.1),
+            prefetch_concurrency=env.int("RENDERFLOW_PREFETCH_CONCURRENCY", 8, minimum=1),
         )
 
 
@@ -97,6 +118,28 @@ class WorkerSettings:
     """RENDERFLOW_IMAGE_FETCH_TIMEOUT_S: hard limit on fetching a reference image."""
     procedural_step_ms: float = 0.0
     """RENDERFLOW_PROCEDURAL_STEP_MS: latency the procedural backend adds to each step."""
+    backend: BackendSettings = field(default_factory=BackendSettings)
+    """RENDERFLOW_BACKEND (or per kind RENDERFLOW_BACKEND_IMAGE / _VIDEO): `procedural` or `http`;
+    with `http`, RENDERFLOW_HTTP_BACKEND_URL and the other RENDERFLOW_HTTP_BACKEND_* settings."""
+    budgets: Budgets = field(default_factory=Budgets)
+    """RENDERFLOW_BUDGET_<PHASE>_MS: a phase over its budget logs a `slow operation` warning."""
+    tenant_max_running: int = 8
+    """RENDERFLOW_TENANT_MAX_RUNNING: the most renders of one user running at once, across all
+    workers (0: no limit)."""
+    backend_rate_limits: Mapping[str, float] = field(default_factory=dict)
+    """RENDERFLOW_BACKEND_RATE_LIMITS: calls per second each backend may start, across all workers,
+    e.g. `procedural=0,http=5` (0 or absent: unlimited)."""
+    max_duration_image_s: float = 300.0
+    """RENDERFLOW_MAX_DURATION_IMAGE_S: the most an image's generation may take; past it the render
+    fails with `timeout` (not retried)."""
+    max_duration_video_s: float = 1800.0
+    """RENDERFLOW_MAX_DURATION_VIDEO_S: the same for a video."""
+    chain_wait_s: float = 60.0
+    """RENDERFLOW_CHAIN_WAIT_S: how long a chain render waits for its predecessor to be submitted
+    at all (its position was allocated, but the submit may have been lost) before it fails with
+    `dependency_failed`; once the predecessor exists it waits as long as that one takes."""
+    event_retention_s: float = 7 * 86400.0
+    """RENDERFLOW_EVENT_RETENTION_S: events of renders that ended longer ago are deleted."""
 
     @classmethod
     def from_env(cls, env: Env) -> WorkerSettings:
@@ -124,4 +167,14 @@ class WorkerSettings:
             progress_interval_s=env.float("RENDERFLOW_PROGRESS_INTERVAL_S", 0.1, minimum=0.0),
             image_fetch_timeout_s=env.float("RENDERFLOW_IMAGE_FETCH_TIMEOUT_S", 5.0, minimum=0.1),
             procedural_step_ms=env.float("RENDERFLOW_PROCEDURAL_STEP_MS", 0.0, minimum=0.0),
+            backend=BackendSettings.from_env(env),
+            budgets=Budgets.from_env(env),
+            tenant_max_running=env.int("RENDERFLOW_TENANT_MAX_RUNNING", 8, minimum=0),
+            backend_rate_limits=parse_rates(
+                env.list("RENDERFLOW_BACKEND_RATE_LIMITS"), "RENDERFLOW_BACKEND_RATE_LIMITS"
+            ),
+            max_duration_image_s=env.float("RENDERFLOW_MAX_DURATION_IMAGE_S", 300.0, minimum=0.1),
+            max_duration_video_s=env.float("RENDERFLOW_MAX_DURATION_VIDEO_S", 1800.0, minimum=0.1),
+            chain_wait_s=env.float("RENDERFLOW_CHAIN_WAIT_S", 60.0, minimum=0.0),
+            event_retention_s=env.float("RENDERFLOW_EVENT_RETENTION_S", 7 * 86400.0, minimum=60.0),
         )

@@ -39,14 +39,21 @@ class Params:
 
 @dataclass(frozen=True)
 class Reference:
-    """Where the reference image comes from: a URL or another render's output (exactly one)."""
+    """Where the reference image comes from: a URL, another render's output, or the output of the
+    previous render of the same chain (exactly one)."""
 
     url: str = ""
     render_id: str = ""
     required: bool = False
+    chain_previous: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"url": self.url, "render_id": self.render_id, "required": self.required}
+        return {
+            "url": self.url,
+            "render_id": self.render_id,
+            "required": self.required,
+            "chain_previous": self.chain_previous,
+        }
 
 
 @dataclass(frozen=True)
@@ -156,6 +163,8 @@ class Render:
     queue_position: int | None = None
     eta_s: float | None = None
     stalled: bool = False
+    waiting_on: str = ""
+    """While it waits for its chain predecessor to end: that render's id."""
 
     @property
     def terminal(self) -> bool:

@@ -1,11 +1,19 @@
-"""The job queue of the worker side: claim, heartbeat, fenced writes, retry, hand-back and rescue.
+"""The job queue of the worker side: fair claims, heartbeat, fenced writes, retry, hand-back, and
+the rescuer's housekeeping (expired leases, chain waits, old events, tenant counts).
 
 Every write after the claim is fenced by the job's lease token (see `records`): a write that
 touches no row means the job was taken away, and the caller drops its work.
+
+Fairness: tenants (users) with runnable jobs are served in turn, least recently served first, and
+none has more than `tenant_max_running` jobs running; within a tenant, higher priority then older
+first. The per-tenant state (counts by state, when last served) is one small `tenants` row each,
+kept by a trigger on `jobs` (migration 0002), so the claim never scans the queue.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,23 +25,60 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from services.generation.chains import settle
 from services.generation.domain import NewEvent, Output, RenderError
+from services.generation.housekeeping import prune_events, recount_tenants
 from services.generation.records import FENCE_END, FENCE_HELD, FENCE_REQUEUE, record
 from shared.errors import Unavailable
 
-# The one claim statement (a later round makes it fair across tenants: change it here only).
-# SKIP LOCKED lets many workers claim at once without waiting on each other's rows.
+log = logging.getLogger(__name__)
+
+# The one claim statement: up to `limit` jobs, taken from the tenants in turn.
+# 1. candidates: tenants with a runnable job and room under the cap, least recently served first
+#    (an index scan of `tenants_ready`, one probe of `jobs_tenant_queue` each, stopping at `limit`).
+# 2. locked: those tenant rows, locked in name order (claimers never deadlock on each other, and
+#    everything else that locks several tenant rows locks them in that order too). The lock
+#    serializes claims per tenant, and a row locked after a wait is re-read at its newest, so
+#    `running` is exact and the cap holds however many workers claim at once.
+# 3. picked: each tenant's next jobs, up to its room (index scan of `jobs_tenant_queue` in the
+#    tenant's order; SKIP LOCKED passes over rows another claimer or a cancel holds).
+# 4. chosen: round-robin — every tenant's 1st job, then every tenant's 2nd, ... up to `limit`.
+# The trigger on `jobs` moves the tenant's counts and stamps `last_claimed_at` in this statement.
+# Planned cost: O(limit) index probes, whatever the number of queued jobs (EXPLAIN ANALYZE with
+# 20,000 queued, over 50 tenants or nearly all of one: 0.4-0.7 ms of server time).
 _CLAIM = """
+WITH candidates AS (
+    SELECT t.tenant FROM tenants t
+    WHERE t.queued > 0 AND t.running < %(cap)s
+      AND EXISTS (SELECT FROM jobs q
+                  WHERE q.tenant = t.tenant AND q.state = 'queued' AND q.run_after <= now())
+    ORDER BY t.last_claimed_at NULLS FIRST, t.tenant
+    LIMIT %(limit)s
+),
+locked AS (
+    SELECT t.tenant, t.running, t.last_claimed_at FROM tenants t
+    WHERE t.tenant IN (SELECT tenant FROM candidates) AND t.running < %(cap)s
+    ORDER BY t.tenant
+    FOR UPDATE
+),
+picked AS (
+    SELECT j.render_id, l.tenant, l.last_claimed_at,
+        row_number() OVER (PARTITION BY l.tenant ORDER BY j.priority DESC, j.created_at, j.render_id) AS turn
+    FROM locked l CROSS JOIN LATERAL (
+        SELECT render_id, priority, created_at FROM jobs
+        WHERE jobs.tenant = l.tenant AND jobs.state = 'queued' AND jobs.run_after <= now()
+        ORDER BY jobs.priority DESC, jobs.created_at, jobs.render_id
+        LIMIT least(%(cap)s - l.running, %(limit)s)
+        FOR UPDATE SKIP LOCKED
+    ) j
+),
+chosen AS (
+    SELECT render_id FROM picked ORDER BY turn, last_claimed_at NULLS FIRST, tenant LIMIT %(limit)s
+)
 UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = %(worker)s,
     lease_token = gen_random_uuid(), lease_expires_at = now() + make_interval(secs => %(lease_s)s),
     claimed_at = clock_timestamp()
-WHERE render_id IN (
-    SELECT render_id FROM jobs
-    WHERE state = 'queued' AND run_after <= now()
-    ORDER BY priority DESC, created_at, render_id
-    FOR UPDATE SKIP LOCKED
-    LIMIT %(limit)s
-)
+WHERE render_id IN (SELECT render_id FROM chosen)
 RETURNING render_id, lease_token::text, worker_id, attempts,
     coalesce(max_attempts, %(max_attempts)s) AS max_attempts, tenant, kind, backend, created_at, claimed_at,
     cancel_requested
@@ -49,7 +94,7 @@ RETURNING j.render_id, j.cancel_requested
 _EXPIRED = """
 SELECT render_id, attempts, coalesce(max_attempts, %s) AS max_attempts, cancel_requested, worker_id
 FROM jobs WHERE state = 'running' AND lease_expires_at < now()
-ORDER BY lease_expires_at LIMIT 100
+ORDER BY tenant, lease_expires_at LIMIT 100
 FOR UPDATE SKIP LOCKED
 """
 
@@ -77,11 +122,23 @@ class Claim:
 
 @dataclass(frozen=True)
 class Rescued:
-    """What one pass of the rescuer did with expired leases."""
+    """What one pass of the rescuer did: expired leases requeued, failed or cancelled; chain
+    renders released or failed; renders whose events were pruned; tenant counts corrected."""
 
     requeued: int = 0
     failed: int = 0
     cancelled: int = 0
+    released: int = 0
+    dependency_failed: int = 0
+    pruned: int = 0
+    recounted: int = 0
+
+
+@dataclass(frozen=True)
+class _Expired:
+    requeued: int
+    failed: list[str]
+    cancelled: list[str]
 
 
 @asynccontextmanager
@@ -95,10 +152,26 @@ async def _translated() -> AsyncIterator[None]:
 class JobQueue:
     """The claim table and the fenced writes of the workers."""
 
-    def __init__(self, pool: AsyncConnectionPool, *, lease_s: float, max_attempts: int) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        lease_s: float,
+        max_attempts: int,
+        tenant_max_running: int = 0,
+        chain_wait_s: float = 60.0,
+        event_retention_s: float = 7 * 86400.0,
+        recount_interval_s: float = 60.0,
+    ) -> None:
         self._pool = pool
         self._lease_s = lease_s
         self._max_attempts = max_attempts
+        # 0 means no cap; the claim compares with an int4.
+        self._tenant_cap = tenant_max_running or 2**31 - 1
+        self._chain_wait_s = chain_wait_s
+        self._event_retention_s = event_retention_s
+        self._recount_interval_s = recount_interval_s
+        self._next_recount = time.monotonic() + recount_interval_s
 
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[AsyncConnection[Any]]:
@@ -109,7 +182,7 @@ class JobQueue:
             yield conn
 
     async def claim(self, worker_id: str, limit: int) -> list[Claim]:
-        """Takes up to `limit` runnable jobs, highest priority and oldest first."""
+        """Takes up to `limit` runnable jobs, from the tenants in turn (see `_CLAIM`)."""
         async with self._conn() as conn:
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(
@@ -119,6 +192,7 @@ class JobQueue:
                     "lease_s": self._lease_s,
                     "limit": limit,
                     "max_attempts": self._max_attempts,
+                    "cap": self._tenant_cap,
                 },
             )
             rows = await cur.fetchall()
@@ -154,8 +228,9 @@ class JobQueue:
         timings: dict[str, float] | None = None,
         message: str = "",
     ) -> bool:
-        """Ends a held job (succeeded, failed or cancelled) with its terminal event; False when the
-        job was no longer this worker's, and then nothing changed."""
+        """Ends a held job (succeeded, failed or cancelled) with its terminal event, then releases
+        or fails the chain renders waiting for it; False when the job was no longer this worker's,
+        and then nothing changed."""
         event = NewEvent(
             status, progress=1.0 if status == "succeeded" else None, message=message, error=error
         )
@@ -172,6 +247,13 @@ class JobQueue:
                 error=error,
                 timings=timings,
             )
+            if seq is not None:
+                # Not in the same transaction: should this fail or the worker die right here, the
+                # rescuer's sweep settles the dependents instead.
+                try:
+                    await settle(conn, [claim.render_id])
+                except psycopg.Error:
+                    log.warning("cannot settle chain dependents", extra={"render_id": claim.render_id})
         return seq is not None
 
     async def requeue(self, claim: Claim, delay_s: float, message: str, *, refund: bool = False) -> bool:
@@ -192,9 +274,40 @@ class JobQueue:
         return seq is not None
 
     async def rescue(self) -> Rescued:
-        """Requeues the jobs whose lease expired (their worker died or hung); fails those out of
-        attempts and cancels those whose cancel was requested."""
-        requeued = failed = cancelled = 0
+        """One pass of housekeeping: requeues the jobs whose lease expired (their worker died or
+        hung), failing those out of attempts and cancelling those whose cancel was requested;
+        settles chain renders whose predecessor ended (or never came); prunes old events; now and
+        then checks the tenant counts."""
+        expired = await self._rescue_expired()
+        async with self._conn() as conn:
+            ended = [*expired.failed, *expired.cancelled]
+            chained = await settle(conn, ended) if ended else None
+            swept = await settle(conn, None, self._chain_wait_s)
+            pruned = await prune_events(conn, self._event_retention_s)
+        recounted = 0
+        if time.monotonic() >= self._next_recount:
+            self._next_recount = time.monotonic() + self._recount_interval_s
+            recounted = await self.recount()
+        return Rescued(
+            requeued=expired.requeued,
+            failed=len(expired.failed),
+            cancelled=len(expired.cancelled),
+            released=swept.released + (chained.released if chained else 0),
+            dependency_failed=swept.failed + (chained.failed if chained else 0),
+            pruned=pruned,
+            recounted=recounted,
+        )
+
+    async def recount(self) -> int:
+        """Corrects tenant counts that differ from the jobs and forgets idle tenants; returns how
+        many counts it corrected (see `housekeeping.recount_tenants`)."""
+        async with self._conn() as conn:
+            return await recount_tenants(conn)
+
+    async def _rescue_expired(self) -> _Expired:
+        requeued = 0
+        failed: list[str] = []
+        cancelled: list[str] = []
         async with self._conn() as conn, conn.transaction():
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(_EXPIRED, [self._max_attempts])
@@ -206,13 +319,13 @@ class JobQueue:
                     if job["cancel_requested"]:
                         error = RenderError("cancelled", message="cancelled at the user's request")
                         status = "cancelled"
-                        cancelled += 1
+                        cancelled.append(render_id)
                     else:
                         error = RenderError(
                             "generation_failed", "lease_expired", f"{lost}; no attempts left", retryable=True
                         )
                         status = "failed"
-                        failed += 1
+                        failed.append(render_id)
                     await record(conn, render_id, [NewEvent(status, error=error)], status=status, error=error)
                 else:
                     await conn.execute(
@@ -226,7 +339,7 @@ class JobQueue:
                     requeued += 1
             if requeued:
                 await conn.execute("SELECT pg_notify('generation_jobs', 'rescued')")
-        return Rescued(requeued, failed, cancelled)
+        return _Expired(requeued, failed, cancelled)
 
     async def counts(self) -> dict[str, int]:
         """Jobs by state (for scaling decisions and reports)."""

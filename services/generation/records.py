@@ -45,6 +45,12 @@ FENCE_REQUEUE = (
     " WHERE render_id = %(id)s AND state = 'running' AND lease_token = %(token)s::uuid RETURNING render_id"
 )
 
+# A render row with `waiting_on`: while it waits for its chain predecessor, that render's id.
+SELECT_RENDER = """
+SELECT renders.*,
+    (SELECT j.depends_on FROM jobs j WHERE j.render_id = renders.id AND j.state = 'waiting') AS waiting_on
+FROM renders"""
+
 _RECORD = """
 WITH fence AS ({fence}),
 r AS (
@@ -152,6 +158,7 @@ def render_from_row(row: dict[str, Any]) -> Render:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         last_progress_at=row["last_progress_at"],
+        waiting_on=row.get("waiting_on") or "",
     )
 
 

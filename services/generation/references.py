@@ -4,6 +4,7 @@ render's output. This module is the worker's gRPC edge towards imagefetch."""
 from __future__ import annotations
 
 import grpc
+from opentelemetry import trace
 from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
 
 from services.generation.artifacts import ArtifactStore
@@ -37,13 +38,20 @@ class References:
         self._artifacts = artifacts
         self._timeout_s = timeout_s
 
-    async def resolve(self, render: Render) -> bytes:
-        """The reference image of `render` (which must have one); ReferenceFailed otherwise."""
+    async def resolve(self, render: Render) -> tuple[bytes, str]:
+        """The reference image of `render` (which must have one) and a note on where it came from
+        when that is worth saying; ReferenceFailed when it cannot be had."""
         reference = render.reference
         assert reference is not None
         if reference.url:
-            return await self._fetch(reference.url)
-        return await self._output_of(render.user_id, reference.render_id)
+            return await self._fetch(reference.url), ""
+        if reference.render_id:
+            return await self._output_of(render.user_id, reference.render_id), ""
+        before = await self._renders.predecessor(render.user_id, render.chain_id, render.position)
+        if before is None:
+            raise ReferenceFailed("not_found", f"render {render.id} has no previous render in its chain")
+        data = await self._output_of(render.user_id, before.id)
+        return data, f"reference: the output of {before.id}, the previous render of the chain"
 
     async def _fetch(self, url: str) -> bytes:
         request = imagefetch_pb2.FetchRequest(url=url, deadline_ms=int(self._timeout_s * 1000))
@@ -60,6 +68,10 @@ class References:
             ) from exc
         except RenderflowError as exc:
             raise ReferenceFailed("invalid_url", exc.message) from exc
+        # On the worker's image_fetch span, so that its trace alone tells a cached reference.
+        trace.get_current_span().set_attributes(
+            {"imagefetch.cache_hit": result.cache_hit, "imagefetch.attempts": result.attempts}
+        )
         if result.WhichOneof("outcome") == "failure":
             failure = result.failure
             raise ReferenceFailed(failure.reason, failure.message, retryable=failure.retryable)

@@ -3,7 +3,7 @@
 Each phase is a span and a duration in the render's `timings`. Every write is fenced by the
 lease; when one touches nothing the job was taken away and its result is dropped. Failures are
 classified: transient ones are retried after a backoff until attempts run out, permanent ones
-fail the render at once.
+(and a backend call past the kind's maximum duration) fail the render at once.
 """
 
 from __future__ import annotations
@@ -19,16 +19,20 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.generation.artifacts import ArtifactStore
 from services.generation.backends import Backend, BackendError, GenerationInput
 from services.generation.domain import NewEvent, Output, Render, RenderError
+from services.generation.instruments import Instruments
 from services.generation.jobs import Claim, JobQueue
+from services.generation.pacing import BackendPacing
 from services.generation.references import ReferenceFailed, References
 from services.generation.storage import RenderStore
 from shared.errors import Unavailable
+from shared.logs import log_slow_operation
+from shared.telemetry import Budgets, record_failure
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("renderflow.generation.worker")
@@ -113,6 +117,11 @@ class JobRunner:
         retry: RetryPolicy,
         progress_interval_s: float,
         on_retry: Callable[[float], None] = lambda delay_s: None,
+        budgets: Budgets | None = None,
+        instruments: Instruments | None = None,
+        max_duration_s: Mapping[str, float] | None = None,
+        pacing: BackendPacing | None = None,
+        backend_names: Mapping[str, str] | None = None,
     ) -> None:
         self._queue = queue
         self._renders = renders
@@ -123,13 +132,20 @@ class JobRunner:
         self._progress_interval_s = progress_interval_s
         self.on_retry = on_retry
         """Called with the backoff of each retry (the worker wakes up when it is over)."""
+        self._budgets = budgets or Budgets()
+        self._instruments = instruments or Instruments.create()
+        self._max_duration_s = max_duration_s or {}
+        """The most a backend call may take, by kind."""
+        self._pacing = pacing
+        self._backend_names = backend_names or {}
+        """Which backend renders each kind: the name its rate limit goes by."""
 
     async def run(self, claim: Claim, control: Control) -> None:
         """Runs the job; when the worker cancels it, records why (cancelled, handed back, dropped)."""
         extra = {"render_id": claim.render_id, "attempt": claim.attempts}
         try:
             if claim.cancel_requested:
-                await self._queue.finish(claim, "cancelled", error=_CANCELLED)
+                await self._finish(claim, "cancelled", error=_CANCELLED)
                 return
             await self._attempt(claim)
         except asyncio.CancelledError:
@@ -141,7 +157,7 @@ class JobRunner:
                 task.uncancel()
             log.info("job stopped", extra={**extra, "reason": reason})
             if reason == "cancel":
-                await self._queue.finish(claim, "cancelled", error=_CANCELLED)
+                await self._finish(claim, "cancelled", error=_CANCELLED)
             elif reason == "shutdown":
                 await self._queue.requeue(claim, 0.0, "handed back by a stopping worker", refund=True)
         except LeaseLost:
@@ -153,7 +169,7 @@ class JobRunner:
         except Exception as exc:
             log.exception("render failed unexpectedly", extra=extra)
             error = RenderError("internal", type(exc).__name__, "an unexpected error stopped the render")
-            await self._queue.finish(claim, "failed", error=error)
+            await self._finish(claim, "failed", error=error)
 
     async def _attempt(self, claim: Claim) -> None:
         render = await self._renders.get_any(claim.render_id)
@@ -161,6 +177,9 @@ class JobRunner:
             "render.id": render.id,
             "render.kind": render.kind,
             "render.attempt": claim.attempts,
+            "render.project": render.project,
+            "render.tenant": claim.tenant,
+            "render.backend": claim.backend,
         }
         with tracer.start_as_current_span(
             "render", kind=SpanKind.CONSUMER, links=_links(render.traceparent), attributes=attributes
@@ -168,11 +187,12 @@ class JobRunner:
             queue_wait = tracer.start_span("queue_wait", start_time=_ns(claim.created_at))
             queue_wait.end(end_time=_ns(claim.claimed_at))
             timings = {"queue_wait_ms": _ms_between(claim.created_at, claim.claimed_at)}
+            self._observe("queue_wait", render, timings["queue_wait_ms"], timings)
             writer = EventWriter(self._queue, claim, self._progress_interval_s)
             try:
                 await self._work(claim, render, writer, timings)
             except Failure as failure:
-                span.set_status(Status(StatusCode.ERROR, failure.error.code))
+                _mark_failed(span, failure.error)
                 await self._failed(claim, failure, timings)
 
     async def _work(
@@ -191,20 +211,30 @@ class JobRunner:
         )
         reference = None
         if render.reference is not None:
-            with _phase("image_fetch", timings):
+            with self._phase("image_fetch", render, timings):
                 reference, note = await self._reference(render)
             await writer.write([NewEvent("phase", phase="generation", message=note)], timings=timings)
         backend = self._backends.get(claim.backend)
         if backend is None:
             raise Failure(RenderError("internal", "unknown_backend", f"no backend {claim.backend!r}"), False)
-        with _phase("generation", timings):
+        with self._phase("generation", render, timings):
+            if self._pacing is not None:
+                await self._pacing.wait_turn(self._backend_names.get(render.kind, claim.backend))
+            limit = self._max_duration_s.get(render.kind)
+            deadline = asyncio.timeout(limit)
             try:
-                artifact = await backend.generate(_input(render, reference), writer.progress)
+                async with deadline:
+                    artifact = await backend.generate(_input(render, reference), writer.progress)
             except BackendError as exc:
                 error = RenderError("generation_failed", exc.reason, str(exc), retryable=exc.transient)
                 raise Failure(error, exc.transient) from exc
+            except TimeoutError as exc:
+                if not deadline.expired():
+                    raise
+                message = f"the {render.kind} took longer than {limit:g} s, the most one may take"
+                raise Failure(RenderError("timeout", "max_duration", message), False) from exc
         await writer.write([NewEvent("phase", phase="store")], timings=timings)
-        with _phase("store", timings):
+        with self._phase("store", render, timings):
             try:
                 stored = await self._artifacts.put(render.id, artifact.data)
             except OSError as exc:
@@ -221,18 +251,19 @@ class JobRunner:
             sha256=stored.sha256,
             duration_s=artifact.duration_s,
         )
-        if not await self._queue.finish(claim, "succeeded", output=output, timings=timings):
+        if not await self._finish(claim, "succeeded", output=output, timings=timings):
             raise LeaseLost(claim.render_id)
 
     async def _reference(self, render: Render) -> tuple[bytes | None, str]:
         """The reference bytes, or None and why the render goes on without them."""
         assert render.reference is not None
         try:
-            return await self._references.resolve(render), ""
+            return await self._references.resolve(render)
         except ReferenceFailed as exc:
-            if not render.reference.required:
-                return None, f"going on without the reference: {exc.reason} ({exc})"
             error = RenderError("reference_fetch_failed", exc.reason, str(exc), retryable=exc.retryable)
+            if not render.reference.required:
+                _mark_failed(trace.get_current_span(), error)  # the image_fetch phase failed, not the render
+                return None, f"going on without the reference: {exc.reason} ({exc})"
             raise Failure(error, exc.transient) from exc
 
     async def _failed(self, claim: Claim, failure: Failure, timings: dict[str, float]) -> None:
@@ -244,6 +275,9 @@ class JobRunner:
             )
             if not await self._queue.requeue(claim, delay, message):
                 raise LeaseLost(claim.render_id)
+            self._instruments.retries.add(
+                1, {"error.code": error.code, "error.reason": error.reason, "render.kind": claim.kind}
+            )
             self.on_retry(delay)
             return
         if failure.transient:
@@ -253,19 +287,54 @@ class JobRunner:
                 f"{error.message} (after {claim.attempts} attempts)",
                 error.retryable,
             )
-        if not await self._queue.finish(claim, "failed", error=error, timings=timings):
+        if not await self._finish(claim, "failed", error=error, timings=timings):
             raise LeaseLost(claim.render_id)
 
+    async def _finish(self, claim: Claim, status: str, **end: Any) -> bool:
+        """Ends the job (see JobQueue.finish) and counts the render as finished if it was ours."""
+        ended = await self._queue.finish(claim, status, **end)
+        if ended:
+            error: RenderError | None = end.get("error")
+            labels = {"status": status, "render.kind": claim.kind}
+            if error is not None and status == "failed":
+                labels |= {"error.code": error.code, "error.reason": error.reason}
+            self._instruments.renders_finished.add(1, labels)
+        return ended
 
-@contextmanager
-def _phase(name: str, timings: dict[str, float]) -> Iterator[None]:
-    """A span for the phase, and its duration in `timings` (kept even when the phase fails)."""
-    started = time.perf_counter()
-    try:
-        with tracer.start_as_current_span(name):
-            yield
-    finally:
-        timings[f"{name}_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    @contextmanager
+    def _phase(self, name: str, render: Render, timings: dict[str, float]) -> Iterator[None]:
+        """A span for the phase, marked with why it failed if it did; its duration in `timings` (kept
+        even when the phase fails), in the phase histogram, and in a warning when over budget."""
+        started = time.perf_counter()
+        try:
+            with tracer.start_as_current_span(
+                name, record_exception=False, set_status_on_exception=False
+            ) as span:
+                try:
+                    yield
+                except Failure as failure:
+                    _mark_failed(span, failure.error)
+                    raise
+                except Exception as exc:
+                    record_failure(span, exc)
+                    raise
+        finally:
+            timings[f"{name}_ms"] = round((time.perf_counter() - started) * 1000, 3)
+            self._observe(name, render, timings[f"{name}_ms"], timings)
+
+    def _observe(self, phase: str, render: Render, elapsed_ms: float, timings: dict[str, float]) -> None:
+        self._instruments.phase_duration.record(
+            elapsed_ms / 1000, {"phase": phase, "render.kind": render.kind}
+        )
+        budget = self._budgets.of(phase)
+        if budget is not None and elapsed_ms > budget:
+            log_slow_operation(log, phase, elapsed_ms, budget, timings, render_id=render.id)
+
+
+def _mark_failed(span: Span, error: RenderError) -> None:
+    """The span failed, and why: `error.code` (reference_fetch_failed, ...) and `failure.reason`."""
+    span.set_attributes({"error.code": error.code, "failure.reason": error.reason})
+    span.set_status(Status(StatusCode.ERROR, f"{error.code}: {error.reason}"))
 
 
 def _input(render: Render, reference: bytes | None) -> GenerationInput:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,15 @@ from renderflow.v1 import generation_pb2, generation_pb2_grpc
 from services.generation.artifacts import LocalArtifactStore
 from services.generation.config import Settings
 from services.generation.events import EventHub
+from services.generation.instruments import Instruments, watch_queue
 from services.generation.listener import Listener
+from services.generation.prefetch import Prefetcher
 from services.generation.service import Renders
 from services.generation.servicer import GenerationServicer
+from services.generation.stalls import stalled_gauge, watch_stalls
 from services.generation.storage import RenderStore
 from shared.db import migrate, open_pool
+from shared.grpc_client import create_channel
 from shared.grpc_server import create_server, drain, start
 from shared.health import watching_database_health
 
@@ -57,14 +62,28 @@ async def running(settings: Settings) -> AsyncIterator[int]:
         url = database_url(settings.database_url)
         pool = await open_pool(url, name="generation", min_size=2, max_size=settings.pool_max)
         stack.push_async_callback(pool.close)
-        store = RenderStore(pool)
+        store = RenderStore(pool, settings.max_active_renders)
         hub = EventHub(store, settings.poll_interval_s)
         await stack.enter_async_context(background(hub.run(), "generation-event-pump"))
+        gauges = watch_queue(store.queue_depth, Instruments.create(), settings.queue_metrics_s)
+        await stack.enter_async_context(background(gauges, "generation-queue-metrics"))
+        stalls = watch_stalls(
+            partial(store.count_stalled, settings.stall_after_s), stalled_gauge(), settings.queue_metrics_s
+        )
+        await stack.enter_async_context(background(stalls, "generation-stall-metrics"))
         if not settings.db_poll_only:
             listener = Listener(url, ["generation_events"], hub.on_notify, hub.resync)
             await stack.enter_async_context(background(listener.run(), "generation-listen"))
         artifacts = LocalArtifactStore(settings.artifact_dir)
-        renders = Renders(store, hub, artifacts, settings.stall_after_s)
+        prefetch = None
+        if settings.prefetch_addr:
+            channel = await stack.enter_async_context(create_channel(settings.prefetch_addr))
+            prefetcher = Prefetcher(
+                channel, timeout_s=settings.prefetch_timeout_s, concurrency=settings.prefetch_concurrency
+            )
+            stack.push_async_callback(prefetcher.close)
+            prefetch = prefetcher.start
+        renders = Renders(store, hub, artifacts, settings.stall_after_s, prefetch)
         handle = create_server([SERVICE_NAME])
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(renders), handle.server

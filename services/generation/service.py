@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -30,25 +30,43 @@ class Renders:
     """Submitting, reading, cancelling and watching renders, on behalf of a user."""
 
     def __init__(
-        self, store: RenderStore, hub: EventHub, artifacts: ArtifactStore, stall_after_s: float
+        self,
+        store: RenderStore,
+        hub: EventHub,
+        artifacts: ArtifactStore,
+        stall_after_s: float,
+        prefetch: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
         self._hub = hub
         self._artifacts = artifacts
         self._stall_after_s = stall_after_s
+        self._prefetch = prefetch
+        """Starts fetching a reference URL in the background (not awaited), so that the worker
+        finds it cached."""
 
     async def submit(self, spec: RenderSpec, submission: Submission) -> Render:
         """Queues one render (idempotently); returns it as stored."""
         started = time.perf_counter()
         valid = normalized(spec)
-        return self._derived(await self._store.submit(valid, _traced(submission), started))
+        render = await self._store.submit(valid, _traced(submission), started)
+        self._prefetch_references([render])
+        return self._derived(render)
 
     async def submit_batch(self, specs: list[RenderSpec], submission: Submission) -> Batch:
-        """Queues every render of a batch, or none of them when one is invalid."""
+        """Queues every render of a batch, or none of them when one is invalid or over the quota."""
         started = time.perf_counter()
         valid = normalized_batch(specs)
         batch = await self._store.submit_batch(valid, _traced(submission), started)
+        self._prefetch_references(batch.renders)
         return replace(batch, renders=[self._derived(r) for r in batch.renders])
+
+    def _prefetch_references(self, renders: Iterable[Render]) -> None:
+        if self._prefetch is None:
+            return
+        urls = {r.reference.url for r in renders if r.reference and r.reference.url and not r.terminal}
+        for url in urls:
+            self._prefetch(url)
 
     async def get(self, user_id: str, render_id: str) -> Render:
         """The render with its queue position and a rough ETA while queued."""
@@ -89,7 +107,12 @@ class Renders:
     async def watch_batch(self, user_id: str, batch_id: str) -> AsyncIterator[Event]:
         """The events of every render of the batch, from the first, until all have ended."""
         batch = await self._store.get_batch(user_id, batch_id)
-        async for event in follow(self._hub, self._store, {r.id: 0 for r in batch.renders}):
+        # Renders already ended only replay their log (which may have been pruned).
+        ended = {r.id: 0 for r in batch.renders if r.terminal}
+        for event in await self._store.events_after_many(ended) if ended else []:
+            yield event
+        live = {r.id: 0 for r in batch.renders if not r.terminal}
+        async for event in follow(self._hub, self._store, live):
             yield event
 
     async def output(

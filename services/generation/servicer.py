@@ -113,7 +113,9 @@ def spec_from_pb(spec: pb.RenderSpec) -> RenderSpec:
     reference = None
     if spec.HasField("reference"):
         ref = spec.reference
-        reference = Reference(url=ref.url, render_id=ref.render_id, required=ref.required)
+        reference = Reference(
+            url=ref.url, render_id=ref.render_id, required=ref.required, chain_previous=ref.chain_previous
+        )
     return RenderSpec(
         render_id=spec.render_id,
         project_id=spec.project_id,
@@ -167,13 +169,16 @@ def render_pb(render: Render) -> pb.Render:
         trace_id=render.trace_id,
         created_at=_timestamp(render.created_at),
         stalled=render.stalled,
+        waiting_on=render.waiting_on,
     )
     if render.reference is not None:
         ref = render.reference
         if ref.url:
             message.reference.url = ref.url
-        else:
+        elif ref.render_id:
             message.reference.render_id = ref.render_id
+        else:
+            message.reference.chain_previous = ref.chain_previous
         message.reference.required = ref.required
     if render.output is not None:
         message.output.CopyFrom(pb.RenderOutput(**render.output.__dict__))

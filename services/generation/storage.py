@@ -1,7 +1,8 @@
-"""The render store of the API side: submit, read, list, cancel, event logs and batches.
+"""The render store of the API side: submit (with the per-user quota and chain waits), read,
+list, cancel, event logs and batches.
 
-All SQL of these operations lives here, and psycopg errors become shared.errors here and
-nowhere else.
+The SQL of these operations lives here and in `submissions` (the submit statement), and psycopg
+errors become shared.errors here and nowhere else.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -18,9 +18,9 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from services.generation.chains import predecessor, settle
 from services.generation.domain import (
     STATUSES,
     Batch,
@@ -33,51 +33,54 @@ from services.generation.domain import (
     RenderSpec,
     Submission,
 )
-from services.generation.records import event_from_row, record, render_from_row
-from shared.errors import Conflict, FailedPrecondition, NotFound, Unavailable, ValidationFailed
+from services.generation.records import SELECT_RENDER, event_from_row, record, render_from_row
+from services.generation.submissions import insert_render, released, same_request
+from shared.errors import (
+    Conflict,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+    ValidationFailed,
+)
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 200
-_BACKEND = "procedural"
-
-# One statement: the render, its job, its `queued` event and both wake-ups. ON CONFLICT DO
-# NOTHING covers the primary key and the (user, idempotency key) index alike, so racing
-# duplicates create one render; the loser gets no row and reads the winner's.
-_SUBMIT = """
-WITH r AS (
-    INSERT INTO renders (id, user_id, project_id, project, chain_id, position, kind, prompt,
-        negative_prompt, params, rules, reference, batch_id, timings, trace_id, traceparent,
-        idempotency_key, request_hash, priority, last_seq, created_at)
-    VALUES (%(id)s, %(user_id)s, %(project_id)s, %(project)s, %(chain_id)s, %(position)s, %(kind)s,
-        %(prompt)s, %(negative_prompt)s, %(params)s, %(rules)s, %(reference)s, %(batch_id)s,
-        %(timings)s, %(trace_id)s, %(traceparent)s, %(idempotency_key)s, %(request_hash)s,
-        %(priority)s, 1, clock_timestamp())
-    ON CONFLICT DO NOTHING
-    RETURNING *
-),
-j AS (
-    INSERT INTO jobs (render_id, tenant, priority, kind, backend, created_at)
-    SELECT id, user_id, priority, kind, %(backend)s, created_at FROM r
-),
-e AS (
-    INSERT INTO events (render_id, seq, type) SELECT id, 1, 'queued' FROM r
-)
-SELECT r.*, pg_notify('generation_jobs', r.id) AS _jobs,
-       pg_notify('generation_events', r.id || ':1') AS _events
-FROM r
+# An idempotency key stands for its first request for 24 hours; after that it is free again, and
+# releasing it from the old render (or batch) lets a new one take it. Run only when an insert
+# conflicted, so the submit path pays nothing for it.
+_RELEASE_BATCH_KEY = """
+UPDATE batches SET idempotency_key = NULL
+WHERE user_id = %s AND idempotency_key = %s AND created_at < clock_timestamp() - interval '24 hours'
+"""
+_INSERT_BATCH = """
+INSERT INTO batches (user_id, idempotency_key, request_hash) VALUES (%s, %s, %s)
+ON CONFLICT DO NOTHING RETURNING id
 """
 
+# Claims take tenants in turn: a job with k of its tenant's jobs ahead of it starts after about
+# k jobs of every other tenant too (fewer when they have fewer queued).
 _QUEUE_FIGURES = """
+WITH me AS (SELECT * FROM jobs WHERE render_id = %s AND state = 'queued'),
+own AS (
+    SELECT count(*) AS ahead FROM jobs q, me
+    WHERE q.tenant = me.tenant AND q.state = 'queued'
+      AND (q.priority > me.priority
+           OR (q.priority = me.priority AND (q.created_at, q.render_id) < (me.created_at, me.render_id)))
+)
 SELECT
-    (SELECT count(*) FROM jobs q WHERE q.state = 'queued'
-        AND (q.priority > j.priority
-             OR (q.priority = j.priority AND (q.created_at, q.render_id) < (j.created_at, j.render_id))))
-        AS ahead,
-    (SELECT count(*) FROM jobs WHERE state = 'running') AS running,
+    own.ahead + (SELECT coalesce(sum(least(t.queued, own.ahead)), 0) FROM tenants t
+                 WHERE t.queued > 0 AND t.tenant <> me.tenant) AS ahead,
+    (SELECT coalesce(sum(running), 0) FROM tenants) AS running,
     (SELECT avg(extract(epoch FROM s.finished_at - s.started_at)) FROM
         (SELECT finished_at, started_at FROM renders WHERE status = 'succeeded'
          ORDER BY finished_at DESC LIMIT 20) s) AS avg_run_s
-FROM jobs j WHERE j.render_id = %s AND j.state = 'queued'
+FROM me, own
+"""
+
+_STALLED = """
+SELECT count(*) FROM jobs j JOIN renders r ON r.id = j.render_id
+WHERE j.state = 'running'
+  AND coalesce(r.last_progress_at, r.started_at) < now() - make_interval(secs => %s)
 """
 
 _EVENTS_AFTER_MANY = """
@@ -102,8 +105,10 @@ async def _translated() -> AsyncIterator[None]:
 class RenderStore:
     """Renders, events and batches in schema `generation`, through a connection pool."""
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    def __init__(self, pool: AsyncConnectionPool, max_active: int = 0) -> None:
         self._pool = pool
+        self._max_active = max_active
+        """The most renders a user may have queued or running at once (0: no limit)."""
 
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[AsyncConnection[Any]]:
@@ -116,18 +121,21 @@ class RenderStore:
     async def submit(self, spec: RenderSpec, submission: Submission, started: float) -> Render:
         """Queues a validated render, or returns the one a repeat of this submit already queued."""
         async with self._conn() as conn:
-            return await _submit(conn, spec, submission, started, batch_id=None)
+            render = await insert_render(conn, spec, submission, started, None, self._max_active)
+            if render.waiting_on and (await settle(conn, [render.waiting_on])).changed:
+                return await self.get(submission.user_id, render.id)
+            return render
 
     async def submit_batch(self, specs: list[RenderSpec], submission: Submission, started: float) -> Batch:
-        """Queues every render of a batch in one transaction (or returns the batch a repeat made)."""
+        """Queues every render of a batch in one transaction (or returns the batch a repeat made):
+        all of them, or none when one is refused (QuotaExceeded)."""
+        ended: set[str] = set()
         async with self._conn() as conn, conn.transaction():
             key = submission.idempotency_key or None
-            row = await _one(
-                conn,
-                "INSERT INTO batches (user_id, idempotency_key, request_hash) VALUES (%s, %s, %s)"
-                " ON CONFLICT DO NOTHING RETURNING id",
-                [submission.user_id, key, submission.request_hash or None],
-            )
+            batch_params = [submission.user_id, key, submission.request_hash or None]
+            row = await _one(conn, _INSERT_BATCH, batch_params)
+            if row is None and await released(conn, _RELEASE_BATCH_KEY, submission.user_id, key):
+                row = await _one(conn, _INSERT_BATCH, batch_params)
             if row is None:
                 existing = await _one(
                     conn,
@@ -136,23 +144,28 @@ class RenderStore:
                 )
                 if existing is None:
                     raise Conflict("the batch is being created by a concurrent request")
-                _same_request(existing["request_hash"], submission.request_hash)
+                same_request(existing["request_hash"], submission.request_hash)
                 batch_id = str(existing["id"])
             else:
                 batch_id = str(row["id"])
                 no_key = Submission(
                     submission.user_id, traceparent=submission.traceparent, timings=submission.timings
                 )
-                for spec in specs:
-                    await _submit(conn, spec, no_key, started, batch_id=batch_id)
+                renders = [
+                    await insert_render(conn, spec, no_key, started, batch_id, self._max_active)
+                    for spec in specs
+                ]
+                # Dependents of renders outside the batch, which may have ended meanwhile.
+                ended = {r.waiting_on for r in renders} - {r.id for r in renders} - {""}
+        if ended:
+            async with self._conn() as conn:
+                await settle(conn, ended)
         return await self.get_batch(submission.user_id, batch_id)
 
     async def get(self, user_id: str, render_id: str) -> Render:
         """The user's render; NotFound when it does not exist or is someone else's."""
         async with self._conn() as conn:
-            row = await _one(
-                conn, "SELECT * FROM renders WHERE id = %s AND user_id = %s", [render_id, user_id]
-            )
+            row = await _one(conn, f"{SELECT_RENDER} WHERE id = %s AND user_id = %s", [render_id, user_id])
         if row is None:
             raise NotFound(f"render {render_id} not found")
         return render_from_row(row)
@@ -160,7 +173,7 @@ class RenderStore:
     async def get_any(self, render_id: str) -> Render:
         """A render whoever owns it (for workers)."""
         async with self._conn() as conn:
-            row = await _one(conn, "SELECT * FROM renders WHERE id = %s", [render_id])
+            row = await _one(conn, f"{SELECT_RENDER} WHERE id = %s", [render_id])
         if row is None:
             raise NotFound(f"render {render_id} not found")
         return render_from_row(row)
@@ -174,6 +187,12 @@ class RenderStore:
             return None
         avg = row["avg_run_s"]
         return int(row["ahead"]), int(row["running"]), None if avg is None else float(avg)
+
+    async def queue_depth(self) -> dict[tuple[str, str], int]:
+        """Jobs by (kind, state): queued (retries in backoff included) and running, right now."""
+        async with self._conn() as conn:
+            rows = await _all(conn, "SELECT kind, state, count(*) AS jobs FROM jobs GROUP BY kind, state", [])
+        return {(row["kind"], row["state"]): int(row["jobs"]) for row in rows}
 
     async def list_page(self, user_id: str, where: RenderFilter, page_size: int, page_token: str) -> Page:
         """The user's renders matching `where`, newest first (or by chain position), one page."""
@@ -195,7 +214,7 @@ class RenderStore:
             if page_token:
                 clauses.append(sql.SQL("(created_at, id) < (%s::timestamptz, %s)"))
                 params.extend(_decode_token(page_token, str))
-        query = sql.SQL("SELECT * FROM renders WHERE {} ORDER BY {} LIMIT {}").format(
+        query = sql.SQL(SELECT_RENDER + " WHERE {} ORDER BY {} LIMIT {}").format(
             sql.SQL(" AND ").join(clauses), order, size + 1
         )
         async with self._conn() as conn:
@@ -209,9 +228,16 @@ class RenderStore:
         return Page(renders, token)
 
     async def cancel(self, user_id: str, render_id: str) -> bool:
-        """Cancels a queued render at once (True), or flags a running one for its worker (False).
-        FailedPrecondition when it has ended; NotFound when it is not the user's."""
-        async with self._conn() as conn, conn.transaction():
+        """Cancels a queued (or waiting) render at once (True), or flags a running one for its
+        worker (False). FailedPrecondition when it has ended; NotFound when it is not the user's."""
+        async with self._conn() as conn:
+            cancelled = await self._cancel(conn, user_id, render_id)
+            if cancelled:
+                await settle(conn, [render_id])  # its chain dependents fail
+            return cancelled
+
+    async def _cancel(self, conn: AsyncConnection[Any], user_id: str, render_id: str) -> bool:
+        async with conn.transaction():
             # Lock order everywhere: the job row, then the render row.
             job = await _one(
                 conn,
@@ -225,7 +251,7 @@ class RenderStore:
                 if render is None:
                     raise NotFound(f"render {render_id} not found")
                 raise FailedPrecondition(f"render {render_id} has already ended ({render['status']})")
-            if job["state"] == "queued":
+            if job["state"] != "running":
                 await conn.execute("DELETE FROM jobs WHERE render_id = %s", [render_id])
                 error = RenderError("cancelled", message="cancelled at the user's request")
                 await record(
@@ -235,6 +261,19 @@ class RenderStore:
             await conn.execute("UPDATE jobs SET cancel_requested = true WHERE render_id = %s", [render_id])
             await conn.execute("SELECT pg_notify('generation_cancel', %s)", [render_id])
             return False
+
+    async def predecessor(self, user_id: str, chain_id: str, position: int) -> Render | None:
+        """The user's render before `position` in the chain, if any."""
+        async with self._conn() as conn:
+            before = await predecessor(conn, user_id, chain_id, position)
+        return None if before is None else await self.get(user_id, before.id)
+
+    async def count_stalled(self, stall_after_s: float) -> int:
+        """Running renders without progress for longer than `stall_after_s`."""
+        async with self._conn() as conn:
+            cur = await conn.execute(_STALLED, [stall_after_s])
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
     async def events_after(self, render_id: str, after_seq: int) -> list[Event]:
         """A render's events with seq above `after_seq`, in order."""
@@ -259,72 +298,13 @@ class RenderStore:
             if row is None:
                 raise NotFound(f"batch {batch_id} not found")
             rows = await _all(
-                conn, "SELECT * FROM renders WHERE batch_id = %s ORDER BY created_at, id", [row["id"]]
+                conn, f"{SELECT_RENDER} WHERE batch_id = %s ORDER BY created_at, id", [row["id"]]
             )
         renders = [render_from_row(r) for r in rows]
         counts: dict[str, int] = {status: 0 for status in STATUSES}
         for render in renders:
             counts[render.status] += 1
         return Batch(str(row["id"]), row["user_id"], row["created_at"], counts, renders)
-
-
-async def _submit(
-    conn: AsyncConnection[Any], spec: RenderSpec, submission: Submission, started: float, batch_id: str | None
-) -> Render:
-    key = submission.idempotency_key or None
-    timings = dict(submission.timings)
-    # Measured up to the statement that makes the render durable (its own round trip excluded).
-    timings["enqueue_ms"] = round((time.perf_counter() - started) * 1000, 3)
-    params = {
-        "id": spec.render_id,
-        "user_id": submission.user_id,
-        "project_id": spec.project_id,
-        "project": spec.project,
-        "chain_id": spec.chain_id,
-        "position": spec.position,
-        "kind": spec.kind,
-        "prompt": spec.prompt,
-        "negative_prompt": spec.negative_prompt,
-        "params": Jsonb(spec.params.__dict__),
-        "rules": Jsonb([{"id": r.id, "text": r.text} for r in spec.rules]),
-        "reference": Jsonb(spec.reference.to_json()) if spec.reference else None,
-        "batch_id": batch_id,
-        "timings": Jsonb(timings),
-        "trace_id": _trace_id(submission.traceparent),
-        "traceparent": submission.traceparent,
-        "idempotency_key": key,
-        "request_hash": submission.request_hash or None,
-        "priority": spec.priority,
-        "backend": _BACKEND,
-    }
-    row = await _one(conn, _SUBMIT, params)
-    if row is not None:
-        return render_from_row(row)
-    existing = await _one(conn, "SELECT * FROM renders WHERE id = %s", [spec.render_id])
-    if existing is not None:
-        if existing["user_id"] != submission.user_id:
-            raise Conflict(f"render id {spec.render_id} is taken")
-        return render_from_row(existing)
-    if key is not None:
-        existing = await _one(
-            conn,
-            "SELECT * FROM renders WHERE user_id = %s AND idempotency_key = %s",
-            [submission.user_id, key],
-        )
-        if existing is not None:
-            _same_request(existing["request_hash"], submission.request_hash)
-            return render_from_row(existing)
-    raise Conflict("the render is being created by a concurrent request; try again")
-
-
-def _same_request(stored_hash: str | None, request_hash: str) -> None:
-    if (stored_hash or "") != request_hash:
-        raise ValidationFailed.field("idempotency_key", "was already used with a different request")
-
-
-def _trace_id(traceparent: str) -> str:
-    parts = traceparent.split("-")
-    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else ""
 
 
 async def _one(conn: AsyncConnection[Any], query: str, params: Any) -> dict[str, Any] | None:

@@ -73,8 +73,13 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
 
     reference = spec.reference
     if reference is not None:
-        if bool(reference.url) == bool(reference.render_id):
-            bad("reference", "must have exactly one of url and render_id")
+        if [bool(reference.url), bool(reference.render_id), reference.chain_previous].count(True) != 1:
+            bad("reference", "must have exactly one of url, render_id and chain_previous")
+        elif reference.chain_previous:
+            if not spec.chain_id or spec.position < 1:
+                bad("reference.chain_previous", "needs the render's chain_id and position")
+            elif spec.position == 1:
+                reference = None  # the first render of a chain has nothing before it
         elif reference.url:
             parts = urlsplit(reference.url)
             if parts.scheme not in ("http", "https") or not parts.hostname or len(reference.url) > 2048:
@@ -96,7 +101,7 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
 
     if errors:
         raise ValidationFailed(f"{errors[0].field}: {errors[0].message}", errors)
-    return replace(spec, render_id=render_id, params=params)
+    return replace(spec, render_id=render_id, params=params, reference=reference)
 
 
 def normalized_batch(specs: list[RenderSpec]) -> list[RenderSpec]:

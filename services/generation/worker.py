@@ -18,10 +18,11 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from services.generation.artifacts import ArtifactStore, LocalArtifactStore
 from services.generation.backends import Backend
-from services.generation.backends.procedural import ProceduralBackend
+from services.generation.backends.selection import open_backends
 from services.generation.config import WorkerSettings
 from services.generation.jobs import Claim, JobQueue
 from services.generation.listener import Listener
+from services.generation.pacing import BackendPacing
 from services.generation.references import References
 from services.generation.runner import Control, JobRunner, RetryPolicy, StopReason
 from services.generation.server import MIGRATIONS, SCHEMA, background, database_url
@@ -181,9 +182,19 @@ async def running_worker(
         channel = create_channel(settings.imagefetch_addr)
         stack.push_async_callback(channel.close)
         store = RenderStore(pool)
-        queue = JobQueue(pool, lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+        queue = JobQueue(
+            pool,
+            lease_s=settings.lease_s,
+            max_attempts=settings.max_attempts,
+            tenant_max_running=settings.tenant_max_running,
+            chain_wait_s=settings.chain_wait_s,
+            event_retention_s=settings.event_retention_s,
+        )
         artifacts = artifacts or LocalArtifactStore(settings.artifact_dir)
-        backends = backends or {"procedural": ProceduralBackend(settings.procedural_step_ms)}
+        if backends is None:
+            backends = await stack.enter_async_context(
+                open_backends(settings.backend, settings.procedural_step_ms)
+            )
         references = References(channel, store, artifacts, settings.image_fetch_timeout_s)
         retry = RetryPolicy(settings.retry_base_s, settings.retry_max_s)
         runner = JobRunner(
@@ -194,6 +205,10 @@ async def running_worker(
             references,
             retry=retry,
             progress_interval_s=settings.progress_interval_s,
+            budgets=settings.budgets,
+            max_duration_s={"image": settings.max_duration_image_s, "video": settings.max_duration_video_s},
+            pacing=BackendPacing(pool, settings.backend_rate_limits),
+            backend_names={"image": settings.backend.image, "video": settings.backend.video},
         )
         worker = Worker(settings, queue, runner)
         runner.on_retry = worker.wake_later

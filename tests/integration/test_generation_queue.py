@@ -1,5 +1,6 @@
 """The job queue against PostgreSQL: claims never overlap, a job taken away rejects its old
-holder's writes, expired leases are requeued or ended, hand-backs refund, retries wait."""
+holder's writes, expired leases are requeued or ended, hand-backs refund, retries wait; claims
+take tenants in turn under a per-tenant cap; tenant counts are recounted; old events are pruned."""
 
 from __future__ import annotations
 
@@ -117,3 +118,72 @@ async def test_a_hand_back_refunds_the_attempt_and_a_retry_waits(queue: Queue) -
     render = await queue.store.get("alice", render_id)
     assert render.status == "queued"
     assert await queue.event_types(render_id) == ["queued", "queued", "queued"]
+
+
+async def _submit_for(queue: Queue, tenant: str, count: int, priority: int = 0) -> list[str]:
+    ids = []
+    for i in range(count):
+        spec = normalized(RenderSpec(prompt=f"{tenant} {i}", priority=priority))
+        ids.append((await queue.store.submit(spec, Submission(tenant), time.perf_counter())).id)
+    return ids
+
+
+async def test_claims_take_tenants_in_turn_and_priority_within_each(queue: Queue) -> None:
+    alice = await _submit_for(queue, "alice", 6)
+    bob = await _submit_for(queue, "bob", 2)
+    urgent = await _submit_for(queue, "alice", 1, priority=5)
+
+    first = await queue.jobs.claim("w", 4)
+    rest = await queue.jobs.claim("w", 10)
+
+    # Round-robin: each tenant's next job in turn, however many the other has queued.
+    assert sorted((c.tenant, c.render_id) for c in first) == sorted(
+        [("alice", urgent[0]), ("alice", alice[0]), ("bob", bob[0]), ("bob", bob[1])]
+    )
+    assert [c.render_id for c in rest] == alice[1:]
+
+
+async def test_the_tenant_cap_holds_and_counts_follow_the_jobs(queue: Queue) -> None:
+    capped = JobQueue(queue.pool, lease_s=30, max_attempts=2, tenant_max_running=2)
+    await _submit_for(queue, "alice", 5)
+    await _submit_for(queue, "bob", 1)
+
+    claims = await asyncio.gather(*(capped.claim(f"w{i}", 3) for i in range(4)))
+    held = [c for got in claims for c in got]
+
+    assert sorted(c.tenant for c in held) == ["alice", "alice", "bob"]
+    assert await capped.claim("w", 3) == []
+    assert await _tenants(queue) == {"alice": (3, 2, 0), "bob": (0, 1, 0)}
+    await capped.finish(next(c for c in held if c.tenant == "alice"), "succeeded", output=OUTPUT)
+    assert [c.tenant for c in await capped.claim("w", 3)] == ["alice"]
+    assert await _tenants(queue) == {"alice": (2, 2, 0), "bob": (0, 1, 0)}
+
+
+async def test_tenant_counts_are_recounted_when_they_drift(queue: Queue) -> None:
+    await _submit_for(queue, "alice", 3)
+    await queue.jobs.claim("w", 1)
+    async with queue.pool.connection() as conn:
+        await conn.execute("UPDATE tenants SET running = 7, queued = 0")  # as if corrupted
+    assert await queue.jobs.recount() == 1
+    assert await _tenants(queue) == {"alice": (2, 1, 0)}
+
+
+async def test_events_of_renders_ended_long_ago_are_pruned(queue: Queue) -> None:
+    old, recent, open_ = await queue.submit(3)
+    for claim in await queue.jobs.claim("w", 2):
+        assert await queue.jobs.finish(claim, "succeeded", output=OUTPUT)
+    async with queue.pool.connection() as conn:
+        await conn.execute("UPDATE events SET at = now() - interval '8 days' WHERE render_id = %s", [old])
+
+    rescued = await queue.jobs.rescue()
+
+    assert rescued.pruned == 1
+    assert await queue.event_types(old) == []
+    assert (await queue.store.get("alice", old)).status == "succeeded"  # the render stays
+    assert await queue.event_types(recent) != [] and await queue.event_types(open_) == ["queued"]
+
+
+async def _tenants(queue: Queue) -> dict[str, tuple[int, int, int]]:
+    async with queue.pool.connection() as conn:
+        cur = await conn.execute("SELECT tenant, queued, running, waiting FROM tenants")
+        return {row[0]: (row[1], row[2], row[3]) for row in await cur.fetchall()}

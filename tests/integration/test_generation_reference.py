@@ -1,19 +1,21 @@
 """Reference images in the work path, against a stand-in imagefetch server speaking the real
 contract: fetched and blended, going on without when allowed, failing with the fetch's reason
-when required, read from another render; and the job's trace linked to the submitting request."""
+when required, read from another render; prefetched at submit; and the job's trace linked to the
+submitting request."""
 
 # Fixtures come from test_generation_support and are requested by name (F401/F811 are expected).
 # ruff: noqa: F401, F811
 
 from __future__ import annotations
 
+import asyncio
 import io
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from PIL import Image
@@ -22,11 +24,13 @@ from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
 
 from shared.grpc_server import create_server, start
 from tests.integration.test_generation_support import (
+    ServerFactory,
     Stub,
     WorkerFactory,
     artifact_dir,
     events,
     finished,
+    start_server,
     start_worker,
     status_name,
     stub,
@@ -43,9 +47,11 @@ class StandInImageFetch(imagefetch_pb2_grpc.ImageFetchServiceServicer):
 
     def __init__(self) -> None:
         self.requests: list[str] = []
+        self.asked = asyncio.Event()
 
     async def Fetch(self, request: imagefetch_pb2.FetchRequest, context: Any) -> imagefetch_pb2.FetchResult:
         self.requests.append(request.url)
+        self.asked.set()
         if request.url != OK_URL:
             failure = imagefetch_pb2.FetchFailure(reason="http_404", message="the origin said 404")
             return imagefetch_pb2.FetchResult(url=request.url, failure=failure)
@@ -110,6 +116,17 @@ async def test_a_missing_required_reference_fails_with_the_fetch_reason(
     assert (done.error.code, done.error.reason) == ("reference_fetch_failed", "http_404")
 
 
+async def test_submit_prefetches_a_reference_url_in_the_background(
+    start_server: ServerFactory, imagefetch: tuple[str, StandInImageFetch]
+) -> None:
+    address, servicer = imagefetch
+    stub = await start_server(prefetch_addr=address)
+    render = await submit(stub, reference=pb.Reference(url=OK_URL))
+    assert status_name(render) == "queued"  # no worker: only the prefetch can have asked
+    await asyncio.wait_for(servicer.asked.wait(), 5)
+    assert servicer.requests == [OK_URL]
+
+
 async def test_imagefetch_down_retries_a_required_reference(stub: Stub, start_worker: WorkerFactory) -> None:
     await start_worker(imagefetch_addr="127.0.0.1:1", max_attempts=2)  # nothing listens there
     optional = await finished(stub, (await submit(stub, reference=pb.Reference(url=OK_URL))).id)
@@ -146,11 +163,15 @@ async def test_the_job_trace_links_to_the_submitting_request(stub: Stub, start_w
         provider = trace.get_tracer_provider()
     assert isinstance(provider, TracerProvider)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
+    render_ended = _RenderEnded()
+    provider.add_span_processor(render_ended)
     trace_id, span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     try:
         await start_worker()
         render = await submit(stub, traceparent=f"00-{trace_id}-{span_id}-01")
         done = await finished(stub, render.id)
+        # The worker's `render` span ends a moment after the terminal event is visible.
+        await asyncio.wait_for(render_ended.wait(render.id), 5)
         spans = exporter.get_finished_spans()
     finally:
         exporter.shutdown()
@@ -160,3 +181,22 @@ async def test_the_job_trace_links_to_the_submitting_request(stub: Stub, start_w
     assert links == [(int(trace_id, 16), int(span_id, 16))]
     children = {s.name for s in spans if s.parent and s.parent.span_id == root.context.span_id}
     assert {"queue_wait", "generation", "store"} <= children
+
+
+class _RenderEnded(SpanProcessor):
+    """Tells when the `render` span of a render has ended."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._ended: dict[str, asyncio.Event] = {}
+
+    def _event(self, render_id: str) -> asyncio.Event:
+        return self._ended.setdefault(render_id, asyncio.Event())
+
+    def on_end(self, span: ReadableSpan) -> None:
+        render_id = (span.attributes or {}).get("render.id")
+        if span.name == "render" and isinstance(render_id, str):
+            self._loop.call_soon_threadsafe(self._event(render_id).set)
+
+    async def wait(self, render_id: str) -> None:
+        await self._event(render_id).wait()

@@ -65,6 +65,26 @@ async def stub(database_url: str, artifact_dir: Path) -> AsyncIterator[Stub]:
         yield pb_grpc.GenerationServiceStub(channel)
 
 
+ServerFactory = Callable[..., Awaitable[Stub]]
+
+
+@pytest.fixture
+async def start_server(database_url: str, artifact_dir: Path) -> AsyncIterator[ServerFactory]:
+    """Starts generation servers with changed settings (`start_server(stall_after_s=1)`) and
+    returns a client of each; stops them after."""
+    async with AsyncExitStack() as stack:
+
+        async def start(**changes: Any) -> Stub:
+            settings = Settings(
+                listen="127.0.0.1:0", database_url=database_url, artifact_dir=artifact_dir, drain_grace_s=0.5
+            )
+            port = await stack.enter_async_context(running(replace(settings, **changes)))
+            channel = await stack.enter_async_context(create_channel(f"127.0.0.1:{port}"))
+            return pb_grpc.GenerationServiceStub(channel)
+
+        yield start
+
+
 WorkerFactory = Callable[..., Awaitable[Worker]]
 
 

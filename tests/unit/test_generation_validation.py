@@ -61,3 +61,14 @@ def test_a_batch_names_the_first_bad_item_by_index() -> None:
     assert [e.field for e in caught.value.errors] == ["items[1].render_id"]
     with pytest.raises(ValidationFailed):
         normalized_batch([good] * 65)
+
+
+def test_a_chain_reference_needs_the_chain_and_is_dropped_for_the_first_render() -> None:
+    previous = Reference(chain_previous=True)
+    assert _fields(RenderSpec(prompt="x", reference=previous)) == {"reference.chain_previous"}
+    both = Reference(url="https://example.com/a.png", chain_previous=True)
+    assert _fields(RenderSpec(prompt="x", chain_id="c", position=2, reference=both)) == {"reference"}
+    first = normalized(RenderSpec(prompt="x", chain_id="c", position=1, reference=previous))
+    assert first.reference is None
+    second = normalized(RenderSpec(prompt="x", chain_id="c", position=2, reference=previous))
+    assert second.reference == previous
