@@ -232,12 +232,6 @@ async def test_a_worker_whose_job_was_taken_drops_its_work(
     assert [e.type for e in await events(stub, render.id)].count("succeeded") == 1
 
 
-async def test_video_is_refused_for_now(stub: Stub, start_worker: WorkerFactory) -> None:
-    await start_worker()
-    done = await finished(stub, (await submit(stub, kind=pb.RENDER_KIND_VIDEO)).id)
-    assert status_name(done) == "failed" and done.error.reason == "unsupported_kind"
-
-
 async def _watch_batch(stub: Stub, batch_id: str) -> list[pb.RenderEvent]:
     call = stub.WatchBatch(pb.WatchBatchRequest(user_id="alice", batch_id=batch_id))
     return [event async for event in call]
