@@ -1,7 +1,10 @@
 """Chain dependencies: a render whose reference is "the previous render of its chain" waits until
 that predecessor ends, then runs with its output, or fails with `dependency_failed`.
 
-The predecessor is the user's render at the same chain's position - 1. A dependent's job is
+The predecessor is the user's render at the same chain's position - 1. A position can be allocated
+and never used (the submit after `PrepareRender` refused, or its gateway gone): when no render has
+come for position - 1 within the chain wait, the nearest earlier render of the chain stands in for
+it, so one lost position does not fail the rest of the chain. A dependent's job is
 `waiting` (not claimable) until `settle` releases it. `settle` runs right after whatever may end a
 predecessor (a worker's finish, a cancel, the rescuer) and after a chain render's submit; the
 rescuer also runs it over every waiting job, so a wake-up lost to a crash or a race only delays a
@@ -21,12 +24,13 @@ from psycopg.rows import dict_row
 from services.generation.domain import NewEvent, RenderError
 from services.generation.records import record
 
-# The user's render at the previous position of the chain (the newest, should a client have
-# submitted one position twice).
+# The user's nearest earlier render of the chain (the newest, should a client have submitted one
+# position twice). Settling decides when a gap below a render may be skipped; by the time the
+# render runs, this is the render it was released after.
 _PREDECESSOR = """
 SELECT id, status FROM renders
-WHERE user_id = %s AND chain_id = %s AND position = %s
-ORDER BY created_at DESC LIMIT 1
+WHERE user_id = %s AND chain_id = %s AND position < %s
+ORDER BY position DESC, created_at DESC LIMIT 1
 """
 
 # Waiting jobs with their predecessor as it stands now. `{which}` picks the dependents of given
@@ -39,8 +43,9 @@ FROM jobs j
 JOIN renders d ON d.id = j.render_id
 LEFT JOIN LATERAL (
     SELECT id, status FROM renders p
-    WHERE p.user_id = d.user_id AND p.chain_id = d.chain_id AND p.position = d.position - 1
-    ORDER BY p.created_at DESC LIMIT 1
+    WHERE p.user_id = d.user_id AND p.chain_id = d.chain_id AND p.position < d.position
+        AND (p.position = d.position - 1 OR j.created_at < now() - make_interval(secs => %(wait_s)s))
+    ORDER BY p.position DESC, p.created_at DESC LIMIT 1
 ) p ON true
 WHERE j.state = 'waiting' AND {which}
 ORDER BY j.created_at
@@ -85,8 +90,8 @@ class Settled:
 async def predecessor(
     conn: AsyncConnection[Any], user_id: str, chain_id: str, position: int
 ) -> Predecessor | None:
-    """The render before `position` in the user's chain, if it has been submitted."""
-    cur = await conn.execute(_PREDECESSOR, [user_id, chain_id, position - 1])
+    """The nearest render before `position` in the user's chain, if one has been submitted."""
+    cur = await conn.execute(_PREDECESSOR, [user_id, chain_id, position])
     row = await cur.fetchone()
     return None if row is None else Predecessor(row[0], row[1])
 
@@ -125,7 +130,7 @@ async def _settle_one(
         if not job["overdue"]:
             return None
         message = (
-            f"no render at position {job['position'] - 1} of chain {job['chain_id']} was submitted"
+            f"no render before position {job['position']} of chain {job['chain_id']} was submitted"
             f" within {missing_wait_s:g} s"
         )
         return await _fail(conn, render_id, RenderError("dependency_failed", "missing", message))

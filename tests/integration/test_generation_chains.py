@@ -1,7 +1,7 @@
 """Chains: a render whose reference is the previous render of its chain waits for it (showing what
 it waits on), then runs on its output; when the predecessor fails or is cancelled it fails with
-`dependency_failed`, and so on down the chain; predecessors submitted late are waited for, and a
-predecessor never submitted fails it after a while."""
+`dependency_failed`, and so on down the chain; predecessors submitted late are waited for, a
+position never used is skipped after a while, and a chain with nothing before the render fails it."""
 
 # Fixtures come from test_generation_support and are requested by name (F401/F811 are expected).
 # ruff: noqa: F401, F811
@@ -144,7 +144,22 @@ async def test_a_predecessor_never_submitted_fails_the_render_after_a_while(
     done = await finished(stub, orphan.id)
     assert status_name(done) == "failed"
     assert (done.error.code, done.error.reason) == ("dependency_failed", "missing")
-    assert "position 4 of chain chain-1" in done.error.message
+    assert "before position 5 of chain chain-1" in done.error.message
+
+
+async def test_a_position_never_used_is_skipped_after_the_chain_wait(
+    stub: Stub, start_worker: WorkerFactory
+) -> None:
+    # Position 2 was allocated but its submit never came (refused by the quota, say).
+    (first,) = await _chain(stub, "first")
+    (third,) = await _chain(stub, "third", start=3)
+    await start_worker(chain_wait_s=0.3)
+
+    done = await finished(stub, third.id)
+
+    assert status_name(done) == "succeeded"
+    notes = await _messages(stub, third.id, "queued")
+    assert any(first.id in note for note in notes), notes
 
 
 async def test_a_batch_can_be_a_chain(stub: Stub, start_worker: WorkerFactory) -> None:
