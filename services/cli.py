@@ -24,6 +24,9 @@ from shared.errors import RenderflowError
 from shared.settings import Addresses, ConfigError, Env, run_dir
 
 DEFAULT_PG_PORT = 54329
+METRICS_BASE_PORT = 9100
+"""`/metrics` of metadata, imagefetch, generation on base+1..3, of worker n on base+10+n (the
+gateway serves it on its own port); RENDERFLOW_METRICS_BASE_PORT moves them, 0 turns them off."""
 STOP_TIMEOUT = 7.5  # seconds for the services; PostgreSQL's fast shutdown fits in what is left of 10
 
 
@@ -80,19 +83,31 @@ def renderflow_stages(env: Env, python: str = sys.executable) -> list[list[Proce
     then the workers and the gateway (which stop first, in reverse)."""
     addresses = Addresses.from_env(env)
     workers = env.int("RENDERFLOW_WORKERS", 2, minimum=0)
+    metrics_base = env.int("RENDERFLOW_METRICS_BASE_PORT", METRICS_BASE_PORT, minimum=0)
 
-    def module(name: str, module: str, health: GrpcHealth | HttpHealth | None) -> ProcessSpec:
-        return ProcessSpec(name, (python, "-m", module), health)
+    def module(
+        name: str, module: str, health: GrpcHealth | HttpHealth | None, metrics_offset: int = 0
+    ) -> ProcessSpec:
+        port = metrics_base + metrics_offset if metrics_base and metrics_offset else 0
+        return ProcessSpec(name, (python, "-m", module), health, {"RENDERFLOW_METRICS_PORT": str(port)})
 
     return [
-        [module("metadata", "services.metadata", GrpcHealth(addresses.metadata))],
-        [module("imagefetch", "services.imagefetch", GrpcHealth(addresses.imagefetch))],
-        [module("generation", "services.generation", GrpcHealth(addresses.generation))],
+        [module("metadata", "services.metadata", GrpcHealth(addresses.metadata), 1)],
+        [module("imagefetch", "services.imagefetch", GrpcHealth(addresses.imagefetch), 2)],
+        [module("generation", "services.generation", GrpcHealth(addresses.generation), 3)],
         [
-            *(module(f"worker-{n}", "services.generation.worker", None) for n in range(1, workers + 1)),
+            *(
+                module(f"worker-{n}", "services.generation.worker", None, 10 + n)
+                for n in range(1, workers + 1)
+            ),
             module("gateway", "gateway", HttpHealth(f"{gateway_url(env)}/healthz")),
         ],
     ]
+
+
+def _service_metrics(env: Env) -> str:
+    base = env.int("RENDERFLOW_METRICS_BASE_PORT", METRICS_BASE_PORT, minimum=0)
+    return f"; services on ports {base + 1}-{base + 3}, worker n on {base + 10}+n" if base else ""
 
 
 def gateway_url(env: Env) -> str:
@@ -161,6 +176,7 @@ async def _serve(
             f"  API key:   {api_key}   (Authorization: Bearer <key>)\n"
             f"  database:  {database_url}\n"
             f"  logs:      {directory / 'logs'}/<process>.log\n"
+            f"  metrics:   {gateway_url(env)}/metrics{_service_metrics(env)}\n"
             "Ctrl-C to stop.",
             flush=True,
         )

@@ -34,6 +34,7 @@ from services.imagefetch.model import (
     FetchFailure,
     Progress,
 )
+from shared.telemetry import http_client_tracing
 
 USER_AGENT = "renderflow-imagefetch/0.1"
 CHUNK_BYTES = 64 * 1024
@@ -100,6 +101,7 @@ class HttpFetcher:
             trust_env=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": USER_AGENT, "Accept": _ACCEPT, "Accept-Encoding": "identity"},
+            trace_configs=http_client_tracing(),
         ) as session:
             yield cls(session, settings, instruments)
 
@@ -131,6 +133,7 @@ class HttpFetcher:
             stop=stop,
             wait=_Backoff(settings),
             retry=retry_if_exception(lambda exc: isinstance(exc, FetchFailure) and exc.retryable),
+            before_sleep=self._count_retry,
             reraise=True,
         )
         deadline = asyncio.timeout_at(deadline_at)
@@ -147,6 +150,11 @@ class HttpFetcher:
                 raise
             raise FetchFailure.timed_out() from None
         raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome is not None else None
+        reason = failure.reason if isinstance(failure, FetchFailure) else "unknown"
+        self._instruments.retries.add(1, {"reason": reason})
 
     async def _attempt(self, url: URL, number: int, on_progress: ProgressSink | None) -> Download:
         started = time.monotonic()
