@@ -8,7 +8,7 @@ PROTO_SRC := $(wildcard protos/renderflow/v1/*.proto)
 PROTO_STAMP := protos/renderflow/v1/.generated
 INSTALL_STAMP := $(VENV)/.installed
 
-.PHONY: install proto run test lint format clean
+.PHONY: install proto run test lint format bench chaos clean
 
 install: $(INSTALL_STAMP) $(PROTO_STAMP)
 
@@ -36,6 +36,14 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Benchmarks side by side (ceilings, the seed design, procrastinate); results in bench-results/.
+bench: install
+	$(BIN)/python -m tests.bench.run_all
+
+# Faults under steady load; exits non-zero when an invariant breaks.
+chaos: install
+	$(BIN)/python -m tests.chaos
 
 lint: install
 	$(BIN)/ruff check .

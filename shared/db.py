@@ -20,9 +20,24 @@ log = logging.getLogger(__name__)
 
 
 async def open_pool(
-    url: str, *, name: str, min_size: int = 1, max_size: int = 10, timeout: float = 30.0
+    url: str,
+    *,
+    name: str,
+    min_size: int = 1,
+    max_size: int = 10,
+    timeout: float = 3.0,
+    open_timeout: float = 30.0,
+    reconnect_timeout: float = 5.0,
 ) -> AsyncConnectionPool:
-    """An opened pool whose connections are checked before use, so a restarted server heals."""
+    """An opened pool whose connections are checked before use, so a restarted server heals.
+
+    While the database is down a request waits at most `timeout` for a connection, then fails
+    (psycopg_pool.PoolTimeout, an OperationalError: the storage edges make it `Unavailable`), so
+    clients get a prompt 503 rather than a gateway deadline. psycopg_pool retries a lost connection
+    with a delay that doubles without bound; giving up after `reconnect_timeout` lets the next
+    request start a fresh attempt, so recovery after the database returns does not grow with the
+    length of the outage.
+    """
     pool = AsyncConnectionPool(
         url,
         min_size=min_size,
@@ -30,10 +45,11 @@ async def open_pool(
         name=name,
         open=False,
         timeout=timeout,
+        reconnect_timeout=reconnect_timeout,
         check=_check_connection,
         kwargs={"application_name": f"renderflow-{name}"},
     )
-    await pool.open(wait=True, timeout=timeout)
+    await pool.open(wait=True, timeout=open_timeout)
     return pool
 
 

@@ -1,0 +1,1 @@
+"""The seed design, rebuilt small and faithful, as the baseline the benchmarks compare against."""

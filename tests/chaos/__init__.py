@@ -1,0 +1,1 @@
+"""Chaos suite: the stack under load through crashes and outages, judged by its invariants."""
