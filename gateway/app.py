@@ -13,14 +13,18 @@ from opentelemetry import trace
 from gateway.auth import AUTHENTICATOR, Authenticator, auth_middleware
 from gateway.clients import Clients, open_clients
 from gateway.config import Settings
+from gateway.idempotency import idempotency_context
+from gateway.limits import add_rate_limit_headers, rate_limit_middleware, rate_limits_context
 from gateway.problems import add_common_headers, problem_middleware
-from gateway.routes import events, health, output, projects, renders, rules
+from gateway.routes import batches, events, health, metrics, output, projects, renders, rules
 from gateway.state import CLIENTS, EVENT_STREAMS, SETTINGS, TRACER
 from gateway.tracing import tracing_middleware
+from gateway.watch_hub import end_watches, watch_hub_context
 
 log = logging.getLogger(__name__)
 
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]
+MAX_REQUEST_LINE_BYTES = 32 * 1024
 
 
 def _clients_context(given: Clients | None) -> CleanupContext:
@@ -66,17 +70,28 @@ def create_app(
     """The gateway, not yet started. Without `clients`, it opens (and closes) its own channels;
     without `tracer_provider`, spans go to the global one."""
     app = web.Application(
-        middlewares=[tracing_middleware(tracer_provider), problem_middleware, auth_middleware],
+        middlewares=[
+            tracing_middleware(tracer_provider),
+            problem_middleware,
+            metrics.observe_middleware,
+            auth_middleware,
+            rate_limit_middleware,
+        ],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[TRACER] = (tracer_provider or trace.get_tracer_provider()).get_tracer("gateway")
     app[EVENT_STREAMS] = set()
     app.on_response_prepare.append(add_common_headers)
+    app.on_response_prepare.append(add_rate_limit_headers)
     app.on_shutdown.append(_end_event_streams)
+    app.on_shutdown.append(end_watches)
     app.cleanup_ctx.append(_clients_context(clients))
     app.cleanup_ctx.append(_auth_context)
-    for module in (health, projects, rules, renders, events, output):
+    app.cleanup_ctx.append(rate_limits_context)
+    app.cleanup_ctx.append(watch_hub_context)
+    app.cleanup_ctx.append(idempotency_context)
+    for module in (health, metrics, projects, rules, renders, batches, events, output):
         app.add_routes(module.routes)
     return app
 
@@ -93,7 +108,14 @@ async def running(
     app = create_app(settings, clients, tracer_provider=tracer_provider)
     # Cancelling the handler of a client that went away is what frees its upstream streams at once.
     runner = web.AppRunner(
-        app, handler_cancellation=True, shutdown_timeout=settings.shutdown_grace_s, access_log=None
+        app,
+        handler_cancellation=True,
+        shutdown_timeout=settings.shutdown_grace_s,
+        access_log=None,
+        # Room for every query string the spec allows (a 1 KiB page token of 4-byte characters,
+        # percent-encoded): past aiohttp's 8 KiB default its parser answers a bare text/plain 400.
+        max_line_size=MAX_REQUEST_LINE_BYTES,
+        max_field_size=MAX_REQUEST_LINE_BYTES,
     )
     await runner.setup()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import random
@@ -27,6 +28,12 @@ PROTECTED_PREFIX = "/v1/"
 _NAMESPACE = "auth:"
 # Entries of the revocation index are pruned once it holds this many.
 _INDEX_PRUNE_AT = 10_000
+FROM_NOW = -1
+"""The change feed's `after_seq` that replays nothing: history is of no use to a new cache."""
+
+
+class _CatchUp(Exception):
+    """A watch from now on would miss what the cache needs: watch from the retained history."""
 
 
 @dataclass(frozen=True)
@@ -70,8 +77,9 @@ class Authenticator:
         self._cache = SimpleMemoryCache(namespace=_NAMESPACE)
         self._index: dict[str, _Indexed] = {}
         self._invalidations = 0
-        self.last_seq = 0
-        """The last change of the metadata feed seen; the feed resumes after it."""
+        self.last_seq = FROM_NOW
+        """The last change of the metadata feed seen (FROM_NOW before the first); the feed resumes
+        after it."""
 
     async def authenticate(self, authorization: str | None) -> Principal:
         """The principal of an `Authorization` header's key; Unauthenticated when it is not valid."""
@@ -109,11 +117,19 @@ class Authenticator:
 
     async def follow_changes(self, min_backoff_s: float = 0.1, max_backoff_s: float = 5.0) -> None:
         """Follows the metadata change feed for ever, forgetting revoked keys and deleted users;
-        reconnects with capped, jittered backoff and resumes after the last change seen."""
+        reconnects with capped, jittered backoff and resumes after the last change seen.
+
+        Until a change has been seen there is no seq to resume from. A watch then starts from now
+        on while nothing is cached (history concerns no cached answer), else from the oldest
+        change retained (a key cached before any watch began may have been revoked since)."""
         backoff = min_backoff_s
         while True:
+            after = self.last_seq
+            if after == FROM_NOW and self._index:
+                after = 0
+            started = functools.partial(self._watch_started, after)
             try:
-                async with contextlib.aclosing(self._metadata.watch_changes(self.last_seq)) as changes:
+                async with contextlib.aclosing(self._metadata.watch_changes(after, started)) as changes:
                     async for change in changes:
                         backoff = min_backoff_s
                         self.last_seq = change.seq
@@ -122,6 +138,8 @@ class Authenticator:
                         elif change.entity == "user" and change.action == "deleted":
                             await self.forget(user_id=change.entity_id)
                 log.info("change feed ended; reconnecting", extra={"after_seq": self.last_seq})
+            except _CatchUp:
+                continue
             except RenderflowError as exc:
                 log.warning(
                     "change feed interrupted",
@@ -132,6 +150,12 @@ class Authenticator:
                 log.exception("change feed follower failed", extra={"after_seq": self.last_seq})
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, max_backoff_s)
+
+    async def _watch_started(self, after_seq: int) -> None:
+        if after_seq == FROM_NOW and self._index:
+            # Keys were cached while this watch was on its way (a call waits, or is retried, until
+            # metadata answers): one may have been revoked before it began. Catch up instead.
+            raise _CatchUp()
 
     async def close(self) -> None:
         """Empties the cache and cancels its expiry timers."""
@@ -144,14 +168,37 @@ AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 
+WEBSOCKET_BEARER = "bearer"
+"""The WebSocket subprotocol that carries an API key: a browser, which cannot set Authorization on
+a WebSocket, offers `Sec-WebSocket-Protocol: bearer, <key>` and the server selects `bearer`."""
+
+
+def websocket_authorization(request: web.Request) -> str | None:
+    """`Bearer <key>` from a WebSocket handshake offering the subprotocols `bearer, <key>`."""
+    if request.headers.get("Upgrade", "").lower() != "websocket":
+        return None
+    offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
+    if len(offered) >= 2 and offered[0].lower() == WEBSOCKET_BEARER and offered[1]:
+        return f"Bearer {offered[1]}"
+    return None
+
+
+async def authenticated(request: web.Request) -> Principal:
+    """The caller of `request`, authenticated now (the `auth` phase) unless it already was."""
+    found = request.get(PRINCIPAL)
+    if found is None:
+        authorization = request.headers.get("Authorization") or websocket_authorization(request)
+        with request[TIMER].phase("auth"):
+            found = await request.app[AUTHENTICATOR].authenticate(authorization)
+        request[PRINCIPAL] = found
+    return found
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authenticates every request under /v1/ (the `auth` phase) before its handler runs."""
+    """Authenticates every request under /v1/ before its handler runs."""
     if request.path.startswith(PROTECTED_PREFIX):
-        with request[TIMER].phase("auth"):
-            request[PRINCIPAL] = await request.app[AUTHENTICATOR].authenticate(
-                request.headers.get("Authorization")
-            )
+        await authenticated(request)
     return await handler(request)
 
 

@@ -8,7 +8,8 @@ client that goes away leaves no call behind (close them with `contextlib.aclosin
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -30,6 +31,8 @@ class _Client:
         self._channel = channel
         self.open_streams = 0
         """Server streams in progress: each one a live call to the service."""
+        self.streams_opened: Counter[str] = Counter()
+        """Server streams ever started, by method name (`Watch`, `WatchBatch`, ...)."""
 
     async def serving(self) -> bool:
         """Whether the service's health check answers SERVING."""
@@ -40,10 +43,19 @@ class _Client:
             return False
         return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
-    async def _stream(self, call: grpc.aio.UnaryStreamCall[Any, T]) -> AsyncGenerator[T, None]:
+    async def _stream(
+        self,
+        method: str,
+        call: grpc.aio.UnaryStreamCall[Any, T],
+        on_start: Callable[[], Awaitable[None]] | None = None,
+    ) -> AsyncGenerator[T, None]:
+        self.streams_opened[method] += 1
         self.open_streams += 1
         try:
             with rpc_errors():
+                if on_start is not None:
+                    await call.initial_metadata()  # the service's headers: the stream has begun
+                    await on_start()
                 async for item in call:
                     yield item
         finally:
@@ -157,17 +169,25 @@ class MetadataClient(_Client):
             )
 
     async def prepare_render(
-        self, user_id: str, project: str, chain_id: str | None
+        self, user_id: str, project: str, chain_id: str | None, count: int = 1
     ) -> metadata_pb2.PrepareRenderResponse:
+        """Authorizes the project, resolves the chain and allocates `count` consecutive positions."""
+        request = metadata_pb2.PrepareRenderRequest(
+            user_id=user_id, project=project, chain_id=chain_id or "", count=count
+        )
         with rpc_errors():
-            return await self._stub.PrepareRender(
-                metadata_pb2.PrepareRenderRequest(user_id=user_id, project=project, chain_id=chain_id or ""),
-                timeout=self._timeout,
-            )
+            return await self._stub.PrepareRender(request, timeout=self._timeout)
 
-    def watch_changes(self, after_seq: int) -> AsyncGenerator[metadata_pb2.Change, None]:
-        """The change feed after `after_seq`, live and without deadline, until closed."""
-        return self._stream(self._stub.WatchChanges(metadata_pb2.WatchChangesRequest(after_seq=after_seq)))
+    def watch_changes(
+        self, after_seq: int, on_start: Callable[[], Awaitable[None]] | None = None
+    ) -> AsyncGenerator[metadata_pb2.Change, None]:
+        """The change feed after `after_seq`, live and without deadline, until closed; `on_start` is
+        awaited once the service has subscribed the watch (from then on, no change is missed)."""
+        return self._stream(
+            "WatchChanges",
+            self._stub.WatchChanges(metadata_pb2.WatchChangesRequest(after_seq=after_seq)),
+            on_start,
+        )
 
 
 class GenerationClient(_Client):
@@ -183,6 +203,17 @@ class GenerationClient(_Client):
         # Safe to retry: the render id is chosen by the caller and Submit is idempotent on it.
         with rpc_errors():
             return await self._stub.Submit(request, timeout=self._timeout)
+
+    async def submit_batch(self, request: generation_pb2.SubmitBatchRequest) -> generation_pb2.Batch:
+        # All or nothing, and idempotent on the render ids and the idempotency key.
+        with rpc_errors():
+            return await self._stub.SubmitBatch(request, timeout=self._timeout)
+
+    async def get_batch(self, user_id: str, batch_id: str) -> generation_pb2.Batch:
+        with rpc_errors():
+            return await self._stub.GetBatch(
+                generation_pb2.GetBatchRequest(user_id=user_id, batch_id=batch_id), timeout=self._timeout
+            )
 
     async def get_render(self, user_id: str, render_id: str) -> generation_pb2.Render:
         with rpc_errors():
@@ -223,7 +254,12 @@ class GenerationClient(_Client):
     ) -> AsyncGenerator[generation_pb2.RenderEvent, None]:
         """A render's events after `after_seq`, then live ones, until its terminal event."""
         request = generation_pb2.WatchRequest(user_id=user_id, render_id=render_id, after_seq=after_seq)
-        return self._stream(self._stub.Watch(request))
+        return self._stream("Watch", self._stub.Watch(request))
+
+    def watch_batch(self, user_id: str, batch_id: str) -> AsyncGenerator[generation_pb2.RenderEvent, None]:
+        """The events of every render of a batch, from the first, until all of them have ended."""
+        request = generation_pb2.WatchBatchRequest(user_id=user_id, batch_id=batch_id)
+        return self._stream("WatchBatch", self._stub.WatchBatch(request))
 
     def get_output(
         self, user_id: str, render_id: str, offset: int = 0, length: int = 0
@@ -232,7 +268,7 @@ class GenerationClient(_Client):
         request = generation_pb2.GetOutputRequest(
             user_id=user_id, render_id=render_id, offset=offset, length=length
         )
-        return self._stream(self._stub.GetOutput(request, timeout=self._output_timeout))
+        return self._stream("GetOutput", self._stub.GetOutput(request, timeout=self._output_timeout))
 
 
 @dataclass(frozen=True)

@@ -3,36 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-from shared.settings import Addresses, Env
-
-
-@dataclass(frozen=True)
-class Budgets:
-    """Slow-operation thresholds of the submit path's phases, in milliseconds."""
-
-    auth_ms: float = 100.0
-    """RENDERFLOW_BUDGET_AUTH_MS: API key to user (cached)."""
-    validation_ms: float = 50.0
-    """RENDERFLOW_BUDGET_VALIDATION_MS: reading and validating the request."""
-    db_ms: float = 200.0
-    """RENDERFLOW_BUDGET_DB_MS: metadata calls of one request."""
-    enqueue_ms: float = 50.0
-    """RENDERFLOW_BUDGET_ENQUEUE_MS: generation.Submit."""
-
-    @classmethod
-    def from_env(cls, env: Env) -> Budgets:
-        return cls(
-            auth_ms=env.float("RENDERFLOW_BUDGET_AUTH_MS", cls.auth_ms, minimum=0),
-            validation_ms=env.float("RENDERFLOW_BUDGET_VALIDATION_MS", cls.validation_ms, minimum=0),
-            db_ms=env.float("RENDERFLOW_BUDGET_DB_MS", cls.db_ms, minimum=0),
-            enqueue_ms=env.float("RENDERFLOW_BUDGET_ENQUEUE_MS", cls.enqueue_ms, minimum=0),
-        )
-
-    def of(self, phase: str) -> float | None:
-        """The budget of `phase`, or None for phases without one."""
-        value = getattr(self, f"{phase}_ms", None)
-        return value if isinstance(value, float) else None
+from shared.settings import Addresses, ConfigError, Env
+from shared.telemetry import Budgets
 
 
 @dataclass(frozen=True)
@@ -52,6 +26,11 @@ class Settings:
     """RENDERFLOW_GATEWAY_MAX_BODY_BYTES: larger request bodies are refused with 413."""
     sse_heartbeat_s: float = 15.0
     """RENDERFLOW_GATEWAY_SSE_HEARTBEAT_S: idle time after which an event stream sends a comment."""
+    watch_linger_s: float = 2.0
+    """RENDERFLOW_GATEWAY_WATCH_LINGER_S: how long a render's upstream Watch outlives its last
+    watcher, so that a client reconnecting at once does not start another."""
+    max_wait_s: float = 60.0
+    """RENDERFLOW_GATEWAY_MAX_WAIT_S: the longest `Prefer: wait=N` honoured (larger N is clamped)."""
     rpc_timeout_s: float = 5.0
     """RENDERFLOW_GATEWAY_RPC_TIMEOUT_S: deadline of each unary call to a service."""
     output_timeout_s: float = 300.0
@@ -62,6 +41,16 @@ class Settings:
     """RENDERFLOW_LOG_LEVEL: the logging level."""
     budgets: Budgets = field(default_factory=Budgets)
     """RENDERFLOW_BUDGET_*_MS: phase budgets (see `Budgets`)."""
+    rate_limit_per_s: float = 20.0
+    """RENDERFLOW_RATE_LIMIT_PER_S: submits per second each API key may sustain (0 = no limit)."""
+    rate_limit_burst: int = 40
+    """RENDERFLOW_RATE_LIMIT_BURST: submits an API key may make at once, after a quiet spell (0 =
+    no limit); a batch of n renders counts n."""
+    cache_url: str | None = None
+    """RENDERFLOW_CACHE_URL: `redis://[:password@]host:port/db` to share rate-limit state between
+    gateway processes; unset or `memory://` for state inside the process."""
+    cache_timeout_s: float = 0.5
+    """RENDERFLOW_CACHE_TIMEOUT_S: longest wait for Redis; past it a submit is let through."""
 
     @classmethod
     def from_env(cls, env: Env) -> Settings:
@@ -76,6 +65,8 @@ class Settings:
             sse_heartbeat_s=env.float(
                 "RENDERFLOW_GATEWAY_SSE_HEARTBEAT_S", cls.sse_heartbeat_s, minimum=0.01
             ),
+            watch_linger_s=env.float("RENDERFLOW_GATEWAY_WATCH_LINGER_S", cls.watch_linger_s, minimum=0),
+            max_wait_s=env.float("RENDERFLOW_GATEWAY_MAX_WAIT_S", cls.max_wait_s, minimum=0),
             rpc_timeout_s=env.float("RENDERFLOW_GATEWAY_RPC_TIMEOUT_S", cls.rpc_timeout_s, minimum=0.01),
             output_timeout_s=env.float(
                 "RENDERFLOW_GATEWAY_OUTPUT_TIMEOUT_S", cls.output_timeout_s, minimum=0.01
@@ -85,4 +76,21 @@ class Settings:
             ),
             log_level=env.str("RENDERFLOW_LOG_LEVEL", cls.log_level),
             budgets=Budgets.from_env(env),
+            rate_limit_per_s=env.float("RENDERFLOW_RATE_LIMIT_PER_S", cls.rate_limit_per_s, minimum=0),
+            rate_limit_burst=env.int("RENDERFLOW_RATE_LIMIT_BURST", cls.rate_limit_burst, minimum=0),
+            cache_url=_cache_url(env.optional("RENDERFLOW_CACHE_URL")),
+            cache_timeout_s=env.float("RENDERFLOW_CACHE_TIMEOUT_S", cls.cache_timeout_s, minimum=0.001),
         )
+
+
+def _cache_url(value: str | None) -> str | None:
+    # The URL may hold a password: name the variable and the scheme, never echo the value.
+    if value is None:
+        return None
+    try:
+        scheme = urlsplit(value).scheme
+    except ValueError:
+        raise ConfigError("RENDERFLOW_CACHE_URL is not a URL") from None
+    if scheme not in ("memory", "redis", "rediss"):
+        raise ConfigError(f"RENDERFLOW_CACHE_URL must be memory:// or redis://..., got scheme {scheme!r}")
+    return None if scheme == "memory" else value

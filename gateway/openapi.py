@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.conventions import HEADERS, RESPONSES, with_conventions
 from gateway.schemas import ID, MAX_PAGE_SIZE, SCHEMAS, SLUG_PATTERN, STATUSES, Schema, ref
 
 
@@ -44,9 +45,6 @@ def _json(schema_name: str, description: str, headers: dict[str, Any] | None = N
 
 
 _LOCATION = {"Location": {"schema": {"type": "string"}, "description": "the new resource"}}
-_PROBLEMS = {
-    str(status): {"$ref": "#/components/responses/Problem"} for status in (401, 404, 422, 429, 500, 503)
-}
 
 
 def _op(
@@ -61,7 +59,7 @@ def _op(
     operation: Schema = {
         "operationId": operation_id,
         "summary": summary,
-        "responses": {**responses, **({} if public else _PROBLEMS)},
+        "responses": responses,  # the error responses: gateway.conventions
     }
     if parameters:
         operation["parameters"] = parameters
@@ -74,6 +72,70 @@ def _op(
 
 _RENDER_ID = _path("id")
 _RULE_PATH = [_SLUG, _path("rule_id")]
+_TEXT_HEADER = {"schema": {"type": "string"}}
+_SUBMIT_HEADERS = {
+    **_LOCATION,
+    "Server-Timing": {**_TEXT_HEADER, "description": "auth, validation, db, enqueue, wait, total (ms)"},
+    "Idempotent-Replayed": {
+        "schema": {"const": "true"},
+        "description": "the render was queued by an earlier request with this key",
+    },
+    "Preference-Applied": {**_TEXT_HEADER, "description": "`wait=N`: the wait honoured (N clamped to 60)"},
+}
+_SUBMIT_PARAMETERS = [
+    _header(
+        "Idempotency-Key",
+        "1-255 visible ASCII characters: for 24 h, a retry with the same key and body returns the same "
+        "render (racing ones too); the same key with another body is 422",
+    ),
+    _header(
+        "Prefer",
+        "`wait=N` (seconds, at most 60): hold the response until the render ends (200) or N seconds "
+        "pass (202)",
+    ),
+]
+
+
+def _submit(operation_id: str, summary: str, body: str, parameters: list[Schema] | None = None) -> Schema:
+    return _op(
+        operation_id,
+        summary,
+        {
+            "200": _json("Render", "finished within `Prefer: wait`", _SUBMIT_HEADERS),
+            "202": _json("Render", "queued", _SUBMIT_HEADERS),
+        },
+        body=body,
+        parameters=[*(parameters or []), *_SUBMIT_PARAMETERS],
+    )
+
+
+def _event_stream(operation_id: str, summary: str, description: str, parameters: list[Schema]) -> Schema:
+    return _op(
+        operation_id,
+        summary,
+        {
+            "200": {
+                "description": description,
+                "content": {
+                    "text/event-stream": {
+                        "schema": ref("ServerSentEvent"),
+                        "x-event-schema": ref("RenderEvent"),
+                    }
+                },
+            }
+        },
+        parameters=parameters,
+    )
+
+
+_RESUME = [
+    _query("last_event_id", {"type": "integer", "minimum": 0}, "resume after this seq"),
+    _header("Last-Event-ID", "resume after this seq (as EventSource sends it)"),
+]
+_CHAIN_SUMMARY = (
+    "Queue the chain's next render; unless the body names another reference, its reference is "
+    "`{previous: true}`: the output of the render before it (it waits for that one)"
+)
 
 PATHS: dict[str, dict[str, Schema]] = {
     "/v1/projects": {
@@ -116,6 +178,9 @@ PATHS: dict[str, dict[str, Schema]] = {
         ),
     },
     "/v1/projects/{slug}/chains/{chain_id}/renders": {
+        "post": _submit(
+            "submitChainRender", _CHAIN_SUMMARY, "ChainRenderRequest", [_SLUG, _path("chain_id")]
+        ),
         "get": _op(
             "listChainRenders",
             "A chain's renders in position order",
@@ -151,29 +216,7 @@ PATHS: dict[str, dict[str, Schema]] = {
         ),
     },
     "/v1/renders": {
-        "post": _op(
-            "submitRender",
-            "Queue one render; returns at once",
-            {
-                "202": _json(
-                    "Render",
-                    "queued",
-                    {
-                        **_LOCATION,
-                        "Server-Timing": {
-                            "schema": {"type": "string"},
-                            "description": "auth, validation, db, enqueue, total (ms)",
-                        },
-                        "Idempotent-Replayed": {
-                            "schema": {"const": "true"},
-                            "description": "the render was queued by an earlier request with this key",
-                        },
-                    },
-                )
-            },
-            body="RenderRequest",
-            parameters=[_header("Idempotency-Key", "a retry with the same key returns the same render")],
-        ),
+        "post": _submit("submitRender", "Queue one render; returns at once", "RenderRequest"),
         "get": _op(
             "listRenders",
             "List renders, newest first",
@@ -184,6 +227,49 @@ PATHS: dict[str, dict[str, Schema]] = {
                 _query("status", {"enum": STATUSES}),
                 *_PAGE,
             ],
+        ),
+    },
+    "/v1/renders:batch": {
+        "post": _op(
+            "submitBatch",
+            "Queue up to 64 renders atomically: all of them, or (one bad item: 422 naming items[i]) none",
+            {
+                "202": _json(
+                    "BatchAccepted",
+                    "queued",
+                    {k: v for k, v in _SUBMIT_HEADERS.items() if k != "Preference-Applied"},
+                )
+            },
+            body="BatchRequest",
+            parameters=[_SUBMIT_PARAMETERS[0]],
+        ),
+    },
+    "/v1/batches/{id}": {
+        "get": _op(
+            "getBatch",
+            "A batch: counts by status and its renders",
+            {"200": _json("Batch", "the batch")},
+            parameters=[_RENDER_ID],
+        ),
+    },
+    "/v1/batches/{id}/events": {
+        "get": _event_stream(
+            "watchBatch",
+            "The events of every render of the batch as Server-Sent Events, until all have ended",
+            "`event:` = type, `data:` = a RenderEvent as JSON (no `id:`: a reconnect replays from the "
+            "start; tell repeats by render_id and seq); comment lines as heartbeats",
+            [_RENDER_ID],
+        ),
+    },
+    "/render": {
+        "post": _submit("submitRenderAlias", "The old system's path for POST /v1/renders", "RenderRequest"),
+    },
+    "/project/{slug}/chain/{chain_id}": {
+        "post": _submit(
+            "submitChainRenderAlias",
+            "The old system's chain action: POST /v1/projects/{slug}/chains/{chain_id}/renders",
+            "ChainRenderRequest",
+            [_SLUG, _path("chain_id")],
         ),
     },
     "/v1/renders/{id}": {
@@ -200,25 +286,31 @@ PATHS: dict[str, dict[str, Schema]] = {
         ),
     },
     "/v1/renders/{id}/events": {
-        "get": _op(
+        "get": _event_stream(
             "watchRender",
             "The render's events as Server-Sent Events, until its terminal event",
+            "`id:` = seq, `event:` = type, `data:` = a RenderEvent as JSON; comment lines as heartbeats "
+            "(every 15 s of silence); a finished render replays its events and the stream ends",
+            [_RENDER_ID, *_RESUME],
+        ),
+    },
+    "/v1/renders/{id}/ws": {
+        "get": _op(
+            "watchRenderWebSocket",
+            "The render's events over WebSocket: one JSON text message per RenderEvent; closes with "
+            "1000 after the terminal event (1012/1013 when interrupted: reconnect with last_event_id). "
+            "Browsers, which cannot send Authorization, offer `Sec-WebSocket-Protocol: bearer, <key>`",
             {
-                "200": {
-                    "description": "`id:` = seq, `event:` = type, `data:` = a RenderEvent as JSON; "
-                    "comment lines as heartbeats",
-                    "content": {
-                        "text/event-stream": {
-                            "schema": {"type": "string"},
-                            "x-event-schema": ref("RenderEvent"),
-                        }
-                    },
-                }
+                "101": {
+                    "description": "switching to WebSocket (subprotocol `bearer` when offered)",
+                    "x-message-schema": ref("RenderEvent"),
+                },
+                "400": {"$ref": "#/components/responses/Problem"},
             },
             parameters=[
                 _RENDER_ID,
-                _query("last_event_id", {"type": "integer", "minimum": 0}, "resume after this seq"),
-                _header("Last-Event-ID", "resume after this seq (as EventSource sends it)"),
+                *_RESUME,
+                _header("Sec-WebSocket-Protocol", "`bearer, <api key>`: the API key, for browsers"),
             ],
         ),
     },
@@ -261,6 +353,14 @@ PATHS: dict[str, dict[str, Schema]] = {
             public=True,
         ),
     },
+    "/metrics": {
+        "get": _op(
+            "metrics",
+            "Prometheus metrics of this gateway process (text exposition format)",
+            {"200": {"description": "metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            public=True,
+        ),
+    },
 }
 
 SPEC: dict[str, Any] = {
@@ -268,16 +368,12 @@ SPEC: dict[str, Any] = {
     "info": {"title": "Renderflow", "version": "1", "description": "Render generation over HTTP."},
     "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
     "security": [{"apiKey": []}],
-    "paths": PATHS,
+    "paths": with_conventions(PATHS),
     "components": {
         "schemas": SCHEMAS,
         "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer", "description": "an API key"}},
-        "responses": {
-            "Problem": {
-                "description": "an error",
-                "content": {"application/problem+json": {"schema": ref("Problem")}},
-            },
-        },
+        "responses": RESPONSES,
+        "headers": HEADERS,
     },
 }
 """The whole document, as served."""

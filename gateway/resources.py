@@ -21,6 +21,8 @@ _KIND_NAMES = {value: name for name, value in KINDS.items()}
 _STATUS_NAMES = {value: name for name, value in STATUSES.items()}
 _PHASES = ("auth", "validation", "db", "enqueue", "queue_wait", "image_fetch", "generation", "store", "total")
 TERMINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL_STATUSES = frozenset(STATUSES[name] for name in TERMINAL_EVENTS)
+_COUNTS = ("queued", "running", "succeeded", "failed", "cancelled", "total")
 
 
 def timestamp(value: timestamp_pb2.Timestamp) -> str:
@@ -80,9 +82,12 @@ def error_json(error: generation_pb2.RenderError) -> JSON:
 
 
 def reference_json(reference: generation_pb2.Reference) -> JSON | None:
+    """`{url | render_id | previous: true, required}`, as requests name references."""
     source = reference.WhichOneof("source")
     if source is None:
         return None
+    if source == "chain_previous":
+        return {"previous": True, "required": reference.required}
     return {source: getattr(reference, source), "required": reference.required}
 
 
@@ -157,3 +162,14 @@ def event_json(event: generation_pb2.RenderEvent) -> JSON:
     if event.HasField("error"):
         body["error"] = error_json(event.error)
     return body
+
+
+def batch_json(batch: generation_pb2.Batch) -> JSON:
+    """A batch: `{id, counts: {queued, running, succeeded, failed, cancelled, total}, renders,
+    created_at}`, its renders in submission order."""
+    return {
+        "id": batch.id,
+        "counts": {name: getattr(batch.counts, name) for name in _COUNTS},
+        "renders": [render_json(render) for render in batch.renders],
+        "created_at": timestamp(batch.created_at),
+    }

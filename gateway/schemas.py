@@ -9,9 +9,14 @@ Schema = dict[str, Any]
 
 MAX_PAGE_SIZE = 200
 SLUG_PATTERN = "^[a-z0-9][a-z0-9-]{1,62}$"
+MAX_PROMPT = 2000
+MAX_BATCH = 64
 STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"]
 ERROR_MESSAGE = "x-error-message"
-"""A schema extension: the message of a failure of the schema as a whole (oneOf, minProperties)."""
+"""A schema extension: the message of a failure of the schema as a whole (oneOf, minProperties),
+or of its pattern."""
+NO_NUL = "^[^\\x00]*$"
+"""Text that PostgreSQL can store: anything without NUL characters."""
 _EVENT_TYPES = ["queued", "started", "phase", "progress", "succeeded", "failed", "cancelled"]
 
 
@@ -37,7 +42,13 @@ def _object(
 
 
 def _text(max_length: int, min_length: int = 1) -> Schema:
-    return {"type": "string", "minLength": min_length, "maxLength": max_length}
+    return {
+        "type": "string",
+        "minLength": min_length,
+        "maxLength": max_length,
+        "pattern": NO_NUL,
+        ERROR_MESSAGE: "must not contain NUL characters",
+    }
 
 
 def _nullable(schema: Schema) -> Schema:
@@ -91,8 +102,8 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "RenderParamsInput": _object(
         {
-            "width": {"type": "integer", "minimum": 16, "maximum": 2048, "default": 512},
-            "height": {"type": "integer", "minimum": 16, "maximum": 2048, "default": 512},
+            "width": {"type": "integer", "minimum": 64, "maximum": 2048, "default": 512},
+            "height": {"type": "integer", "minimum": 64, "maximum": 2048, "default": 512},
             "steps": {"type": "integer", "minimum": 1, "maximum": 150, "default": 20},
             "seed": {
                 "type": "integer",
@@ -100,30 +111,48 @@ SCHEMAS: dict[str, Schema] = {
                 "maximum": 2**53 - 1,
                 "description": "random when omitted",
             },
-            "duration_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 60, "default": 2.0},
+            "duration_s": {"type": "number", "minimum": 0.5, "maximum": 60, "default": 2.0},
             "fps": {"type": "integer", "minimum": 1, "maximum": 60, "default": 12},
         }
     ),
     "ReferenceInput": _object(
         {
-            "url": {"type": "string", "pattern": "^https?://", "maxLength": 2048},
+            "url": {"type": "string", "pattern": "^https?://[^\\x00]*$", "maxLength": 2048},
             "render_id": ID,
+            "previous": {
+                "const": True,
+                "description": "the output of the render before this one in its chain (none for the first)",
+            },
             "required": {"type": "boolean", "default": False},
         },
-        oneOf=[{"required": ["url"]}, {"required": ["render_id"]}],
-        error_message="must have exactly one of url and render_id",
+        oneOf=[{"required": ["url"]}, {"required": ["render_id"]}, {"required": ["previous"]}],
+        error_message="must have exactly one of url, render_id and previous",
     ),
     "RenderRequest": _object(
         {
             "project": {"type": "string", "pattern": SLUG_PATTERN},
             "chain_id": {**ID, "type": ["string", "null"]},
             "kind": {"enum": ["image", "video"]},
-            "prompt": _text(4000),
-            "negative_prompt": {**_text(4000, min_length=0), "type": ["string", "null"]},
+            "prompt": _text(MAX_PROMPT),
+            "negative_prompt": {**_text(MAX_PROMPT, min_length=0), "type": ["string", "null"]},
             "params": ref("RenderParamsInput"),
             "reference": ref("ReferenceInput"),
         },
         ["project", "kind", "prompt"],
+    ),
+    "ChainRenderRequest": _object(
+        {
+            "kind": {"enum": ["image", "video"]},
+            "prompt": _text(MAX_PROMPT),
+            "negative_prompt": {**_text(MAX_PROMPT, min_length=0), "type": ["string", "null"]},
+            "params": ref("RenderParamsInput"),
+            "reference": {**ref("ReferenceInput"), "description": "default: {previous: true}"},
+        },
+        ["kind", "prompt"],
+    ),
+    "BatchRequest": _object(
+        {"items": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": ref("RenderRequest")}},
+        ["items"],
     ),
     "Project": _object(
         {
@@ -183,7 +212,14 @@ SCHEMAS: dict[str, Schema] = {
             "params": ref("RenderParams"),
             "rules": {"type": "array", "items": _object({"id": ID, "text": {"type": "string"}})},
             "reference": _nullable(
-                _object({"url": {"type": "string"}, "render_id": ID, "required": {"type": "boolean"}})
+                _object(
+                    {
+                        "url": {"type": "string"},
+                        "render_id": ID,
+                        "previous": {"const": True},
+                        "required": {"type": "boolean"},
+                    }
+                )
             ),
             "batch_id": {"type": ["string", "null"]},
             "output": _nullable(
@@ -245,9 +281,38 @@ SCHEMAS: dict[str, Schema] = {
         },
         ["seq", "type", "render_id", "at"],
     ),
+    "ServerSentEvent": _object(
+        {
+            "event": {"enum": _EVENT_TYPES},
+            "data": {
+                "type": "string",
+                "contentMediaType": "application/json",
+                "contentSchema": ref("RenderEvent"),
+            },
+            "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the event's seq"},
+            "retry": {"type": "integer", "minimum": 0},
+        },
+        ["event", "data"],
+        description="One event of a text/event-stream, as a client reads it: `data` is a RenderEvent.",
+    ),
     "ProjectList": _list_of("projects", "Project"),
     "ChainList": _list_of("chains", "Chain"),
     "RuleList": _list_of("rules", "Rule"),
     "RenderList": _list_of("renders", "Render"),
+    "BatchAccepted": _object(
+        {"batch_id": ID, "renders": {"type": "array", "items": ref("Render")}}, ["batch_id", "renders"]
+    ),
+    "Batch": _object(
+        {
+            "id": ID,
+            "counts": _object(
+                {name: {"type": "integer", "minimum": 0} for name in [*STATUSES, "total"]},
+                [*STATUSES, "total"],
+            ),
+            "renders": {"type": "array", "items": ref("Render")},
+            "created_at": _TIME,
+        },
+        ["id", "counts", "renders", "created_at"],
+    ),
     "Health": _object({"status": {"type": "string"}, "checks": {"type": "object"}}, ["status"]),
 }

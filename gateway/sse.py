@@ -15,10 +15,11 @@ NEXT_ITEM_TASK = "sse-next-item"
 """The name of the task that waits for a stream's next item (there is at most one per stream)."""
 
 
-def event_frame(event_id: int, event_type: str, data: Any) -> bytes:
-    """One event: `id:`, `event:` and a single `data:` line of JSON, then the blank line."""
+def event_frame(event_id: int | None, event_type: str, data: Any) -> bytes:
+    """One event: `id:` (unless None), `event:` and a single `data:` line of JSON, then the blank line."""
     payload = json.dumps(data, separators=(",", ":"))  # escapes newlines: always one line
-    return f"id: {event_id}\nevent: {event_type}\ndata: {payload}\n\n".encode()
+    head = "" if event_id is None else f"id: {event_id}\n"
+    return f"{head}event: {event_type}\ndata: {payload}\n\n".encode()
 
 
 def comment_frame(text: str = "") -> bytes:

@@ -75,7 +75,7 @@ def _describe(error: ValidationError) -> Iterator[FieldError]:
         case "maxLength":
             message = f"must have at most {value} characters"
         case "pattern":
-            message = f"must match {value}"
+            message = schema.get(ERROR_MESSAGE) or f"must match {value}"
         case "enum":
             message = "must be one of " + ", ".join(str(v) for v in value)
         case _:
@@ -108,8 +108,14 @@ def validate(document: Any, schema_name: str) -> None:
         raise _invalid(errors)
 
 
-async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
-    """The request's JSON body, checked against the component schema `schema_name`."""
+_JSON_BODY = web.RequestKey("json_body", object)
+
+
+async def json_body(request: web.Request) -> Any:
+    """The request's body parsed as JSON, not yet validated; parsed once however often asked
+    (the rate limiter counts a batch's items before its handler validates them)."""
+    if _JSON_BODY in request:
+        return request[_JSON_BODY]
     limit = request.app[SETTINGS].max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"The body must be at most {limit} bytes.")
@@ -120,6 +126,13 @@ async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
         raise ValidationFailed(
             "The body is not valid JSON.", [FieldError("", f"is not valid JSON ({exc})")]
         ) from None
+    request[_JSON_BODY] = document
+    return document
+
+
+async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
+    """The request's JSON body, checked against the component schema `schema_name`."""
+    document = await json_body(request)
     validate(document, schema_name)
     result: dict[str, Any] = document
     return result

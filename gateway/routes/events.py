@@ -1,19 +1,24 @@
-"""A render's events as Server-Sent Events: replay after Last-Event-ID, live tail, heartbeats,
-and the end of the stream after the terminal event."""
+"""A render's events, live, as Server-Sent Events and over WebSocket: replay after the last event id,
+live tail, heartbeats, and the end of the stream after the terminal event. Both are fed by the
+watch hub, so any number of watchers of a render cost one upstream Watch."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
+from renderflow.v1 import generation_pb2
 
-from gateway.auth import principal
+from gateway.auth import WEBSOCKET_BEARER, principal
 from gateway.resources import TERMINAL_EVENTS, event_json
 from gateway.routes import ID, clients, phase, query
 from gateway.sse import CONTENT_TYPE, comment_frame, event_frame, retry_frame, with_heartbeats
 from gateway.state import EVENT_STREAMS, SETTINGS
+from gateway.watch_hub import WATCH_HUB
 from shared.errors import RenderflowError, ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -21,11 +26,15 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 RECONNECT_MS = 1000
+WS_SENDER_TASK = "ws-sender"
+"""The name of the task that sends a WebSocket's events (one per connection)."""
+
+Events = AsyncGenerator[generation_pb2.RenderEvent, None]
 
 
-def after_seq(request: web.Request) -> int:
+def after_seq(request: web.Request, operation_id: str) -> int:
     """Where the stream resumes: the `Last-Event-ID` header, else `last_event_id`, else 0."""
-    params = query(request, "watchRender")
+    params = query(request, operation_id)
     header = request.headers.get("Last-Event-ID")
     if header is None or header == "":
         return int(params.get("last_event_id", 0))
@@ -34,43 +43,102 @@ def after_seq(request: web.Request) -> int:
     return int(header)
 
 
-@routes.get(f"/v1/renders/{ID}/events", allow_head=False)
-async def render_events(request: web.Request) -> web.StreamResponse:
+async def _watch(request: web.Request, operation_id: str) -> Events:
     user = principal(request)
     render_id = request.match_info["id"]
-    after = after_seq(request)
-    generation = clients(request).generation
+    after = after_seq(request, operation_id)
     with phase(request, "db"):
-        await generation.get_render(user.user_id, render_id)  # unknown or not yours: 404 before streaming
-    response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    response.content_type = CONTENT_TYPE
-    await response.prepare(request)
-    await response.write(retry_frame(RECONNECT_MS))
+        # Unknown or not yours: 404 before the stream starts.
+        await clients(request).generation.get_render(user.user_id, render_id)
+    return request.app[WATCH_HUB].watch(user.user_id, render_id, after)
+
+
+@routes.get(f"/v1/renders/{ID}/events", allow_head=False)
+async def render_events(request: web.Request) -> web.StreamResponse:
+    return await stream_events(request, await _watch(request, "watchRender"), with_ids=True)
+
+
+@contextlib.contextmanager
+def _ended_on_shutdown(request: web.Request) -> Iterator[None]:
+    # On shutdown the gateway ends open streams at once; clients resume elsewhere.
     streams = request.app[EVENT_STREAMS]
     task = asyncio.current_task()
     if task is not None:
-        streams.add(task)  # on shutdown the gateway ends open streams; clients resume elsewhere
-    events = generation.watch(user.user_id, render_id, after)
-    heartbeat_s = request.app[SETTINGS].sse_heartbeat_s
+        streams.add(task)
     try:
-        async with (
-            contextlib.aclosing(events),
-            contextlib.aclosing(with_heartbeats(events, heartbeat_s)) as items,
-        ):
-            async for event in items:
-                if event is None:
-                    await response.write(comment_frame())
-                    continue
-                await response.write(event_frame(event.seq, event.type, event_json(event)))
-                if event.type in TERMINAL_EVENTS:
-                    break
-        await response.write_eof()
-    except RenderflowError as exc:
-        # The status line has gone out: end the stream; the client resumes from its last event id.
-        log.warning("event stream interrupted", extra={"render_id": render_id, "code": exc.code})
-    except ConnectionResetError:
-        pass  # the client went away
+        yield
     finally:
         if task is not None:
             streams.discard(task)
+
+
+async def stream_events(request: web.Request, events: Events, *, with_ids: bool) -> web.StreamResponse:
+    """Serves `events` as Server-Sent Events (`id:` = seq when `with_ids`) with heartbeats, until
+    the source ends; closes the source when the client goes away."""
+    response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.content_type = CONTENT_TYPE
+    heartbeat_s = request.app[SETTINGS].sse_heartbeat_s
+    async with contextlib.aclosing(events):
+        await response.prepare(request)
+        await response.write(retry_frame(RECONNECT_MS))
+        try:
+            with _ended_on_shutdown(request):
+                async with contextlib.aclosing(with_heartbeats(events, heartbeat_s)) as items:
+                    async for event in items:
+                        if event is None:
+                            await response.write(comment_frame())
+                            continue
+                        seq = event.seq if with_ids else None
+                        await response.write(event_frame(seq, event.type, event_json(event)))
+            await response.write_eof()
+        except RenderflowError as exc:
+            # The status line has gone out: end the stream; the client resumes from its last event id.
+            log.warning("event stream interrupted", extra={"path": request.path, "code": exc.code})
+        except ConnectionResetError:
+            pass  # the client went away
     return response
+
+
+@routes.get(f"/v1/renders/{ID}/ws", allow_head=False)
+async def render_websocket(request: web.Request) -> web.WebSocketResponse:
+    events = await _watch(request, "watchRenderWebSocket")
+    socket = web.WebSocketResponse(
+        protocols=(WEBSOCKET_BEARER,), heartbeat=request.app[SETTINGS].sse_heartbeat_s
+    )
+    async with contextlib.aclosing(events):
+        await socket.prepare(request)  # not a WebSocket handshake: 400, as a problem
+        ending = asyncio.Event()
+        sender = asyncio.create_task(_send_events(socket, events, ending), name=WS_SENDER_TASK)
+        try:
+            # On shutdown the hub ends the watch, and the sender closes with 1012: resume elsewhere.
+            async for _message in socket:
+                pass  # clients have nothing to say; reading is what notices that they close
+        finally:
+            if ending.is_set():
+                await sender  # it is closing the socket: let the closing handshake finish
+            else:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sender
+    return socket
+
+
+async def _send_events(
+    socket: web.WebSocketResponse, events: AsyncIterator[generation_pb2.RenderEvent], ending: asyncio.Event
+) -> None:
+    """Sends each event as a JSON text message; after the terminal one closes normally (1000), after
+    an interruption with 1012 (service restart) or 1013 (try again later): resume with
+    `last_event_id`."""
+    code = WSCloseCode.SERVICE_RESTART
+    try:
+        async for event in events:
+            await socket.send_str(json.dumps(event_json(event), separators=(",", ":")))
+            if event.type in TERMINAL_EVENTS:
+                code = WSCloseCode.OK
+    except RenderflowError as exc:
+        log.warning("websocket event stream interrupted", extra={"code": exc.code})
+        code = WSCloseCode.TRY_AGAIN_LATER
+    except ConnectionResetError:
+        return
+    ending.set()
+    await socket.close(code=code)

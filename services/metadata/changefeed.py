@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import timedelta
 
-from shared.errors import Unavailable
+from shared.errors import Unavailable, ValidationFailed
 
 from .listener import ChangeListener
 from .models import Change
@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 READ_BATCH = 500
 RECONNECT_MIN_S = 0.1
 RECONNECT_MAX_S = 5.0
+FROM_NOW = -1
+"""The `after_seq` of a watch that replays nothing: only the changes made from now on."""
 
 
 class Subscription:
@@ -110,26 +112,36 @@ class ChangeFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def watch(self, after_seq: int) -> AsyncGenerator[Change]:
+    async def watch(
+        self, after_seq: int, on_start: Callable[[], Awaitable[None]] | None = None
+    ) -> AsyncGenerator[Change]:
         """Changes with a seq above `after_seq`: the retained ones, then live ones, each once.
+        With `after_seq` = FROM_NOW, only the changes committed from now on. `on_start` is awaited
+        once the watch is subscribed, before the first change.
 
         Subscribing before replaying closes the gap between the two: a change committed before the
         subscription is in the table when the replay reads it, one committed after reaches the
         subscription; one that lands in both is dropped by seq.
         """
+        if after_seq < FROM_NOW:
+            raise ValidationFailed.field("after_seq", f"must be {FROM_NOW} (from now on) or at least 0")
         if self._closed:
             raise Unavailable("the metadata service is shutting down", retry_after=0.1)
         subscription = Subscription(self._subscriber_limit)
         self._subscribers.add(subscription)
         try:
-            last = after_seq
-            while True:
+            replay = after_seq != FROM_NOW
+            # From now on: read after subscribing, so that what is in the table now is the past,
+            # and whatever commits later reaches the subscription with a higher seq.
+            last = after_seq if replay else await self._store.last_change_seq()
+            if on_start is not None:
+                await on_start()
+            while replay:
                 batch = await self._store.changes_after(last, READ_BATCH)
                 for change in batch:
                     yield change
                     last = change.seq
-                if len(batch) < READ_BATCH:
-                    break
+                replay = len(batch) == READ_BATCH
             while True:
                 change = await subscription.next()
                 if change.seq > last:

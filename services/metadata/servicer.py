@@ -192,7 +192,13 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
     async def WatchChanges(
         self, request: pb.WatchChangesRequest, context: Context
     ) -> AsyncIterator[pb.Change]:
+        # Headers go out as soon as the watch is subscribed: they commit the call, so the client's
+        # transparent retry of UNAVAILABLE cannot silently restart it (a watch "from now" would
+        # then skip what happened in between), and they tell the client the watch has begun.
+        async def started() -> None:
+            await context.send_initial_metadata(())
+
         # aclosing: a cancelled stream unsubscribes now, not whenever the generator is collected.
-        async with aclosing(self._feed.watch(request.after_seq)) as changes:
+        async with aclosing(self._feed.watch(request.after_seq, started)) as changes:
             async for change in changes:
                 yield _change(change)

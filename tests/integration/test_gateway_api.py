@@ -270,7 +270,7 @@ async def test_the_error_contract(stack: Stack) -> None:
         alice,
         json={"project": "ok", "kind": "image", "prompt": "p", "params": {"width": 1}},
     )
-    assert body["errors"] == [{"field": "params.width", "message": "must be at least 16"}]
+    assert body["errors"] == [{"field": "params.width", "message": "must be at least 64"}]
     response, body = await stack.call("GET", "/v1/projects?page_size=500", alice)
     assert body["errors"][0]["field"] == "page_size"
 

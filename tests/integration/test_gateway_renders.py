@@ -1,6 +1,5 @@
 """Renders through the gateway with a real worker: submit in milliseconds, events over SSE until the
-end, the output as a PNG with ETag and ranges, cancellation, and streams that clean up after
-clients that leave."""
+end, the output as a PNG with ETag and ranges, cancellation, and streams ended at shutdown."""
 
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ import pytest
 from PIL import Image
 
 from gateway.app import running as gateway_running
-from gateway.sse import NEXT_ITEM_TASK
 from services.generation.config import WorkerSettings
 from services.generation.worker import running_worker
 from tests.conftest import free_port
@@ -78,9 +76,11 @@ async def read_events(response: aiohttp.ClientResponse, stop_after: int | None =
             frame[name] = value
         elif "data" in frame:
             event = json.loads(frame["data"])
-            assert frame["event"] == event["type"] and int(frame["id"]) == event["seq"]
+            assert frame["event"] == event["type"]
+            if "id" in frame:  # batch streams carry none
+                assert int(frame["id"]) == event["seq"]
+                seen.ids.append(int(frame["id"]))
             seen.events.append(event)
-            seen.ids.append(int(frame["id"]))
             frame = {}
             if stop_after is not None and len(seen.events) >= stop_after:
                 break
@@ -198,29 +198,6 @@ async def test_cancel_and_an_output_not_ready(stack: Stack) -> None:
     assert stream.events[-1]["type"] == "cancelled"
     response, body = await stack.call("POST", f"/v1/renders/{render['id']}:cancel", alice)
     assert_problem(response, body, 409, "conflict")
-
-
-@pytest.mark.parametrize("worker_step_ms", [400.0])  # silences longer than the 0.2 s heartbeat
-async def test_a_client_that_leaves_mid_stream_leaves_nothing_behind(stack: Stack) -> None:
-    alice = await stack.user("alice")
-    await stack.call("POST", "/v1/projects", alice, json={"slug": "long", "name": "Long"})
-    render = await submit(stack, alice, project="long", prompt="p", params={"steps": 100})
-    generation = stack.clients.generation
-    assert generation.open_streams == 0
-
-    async with stack.http.get(f"{stack.base}/v1/renders/{render['id']}/events", headers=alice) as response:
-        first = await asyncio.wait_for(read_events(response, stop_after=1), 5)
-        assert first.events[0]["type"] == "queued" and generation.open_streams == 1
-        beat = await asyncio.wait_for(response.content.readuntil(b":\n\n"), 5)  # a heartbeat comes
-        assert beat.endswith(b":\n\n")
-        response.close()  # the client goes away mid-stream
-
-    async def released() -> bool:
-        waiting = [t for t in asyncio.all_tasks() if t.get_name() == NEXT_ITEM_TASK and not t.done()]
-        return generation.open_streams == 0 and not waiting
-
-    await eventually(released)
-    await stack.call("POST", f"/v1/renders/{render['id']}:cancel", alice)
 
 
 @pytest.mark.parametrize("worker_step_ms", [400.0])

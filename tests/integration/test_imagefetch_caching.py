@@ -5,11 +5,8 @@ reach the origin once."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from typing import Any
@@ -23,50 +20,9 @@ from services.imagefetch.service import ImageService, open_service
 from tests.conftest import free_port
 from tests.support import eventually
 from tests.support.origin import Origin
+from tests.support.redis_server import redis_url_fixture  # noqa: F401  (registers the fixture)
 
 OpenService = Callable[..., Awaitable[ImageService]]
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A redis-server of our own on a free port for the session, or a skip saying why not."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server): Redis backend untested")
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert process.stdout is not None
-    try:
-        started = time.monotonic()
-        for line in process.stdout:  # bounded: redis-server either gets ready or exits
-            if "Ready to accept connections" in line:
-                break
-            if time.monotonic() - started > 20:
-                pytest.fail("redis-server did not get ready in 20 s")
-        else:
-            pytest.fail(f"redis-server exited with {process.wait()}")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        process.stdout.close()
 
 
 @pytest.fixture(params=["memory", "redis"])

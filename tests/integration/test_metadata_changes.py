@@ -122,6 +122,39 @@ async def test_replay_after_a_seq_then_live(
     assert [(c.seq, c.action) for c in await w.take(1)] == [(6, "deleted")]
 
 
+async def test_a_watch_from_now_replays_nothing_and_streams_what_follows(
+    stub: MetadataServiceAsyncStub, watch: Callable[[int], Watch]
+) -> None:
+    alice = (await stub.CreateUser(pb.CreateUserRequest(name="alice"))).user.id
+    await stub.CreateProject(pb.CreateProjectRequest(user_id=alice, slug="pj", name="P"))  # seq 3, 4
+    w = watch(-1)
+    # The headers come once the watch is subscribed: everything after them is delivered.
+    await asyncio.wait_for(w.call.initial_metadata(), PROMPT_S)
+    rule = await stub.CreateRule(pb.CreateRuleRequest(user_id=alice, project="pj", text="t"))
+    [first] = await w.take(1)
+    assert (first.seq, first.entity, first.entity_id) == (5, "rule", rule.id)
+    chain = await stub.CreateChain(pb.CreateChainRequest(user_id=alice, project="pj", name="c"))
+    [second] = await w.take(1)
+    assert (second.seq, second.entity_id) == (6, chain.id)
+
+
+async def test_a_replaying_watch_sends_its_headers_before_any_change(
+    stub: MetadataServiceAsyncStub, watch: Callable[[int], Watch]
+) -> None:
+    # Headers commit the call: a client's transparent retry cannot restart a watch mid-way.
+    await stub.CreateUser(pb.CreateUserRequest(name="alice"))
+    w = watch(0)
+    await asyncio.wait_for(w.call.initial_metadata(), PROMPT_S)
+    assert [c.seq for c in await w.take(2)] == [1, 2]
+
+
+async def test_a_watch_before_minus_one_is_refused(stub: MetadataServiceAsyncStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        async for _ in stub.WatchChanges(pb.WatchChangesRequest(after_seq=-2)):
+            pass
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_a_watcher_resuming_from_its_last_seq_gets_exactly_what_it_missed(
     stub: MetadataServiceAsyncStub, watch: Callable[[int], Watch]
 ) -> None:

@@ -13,7 +13,7 @@ from jsonschema import Draft202012Validator
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.openapi import SPEC
-from gateway.routes.renders import render_params
+from gateway.submission import render_params
 from gateway.validation import field_path, read_query, validate
 from shared.errors import ValidationFailed
 
@@ -79,7 +79,7 @@ def test_missing_fields_and_wrong_shapes() -> None:
         "prompt": "p",
         "reference": {"url": "https://x/y", "render_id": "r"},
     }
-    assert _fields(both, "RenderRequest") == {"reference": "must have exactly one of url and render_id"}
+    assert _fields(both, "RenderRequest") == {"reference": "must have exactly one of url, render_id and previous"}
 
 
 def test_omitted_params_get_defaults_and_a_random_seed() -> None:

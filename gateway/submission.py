@@ -1,0 +1,95 @@
+"""Render requests as generation RenderSpecs, and the `Prefer: wait=N` preference of a submit."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from aiohttp import web
+from renderflow.v1 import generation_pb2, metadata_pb2
+
+from gateway.resources import KINDS
+from gateway.schemas import SCHEMAS
+from gateway.state import TIMER
+
+PARAM_DEFAULTS: dict[str, Any] = {
+    name: schema["default"]
+    for name, schema in SCHEMAS["RenderParamsInput"]["properties"].items()
+    if "default" in schema
+}
+SEED_LIMIT = 2**32
+
+
+def render_params(kind: str, given: dict[str, Any]) -> generation_pb2.RenderParams:
+    """The render's parameters: the given ones, defaults for the rest, a random seed if none."""
+    values = {**PARAM_DEFAULTS, **given}
+    params = generation_pb2.RenderParams(
+        width=int(values["width"]),
+        height=int(values["height"]),
+        steps=int(values["steps"]),
+        seed=int(values["seed"]) if "seed" in values else secrets.randbelow(SEED_LIMIT),
+    )
+    if kind == "video":
+        params.duration_s = float(values["duration_s"])
+        params.fps = int(values["fps"])
+    return params
+
+
+def reference(given: dict[str, Any] | None, position: int) -> generation_pb2.Reference | None:
+    """The reference image's source: a URL, another render, or (`previous: true`) the render
+    before this one in its chain, which the first render of a chain does not have."""
+    if not given:
+        return None
+    ref = generation_pb2.Reference(required=bool(given.get("required", False)))
+    if "url" in given:
+        ref.url = given["url"]
+    elif "render_id" in given:
+        ref.render_id = given["render_id"]
+    elif position <= 1:
+        return None
+    else:
+        ref.chain_previous = True
+    return ref
+
+
+def render_spec(
+    render_id: str, fields: dict[str, Any], prepared: metadata_pb2.PrepareRenderResponse, position: int
+) -> generation_pb2.RenderSpec:
+    """What generation queues: the request, at `position` of the chain PrepareRender resolved."""
+    return generation_pb2.RenderSpec(
+        render_id=render_id,
+        project_id=prepared.project.id,
+        project=prepared.project.slug,
+        chain_id=prepared.chain.id,
+        position=position,
+        kind=KINDS[fields["kind"]],
+        prompt=fields["prompt"],
+        negative_prompt=fields.get("negative_prompt") or "",
+        params=render_params(fields["kind"], fields.get("params", {})),
+        rules=prepared.rules,
+        reference=reference(fields.get("reference"), position),
+    )
+
+
+def prefer_wait(request: web.Request, max_wait_s: float) -> float | None:
+    """The seconds of a `Prefer: wait=N` header (RFC 7240), clamped to `max_wait_s`; None without
+    one. Like any preference, a malformed one is ignored rather than refused."""
+    for header in request.headers.getall("Prefer", []):
+        for preference in header.split(","):
+            name, _, value = preference.split(";", 1)[0].partition("=")
+            if name.strip().lower() != "wait":
+                continue
+            value = value.strip().strip('"')
+            if value.isascii() and value.isdigit():
+                return min(float(value), max_wait_s)
+    return None
+
+
+def spent_so_far(request: web.Request) -> generation_pb2.Timings:
+    """The phases of the request before it reached generation, to be kept on the render."""
+    phases = request[TIMER].phases
+    return generation_pb2.Timings(
+        auth_ms=phases.get("auth", 0.0),
+        validation_ms=phases.get("validation", 0.0),
+        db_ms=phases.get("db", 0.0),
+    )
