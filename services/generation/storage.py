@@ -98,6 +98,9 @@ async def _translated() -> AsyncIterator[None]:
         yield
     except psycopg.errors.UniqueViolation as exc:
         raise Conflict("it exists already") from exc
+    except psycopg.DataError as exc:
+        # A value PostgreSQL cannot store (validation should have caught it): bad input, not a fault.
+        raise ValidationFailed("a value cannot be stored") from exc
     except psycopg.OperationalError as exc:
         raise Unavailable("the database is unavailable") from exc
 

@@ -98,6 +98,14 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
     for name in ("project_id", "project", "chain_id"):
         if len(getattr(spec, name)) > 200:
             bad(name, "must be at most 200 characters")
+    # PostgreSQL text cannot hold NUL; refuse it here, for gRPC callers that skip the gateway.
+    texts = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt}
+    texts.update({f"rules[{i}].text": rule.text for i, rule in enumerate(spec.rules)})
+    if reference is not None:
+        texts["reference.url"] = reference.url
+    for name, text in texts.items():
+        if "\x00" in text:
+            bad(name, "must not contain NUL characters")
 
     if errors:
         raise ValidationFailed(f"{errors[0].field}: {errors[0].message}", errors)

@@ -72,3 +72,8 @@ def test_a_chain_reference_needs_the_chain_and_is_dropped_for_the_first_render()
     assert first.reference is None
     second = normalized(RenderSpec(prompt="x", chain_id="c", position=2, reference=previous))
     assert second.reference == previous
+
+
+def test_nul_characters_are_refused_by_field() -> None:
+    given = RenderSpec(prompt="a\x00b", negative_prompt="ok", rules=[Rule("r1", "x\x00")])
+    assert _fields(given) == {"prompt", "rules[0].text"}
