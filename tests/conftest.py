@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 
 from shared.embedded_pg import EmbeddedPostgres
 from shared.settings import Env
@@ -37,9 +37,7 @@ async def database_url(pg_server_url: str) -> AsyncIterator[str]:
     name = f"test_{uuid.uuid4().hex[:12]}"
     async with await psycopg.AsyncConnection.connect(pg_server_url, autocommit=True) as conn:
         await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = conninfo_to_dict(pg_server_url)
-    params["dbname"] = name
-    yield make_conninfo(**params)
+    yield make_conninfo(pg_server_url, dbname=name)
     async with await psycopg.AsyncConnection.connect(pg_server_url, autocommit=True) as conn:
         await conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
 

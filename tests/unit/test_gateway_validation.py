@@ -79,7 +79,9 @@ def test_missing_fields_and_wrong_shapes() -> None:
         "prompt": "p",
         "reference": {"url": "https://x/y", "render_id": "r"},
     }
-    assert _fields(both, "RenderRequest") == {"reference": "must have exactly one of url, render_id and previous"}
+    assert _fields(both, "RenderRequest") == {
+        "reference": "must have exactly one of url, render_id and previous"
+    }
 
 
 def test_omitted_params_get_defaults_and_a_random_seed() -> None:
