@@ -7,14 +7,12 @@ No gRPC, no cache, no image decoding here: the result is bytes or a typed FetchF
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -34,6 +32,7 @@ from services.imagefetch.model import (
     FetchFailure,
     Progress,
 )
+from shared.http_headers import parse_retry_after
 from shared.telemetry import http_client_tracing
 
 USER_AGENT = "renderflow-imagefetch/0.1"
@@ -272,22 +271,6 @@ def _redirect_target(response: aiohttp.ClientResponse, current: URL) -> URL | No
     except ValueError:
         raise FetchFailure(INVALID_URL, "the origin redirected to an invalid URL") from None
     return normalize_url(str(joined))
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 class _Backoff:

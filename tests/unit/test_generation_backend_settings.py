@@ -11,9 +11,9 @@ import pytest
 
 from services.generation.backends import GenerationInput, PermanentBackendError
 from services.generation.backends.http import HttpBackendSettings
-from services.generation.backends.predictions import parse_retry_after
 from services.generation.backends.selection import JOB_BACKEND, BackendSettings, open_backends
 from services.generation.config import WorkerSettings
+from shared.http_headers import parse_retry_after
 from shared.settings import ConfigError, Env
 
 URL = "https://api.example.com/v1"

@@ -50,9 +50,9 @@ from services.generation.backends.predictions import (
     Prediction,
     decode_data_url,
     output_artifact,
-    parse_retry_after,
     request_body,
 )
+from shared.http_headers import parse_retry_after
 from shared.settings import ConfigError, Env
 from shared.telemetry import http_client_tracing
 

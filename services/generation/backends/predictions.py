@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import io
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -69,22 +67,6 @@ def _fraction(progress: Any, logs: Any) -> float | None:
     if match := _PERCENT.findall(last):
         return min(1.0, float(match[-1]) / 100)
     return None
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def request_body(job: GenerationInput) -> dict[str, Any]:
