@@ -1,9 +1,18 @@
-"""Process lifecycle helpers for the entry points: waiting for the signal to shut down."""
+"""Process lifecycle for the entry points: run a service until the signal to shut down."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+
+from shared.logs import setup_logging
+from shared.settings import Env, run_dir
+from shared.telemetry import setup_telemetry
+
+log = logging.getLogger(__name__)
 
 
 async def wait_for_shutdown_signal() -> signal.Signals:
@@ -22,3 +31,27 @@ async def wait_for_shutdown_signal() -> signal.Signals:
 def _resolve(future: asyncio.Future[signal.Signals], sig: signal.Signals) -> None:
     if not future.done():
         future.set_result(sig)
+
+
+def run_process(
+    service: str,
+    env: Env,
+    serving: Callable[[], AbstractAsyncContextManager[object]],
+    *,
+    log_level: str = "INFO",
+    metrics_port: int = 0,
+) -> None:
+    """The whole life of a Renderflow process: JSON logs, telemetry, `serving()` entered until
+    SIGTERM or SIGINT, then left (which drains), and the telemetry flushed last."""
+    setup_logging(service, log_level)
+    telemetry = setup_telemetry(service, env, run_dir(env), metrics_port=metrics_port)
+
+    async def serve() -> None:
+        async with serving():
+            received = await wait_for_shutdown_signal()
+            log.info("shutting down", extra={"signal": received.name})
+
+    try:
+        asyncio.run(serve())
+    finally:
+        telemetry.shutdown()

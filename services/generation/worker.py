@@ -29,10 +29,8 @@ from services.generation.server import MIGRATIONS, SCHEMA, background, database_
 from services.generation.storage import RenderStore
 from shared.db import migrate, open_pool
 from shared.grpc_client import create_channel
-from shared.lifecycle import wait_for_shutdown_signal
-from shared.logs import setup_logging
-from shared.settings import Env, run_dir
-from shared.telemetry import setup_telemetry
+from shared.lifecycle import run_process
+from shared.settings import Env
 
 # Named, not __name__: under `python -m` this module is __main__.
 log = logging.getLogger("services.generation.worker")
@@ -225,23 +223,16 @@ async def running_worker(
         yield worker
 
 
-async def serve(settings: WorkerSettings) -> None:
-    """Runs a worker until SIGTERM or SIGINT."""
-    async with running_worker(settings):
-        signal = await wait_for_shutdown_signal()
-        log.info("stopping", extra={"signal": signal.name})
-
-
 def main() -> None:
     """The worker process's entry point."""
     env = Env()
     settings = WorkerSettings.from_env(env)
-    setup_logging("generation-worker", env.str("RENDERFLOW_LOG_LEVEL", "INFO"))
-    telemetry = setup_telemetry("generation-worker", env, run_dir(env))
-    try:
-        asyncio.run(serve(settings))
-    finally:
-        telemetry.shutdown()
+    run_process(
+        "generation-worker",
+        env,
+        lambda: running_worker(settings),
+        log_level=env.str("RENDERFLOW_LOG_LEVEL", "INFO"),
+    )
 
 
 if __name__ == "__main__":

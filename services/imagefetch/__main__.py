@@ -2,41 +2,41 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from services.imagefetch.config import Settings
 from services.imagefetch.server import running
-from shared.lifecycle import wait_for_shutdown_signal
-from shared.logs import setup_logging
-from shared.settings import Env, run_dir
-from shared.telemetry import setup_telemetry
+from shared.lifecycle import run_process
+from shared.settings import Env
 
-SERVICE = "imagefetch"
 METRICS_PORT = 9102
 """Where `/metrics` is served unless RENDERFLOW_METRICS_PORT says otherwise."""
 log = logging.getLogger("services.imagefetch")
 
 
-async def main() -> None:
+@asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[int]:
+    """The service, announcing what it serves with (the cache backend, the allow-list)."""
+    async with running(settings) as port:
+        cache = "redis" if settings.cache_url else "memory"
+        log.info("serving", extra={"port": port, "cache": cache, "allow": [str(n) for n in settings.allow]})
+        yield port
+
+
+def main() -> None:
+    """Runs the service until SIGTERM or SIGINT."""
     env = Env()
     settings = Settings.from_env(env)
-    setup_logging(SERVICE, env.str("RENDERFLOW_LOG_LEVEL", "INFO"))
-    telemetry = setup_telemetry(SERVICE, env, run_dir(env), metrics_port=METRICS_PORT)
-    try:
-        async with running(settings) as port:
-            log.info(
-                "serving",
-                extra={
-                    "port": port,
-                    "cache": "redis" if settings.cache_url else "memory",
-                    "allow": [str(net) for net in settings.allow],
-                },
-            )
-            await wait_for_shutdown_signal()
-    finally:
-        telemetry.shutdown()
+    run_process(
+        "imagefetch",
+        env,
+        lambda: serving(settings),
+        log_level=env.str("RENDERFLOW_LOG_LEVEL", "INFO"),
+        metrics_port=METRICS_PORT,
+    )
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
