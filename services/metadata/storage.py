@@ -35,7 +35,13 @@ ChangeRow = tuple[str, str, UUID, UUID]
 
 def _load_queries(path: Path) -> dict[str, str]:
     blocks = re.split(r"^-- name: (\w+)\n", path.read_text(), flags=re.MULTILINE)
-    return {name: body.strip() for name, body in zip(blocks[1::2], blocks[2::2], strict=True)}
+    return {name: _without_comment_lines(body) for name, body in zip(blocks[1::2], blocks[2::2], strict=True)}
+
+
+def _without_comment_lines(body: str) -> str:
+    # The comments are for readers of queries.sql; a statement that starts with one would also
+    # give its trace span the name `--` instead of its verb.
+    return "\n".join(line for line in body.strip().splitlines() if not line.lstrip().startswith("--"))
 
 
 Q = _load_queries(Path(__file__).with_name("queries.sql"))
