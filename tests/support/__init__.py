@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from aiohttp import web
+
 
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
     """Returns once `predicate()` holds; TimeoutError after `timeout_s`. For state that announces no
@@ -12,3 +14,13 @@ async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> N
     async with asyncio.timeout(timeout_s):
         while not predicate():  # noqa: ASYNC110 - nothing to wait on but the state itself
             await asyncio.sleep(0.005)
+
+
+async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, int]:
+    """Serves `app` on 127.0.0.1 on a free port; returns the runner (the caller cleans it up) and
+    the port. A handler ends when its client goes away, as with a real server."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port: int = runner.addresses[0][1]
+    return runner, port

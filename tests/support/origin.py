@@ -40,6 +40,8 @@ from types import TracebackType
 from aiohttp import web
 from PIL import Image as PilImage
 
+from tests.support import serve_on_loopback
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -98,14 +100,7 @@ class Origin:
         }
         for path, handler in routes.items():
             app.router.add_get(path, handler)
-        # handler_cancellation: a handler ends when its client goes away, as with a real server.
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve_on_loopback(app)
         return self
 
     async def close(self) -> None:

@@ -37,6 +37,7 @@ from aiohttp import web
 
 from services.generation.backends import GenerationInput
 from services.generation.backends.procedural import ProceduralBackend
+from tests.support import serve_on_loopback
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -105,13 +106,7 @@ class Provider:
         app.router.add_get("/v1/predictions/{id}", self._poll)
         app.router.add_post("/v1/predictions/{id}/cancel", self._cancel)
         app.router.add_get("/v1/files/{id}", self._file)
-        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.Server)
-        self.port = server.sockets[0].getsockname()[1]
+        self._runner, self.port = await serve_on_loopback(app)
         return self
 
     async def close(self) -> None:
