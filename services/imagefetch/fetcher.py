@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from opentelemetry.trace import Span, Status, StatusCode
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from yarl import URL
 
 from services.imagefetch.config import Settings
@@ -32,7 +32,7 @@ from services.imagefetch.model import (
     FetchFailure,
     Progress,
 )
-from shared.http_headers import parse_retry_after
+from shared.http_headers import RetryAfterOrExponential, parse_retry_after
 from shared.telemetry import http_client_tracing
 
 USER_AGENT = "renderflow-imagefetch/0.1"
@@ -130,7 +130,11 @@ class HttpFetcher:
 
         retrying = AsyncRetrying(
             stop=stop,
-            wait=_Backoff(settings),
+            wait=RetryAfterOrExponential(
+                initial_s=settings.backoff_initial_s,
+                max_s=settings.backoff_max_s,
+                retry_after_cap_s=settings.retry_after_cap_s,
+            ),
             retry=retry_if_exception(lambda exc: isinstance(exc, FetchFailure) and exc.retryable),
             before_sleep=self._count_retry,
             reraise=True,
@@ -271,21 +275,3 @@ def _redirect_target(response: aiohttp.ClientResponse, current: URL) -> URL | No
     except ValueError:
         raise FetchFailure(INVALID_URL, "the origin redirected to an invalid URL") from None
     return normalize_url(str(joined))
-
-
-class _Backoff:
-    """Exponential backoff with jitter, unless the origin said how long to wait (then that, capped)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._cap = settings.retry_after_cap_s
-        self._exponential = wait_exponential_jitter(
-            multiplier=settings.backoff_initial_s,
-            max=settings.backoff_max_s,
-            jitter=settings.backoff_initial_s,
-        )
-
-    def __call__(self, state: RetryCallState) -> float:
-        failure = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(failure, FetchFailure) and failure.retry_after is not None:
-            return min(failure.retry_after, self._cap)
-        return float(self._exponential(state))

@@ -33,7 +33,6 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
-    wait_exponential_jitter,
 )
 from yarl import URL
 
@@ -52,7 +51,7 @@ from services.generation.backends.predictions import (
     output_artifact,
     request_body,
 )
-from shared.http_headers import parse_retry_after
+from shared.http_headers import RetryAfterOrExponential, parse_retry_after
 from shared.settings import ConfigError, Env
 from shared.telemetry import http_client_tracing
 
@@ -152,22 +151,6 @@ class _Run:
         return fields
 
 
-class _Backoff:
-    """Exponential backoff with jitter, unless the provider said how long to wait (then that, capped)."""
-
-    def __init__(self, settings: HttpBackendSettings) -> None:
-        self._cap = settings.backoff_max_s
-        self._exponential = wait_exponential_jitter(
-            multiplier=settings.backoff_s, max=settings.backoff_max_s, jitter=settings.backoff_s
-        )
-
-    def __call__(self, state: RetryCallState) -> float:
-        failure = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(failure, _Retryable) and failure.retry_after is not None:
-            return min(failure.retry_after, self._cap)
-        return float(self._exponential(state))
-
-
 class HttpBackend:
     """Renders through a prediction API over one aiohttp session (see the module docstring)."""
 
@@ -177,7 +160,11 @@ class HttpBackend:
         self._session = session
         self._settings = settings
         self._base = URL(settings.url)
-        self._backoff = _Backoff(settings)
+        self._backoff = RetryAfterOrExponential(
+            initial_s=settings.backoff_s,
+            max_s=settings.backoff_max_s,
+            retry_after_cap_s=settings.backoff_max_s,
+        )
 
     @classmethod
     @asynccontextmanager
