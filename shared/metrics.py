@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from threading import Thread
 from typing import Any
@@ -31,6 +32,8 @@ from opentelemetry.sdk.metrics.view import DropAggregation, View
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.exposition import choose_encoder
+
+from shared.call_interceptor import CallInterceptor
 
 SCOPE = "renderflow"
 DURATION_BUCKETS_S = (
@@ -101,10 +104,7 @@ def phase_histogram(meter: metrics.Meter) -> metrics.Histogram:
     )
 
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]
-
-
-class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+class RpcMetricsInterceptor(CallInterceptor):
     """`rpc.server.duration`: seconds per call served, by service, method and status code name.
 
     Placed outside the error interceptor, it sees the status that domain errors were turned into.
@@ -119,55 +119,19 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
         )
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
-        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-        record = self._duration.record
-        if handler.unary_unary:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                started = time.perf_counter()
-                code = "OK"
-                try:
-                    return await inner_uu(request, context)
-                except BaseException as exc:
-                    code = _code_name(context, exc)
-                    raise
-                finally:
-                    record(time.perf_counter() - started, {**attributes, "rpc.grpc.status": code})
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.unary_stream:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(
-                request: Any, context: grpc.aio.ServicerContext[Any, Any]
-            ) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                code = "OK"
-                try:
-                    async for item in inner_us(request, context):
-                        yield item
-                except BaseException as exc:
-                    code = _code_name(context, exc)
-                    raise
-                finally:
-                    record(time.perf_counter() - started, {**attributes, "rpc.grpc.status": code})
-
-            return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
-            )
-        return handler
+    @asynccontextmanager
+    async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        service, _, name = method.lstrip("/").rpartition("/")
+        started = time.perf_counter()
+        code = "OK"
+        try:
+            yield
+        except BaseException as exc:
+            code = _code_name(context, exc)
+            raise
+        finally:
+            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+            self._duration.record(time.perf_counter() - started, {**attributes, "rpc.grpc.status": code})
 
 
 def _code_name(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> str:
