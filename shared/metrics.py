@@ -27,7 +27,7 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 from opentelemetry import metrics
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.view import DropAggregation, View
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
@@ -57,7 +57,11 @@ def build_meter_provider(resource: Resource, registry: CollectorRegistry = REGIS
     default registry, which also holds the process collectors: CPU, memory, file descriptors)."""
     # No otel_scope_* labels: metric names are unique across scopes here, and shorter series read better.
     reader = PrometheusMetricReader(scope_info_enabled=False, registry=registry)
-    return MeterProvider(resource=resource, metric_readers=[reader], views=_VIEWS)
+    # The Prometheus text format carries no exemplars: sampling them would cost every measurement
+    # made inside a sampled span for nothing.
+    return MeterProvider(
+        resource=resource, metric_readers=[reader], views=_VIEWS, exemplar_filter=AlwaysOffExemplarFilter()
+    )
 
 
 def exposition(accept: str | None = None, registry: CollectorRegistry = REGISTRY) -> tuple[bytes, str]:

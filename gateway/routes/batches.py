@@ -13,10 +13,11 @@ from renderflow.v1 import generation_pb2, metadata_pb2
 from gateway.auth import Principal, principal
 from gateway.idempotency import find_repeat, idempotency_key, item_id, one_at_a_time, request_hash
 from gateway.resources import batch_json, render_json
-from gateway.routes import ID, body, clients, phase
+from gateway.routes import ID, clients, phase
 from gateway.routes.events import stream_events
 from gateway.state import TRACEPARENT
 from gateway.submission import render_spec, spent_so_far
+from gateway.validation import read_json
 from shared.errors import FieldError, NotFound, ValidationFailed
 
 routes = web.RouteTableDef()
@@ -29,9 +30,9 @@ Group = tuple[str, str]  # (project slug, chain id or "" for the project's defau
 async def submit_batch(request: web.Request) -> web.Response:
     user = principal(request)
     services = clients(request)
-    fields = await body(request, "BatchRequest")  # every item checked, each failure named items[i].…
-    items: list[dict[str, Any]] = fields["items"]
     with phase(request, "validation"):
+        fields = await read_json(request, "BatchRequest")  # every item checked, failures named items[i].…
+        items: list[dict[str, Any]] = fields["items"]
         key = idempotency_key(request)
         body_hash = request_hash(fields)
         groups: dict[Group, list[int]] = {}

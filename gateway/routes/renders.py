@@ -4,6 +4,7 @@ list, a chain's renders in order, cancel; and the old system's paths as aliases 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -12,9 +13,10 @@ from renderflow.v1 import generation_pb2
 from gateway.auth import Principal, authenticated, principal
 from gateway.idempotency import find_repeat, idempotency_key, one_at_a_time, request_hash
 from gateway.resources import STATUSES, TERMINAL_STATUSES, page, render_json
-from gateway.routes import ID, body, clients, page_args, phase, query
+from gateway.routes import ID, clients, page_args, phase, query
 from gateway.state import SETTINGS, TIMER, TRACEPARENT
 from gateway.submission import prefer_wait, render_spec, spent_so_far
+from gateway.validation import read_json
 from gateway.watch_hub import WATCH_HUB
 
 routes = web.RouteTableDef()
@@ -24,20 +26,40 @@ routes = web.RouteTableDef()
 @routes.post("/render")  # the old system's path: clients switch by changing the host
 async def submit_render(request: web.Request) -> web.Response:
     user = await authenticated(request)  # the alias is outside /v1/, where the middleware does it
-    fields = await body(request, "RenderRequest")
-    return await _submit(request, user, fields, fields["project"], fields.get("chain_id"), fields)
+    with phase(request, "validation"):
+        fields = await read_json(request, "RenderRequest")
+        intent = _intent(request, fingerprint=fields)
+    return await _submit(request, user, fields, fields["project"], fields.get("chain_id"), intent)
 
 
 @routes.post("/v1/projects/{slug}/chains/{chain_id}/renders")
 @routes.post("/project/{slug}/chain/{chain_id}")  # the old system's chain action
 async def submit_chain_render(request: web.Request) -> web.Response:
     user = await authenticated(request)
-    fields = await body(request, "ChainRenderRequest")
     slug, chain_id = request.match_info["slug"], request.match_info["chain_id"]
-    # Unless it names another, the render's reference is its predecessor's output.
-    fields.setdefault("reference", {"previous": True})
-    fingerprint = {"chain": [slug, chain_id], **fields}
-    return await _submit(request, user, fields, slug, chain_id, fingerprint)
+    with phase(request, "validation"):
+        fields = await read_json(request, "ChainRenderRequest")
+        # Unless it names another, the render's reference is its predecessor's output.
+        fields.setdefault("reference", {"previous": True})
+        intent = _intent(request, fingerprint={"chain": [slug, chain_id], **fields})
+    return await _submit(request, user, fields, slug, chain_id, intent)
+
+
+@dataclass(frozen=True)
+class _Intent:
+    """What the headers of a submission ask for, and the fingerprint of its body."""
+
+    idempotency_key: str
+    wait_s: float | None
+    body_hash: str
+
+
+def _intent(request: web.Request, fingerprint: dict[str, Any]) -> _Intent:
+    return _Intent(
+        idempotency_key(request),
+        prefer_wait(request, request.app[SETTINGS].max_wait_s),
+        request_hash(fingerprint),
+    )
 
 
 async def _submit(
@@ -46,15 +68,12 @@ async def _submit(
     fields: dict[str, Any],
     project: str,
     chain_id: str | None,
-    fingerprint: dict[str, Any],
+    intent: _Intent,
 ) -> web.Response:
     services = clients(request)
     attributes = {"render.project": project, "render.kind": fields["kind"], "render.tenant": user.user_id}
     request[TIMER].annotate(attributes)
-    with phase(request, "validation"):
-        key = idempotency_key(request)
-        wait_s = prefer_wait(request, request.app[SETTINGS].max_wait_s)
-        body_hash = request_hash(fingerprint)
+    key, wait_s, body_hash = intent.idempotency_key, intent.wait_s, intent.body_hash
     async with one_at_a_time(request, user.user_id, key):
         with phase(request, "db"):
             render_id = str(uuid.uuid4())

@@ -107,7 +107,7 @@ async def settle(
     ids = list(ended or ())
     while which == _NEEDING_WORK or ids:
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(_DEPENDENTS.format(which=which).encode(), {"ids": ids, "wait_s": missing_wait_s})
+        await cur.execute(_DEPENDENTS.format(which=which), {"ids": ids, "wait_s": missing_wait_s})
         failed: list[str] = []
         for job in await cur.fetchall():
             outcome = await _settle_one(conn, job, missing_wait_s)

@@ -108,7 +108,7 @@ async def record(
         **(fence_params or {}),
     }
     cur = conn.cursor(row_factory=tuple_row)
-    await cur.execute(_RECORD.format(fence=fence).encode(), params)
+    await cur.execute(_RECORD.format(fence=fence), params)
     row = await cur.fetchone()
     return None if row is None else int(row[0])
 
