@@ -307,6 +307,28 @@ def test_configmap_addresses_reach_the_services_and_listeners(cluster: Cluster) 
     assert _service_target(cluster, otlp.hostname, otlp.port) == receiver_port
 
 
+def test_prometheus_scrapes_every_process_where_it_serves_metrics(cluster: Cluster) -> None:
+    settings = cluster.settings
+    assert settings["RENDERFLOW_METRICS_HOST"] == "0.0.0.0"
+    for name in ENTRY_POINTS:
+        deployment = cluster.get("Deployment", name)
+        annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true", name
+        assert annotations["prometheus.io/path"] == "/metrics", name
+        port = int(annotations["prometheus.io/port"])
+        env = {e["name"]: e.get("value") for e in _container(deployment).get("env", [])}
+        served = settings["RENDERFLOW_GATEWAY_PORT"] if name == "gateway" else env["RENDERFLOW_METRICS_PORT"]
+        assert port == int(served), name
+        assert _container_port(deployment, port) == port, name
+
+
+def test_traces_are_sampled_whole_at_a_ratio(cluster: Cluster) -> None:
+    """The decision is taken where a trace starts and followed by every hop, so a kept trace is whole."""
+    settings = cluster.settings
+    assert settings["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
+    assert 0 < float(settings["OTEL_TRACES_SAMPLER_ARG"]) <= 1
+
+
 def test_collector_pipelines_use_only_configured_components(cluster: Cluster) -> None:
     config = yaml.safe_load(cluster.get("ConfigMap", "otel-collector-config")["data"]["config.yaml"])
     for pipeline, stages in config["service"]["pipelines"].items():
@@ -356,7 +378,7 @@ def test_workers_have_time_to_drain_and_leave_one_at_a_time(cluster: Cluster) ->
     env = {e["name"]: e for e in _container(worker)["env"]}
     assert 0 < float(env["RENDERFLOW_WORKER_GRACE_S"]["value"]) <= period - 10
     assert "replicas" not in worker["spec"], "KEDA (or kubectl scale) owns the worker count"
-    assert "ports" not in _container(worker)
+    assert [port["name"] for port in _container(worker)["ports"]] == ["metrics"], "it serves nothing else"
     pdb = cluster.get("PodDisruptionBudget", "worker")
     assert pdb["spec"]["selector"]["matchLabels"] == worker["spec"]["selector"]["matchLabels"]
     assert pdb["spec"]["maxUnavailable"] == 1
