@@ -12,6 +12,7 @@ from opentelemetry import metrics
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics import _Gauge as Gauge  # the synchronous gauge, not yet public by name
 
+from services.generation.domain import RenderError
 from shared.metrics import SCOPE, phase_histogram
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,6 @@ class Instruments:
     """
 
     phase_duration: metrics.Histogram
-    renders_finished: metrics.Counter
     retries: metrics.Counter
     queued: Gauge
     running: Gauge
@@ -42,11 +42,6 @@ class Instruments:
         meter = metrics.get_meter(f"{SCOPE}.generation", meter_provider=meter_provider)
         return cls(
             phase_duration=phase_histogram(meter),
-            renders_finished=meter.create_counter(
-                "renderflow.renders.finished",
-                unit="{render}",
-                description="Renders that reached an end, by status, error code and reason, and kind",
-            ),
             retries=meter.create_counter(
                 "renderflow.renders.retries",
                 unit="{attempt}",
@@ -61,6 +56,21 @@ class Instruments:
                 "renderflow.renders.running", unit="{render}", description="Renders being worked on, by kind"
             ),
         )
+
+
+_finished = metrics.get_meter(f"{SCOPE}.generation").create_counter(
+    "renderflow.renders.finished",
+    unit="{render}",
+    description="Renders that reached an end, by status, error code and reason, and kind",
+)
+
+
+def count_finished(kind: str, status: str, error: RenderError | None) -> None:
+    """Counts a render that has just ended; a failure by its error code and reason."""
+    labels = {"status": status, "render.kind": kind}
+    if error is not None and status == "failed":
+        labels |= {"error.code": error.code, "error.reason": error.reason}
+    _finished.add(1, labels)
 
 
 async def watch_queue(depth: QueueDepth, instruments: Instruments, interval_s: float) -> None:

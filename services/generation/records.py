@@ -3,6 +3,7 @@
 Every state change of a render and the events reporting it are written by `record`, in one
 statement: a *fence* (a CTE yielding the render id only if the caller still may write) gates the
 render update, the event inserts and the NOTIFY, so a worker that lost its lease changes nothing.
+Being the one place where renders end, it is also where they are counted for the metrics.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from services.generation.domain import (
+    TERMINAL,
     Event,
     NewEvent,
     Output,
@@ -24,6 +26,7 @@ from services.generation.domain import (
     RenderError,
     Rule,
 )
+from services.generation.instruments import count_finished
 
 # Fences: each selects `render_id` when the write may go ahead (and locks what must stay put).
 FENCE_NONE = "SELECT %(id)s::text AS render_id"
@@ -68,14 +71,14 @@ r AS (
         finished_at = CASE WHEN %(status)s::text IN ('succeeded', 'failed', 'cancelled')
                            THEN clock_timestamp() ELSE finished_at END
     FROM fence WHERE renders.id = fence.render_id
-    RETURNING renders.id, renders.last_seq
+    RETURNING renders.id, renders.last_seq, renders.kind
 ),
 e AS (
     INSERT INTO events (render_id, seq, type, payload)
     SELECT r.id, r.last_seq - cardinality(%(types)s::text[]) + x.ord, x.type, x.payload
     FROM r, unnest(%(types)s::text[], %(payloads)s::jsonb[]) WITH ORDINALITY AS x(type, payload, ord)
 )
-SELECT r.last_seq, pg_notify('generation_events', r.id || ':' || r.last_seq) FROM r
+SELECT r.last_seq, r.kind, pg_notify('generation_events', r.id || ':' || r.last_seq) FROM r
 """
 
 
@@ -94,7 +97,12 @@ async def record(
     attempts: int | None = None,
 ) -> int | None:
     """Applies a render's state change and appends `events` if the fence lets it; returns the new
-    last seq, or None when the fence said no (the job was taken away or has ended)."""
+    last seq, or None when the fence said no (the job was taken away or has ended).
+
+    A terminal `status` counts the render in `renderflow.renders.finished` (whichever path ended it:
+    its worker, the rescuer, a cancel, a failed chain predecessor). Inside a transaction that later
+    rolls back, the count stays: a rare over-count, where counting after each commit would spread
+    this over every caller."""
     params: dict[str, Any] = {
         "id": render_id,
         "types": [event.type for event in events],
@@ -110,7 +118,11 @@ async def record(
     cur = conn.cursor(row_factory=tuple_row)
     await cur.execute(_RECORD.format(fence=fence), params)
     row = await cur.fetchone()
-    return None if row is None else int(row[0])
+    if row is None:
+        return None
+    if status in TERMINAL:
+        count_finished(row[1], status, error)
+    return int(row[0])
 
 
 def output_json(output: Output) -> dict[str, Any]:

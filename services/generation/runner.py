@@ -145,7 +145,7 @@ class JobRunner:
         extra = {"render_id": claim.render_id, "attempt": claim.attempts}
         try:
             if claim.cancel_requested:
-                await self._finish(claim, "cancelled", error=_CANCELLED)
+                await self._queue.finish(claim, "cancelled", error=_CANCELLED)
                 return
             await self._attempt(claim)
         except asyncio.CancelledError:
@@ -157,7 +157,7 @@ class JobRunner:
                 task.uncancel()
             log.info("job stopped", extra={**extra, "reason": reason})
             if reason == "cancel":
-                await self._finish(claim, "cancelled", error=_CANCELLED)
+                await self._queue.finish(claim, "cancelled", error=_CANCELLED)
             elif reason == "shutdown":
                 await self._queue.requeue(claim, 0.0, "handed back by a stopping worker", refund=True)
         except LeaseLost:
@@ -169,7 +169,7 @@ class JobRunner:
         except Exception as exc:
             log.exception("render failed unexpectedly", extra=extra)
             error = RenderError("internal", type(exc).__name__, "an unexpected error stopped the render")
-            await self._finish(claim, "failed", error=error)
+            await self._queue.finish(claim, "failed", error=error)
 
     async def _attempt(self, claim: Claim) -> None:
         render = await self._renders.get_any(claim.render_id)
@@ -251,7 +251,7 @@ class JobRunner:
             sha256=stored.sha256,
             duration_s=artifact.duration_s,
         )
-        if not await self._finish(claim, "succeeded", output=output, timings=timings):
+        if not await self._queue.finish(claim, "succeeded", output=output, timings=timings):
             raise LeaseLost(claim.render_id)
 
     async def _reference(self, render: Render) -> tuple[bytes | None, str]:
@@ -287,19 +287,8 @@ class JobRunner:
                 f"{error.message} (after {claim.attempts} attempts)",
                 error.retryable,
             )
-        if not await self._finish(claim, "failed", error=error, timings=timings):
+        if not await self._queue.finish(claim, "failed", error=error, timings=timings):
             raise LeaseLost(claim.render_id)
-
-    async def _finish(self, claim: Claim, status: str, **end: Any) -> bool:
-        """Ends the job (see JobQueue.finish) and counts the render as finished if it was ours."""
-        ended = await self._queue.finish(claim, status, **end)
-        if ended:
-            error: RenderError | None = end.get("error")
-            labels = {"status": status, "render.kind": claim.kind}
-            if error is not None and status == "failed":
-                labels |= {"error.code": error.code, "error.reason": error.reason}
-            self._instruments.renders_finished.add(1, labels)
-        return ended
 
     @contextmanager
     def _phase(self, name: str, render: Render, timings: dict[str, float]) -> Iterator[None]:

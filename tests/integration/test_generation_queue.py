@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 
 from services.generation.domain import Output, RenderSpec, Submission
@@ -19,6 +20,7 @@ from services.generation.server import database_url as with_schema
 from services.generation.storage import RenderStore
 from services.generation.validation import normalized
 from shared.db import migrate, open_pool
+from tests.integration.test_observability_traces import install_global_providers
 
 OUTPUT = Output("/v1/renders/x/output", "image/png", 3, 1, 1, "abc")
 
@@ -105,6 +107,30 @@ async def test_expired_leases_out_of_attempts_fail_and_cancelled_ones_cancel(que
     failed = await queue.store.get("alice", exhausted)
     assert failed.status == "failed" and failed.error is not None and failed.error.reason == "lease_expired"
     assert (await queue.store.get("alice", cancelled)).status == "cancelled"
+
+
+async def test_renders_ended_by_the_rescuer_or_a_cancel_count_as_finished(queue: Queue) -> None:
+    install_global_providers()  # the counter is made on the process's meter provider
+
+    def finished(**labels: str) -> float:
+        return sum(
+            sample.value
+            for family in REGISTRY.collect()
+            for sample in family.samples
+            if sample.name == "renderflow_renders_finished_total" and labels.items() <= sample.labels.items()
+        )
+
+    lost = {"status": "failed", "render_kind": "image", "error_code": "generation_failed"}
+    lost |= {"error_reason": "lease_expired"}
+    cancelled = {"status": "cancelled", "render_kind": "image"}
+    before = finished(**lost), finished(**cancelled)
+    exhausted, queued = await queue.submit(2)
+    await queue.store.cancel("alice", queued)  # queued: cancelled at once
+    for _ in range(2):  # both attempts lost with their worker
+        assert [c.render_id for c in await queue.jobs.claim("w", 1)] == [exhausted]
+        await queue.expire_leases()
+        await queue.jobs.rescue()
+    assert (finished(**lost), finished(**cancelled)) == (before[0] + 1, before[1] + 1)
 
 
 async def test_a_hand_back_refunds_the_attempt_and_a_retry_waits(queue: Queue) -> None:

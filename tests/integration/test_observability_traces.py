@@ -79,7 +79,7 @@ _RECORDER = Recorder()
 _installed = False
 
 
-def _install_global_providers() -> Recorder:
+def install_global_providers() -> Recorder:
     """The process-wide tracer and meter providers (set once per process: they cannot be replaced),
     with the recorder on the tracer provider; another test module may have set a provider already."""
     global _installed
@@ -99,7 +99,7 @@ def _install_global_providers() -> Recorder:
 @pytest.fixture(name="recorder", scope="module")
 def recorder_fixture() -> Iterator[Recorder]:
     """Spans of everything this process does while the module's tests run, down to SQL."""
-    recorder = _install_global_providers()
+    recorder = install_global_providers()
     instrumentor = PsycopgInstrumentor()
     instrumented_here = not instrumentor.is_instrumented_by_opentelemetry
     if instrumented_here:
