@@ -14,9 +14,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     until its last message), so that a subclass writes its logic once, not once per call kind."""
 
     def around(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any]
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], *, streaming: bool
     ) -> AbstractAsyncContextManager[None]:
-        """The context entered around one call of `method` (`/package.Service/Method`)."""
+        """The context entered around one call of `method` (`/package.Service/Method`); `streaming`
+        for a call that answers with a stream."""
         raise NotImplementedError
 
     async def intercept_service(
@@ -33,7 +34,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                async with around(method, context):
+                async with around(method, context, streaming=False):
                     return await inner_uu(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -45,7 +46,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
-                async with around(method, context):
+                async with around(method, context, streaming=True):
                     async for item in inner_us(request, context):
                         yield item
 

@@ -43,7 +43,9 @@ class ErrorInterceptor(CallInterceptor):
     """Translates domain errors into gRPC statuses, and anything unexpected into a logged INTERNAL."""
 
     @asynccontextmanager
-    async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    async def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], *, streaming: bool
+    ) -> AsyncIterator[None]:
         try:
             yield
         except Exception as exc:

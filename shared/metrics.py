@@ -34,6 +34,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.exposition import choose_encoder
 
 from shared.call_interceptor import CallInterceptor
+from shared.spans import mark_stream
 
 SCOPE = "renderflow"
 DURATION_BUCKETS_S = (
@@ -109,7 +110,8 @@ def phase_histogram(meter: metrics.Meter) -> metrics.Histogram:
 
 
 class RpcMetricsInterceptor(CallInterceptor):
-    """`rpc.server.duration`: seconds per call served, by service, method and status code name.
+    """`rpc.server.duration`: seconds per call served, by service, method and status code name; a
+    call answered with a stream is marked so on its span (`shared.spans.mark_stream`).
 
     Placed outside the error interceptor, it sees the status that domain errors were turned into.
     """
@@ -124,7 +126,11 @@ class RpcMetricsInterceptor(CallInterceptor):
         )
 
     @asynccontextmanager
-    async def around(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+    async def around(
+        self, method: str, context: grpc.aio.ServicerContext[Any, Any], *, streaming: bool
+    ) -> AsyncIterator[None]:
+        if streaming:
+            mark_stream()
         service, _, name = method.lstrip("/").rpartition("/")
         started = time.perf_counter()
         code = "OK"

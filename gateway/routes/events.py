@@ -17,9 +17,10 @@ from gateway.auth import WEBSOCKET_BEARER, principal
 from gateway.resources import TERMINAL_EVENTS, event_json
 from gateway.routes import ID, clients, phase, query
 from gateway.sse import CONTENT_TYPE, comment_frame, event_frame, retry_frame, with_heartbeats
-from gateway.state import EVENT_STREAMS, SETTINGS
+from gateway.state import EVENT_STREAMS, SETTINGS, TIMER
 from gateway.watch_hub import WATCH_HUB
 from shared.errors import RenderflowError, ValidationFailed
+from shared.spans import mark_stream
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def after_seq(request: web.Request, operation_id: str) -> int:
 async def _watch(request: web.Request, operation_id: str) -> Events:
     user = principal(request)
     render_id = request.match_info["id"]
+    request[TIMER].annotate({"render.id": render_id})
     after = after_seq(request, operation_id)
     with phase(request, "db"):
         # Unknown or not yours: 404 before the stream starts.
@@ -75,6 +77,7 @@ def _ended_on_shutdown(request: web.Request) -> Iterator[None]:
 async def stream_events(request: web.Request, events: Events, *, with_ids: bool) -> web.StreamResponse:
     """Serves `events` as Server-Sent Events (`id:` = seq when `with_ids`) with heartbeats, until
     the source ends; closes the source when the client goes away."""
+    mark_stream()
     response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     response.content_type = CONTENT_TYPE
     heartbeat_s = request.app[SETTINGS].sse_heartbeat_s
@@ -102,6 +105,7 @@ async def stream_events(request: web.Request, events: Events, *, with_ids: bool)
 @routes.get(f"/v1/renders/{ID}/ws", allow_head=False)
 async def render_websocket(request: web.Request) -> web.WebSocketResponse:
     events = await _watch(request, "watchRenderWebSocket")
+    mark_stream()
     socket = web.WebSocketResponse(
         protocols=(WEBSOCKET_BEARER,), heartbeat=request.app[SETTINGS].sse_heartbeat_s
     )

@@ -9,7 +9,7 @@ from html import escape
 
 from services.tracereport.report import Report
 from services.tracereport.stats import EndpointStats, PhaseStats, Summary
-from services.tracereport.text import inputs_note, ms
+from services.tracereport.text import inputs_note, ms, streams_note
 from services.tracereport.traces import Waterfall
 
 _PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#bab0ac", "#ff9da7",
@@ -52,6 +52,7 @@ def render_html(report: Report) -> str:
         *(_histogram(s) for s in report.endpoints),
         "</div>",
         "<h2>Slowest traces</h2>",
+        f'<p class="muted">{e(streams_note(report.streams))}</p>' if report.streams else "",
         *(_waterfall(rank, w) for rank, w in enumerate(report.slowest, start=1)),
         "<h2>Top error causes</h2>",
         _error_table(report),

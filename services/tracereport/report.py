@@ -41,6 +41,8 @@ class Report:
     endpoints: list[EndpointStats] = field(default_factory=list)
     phases: list[PhaseStats] = field(default_factory=list)
     slowest: list[Waterfall] = field(default_factory=list)
+    streams: int = 0
+    """Groups of traces left out of `slowest` for being streams."""
     errors: list[ErrorCause] = field(default_factory=list)
 
 
@@ -61,6 +63,7 @@ def build_report(
         kind = traces.inherited(span, "render.kind")
         return None if kind is None else str(kind)
 
+    slowest, streams = traces.slowest(top, max_rows) if top > 0 else ([], 0)
     starts = [span.start_ns for span in traces]
     ends = [span.end_ns for span in traces]
     return Report(
@@ -73,7 +76,8 @@ def build_report(
         end=_time(max(ends)) if ends else None,
         endpoints=endpoint_stats(traces, keep=filters.matches),
         phases=phase_stats(traces, budgets, kind_of),
-        slowest=traces.slowest(top, max_rows) if top > 0 else [],
+        slowest=slowest,
+        streams=streams,
         errors=error_causes(traces),
     )
 
@@ -117,6 +121,7 @@ def report_dict(report: Report) -> dict[str, Any]:
             for p in report.phases
         ],
         "slowest": [_rounded(asdict(w)) for w in report.slowest],
+        "streams_left_out": report.streams,
         "errors": [asdict(e) for e in report.errors],
     }
 

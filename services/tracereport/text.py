@@ -24,7 +24,7 @@ def render_text(report: Report) -> str:
     if not report.span_count:
         return f"No spans to report on.\n\n{_footer(report)}\n"
     parts = [_header(report), *_endpoints(report.endpoints), _phases(report)]
-    parts += [_waterfalls(report.slowest), _errors(report), _footer(report)]
+    parts += [_waterfalls(report.slowest, report.streams), _errors(report), _footer(report)]
     return "\n\n".join(part for part in parts if part) + "\n"
 
 
@@ -95,10 +95,13 @@ def _phases(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _waterfalls(slowest: Sequence[Waterfall]) -> str:
+def _waterfalls(slowest: Sequence[Waterfall], streams: int) -> str:
     if not slowest:
         return ""
-    blocks = ["SLOWEST TRACES (a job's trace is shown under the request that submitted it: ↪)"]
+    blocks = [
+        "SLOWEST TRACES (a job's trace is shown under the request that submitted it: ↪)"
+        + (f"\n{streams_note(streams)}" if streams else "")
+    ]
     for rank, waterfall in enumerate(slowest, start=1):
         linked = len(waterfall.trace_ids) - 1
         title = f"#{rank} trace {waterfall.trace_id}  {waterfall.duration_ms:.1f} ms, "
@@ -148,6 +151,11 @@ def inputs_note(counts: ReadCounts) -> str:
     if counts.bad_spans:
         text += f" Skipped {_count(counts.bad_spans, 'malformed span')}."
     return text
+
+
+def streams_note(streams: int) -> str:
+    """Why some long traces are not among the slowest."""
+    return f"Left out: {_count(streams, 'stream')} (event streams, subscriptions): long while listened to."
 
 
 def _footer(report: Report) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from services.tracereport.model import AttributeValue, Span
 from services.tracereport.stats import endpoint_of, is_error
+from shared.spans import STREAM_ATTRIBUTE
 
 _Key = tuple[str, str]
 
@@ -99,16 +100,31 @@ class TraceSet:
             members[find(trace_id)].append(trace_id)
         return list(members.values())
 
-    def slowest(self, count: int, max_rows: int) -> list[Waterfall]:
-        """Waterfalls of the `count` slowest groups of linked traces, slowest first."""
+    def slowest(self, count: int, max_rows: int) -> tuple[list[Waterfall], int]:
+        """Waterfalls of the `count` slowest groups of linked traces, slowest first, leaving out
+        streams (how long someone listened says nothing of how long anyone waited); and how many
+        streams were left out."""
 
         def bounds(group: list[str]) -> tuple[int, int]:
             spans = [span for trace_id in group for span in self.traces[trace_id]]
             return min(s.start_ns for s in spans), max(s.end_ns for s in spans)
 
-        timed = [(bounds(group), group) for group in self.groups()]
+        groups = self.groups()
+        timed = [(bounds(group), group) for group in groups if not self.is_stream(group)]
         timed.sort(key=lambda item: (item[0][0] - item[0][1], item[0][0]))
-        return [self.waterfall(group, max_rows) for _, group in timed[:count]]
+        return [self.waterfall(group, max_rows) for _, group in timed[:count]], len(groups) - len(timed)
+
+    def is_stream(self, group: list[str]) -> bool:
+        """Whether the group began as a stream: its first root span is marked as one, or is a call
+        whose server side is (a subscription a process keeps open outside any request)."""
+        spans = [span for trace_id in group for span in self.traces[trace_id]]
+        roots = [s for s in spans if self.parent(s) is None] or spans  # (spans in a parent cycle)
+        root = min(roots, key=lambda s: (s.start_ns, s.span_id))
+        if root.attributes.get(STREAM_ATTRIBUTE) is True:
+            return True
+        return root.kind == "client" and any(
+            s.attributes.get(STREAM_ATTRIBUTE) is True and self.parent(s) is root for s in spans
+        )
 
     def waterfall(self, trace_ids: Iterable[str], max_rows: int) -> Waterfall:
         """The spans of these traces in tree order: each under its parent, children by start time,

@@ -44,6 +44,7 @@ from services.tracereport.selection import Filters, load_spans
 from shared.logs import JsonFormatter
 from shared.metrics import build_meter_provider
 from shared.settings import Addresses
+from shared.spans import STREAM_ATTRIBUTE
 from shared.telemetry import Budgets, JsonLinesSpanExporter
 from tests.support.origin import Origin
 
@@ -359,6 +360,28 @@ async def test_a_submission_is_one_trace_down_to_sql_and_its_job_a_linked_trace(
         ]  # the image-fetch service's request to the origin
         assert [attrs(s).get("http.status_code") for s in origin_calls] == [404]
     assert scenario.unknown_project_status == 404
+
+
+async def test_event_streams_are_marked_as_streams_and_requests_are_not(observed: ObservedStack) -> None:
+    _, render = await observed.submit(prompt="listened to")
+    url = f"{observed.base}/v1/renders/{render['id']}/events"
+    async with observed.http.get(url, headers=observed.headers) as stream:
+        assert stream.status == 200
+        await stream.read()  # the stream ends after the render's last event
+
+    def done(spans: Sequence[ReadableSpan]) -> bool:
+        return any(s.name == "GET /v1/renders/{id}/events" for s in spans)
+
+    await observed.recorder.wait_for(done)
+    spans = list(observed.recorder.spans)
+    request = the_one(spans, name="GET /v1/renders/{id}/events", render__id=render["id"])
+    assert attrs(request)[STREAM_ATTRIBUTE] is True
+    served = [s for s in spans if s.kind == SpanKind.SERVER and attrs(s).get("rpc.system") == "grpc"]
+    streamed = {s.name for s in served if attrs(s).get(STREAM_ATTRIBUTE)}
+    assert "/renderflow.v1.GenerationService/Watch" in streamed  # server-streaming RPCs
+    assert "/renderflow.v1.GenerationService/Submit" not in streamed  # unary ones
+    submit = the_one(spans, name="POST /v1/renders", render__id=render["id"])
+    assert STREAM_ATTRIBUTE not in attrs(submit)
 
 
 async def test_slow_phases_log_one_warning_with_the_whole_breakdown(observed: ObservedStack) -> None:

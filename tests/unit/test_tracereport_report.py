@@ -17,6 +17,7 @@ from services.tracereport.report import Report, build_report
 from services.tracereport.selection import Filters, load_spans, parse_since
 from services.tracereport.stats import DEFAULT_BUDGETS_MS, percentile
 from services.tracereport.text import render_text
+from shared.spans import STREAM_ATTRIBUTE
 from tests.unit.test_tracereport_otlp import T0, Otlp, renders_scenario
 
 
@@ -122,6 +123,33 @@ def test_slowest_traces_are_waterfalls_that_follow_links_to_the_job(scenario: tu
     render = first.rows[7]
     assert render.trace_id == otlp.traces["job3"]
     assert render.offset_ms == pytest.approx(139)  # job created at +39, claimed 100 ms later
+
+
+def test_streams_are_left_out_of_the_slowest_traces(tmp_path: Path) -> None:
+    otlp = renders_scenario()
+    sse = otlp.new_trace("sse")  # a client listening to a render's events for a minute
+    root = otlp.span("gateway", sse, "GET /v1/renders/{id}/events", 0, 60_000, attrs={STREAM_ATTRIBUTE: True})
+    otlp.span(
+        "generation", sse, "GenerationService/Watch", 1, 59_000, parent=root, attrs={STREAM_ATTRIBUTE: True}
+    )
+    feed = otlp.new_trace("feed")  # a subscription the gateway keeps open, its call the root
+    call = otlp.span("gateway", feed, "MetadataService/WatchChanges", 0, 90_000, kind="SPAN_KIND_CLIENT")
+    otlp.span(
+        "metadata",
+        feed,
+        "MetadataService/WatchChanges",
+        1,
+        89_000,
+        parent=call,
+        attrs={STREAM_ATTRIBUTE: True},
+    )
+
+    report = report_of(otlp.write(tmp_path / "traces.jsonl"), top=1)
+
+    [slowest] = report.slowest
+    assert slowest.trace_ids == (otlp.traces["submit3"], otlp.traces["job3"])  # as without the streams
+    assert report.streams == 2
+    assert "Left out: 2 streams" in render_text(report)
 
 
 def test_a_span_whose_parent_is_missing_is_a_root(scenario: tuple[Otlp, Path]) -> None:
