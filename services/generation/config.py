@@ -116,6 +116,10 @@ class WorkerSettings:
     """RENDERFLOW_PROGRESS_INTERVAL_S: at most one progress event per render this often."""
     image_fetch_timeout_s: float = 5.0
     """RENDERFLOW_IMAGE_FETCH_TIMEOUT_S: hard limit on fetching a reference image."""
+    image_fetch_outage_s: float = 60.0
+    """RENDERFLOW_IMAGE_FETCH_OUTAGE_S: how long a render waits for the image-fetch service to
+    answer again (it is down, restarting) before that counts as a failed attempt: an outage of our
+    own plumbing should not spend the attempts of a user's render."""
     procedural_step_ms: float = 0.0
     """RENDERFLOW_PROCEDURAL_STEP_MS: latency the procedural backend adds to each step."""
     backend: BackendSettings = field(default_factory=BackendSettings)
@@ -166,6 +170,7 @@ class WorkerSettings:
             shutdown_grace_s=env.float("RENDERFLOW_WORKER_GRACE_S", 20.0, minimum=0.0),
             progress_interval_s=env.float("RENDERFLOW_PROGRESS_INTERVAL_S", 0.1, minimum=0.0),
             image_fetch_timeout_s=env.float("RENDERFLOW_IMAGE_FETCH_TIMEOUT_S", 5.0, minimum=0.1),
+            image_fetch_outage_s=env.float("RENDERFLOW_IMAGE_FETCH_OUTAGE_S", 60.0, minimum=0.0),
             procedural_step_ms=env.float("RENDERFLOW_PROCEDURAL_STEP_MS", 0.0, minimum=0.0),
             backend=BackendSettings.from_env(env),
             budgets=Budgets.from_env(env),

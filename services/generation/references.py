@@ -3,15 +3,32 @@ render's output. This module is the worker's gRPC edge towards imagefetch."""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 from opentelemetry import trace
 from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from services.generation.artifacts import ArtifactStore
 from services.generation.domain import Render
 from services.generation.storage import RenderStore
 from shared.errors import NotFound, RenderflowError, Unavailable
 from shared.rpc_errors import rpc_errors
+
+log = logging.getLogger(__name__)
+
+
+def _log_outage(state: RetryCallState) -> None:
+    if state.attempt_number == 1 and state.outcome is not None:
+        error = str(state.outcome.exception())
+        log.warning("image-fetch service unavailable; waiting for it", extra={"error": error})
 
 
 class ReferenceFailed(Exception):
@@ -31,12 +48,18 @@ class References:
     """Resolves a render's reference to image bytes."""
 
     def __init__(
-        self, channel: grpc.aio.Channel, renders: RenderStore, artifacts: ArtifactStore, timeout_s: float
+        self,
+        channel: grpc.aio.Channel,
+        renders: RenderStore,
+        artifacts: ArtifactStore,
+        timeout_s: float,
+        outage_s: float = 0.0,
     ) -> None:
         self._stub = imagefetch_pb2_grpc.ImageFetchServiceStub(channel)
         self._renders = renders
         self._artifacts = artifacts
         self._timeout_s = timeout_s
+        self._outage_s = outage_s
 
     async def resolve(self, render: Render) -> tuple[bytes, str]:
         """The reference image of `render` (which must have one) and a note on where it came from
@@ -55,10 +78,19 @@ class References:
 
     async def _fetch(self, url: str) -> bytes:
         request = imagefetch_pb2.FetchRequest(url=url, deadline_ms=int(self._timeout_s * 1000))
+        # While the service is away (restarting, redeployed), wait for it rather than fail.
+        waiting = AsyncRetrying(
+            retry=retry_if_exception_type(Unavailable),
+            wait=wait_exponential_jitter(multiplier=0.25, max=5.0),
+            stop=stop_after_delay(self._outage_s),
+            before_sleep=_log_outage,
+            reraise=True,
+        )
         try:
-            with rpc_errors():
-                # A little slack over the fetch's own deadline, so its typed timeout wins.
-                result = await self._stub.Fetch(request, timeout=self._timeout_s + 1.0)
+            async for attempt in waiting:
+                with attempt, rpc_errors():
+                    # A little slack over the fetch's own deadline, so its typed timeout wins.
+                    result = await self._stub.Fetch(request, timeout=self._timeout_s + 1.0)
         except Unavailable as exc:  # also DeadlineExceeded
             raise ReferenceFailed(
                 "unavailable",

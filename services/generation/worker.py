@@ -193,7 +193,9 @@ async def running_worker(
             backends = await stack.enter_async_context(
                 open_backends(settings.backend, settings.procedural_step_ms)
             )
-        references = References(channel, store, artifacts, settings.image_fetch_timeout_s)
+        references = References(
+            channel, store, artifacts, settings.image_fetch_timeout_s, settings.image_fetch_outage_s
+        )
         retry = RetryPolicy(settings.retry_base_s, settings.retry_max_s)
         runner = JobRunner(
             queue,

@@ -15,8 +15,8 @@ EXPLAINED: dict[str, frozenset[tuple[str, str]]] = {
     # Only when the same render lost all its attempts to kills.
     "worker_kill": frozenset({("generation_failed", "lease_expired")}),
     "pg_restart": frozenset({("generation_failed", "lease_expired")}),
-    # A required reference whose every attempt met a dead image-fetch service.
-    "imagefetch_kill": frozenset({("reference_fetch_failed", "unavailable")}),
+    # Renders wait for a restarting image-fetch service (RENDERFLOW_IMAGE_FETCH_OUTAGE_S): none fails.
+    "imagefetch_kill": frozenset(),
     "metadata_kill": frozenset(),
     # A required reference from an origin that never answers: the fetch deadline ends it.
     "origin_hang": frozenset({("reference_fetch_failed", "timeout")}),

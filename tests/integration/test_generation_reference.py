@@ -9,6 +9,7 @@ submitting request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +24,7 @@ from renderflow.v1 import generation_pb2 as pb
 from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
 
 from shared.grpc_server import create_server, start
+from tests.conftest import free_port
 from tests.integration.test_generation_support import (
     ServerFactory,
     Stub,
@@ -67,14 +69,23 @@ class StandInImageFetch(imagefetch_pb2_grpc.ImageFetchServiceServicer):
         return imagefetch_pb2.FetchResult(url=request.url, image=image)
 
 
-@pytest.fixture
-async def imagefetch() -> AsyncIterator[tuple[str, StandInImageFetch]]:
+@contextlib.asynccontextmanager
+async def serving_imagefetch(address: str) -> AsyncIterator[tuple[str, StandInImageFetch]]:
+    """The stand-in served at `address` (port 0: any free one); yields its address."""
     servicer = StandInImageFetch()
     handle = create_server(["renderflow.v1.ImageFetchService"])
     imagefetch_pb2_grpc.add_ImageFetchServiceServicer_to_server(servicer, handle.server)
-    port = await start(handle, "127.0.0.1:0")
-    yield f"127.0.0.1:{port}", servicer
-    await handle.server.stop(None)
+    port = await start(handle, address)
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        await handle.server.stop(None)
+
+
+@pytest.fixture
+async def imagefetch() -> AsyncIterator[tuple[str, StandInImageFetch]]:
+    async with serving_imagefetch("127.0.0.1:0") as served:
+        yield served
 
 
 async def test_a_fetched_reference_shapes_the_output(
@@ -127,7 +138,27 @@ async def test_submit_prefetches_a_reference_url_in_the_background(
     assert servicer.requests == [OK_URL]
 
 
-async def test_imagefetch_down_retries_a_required_reference(stub: Stub, start_worker: WorkerFactory) -> None:
+async def test_a_render_waits_out_an_imagefetch_outage_without_spending_an_attempt(
+    stub: Stub, start_worker: WorkerFactory
+) -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there yet
+    await start_worker(imagefetch_addr=address, image_fetch_outage_s=30.0)
+    render = await submit(stub, reference=pb.Reference(url=OK_URL, required=True))
+    call = stub.Watch(pb.WatchRequest(user_id="alice", render_id=render.id))
+    async with asyncio.timeout(10):
+        async for event in call:
+            if event.type == "phase" and event.phase == "image_fetch":
+                break  # the worker is at the reference, which it cannot fetch
+    call.cancel()
+    async with serving_imagefetch(address) as (_, servicer):
+        done = await finished(stub, render.id)
+    assert status_name(done) == "succeeded" and done.attempts == 1
+    assert servicer.requests == [OK_URL]
+
+
+async def test_imagefetch_down_longer_than_the_wait_spends_attempts(
+    stub: Stub, start_worker: WorkerFactory
+) -> None:
     await start_worker(imagefetch_addr="127.0.0.1:1", max_attempts=2)  # nothing listens there
     optional = await finished(stub, (await submit(stub, reference=pb.Reference(url=OK_URL))).id)
     required = await finished(

@@ -52,6 +52,7 @@ def worker_settings(database_url: str, artifact_dir: Path) -> WorkerSettings:
         poll_interval_s=1.0,
         shutdown_grace_s=2.0,
         progress_interval_s=0.0,
+        image_fetch_outage_s=0.5,
     )
 
 
