@@ -1,9 +1,6 @@
 """Backends chosen by the worker's settings, end to end through a real generation server and an
 in-process worker: the http backend against the fake provider, and procedural videos."""
 
-# Fixtures come from test_generation_support and are requested by name (F401/F811 are expected).
-# ruff: noqa: F401, F811
-
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -14,18 +11,14 @@ from renderflow.v1 import generation_pb2 as pb
 from services.generation.backends.http import HttpBackendSettings
 from services.generation.backends.selection import BackendSettings
 from services.generation.backends.video import probe
-from tests.integration.test_generation_support import (
+from tests.support.generation import (
     Stub,
     WorkerFactory,
-    artifact_dir,
     finished,
     output,
     spec,
-    start_worker,
     status_name,
-    stub,
     submit,
-    worker_settings,
 )
 from tests.support.provider import Provider
 

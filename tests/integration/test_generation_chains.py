@@ -3,9 +3,6 @@ it waits on), then runs on its output; when the predecessor fails or is cancelle
 `dependency_failed`, and so on down the chain; predecessors submitted late are waited for, a
 position never used is skipped after a while, and a chain with nothing before the render fails it."""
 
-# Fixtures come from test_generation_support and are requested by name (F401/F811 are expected).
-# ruff: noqa: F401, F811
-
 from __future__ import annotations
 
 import io
@@ -22,18 +19,14 @@ from services.generation.backends import (
     ProgressCallback,
 )
 from shared.rpc_errors import rpc_errors
-from tests.integration.test_generation_support import (
+from tests.support.generation import (
     Stub,
     WorkerFactory,
-    artifact_dir,
     events,
     finished,
     spec,
-    start_worker,
     status_name,
-    stub,
     submit,
-    worker_settings,
 )
 
 PREVIOUS = pb.Reference(chain_previous=True)

@@ -3,9 +3,6 @@ running cap holds across workers, a backend's rate limit holds across workers, a
 kind's maximum duration fails with `timeout` and frees its slot, stalls are flagged and counted,
 and the per-user quota refuses submits atomically."""
 
-# Fixtures come from test_generation_support and are requested by name (F401/F811 are expected).
-# ruff: noqa: F401, F811
-
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +10,6 @@ import io
 import itertools
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import psycopg
@@ -27,19 +23,14 @@ from services.generation.storage import RenderStore
 from shared.db import open_pool
 from shared.errors import QuotaExceeded
 from shared.rpc_errors import rpc_errors
-from tests.integration.test_generation_support import (
+from tests.support.generation import (
     ServerFactory,
     Stub,
     WorkerFactory,
-    artifact_dir,
     finished,
     spec,
-    start_server,
-    start_worker,
     status_name,
-    stub,
     submit,
-    worker_settings,
 )
 
 

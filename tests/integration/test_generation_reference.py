@@ -3,9 +3,6 @@ contract: fetched and blended, going on without when allowed, failing with the f
 when required, read from another render; prefetched at submit; and the job's trace linked to the
 submitting request."""
 
-# Fixtures come from test_generation_support and are requested by name (F401/F811 are expected).
-# ruff: noqa: F401, F811
-
 from __future__ import annotations
 
 import asyncio
@@ -25,19 +22,14 @@ from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
 
 from shared.grpc_server import create_server, start
 from tests.conftest import free_port
-from tests.integration.test_generation_support import (
+from tests.support.generation import (
     ServerFactory,
     Stub,
     WorkerFactory,
-    artifact_dir,
     events,
     finished,
-    start_server,
-    start_worker,
     status_name,
-    stub,
     submit,
-    worker_settings,
 )
 
 OK_URL = "https://images.example/ok.png"

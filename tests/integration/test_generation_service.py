@@ -1,9 +1,6 @@
 """GenerationService over real gRPC and PostgreSQL, with in-process workers: submit to output,
 idempotency, validation, batches, cancel, watch resume, tenant isolation, listing."""
 
-# Fixtures come from test_generation_support and are requested by name (F401/F811 are expected).
-# ruff: noqa: F401, F811
-
 from __future__ import annotations
 
 import asyncio
@@ -19,19 +16,15 @@ from renderflow.v1 import generation_pb2 as pb
 
 from shared.errors import FailedPrecondition, NotFound, ValidationFailed
 from shared.rpc_errors import rpc_errors
-from tests.integration.test_generation_support import (
+from tests.support.generation import (
     Stub,
     WorkerFactory,
-    artifact_dir,
     events,
     finished,
     output,
     spec,
-    start_worker,
     status_name,
-    stub,
     submit,
-    worker_settings,
 )
 
 

@@ -1,9 +1,6 @@
 """Workers as the product runs them: real processes killed mid-render, two processes sharing a
 queue, SIGTERM hand-back, poll-only mode, and failures classified and retried."""
 
-# Fixtures come from test_generation_support and are requested by name (F401/F811 are expected).
-# ruff: noqa: F401, F811
-
 from __future__ import annotations
 
 import asyncio
@@ -25,20 +22,15 @@ from services.generation.backends import (
     TransientBackendError,
 )
 from shared.rpc_errors import rpc_errors
-from tests.integration.test_generation_support import (
+from tests.support.generation import (
     ProcessFactory,
     Stub,
     WorkerFactory,
-    artifact_dir,
     events,
     finished,
-    spawn_worker,
     spec,
-    start_worker,
     status_name,
-    stub,
     submit,
-    worker_settings,
 )
 
 

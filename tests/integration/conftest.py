@@ -1,33 +1,28 @@
-"""Fixtures and helpers for the generation tests: a real server on port 0, in-process workers and
-worker processes, and small clients of the RPCs. (No tests here; the other generation test
-modules import from it.)"""
+"""Fixtures of the generation tests: a real server on port 0, servers with changed settings,
+in-process workers and worker processes. (Modules testing another service define their own `stub`,
+which takes precedence in them.)"""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any
 
 import pytest
-from renderflow.v1 import generation_pb2 as pb
 from renderflow.v1 import generation_pb2_grpc as pb_grpc
 
 from services.generation.config import Settings, WorkerSettings
 from services.generation.server import running
 from services.generation.worker import Worker, running_worker
 from shared.grpc_client import create_channel
-from shared.rpc_errors import rpc_errors
+from tests.support.generation import ProcessFactory, ServerFactory, Stub, WorkerFactory
 
-# The async stub type exists only in the .pyi stubs.
-Stub: TypeAlias = "pb_grpc.GenerationServiceAsyncStub"
-TERMINAL = {"succeeded", "failed", "cancelled"}
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -66,9 +61,6 @@ async def stub(database_url: str, artifact_dir: Path) -> AsyncIterator[Stub]:
         yield pb_grpc.GenerationServiceStub(channel)
 
 
-ServerFactory = Callable[..., Awaitable[Stub]]
-
-
 @pytest.fixture
 async def start_server(database_url: str, artifact_dir: Path) -> AsyncIterator[ServerFactory]:
     """Starts generation servers with changed settings (`start_server(stall_after_s=1)`) and
@@ -86,9 +78,6 @@ async def start_server(database_url: str, artifact_dir: Path) -> AsyncIterator[S
         yield start
 
 
-WorkerFactory = Callable[..., Awaitable[Worker]]
-
-
 @pytest.fixture
 async def start_worker(worker_settings: WorkerSettings) -> AsyncIterator[WorkerFactory]:
     """Starts in-process workers (`start_worker(backends=..., **settings)`); stops them after."""
@@ -99,9 +88,6 @@ async def start_worker(worker_settings: WorkerSettings) -> AsyncIterator[WorkerF
             return await stack.enter_async_context(running_worker(settings, backends=backends))
 
         yield start
-
-
-ProcessFactory = Callable[..., subprocess.Popen[bytes]]
 
 
 @pytest.fixture
@@ -137,45 +123,3 @@ def spawn_worker(database_url: str, artifact_dir: Path, tmp_path: Path) -> Itera
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
         process.wait()
-
-
-def spec(**fields: Any) -> pb.RenderSpec:
-    """A small, valid image spec; `params` entries may be given as width=..., steps=... ."""
-    params = {key: fields.pop(key) for key in ("width", "height", "steps", "seed") if key in fields}
-    fields.setdefault("prompt", "a red fox in the snow")
-    fields.setdefault("kind", pb.RENDER_KIND_IMAGE)
-    return pb.RenderSpec(
-        params=pb.RenderParams(**{"width": 64, "height": 64, "steps": 4, **params}), **fields
-    )
-
-
-async def submit(stub: Stub, user: str = "alice", **fields: Any) -> pb.Render:
-    request_fields = {
-        k: fields.pop(k) for k in ("idempotency_key", "request_hash", "traceparent") if k in fields
-    }
-    with rpc_errors():
-        return await stub.Submit(pb.SubmitRequest(user_id=user, render=spec(**fields), **request_fields))
-
-
-async def events(stub: Stub, render_id: str, user: str = "alice", after_seq: int = 0) -> list[pb.RenderEvent]:
-    """Every event of a Watch, until the server ends the stream."""
-    with rpc_errors():
-        call = stub.Watch(pb.WatchRequest(user_id=user, render_id=render_id, after_seq=after_seq))
-        return [event async for event in call]
-
-
-async def finished(stub: Stub, render_id: str, user: str = "alice", timeout: float = 30.0) -> pb.Render:
-    """The render once it has ended (waits by watching, bounded by `timeout`)."""
-    await asyncio.wait_for(events(stub, render_id, user), timeout)
-    with rpc_errors():
-        return await stub.GetRender(pb.GetRenderRequest(user_id=user, render_id=render_id))
-
-
-async def output(stub: Stub, render_id: str, user: str = "alice", **range_: int) -> list[pb.OutputChunk]:
-    with rpc_errors():
-        call = stub.GetOutput(pb.GetOutputRequest(user_id=user, render_id=render_id, **range_))
-        return [chunk async for chunk in call]
-
-
-def status_name(render: pb.Render) -> str:
-    return pb.RenderStatus.Name(render.status).removeprefix("RENDER_STATUS_").lower()
