@@ -1,6 +1,14 @@
-"""Fixtures of the generation tests: a real server on port 0, servers with changed settings,
-in-process workers and worker processes. (Modules testing another service define their own `stub`,
-which takes precedence in them.)"""
+"""Fixtures of the integration tests.
+
+- Generation: a real server on port 0 (`stub`), servers with changed settings, in-process workers
+  and worker processes. (Modules testing another service define their own `stub`, which takes
+  precedence in them.)
+- Gateway: the whole stack in this process (`stack`), shaped by `gateway_settings` and
+  `stack_worker` (none by default), which modules override.
+- Observability: the `observed` stack, whose spans the module's `recorder` keeps; the worker's
+  backends in `worker_backends` (None: the configured ones).
+- A database shared by the tests of one module; a Redis of our own (`redis_url`).
+"""
 
 from __future__ import annotations
 
@@ -8,20 +16,29 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from renderflow.v1 import generation_pb2_grpc as pb_grpc
 
+from gateway.config import Settings as GatewaySettings
+from services.generation.backends import Backend
 from services.generation.config import Settings, WorkerSettings
 from services.generation.server import running
 from services.generation.worker import Worker, running_worker
 from shared.grpc_client import create_channel
+from tests.support.gateway_stack import LiveStack, StartWorker, running_stack
 from tests.support.generation import ProcessFactory, ServerFactory, Stub, WorkerFactory
+from tests.support.observed_stack import ObservedStack, Recorder, observed_stack, recording
+from tests.support.redis_server import serving_redis
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,3 +140,77 @@ def spawn_worker(database_url: str, artifact_dir: Path, tmp_path: Path) -> Itera
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
         process.wait()
+
+
+@pytest.fixture
+def gateway_settings() -> GatewaySettings:
+    """How the gateway of `stack` runs (its port and addresses are replaced)."""
+    return GatewaySettings(sse_heartbeat_s=0.2, shutdown_grace_s=1.0)
+
+
+@pytest.fixture
+def worker_step_ms() -> float:
+    """Latency of each generation step of the procedural backend."""
+    return 1.0
+
+
+@pytest.fixture
+def worker_concurrency() -> int:
+    """Renders the worker runs at once."""
+    return 4
+
+
+@pytest.fixture
+def stack_worker() -> StartWorker | None:
+    """What runs the renders of `stack`: nothing here; modules that render override this fixture."""
+    return None
+
+
+@pytest.fixture
+async def stack(
+    database_url: str, tmp_path: Path, gateway_settings: GatewaySettings, stack_worker: StartWorker | None
+) -> AsyncIterator[LiveStack]:
+    """Metadata, generation, `stack_worker` and the gateway in this process, on one database."""
+    async with running_stack(database_url, tmp_path, gateway_settings, stack_worker) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def module_database_url(pg_server_url: str) -> Iterator[str]:
+    """A new, empty database shared by the tests of one module, dropped afterwards."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    params = {key: str(value) for key, value in conninfo_to_dict(pg_server_url).items() if value is not None}
+    params["dbname"] = name
+    yield make_conninfo(**params)
+    with psycopg.connect(pg_server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="module")
+def recorder() -> Iterator[Recorder]:
+    """Spans of everything this process does while the module's tests run, down to SQL."""
+    with recording() as spans:
+        yield spans
+
+
+@pytest.fixture
+def worker_backends() -> Mapping[str, Backend] | None:
+    """The `observed` worker's backends (None: the configured ones)."""
+    return None
+
+
+@pytest.fixture
+async def observed(
+    database_url: str, tmp_path: Path, recorder: Recorder, worker_backends: Mapping[str, Backend] | None
+) -> AsyncIterator[ObservedStack]:
+    async with observed_stack(database_url, tmp_path, recorder, worker_backends) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A redis-server of our own on a free port for the session, or a skip saying why not."""
+    with serving_redis() as url:
+        yield url

@@ -3,130 +3,23 @@ projects, chains, rules, auth, isolation between users, and the error contract."
 
 from __future__ import annotations
 
-import asyncio
 import io
-import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any
+from collections.abc import AsyncIterator
 
 import aiohttp
-import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from gateway.app import running as gateway_running
-from gateway.clients import Clients, open_clients
 from gateway.config import Settings as GatewaySettings
-from services.generation.config import Settings as GenerationSettings
-from services.generation.server import running as generation_running
 from services.metadata import admin
 from services.metadata.config import Settings as MetadataSettings
 from services.metadata.server import running as metadata_running
 from shared.settings import Addresses
 from tests.conftest import free_port
-
-PROBLEM = "application/problem+json"
-# No request of these tests may hang: a stuck one fails with a clear error instead.
-HTTP_TIMEOUT = aiohttp.ClientTimeout(total=15)
+from tests.support.gateway_stack import HTTP_TIMEOUT, PROBLEM, LiveStack, assert_problem, eventually
 
 
-@dataclass
-class Stack:
-    """A gateway in front of real services, and an HTTP session to call it."""
-
-    base: str
-    http: aiohttp.ClientSession
-    database_url: str
-    settings: GatewaySettings
-    """The gateway's settings (with the services' addresses)."""
-    clients: Clients
-    """The gateway's own clients of the services (to observe its upstream streams)."""
-
-    async def user(self, name: str) -> dict[str, str]:
-        """Headers authenticating as a new user."""
-        _, key = await admin.create_user(self.database_url, name)
-        return {"Authorization": f"Bearer {key}"}
-
-    async def call(
-        self, method: str, path: str, headers: dict[str, str] | None = None, **kwargs: Any
-    ) -> tuple[aiohttp.ClientResponse, Any]:
-        """One request; returns the response (read) and its JSON body, or None when it has none."""
-        async with self.http.request(method, self.base + path, headers=headers, **kwargs) as response:
-            raw = await response.read()
-            return response, json.loads(raw) if raw else None
-
-
-StartWorker = Callable[[AsyncExitStack, str, Path], Awaitable[None]]
-
-
-async def _no_worker(stack: AsyncExitStack, database_url: str, artifact_dir: Path) -> None:
-    return None
-
-
-@pytest.fixture(name="gateway_settings")
-def gateway_settings_fixture() -> GatewaySettings:
-    """How the gateway under test runs (tests may replace fields before the stack starts)."""
-    return GatewaySettings(port=0, sse_heartbeat_s=0.2, shutdown_grace_s=1.0)
-
-
-@pytest.fixture
-def start_worker() -> StartWorker:
-    """What runs renders: nothing here; render tests override this fixture."""
-    return _no_worker
-
-
-@pytest.fixture(name="stack")
-async def stack_fixture(
-    database_url: str, tmp_path: Path, gateway_settings: GatewaySettings, start_worker: StartWorker
-) -> AsyncIterator[Stack]:
-    artifact_dir = tmp_path / "artifacts"
-    async with AsyncExitStack() as exits:
-        metadata_port = await exits.enter_async_context(
-            metadata_running(
-                MetadataSettings(listen="127.0.0.1:0", database_url=database_url, change_poll_s=0.2)
-            )
-        )
-        generation_port = await exits.enter_async_context(
-            generation_running(
-                GenerationSettings(listen="127.0.0.1:0", database_url=database_url, artifact_dir=artifact_dir)
-            )
-        )
-        await start_worker(exits, database_url, artifact_dir)
-        settings = replace(
-            gateway_settings,
-            addresses=Addresses(
-                metadata=f"127.0.0.1:{metadata_port}", generation=f"127.0.0.1:{generation_port}"
-            ),
-        )
-        clients = await exits.enter_async_context(open_clients(settings))
-        port = await exits.enter_async_context(
-            gateway_running(settings, clients, tracer_provider=TracerProvider())
-        )
-        http = await exits.enter_async_context(aiohttp.ClientSession(timeout=HTTP_TIMEOUT))
-        yield Stack(f"http://127.0.0.1:{port}", http, database_url, settings, clients)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> None:
-    """Waits, bounded, until `check` holds: for states only observable by asking."""
-
-    async def poll() -> None:
-        while not await check():  # noqa: ASYNC110 (nothing to wait on but the answer itself)
-            await asyncio.sleep(0.02)
-
-    await asyncio.wait_for(poll(), timeout_s)
-
-
-def assert_problem(response: aiohttp.ClientResponse, body: Any, status: int, code: str) -> None:
-    assert response.status == status, body
-    assert response.content_type == PROBLEM
-    assert body["status"] == status and body["code"] == code
-    assert body["request_id"] == response.headers["X-Request-Id"]
-    assert set(body) >= {"type", "title", "detail", "trace_id"}
-
-
-async def test_projects_chains_and_rules(stack: Stack) -> None:
+async def test_projects_chains_and_rules(stack: LiveStack) -> None:
     alice = await stack.user("alice")
     response, project = await stack.call("POST", "/v1/projects", alice, json={"slug": "demo", "name": "Demo"})
     assert response.status == 201 and response.headers["Location"] == "/v1/projects/demo"
@@ -183,7 +76,7 @@ async def test_projects_chains_and_rules(stack: Stack) -> None:
     assert_problem(response, body, 404, "not_found")
 
 
-async def test_requests_need_a_valid_key_and_revoked_keys_stop_working_at_once(stack: Stack) -> None:
+async def test_requests_need_a_valid_key_and_revoked_keys_stop_working_at_once(stack: LiveStack) -> None:
     for headers in (None, {"Authorization": "Bearer not-a-key"}, {"Authorization": "Basic abc"}):
         response, body = await stack.call("GET", "/v1/projects", headers)
         assert_problem(response, body, 401, "unauthenticated")
@@ -207,7 +100,7 @@ async def test_requests_need_a_valid_key_and_revoked_keys_stop_working_at_once(s
     await eventually(refused)
 
 
-async def test_another_users_resources_do_not_exist(stack: Stack) -> None:
+async def test_another_users_resources_do_not_exist(stack: LiveStack) -> None:
     alice, mallory = await stack.user("alice"), await stack.user("mallory")
     _, project = await stack.call("POST", "/v1/projects", alice, json={"slug": "mine", "name": "Mine"})
     chain_id = project["default_chain_id"]
@@ -243,7 +136,7 @@ async def test_another_users_resources_do_not_exist(stack: Stack) -> None:
     assert still["status"] == "queued"
 
 
-async def test_the_error_contract(stack: Stack) -> None:
+async def test_the_error_contract(stack: LiveStack) -> None:
     alice = await stack.user("alice")
     too_large = b"x" * (1024 * 1024 + 1)
     response, body = await stack.call("POST", "/v1/projects", alice, data=io.BytesIO(too_large))

@@ -18,8 +18,8 @@ from services.metadata.server import running as metadata_running
 from shared.errors import Unauthenticated, Unavailable
 from shared.grpc_client import create_channel
 from tests.conftest import free_port
-from tests.integration.test_gateway_api import eventually
 from tests.support import eventually as eventually_true
+from tests.support.gateway_stack import eventually
 
 
 class RecordingMetadata(MetadataClient):

@@ -32,7 +32,7 @@ from gateway.openapi import SPEC
 from tests.support.gateway_stack import (
     LiveStack,
     Resources,
-    module_database_url,  # noqa: F401  (a fixture)
+    procedural_worker,
     running_stack,
     seed_resources,
 )
@@ -65,10 +65,11 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-async def target(module_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Target]:  # noqa: F811
+async def target(module_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Target]:
     # Generous limits: the fuzzer submits fast, and 429s would hide the submit paths.
-    gateway = GatewaySettings(rate_limit_per_s=1000, rate_limit_burst=100_000)
-    async with running_stack(module_database_url, tmp_path_factory.mktemp("fuzz"), gateway) as stack:
+    gateway = GatewaySettings(rate_limit_per_s=1000, rate_limit_burst=100_000, shutdown_grace_s=0.5)
+    work_dir = tmp_path_factory.mktemp("fuzz")
+    async with running_stack(module_database_url, work_dir, gateway, procedural_worker("fuzz")) as stack:
         resources = await seed_resources(stack, "fuzzer", "fuzz")
         _, served = await stack.call("GET", "/openapi.json")
         yield Target(stack, resources, served, schemathesis.openapi.from_dict(served))

@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from tests.support.gateway_stack import RENDER, LiveStack, Resources, running_stack, seed_resources
+from tests.support.gateway_stack import (
+    RENDER,
+    LiveStack,
+    Resources,
+    procedural_worker,
+    running_stack,
+    seed_resources,
+)
 
 PROBLEM = "application/problem+json"
 WEBSOCKET_HANDSHAKE = {
@@ -87,7 +94,7 @@ LAST = ["createProject"]
 
 @pytest.fixture
 async def stack(database_url: str, tmp_path: Path) -> AsyncIterator[LiveStack]:
-    async with running_stack(database_url, tmp_path) as stack:
+    async with running_stack(database_url, tmp_path, start_worker=procedural_worker("isolation")) as stack:
         yield stack
 
 

@@ -22,22 +22,15 @@ from services.generation.config import Settings as GenerationSettings
 from services.generation.server import running as generation_running
 from shared.settings import Addresses
 from tests.conftest import free_port
-from tests.integration.test_gateway_api import (  # noqa: F401  (the fixtures register on import)
-    HTTP_TIMEOUT,
-    Stack,
-    assert_problem,
-    stack_fixture,
-    start_worker,
-)
-from tests.support.redis_server import redis_url_fixture  # noqa: F401  (registers the fixture)
+from tests.support.gateway_stack import HTTP_TIMEOUT, LiveStack, assert_problem
 
 BURST = 4
 # Slow enough that no token comes back while a test runs.
 RATE = 0.01
 
 
-@pytest.fixture(name="gateway_settings")
-def gateway_settings_fixture() -> GatewaySettings:
+@pytest.fixture
+def gateway_settings() -> GatewaySettings:
     return GatewaySettings(port=0, shutdown_grace_s=0.5, rate_limit_per_s=RATE, rate_limit_burst=BURST)
 
 
@@ -50,7 +43,7 @@ def render(project: str = "lim") -> dict[str, Any]:
     }
 
 
-async def _with_project(stack: Stack, name: str) -> dict[str, str]:
+async def _with_project(stack: LiveStack, name: str) -> dict[str, str]:
     headers = await stack.user(name)
     response, _ = await stack.call("POST", "/v1/projects", headers, json={"slug": "lim", "name": "Limits"})
     assert response.status == 201
@@ -66,7 +59,7 @@ def _limits(response: aiohttp.ClientResponse) -> tuple[int, int, int]:
     )
 
 
-async def test_submits_draw_from_the_key_s_bucket_until_refused(stack: Stack) -> None:
+async def test_submits_draw_from_the_key_s_bucket_until_refused(stack: LiveStack) -> None:
     alice = await _with_project(stack, "alice")
     seen = []
     for _ in range(BURST):
@@ -100,12 +93,12 @@ async def test_submits_draw_from_the_key_s_bucket_until_refused(stack: Stack) ->
     assert response.status == 202 and _limits(response)[1] == BURST - 1
 
 
-async def _default_chain(stack: Stack, headers: dict[str, str]) -> str:
+async def _default_chain(stack: LiveStack, headers: dict[str, str]) -> str:
     _, project = await stack.call("GET", "/v1/projects/lim", headers)
     return str(project["default_chain_id"])
 
 
-async def test_a_batch_costs_a_token_per_render(stack: Stack) -> None:
+async def test_a_batch_costs_a_token_per_render(stack: LiveStack) -> None:
     alice = await _with_project(stack, "alice")
     response, _ = await stack.call("POST", "/v1/renders:batch", alice, json={"items": [render()] * 3})
     assert response.status == 202 and _limits(response)[1] == 1
@@ -115,7 +108,7 @@ async def test_a_batch_costs_a_token_per_render(stack: Stack) -> None:
     assert response.status == 202 and _limits(response)[1] == 0
 
 
-async def test_an_invalid_submit_still_costs_a_token(stack: Stack) -> None:
+async def test_an_invalid_submit_still_costs_a_token(stack: LiveStack) -> None:
     # Limits guard the door: a flood of invalid bodies spends tokens like any other.
     alice = await _with_project(stack, "alice")
     response, body = await stack.call("POST", "/v1/renders", alice, json={"project": "lim"})
@@ -123,7 +116,7 @@ async def test_an_invalid_submit_still_costs_a_token(stack: Stack) -> None:
     assert _limits(response)[1] == BURST - 1
 
 
-async def test_gateways_sharing_a_redis_share_each_bucket(stack: Stack, redis_url: str) -> None:
+async def test_gateways_sharing_a_redis_share_each_bucket(stack: LiveStack, redis_url: str) -> None:
     alice = await _with_project(stack, "alice")
     shared = replace(stack.settings, cache_url=redis_url, rate_limit_burst=10)
     async with AsyncExitStack() as exits:
@@ -146,7 +139,9 @@ async def test_gateways_sharing_a_redis_share_each_bucket(stack: Stack, redis_ur
         assert sorted(statuses) == [202] * 10 + [429] * 6
 
 
-async def test_submits_go_through_when_redis_is_down(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+async def test_submits_go_through_when_redis_is_down(
+    stack: LiveStack, caplog: pytest.LogCaptureFixture
+) -> None:
     alice = await _with_project(stack, "alice")
     dead = replace(stack.settings, port=0, cache_url=f"redis://127.0.0.1:{free_port()}/0")
     async with (
@@ -163,7 +158,7 @@ async def test_submits_go_through_when_redis_is_down(stack: Stack, caplog: pytes
     assert [r.getMessage() for r in warnings] == ["rate limits suspended: Redis unreachable"]
 
 
-async def test_too_many_active_renders_is_a_quota_429(stack: Stack, tmp_path: Path) -> None:
+async def test_too_many_active_renders_is_a_quota_429(stack: LiveStack, tmp_path: Path) -> None:
     alice = await _with_project(stack, "alice")
     generation = GenerationSettings(
         listen="127.0.0.1:0",

@@ -9,7 +9,6 @@ import json
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,41 +16,12 @@ import pytest
 from PIL import Image
 
 from gateway.app import running as gateway_running
-from services.generation.config import WorkerSettings
-from services.generation.worker import running_worker
-from tests.conftest import free_port
-from tests.integration.test_gateway_api import (  # noqa: F401  (the fixtures register on import)
-    Stack,
-    StartWorker,
-    assert_problem,
-    eventually,
-    gateway_settings_fixture,
-    stack_fixture,
-)
+from tests.support.gateway_stack import LiveStack, StartWorker, assert_problem, procedural_worker
 
 
 @pytest.fixture
-def worker_step_ms() -> float:
-    """Latency of each generation step of the procedural backend."""
-    return 1.0
-
-
-@pytest.fixture
-def start_worker(worker_step_ms: float) -> StartWorker:
-    async def start(exits: AsyncExitStack, database_url: str, artifact_dir: Path) -> None:
-        settings = WorkerSettings(
-            database_url=database_url,
-            artifact_dir=artifact_dir,
-            imagefetch_addr=f"127.0.0.1:{free_port()}",
-            worker_id="gateway-test",
-            poll_interval_s=0.2,
-            shutdown_grace_s=0.2,
-            progress_interval_s=0.01,
-            procedural_step_ms=worker_step_ms,
-        )
-        await exits.enter_async_context(running_worker(settings))
-
-    return start
+def stack_worker(worker_step_ms: float) -> StartWorker:
+    return procedural_worker("gateway-test", worker_step_ms)
 
 
 @dataclass
@@ -87,13 +57,13 @@ async def read_events(response: aiohttp.ClientResponse, stop_after: int | None =
     return seen
 
 
-async def submit(stack: Stack, headers: dict[str, str], **request: Any) -> dict[str, Any]:
+async def submit(stack: LiveStack, headers: dict[str, str], **request: Any) -> dict[str, Any]:
     response, render = await stack.call("POST", "/v1/renders", headers, json={"kind": "image", **request})
     assert response.status == 202, render
     return dict(render)
 
 
-async def test_a_render_from_submit_to_download(stack: Stack) -> None:
+async def test_a_render_from_submit_to_download(stack: LiveStack) -> None:
     alice = await stack.user("alice")
     _, project = await stack.call("POST", "/v1/projects", alice, json={"slug": "art", "name": "Art"})
     _, rule = await stack.call("POST", "/v1/projects/art/rules", alice, json={"text": "in sepia"})
@@ -185,7 +155,7 @@ async def test_a_render_from_submit_to_download(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("worker_step_ms", [100.0])
-async def test_cancel_and_an_output_not_ready(stack: Stack) -> None:
+async def test_cancel_and_an_output_not_ready(stack: LiveStack) -> None:
     alice = await stack.user("alice")
     await stack.call("POST", "/v1/projects", alice, json={"slug": "slow", "name": "Slow"})
     render = await submit(stack, alice, project="slow", prompt="p", params={"steps": 100})
@@ -201,7 +171,7 @@ async def test_cancel_and_an_output_not_ready(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize("worker_step_ms", [400.0])
-async def test_shutdown_ends_open_event_streams_at_once(stack: Stack) -> None:
+async def test_shutdown_ends_open_event_streams_at_once(stack: LiveStack) -> None:
     alice = await stack.user("alice")
     await stack.call("POST", "/v1/projects", alice, json={"slug": "long", "name": "Long"})
     render = await submit(stack, alice, project="long", prompt="p", params={"steps": 100})

@@ -5,9 +5,7 @@ of three, the old system's aliases, trace context and Server-Timing."""
 from __future__ import annotations
 
 import asyncio
-from contextlib import AsyncExitStack
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -15,25 +13,15 @@ import pytest
 
 from gateway.app import running as gateway_running
 from gateway.config import Settings as GatewaySettings
-from services.generation.config import WorkerSettings
-from services.generation.worker import running_worker
-from tests.conftest import free_port
-from tests.integration.test_gateway_api import (  # noqa: F401  (the fixtures register on import)
-    Stack,
-    StartWorker,
-    assert_problem,
-    gateway_settings_fixture,
-    stack_fixture,
-)
 from tests.integration.test_gateway_renders import read_events
+from tests.support.gateway_stack import LiveStack, StartWorker, assert_problem, procedural_worker
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
-@pytest.fixture(name="gateway_settings")
 def quick_gateway_settings() -> GatewaySettings:
-    # No rate limit (these tests submit in bursts), short linger and waits.
+    """No rate limit (these tests submit in bursts), short linger and waits."""
     return GatewaySettings(
         port=0,
         sse_heartbeat_s=0.2,
@@ -46,35 +34,13 @@ def quick_gateway_settings() -> GatewaySettings:
 
 
 @pytest.fixture
-def worker_step_ms() -> float:
-    """Latency of each generation step of the procedural backend."""
-    return 1.0
+def stack_worker(worker_step_ms: float, worker_concurrency: int) -> StartWorker:
+    return procedural_worker("submits-test", worker_step_ms, worker_concurrency)
 
 
 @pytest.fixture
-def worker_concurrency() -> int:
-    """Renders the worker runs at once."""
-    return 4
-
-
-@pytest.fixture
-def start_worker(worker_step_ms: float, worker_concurrency: int) -> StartWorker:
-    async def start(exits: AsyncExitStack, database_url: str, artifact_dir: Path) -> None:
-        settings = WorkerSettings(
-            database_url=database_url,
-            artifact_dir=artifact_dir,
-            imagefetch_addr=f"127.0.0.1:{free_port()}",
-            worker_id="submits-test",
-            concurrency=worker_concurrency,
-            poll_interval_s=0.2,
-            rescue_interval_s=0.5,
-            shutdown_grace_s=0.2,
-            progress_interval_s=0.01,
-            procedural_step_ms=worker_step_ms,
-        )
-        await exits.enter_async_context(running_worker(settings))
-
-    return start
+def gateway_settings() -> GatewaySettings:
+    return quick_gateway_settings()
 
 
 PARAMS: dict[str, Any] = {"width": 64, "height": 64, "steps": 2}
@@ -82,7 +48,7 @@ REQUEST: dict[str, Any] = {"project": "art", "kind": "image", "prompt": "a fox",
 
 
 async def _project(
-    stack: Stack, name: str = "alice", slug: str = "art"
+    stack: LiveStack, name: str = "alice", slug: str = "art"
 ) -> tuple[dict[str, str], dict[str, Any]]:
     headers = await stack.user(name)
     response, project = await stack.call("POST", "/v1/projects", headers, json={"slug": slug, "name": slug})
@@ -90,7 +56,7 @@ async def _project(
     return headers, project
 
 
-async def _age(stack: Stack, render_id: str, hours: float) -> None:
+async def _age(stack: LiveStack, render_id: str, hours: float) -> None:
     """Moves a render's creation back in time (as if `hours` had passed)."""
     async with await psycopg.AsyncConnection.connect(stack.database_url, autocommit=True) as conn:
         await conn.execute(
@@ -99,12 +65,12 @@ async def _age(stack: Stack, render_id: str, hours: float) -> None:
         )
 
 
-async def _chain_ids(stack: Stack, headers: dict[str, str], slug: str, chain_id: str) -> list[str]:
+async def _chain_ids(stack: LiveStack, headers: dict[str, str], slug: str, chain_id: str) -> list[str]:
     _, page = await stack.call("GET", f"/v1/projects/{slug}/chains/{chain_id}/renders", headers)
     return [r["id"] for r in page["renders"]]
 
 
-async def test_a_retry_with_the_same_key_is_the_same_render_for_24_hours(stack: Stack) -> None:
+async def test_a_retry_with_the_same_key_is_the_same_render_for_24_hours(stack: LiveStack) -> None:
     alice, project = await _project(stack)
     keyed = {**alice, "Idempotency-Key": "retry-1"}
     response, first = await stack.call("POST", "/v1/renders", keyed, json=REQUEST)
@@ -157,7 +123,7 @@ async def test_a_retry_with_the_same_key_is_the_same_render_for_24_hours(stack: 
 
 
 @pytest.mark.parametrize("worker_step_ms", [20.0])
-async def test_prefer_wait_returns_the_finished_render_or_202_in_time(stack: Stack) -> None:
+async def test_prefer_wait_returns_the_finished_render_or_202_in_time(stack: LiveStack) -> None:
     alice, _ = await _project(stack)
     waiting = {**alice, "Prefer": "wait=2"}
     response, done = await stack.call("POST", "/v1/renders", waiting, json=REQUEST)
@@ -184,7 +150,7 @@ async def test_prefer_wait_returns_the_finished_render_or_202_in_time(stack: Sta
     assert response.status == 202 and "Preference-Applied" not in response.headers
 
 
-async def test_a_batch_is_all_or_nothing(stack: Stack) -> None:
+async def test_a_batch_is_all_or_nothing(stack: LiveStack) -> None:
     alice, art = await _project(stack)
     _, chain = await stack.call("POST", "/v1/projects/art/chains", alice, json={"name": "story"})
     await stack.call("POST", "/v1/projects", alice, json={"slug": "other", "name": "Other"})
@@ -253,7 +219,7 @@ async def test_a_batch_is_all_or_nothing(stack: Stack) -> None:
     assert_problem(response, body, 404, "not_found")
 
 
-async def test_a_chain_of_three_each_from_its_predecessor(stack: Stack) -> None:
+async def test_a_chain_of_three_each_from_its_predecessor(stack: LiveStack) -> None:
     alice, _ = await _project(stack)
     _, chain = await stack.call("POST", "/v1/projects/art/chains", alice, json={"name": "story"})
     path = f"/v1/projects/art/chains/{chain['id']}/renders"
@@ -283,7 +249,7 @@ async def test_a_chain_of_three_each_from_its_predecessor(stack: Stack) -> None:
     assert_problem(response, body, 404, "not_found")
 
 
-async def test_the_old_paths_are_the_same_operations(stack: Stack) -> None:
+async def test_the_old_paths_are_the_same_operations(stack: LiveStack) -> None:
     alice, _ = await _project(stack)
     response, body = await stack.call("POST", "/render", json=REQUEST)
     assert_problem(response, body, 401, "unauthenticated")
@@ -298,7 +264,7 @@ async def test_the_old_paths_are_the_same_operations(stack: Stack) -> None:
     assert response.status == 200 and done["status"] == "succeeded"
 
 
-async def test_the_clients_trace_continues_and_every_response_is_timed(stack: Stack) -> None:
+async def test_the_clients_trace_continues_and_every_response_is_timed(stack: LiveStack) -> None:
     alice, _ = await _project(stack)
     traced = {**alice, "traceparent": TRACEPARENT}
     response, render = await stack.call("POST", "/v1/renders", traced, json=REQUEST)
@@ -325,7 +291,7 @@ async def test_the_clients_trace_continues_and_every_response_is_timed(stack: St
         assert "total;dur=" in response.headers["Server-Timing"], path
 
 
-async def test_a_render_request_with_a_bad_reference_names_it(stack: Stack) -> None:
+async def test_a_render_request_with_a_bad_reference_names_it(stack: LiveStack) -> None:
     alice, _ = await _project(stack)
     both = {**REQUEST, "reference": {"url": "https://example.com/a.png", "previous": True}}
     response, body = await stack.call("POST", "/v1/renders", alice, json=both)

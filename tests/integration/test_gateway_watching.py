@@ -11,42 +11,41 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.config import Settings as GatewaySettings
 from gateway.sse import NEXT_ITEM_TASK
 from gateway.watch_hub import PUMP_TASK_PREFIX
-from tests.integration.test_gateway_api import (  # noqa: F401  (the fixtures register on import)
-    Stack,
-    assert_problem,
-    eventually,
-    stack_fixture,
-)
 from tests.integration.test_gateway_renders import read_events
-from tests.integration.test_gateway_submits import (  # noqa: F401
-    PARAMS,
-    REQUEST,
-    quick_gateway_settings,
-    start_worker,
-    worker_concurrency,
-    worker_step_ms,
-)
+from tests.integration.test_gateway_submits import PARAMS, REQUEST, quick_gateway_settings
+from tests.support.gateway_stack import LiveStack, StartWorker, assert_problem, eventually, procedural_worker
 
 WATCHERS = 50
 
 
-async def _finished(stack: Stack, headers: dict[str, str], **params: Any) -> dict[str, Any]:
+@pytest.fixture
+def gateway_settings() -> GatewaySettings:
+    return quick_gateway_settings()
+
+
+@pytest.fixture
+def stack_worker(worker_step_ms: float, worker_concurrency: int) -> StartWorker:
+    return procedural_worker("watching-test", worker_step_ms, worker_concurrency)
+
+
+async def _finished(stack: LiveStack, headers: dict[str, str], **params: Any) -> dict[str, Any]:
     request = {**REQUEST, "params": {**PARAMS, **params}}
     response, render = await stack.call("POST", "/v1/renders", {**headers, "Prefer": "wait=2"}, json=request)
     assert response.status == 200 and render["status"] == "succeeded", render
     return dict(render)
 
 
-async def _queued(stack: Stack, headers: dict[str, str], steps: int) -> dict[str, Any]:
+async def _queued(stack: LiveStack, headers: dict[str, str], steps: int) -> dict[str, Any]:
     request = {**REQUEST, "params": {**PARAMS, "steps": steps}}
     response, render = await stack.call("POST", "/v1/renders", headers, json=request)
     assert response.status == 202, render
     return dict(render)
 
 
-async def _user_with_project(stack: Stack) -> dict[str, str]:
+async def _user_with_project(stack: LiveStack) -> dict[str, str]:
     alice = await stack.user("alice")
     await stack.call("POST", "/v1/projects", alice, json={"slug": "art", "name": "Art"})
     return alice
@@ -66,7 +65,7 @@ def _gateway_leftovers(before: set[asyncio.Task[Any]]) -> list[str]:
     ]
 
 
-async def test_sse_resumes_from_every_point_of_a_finished_render(stack: Stack) -> None:
+async def test_sse_resumes_from_every_point_of_a_finished_render(stack: LiveStack) -> None:
     alice = await _user_with_project(stack)
     render = await _finished(stack, alice, steps=6)
     url = f"{stack.base}/v1/renders/{render['id']}/events"
@@ -95,7 +94,7 @@ async def test_sse_resumes_from_every_point_of_a_finished_render(stack: Stack) -
 
 
 @pytest.mark.parametrize("worker_step_ms", [60.0])
-async def test_fifty_watchers_of_a_render_cost_one_upstream_watch(stack: Stack) -> None:
+async def test_fifty_watchers_of_a_render_cost_one_upstream_watch(stack: LiveStack) -> None:
     alice = await _user_with_project(stack)
     render = await _queued(stack, alice, steps=40)  # about 2.5 s of steps
     generation = stack.clients.generation
@@ -125,7 +124,7 @@ async def test_fifty_watchers_of_a_render_cost_one_upstream_watch(stack: Stack) 
 
 
 @pytest.mark.parametrize("worker_step_ms", [400.0])  # silences longer than the 0.2 s heartbeat
-async def test_clients_that_leave_mid_stream_leave_no_task_nor_upstream_call(stack: Stack) -> None:
+async def test_clients_that_leave_mid_stream_leave_no_task_nor_upstream_call(stack: LiveStack) -> None:
     alice = await _user_with_project(stack)
     render = await _queued(stack, alice, steps=100)
     generation = stack.clients.generation
@@ -167,7 +166,7 @@ async def test_clients_that_leave_mid_stream_leave_no_task_nor_upstream_call(sta
     assert response.status == 202
 
 
-async def test_websocket_carries_the_same_events_and_resumes(stack: Stack) -> None:
+async def test_websocket_carries_the_same_events_and_resumes(stack: LiveStack) -> None:
     alice = await _user_with_project(stack)
     render = await _finished(stack, alice, steps=4)
     async with stack.http.get(f"{stack.base}/v1/renders/{render['id']}/events", headers=alice) as response:
@@ -199,7 +198,7 @@ async def test_websocket_carries_the_same_events_and_resumes(stack: Stack) -> No
 
 
 @pytest.mark.parametrize(("worker_step_ms", "worker_concurrency"), [(100.0, 1)])
-async def test_cancel_while_queued_and_while_running(stack: Stack) -> None:
+async def test_cancel_while_queued_and_while_running(stack: LiveStack) -> None:
     alice = await _user_with_project(stack)
     running = await _queued(stack, alice, steps=100)
     queued = await _queued(stack, alice, steps=100)  # behind the first: the worker runs one at a time

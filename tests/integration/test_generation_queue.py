@@ -20,7 +20,7 @@ from services.generation.server import database_url as with_schema
 from services.generation.storage import RenderStore
 from services.generation.validation import normalized
 from shared.db import migrate, open_pool
-from tests.integration.test_observability_traces import install_global_providers
+from tests.support.observed_stack import install_global_providers
 
 OUTPUT = Output("/v1/renders/x/output", "image/png", 3, 1, 1, "abc")
 

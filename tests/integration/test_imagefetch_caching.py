@@ -20,7 +20,6 @@ from services.imagefetch.service import ImageService, open_service
 from tests.conftest import free_port
 from tests.support import eventually
 from tests.support.origin import Origin
-from tests.support.redis_server import redis_url_fixture  # noqa: F401  (registers the fixture)
 
 OpenService = Callable[..., Awaitable[ImageService]]
 

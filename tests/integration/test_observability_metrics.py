@@ -19,11 +19,7 @@ from services.generation.backends import (
 from services.generation.backends.procedural import ProceduralBackend
 from services.generation.backends.selection import JOB_BACKEND
 from shared.metrics import serve_metrics
-from tests.integration.test_observability_traces import (  # noqa: F401  (the fixtures register on import)
-    ObservedStack,
-    observed_fixture,
-    recorder_fixture,
-)
+from tests.support.observed_stack import ObservedStack
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -5,217 +5,25 @@ trace report over the exported spans counts right."""
 
 from __future__ import annotations
 
-import asyncio
-import io
 import itertools
-import json
-import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from opentelemetry import metrics, trace
-from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway.app import running as gateway_running
-from gateway.config import Settings as GatewaySettings
-from services.generation.backends import Backend
-from services.generation.config import Settings as GenerationSettings
-from services.generation.config import WorkerSettings
-from services.generation.server import running as generation_running
-from services.generation.worker import running_worker
-from services.imagefetch.config import Settings as ImageFetchSettings
-from services.imagefetch.guard import parse_allow_list
-from services.imagefetch.server import running as imagefetch_running
-from services.metadata import admin
-from services.metadata.config import Settings as MetadataSettings
-from services.metadata.server import running as metadata_running
 from services.tracereport.model import ReadCounts
 from services.tracereport.report import build_report
 from services.tracereport.selection import Filters, load_spans
-from shared.logs import JsonFormatter
-from shared.metrics import build_meter_provider
-from shared.settings import Addresses
 from shared.spans import STREAM_ATTRIBUTE
-from shared.telemetry import Budgets, JsonLinesSpanExporter
-from tests.support.origin import Origin
+from shared.telemetry import JsonLinesSpanExporter
+from tests.support.observed_stack import TINY_MS, ObservedStack, job_id
 
 PSYCOPG = "opentelemetry.instrumentation.psycopg"
 JOB_PHASES = ("queue_wait", "image_fetch", "generation", "store")
-TINY_MS = 0.001
-"""A budget every phase exceeds: slow-operation warnings on every submit and every render."""
-SLOW_LOGGERS = ("gateway.timing", "services.generation.runner")
-
-
-class Recorder(SpanProcessor):
-    """Keeps the spans that end while recording (the tests' window onto the global provider)."""
-
-    def __init__(self) -> None:
-        self.spans: list[ReadableSpan] = []
-        self.recording = False
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self.recording:
-            self.spans.append(span)
-
-    async def wait_for(self, done: Callable[[list[ReadableSpan]], bool], timeout_s: float = 20.0) -> None:
-        """Waits, bounded, until `done` holds over the spans recorded so far."""
-
-        async def poll() -> None:
-            while not done(self.spans):  # noqa: ASYNC110 (spans end in other tasks; nothing to await)
-                await asyncio.sleep(0.02)
-
-        await asyncio.wait_for(poll(), timeout_s)
-
-
-_RECORDER = Recorder()
-_installed = False
-
-
-def install_global_providers() -> Recorder:
-    """The process-wide tracer and meter providers (set once per process: they cannot be replaced),
-    with the recorder on the tracer provider; another test module may have set a provider already."""
-    global _installed
-    if not _installed:
-        resource = Resource.create({"service.name": "renderflow-tests"})
-        if not isinstance(trace.get_tracer_provider(), TracerProvider):
-            trace.set_tracer_provider(TracerProvider(resource=resource))
-        provider = trace.get_tracer_provider()
-        assert isinstance(provider, TracerProvider)
-        provider.add_span_processor(_RECORDER)
-        if not isinstance(metrics.get_meter_provider(), MeterProvider):
-            metrics.set_meter_provider(build_meter_provider(resource))
-        _installed = True
-    return _RECORDER
-
-
-@pytest.fixture(name="recorder", scope="module")
-def recorder_fixture() -> Iterator[Recorder]:
-    """Spans of everything this process does while the module's tests run, down to SQL."""
-    recorder = install_global_providers()
-    instrumentor = PsycopgInstrumentor()
-    instrumented_here = not instrumentor.is_instrumented_by_opentelemetry
-    if instrumented_here:
-        instrumentor.instrument(enable_commenter=False, skip_dep_check=True)
-    recorder.recording = True
-    try:
-        yield recorder
-    finally:
-        recorder.recording = False
-        recorder.spans.clear()
-        if instrumented_here:
-            instrumentor.uninstrument()
-
-
-@dataclass
-class ObservedStack:
-    """Gateway, metadata, imagefetch, generation and a worker, with an origin for reference images."""
-
-    base: str
-    http: aiohttp.ClientSession
-    headers: dict[str, str]
-    origin: Origin
-    recorder: Recorder
-    logs: io.StringIO
-    """What the slow-operation loggers wrote, as JSON lines."""
-
-    async def submit(self, **fields: Any) -> tuple[int, dict[str, Any]]:
-        request = {"project": "obs", "kind": "image", "params": {"width": 64, "height": 64, "steps": 2}}
-        async with self.http.post(
-            f"{self.base}/v1/renders", headers=self.headers, json=request | fields
-        ) as r:
-            return r.status, await r.json()
-
-    async def finished(self, *render_ids: str) -> None:
-        """Waits until the worker's span of each render has ended (the render has its end)."""
-        wanted = set(render_ids)
-        await self.recorder.wait_for(lambda spans: wanted <= {job_id(s) for s in spans if s.name == "render"})
-
-    def slow_operations(self) -> list[dict[str, Any]]:
-        lines = [json.loads(line) for line in self.logs.getvalue().splitlines()]
-        return [line for line in lines if line["message"] == "slow operation"]
-
-
-def job_id(span: ReadableSpan) -> object:
-    return (span.attributes or {}).get("render.id")
-
-
-@pytest.fixture(name="observed")
-async def observed_fixture(
-    database_url: str, tmp_path: Path, recorder: Recorder, worker_backends: Mapping[str, Backend] | None
-) -> AsyncIterator[ObservedStack]:
-    artifacts = tmp_path / "artifacts"
-    logs = io.StringIO()
-    handler = logging.StreamHandler(logs)
-    handler.setFormatter(JsonFormatter("tests"))
-    async with AsyncExitStack() as stack:
-        origin = await stack.enter_async_context(Origin())
-        metadata = await stack.enter_async_context(
-            metadata_running(MetadataSettings(listen="127.0.0.1:0", database_url=database_url))
-        )
-        imagefetch = await stack.enter_async_context(
-            imagefetch_running(
-                ImageFetchSettings(
-                    listen="127.0.0.1:0", allow=parse_allow_list(["127.0.0.1"]), backoff_initial_s=0.01
-                )
-            )
-        )
-        generation = await stack.enter_async_context(
-            generation_running(
-                GenerationSettings(
-                    listen="127.0.0.1:0",
-                    database_url=database_url,
-                    artifact_dir=artifacts,
-                    queue_metrics_s=0.05,
-                )
-            )
-        )
-        worker = WorkerSettings(
-            database_url=database_url,
-            artifact_dir=artifacts,
-            imagefetch_addr=f"127.0.0.1:{imagefetch}",
-            worker_id="observed",
-            poll_interval_s=0.2,
-            shutdown_grace_s=0.2,
-            progress_interval_s=0.05,
-            retry_base_s=0.01,
-            retry_max_s=0.02,
-            budgets=Budgets(store_ms=TINY_MS),
-        )
-        await stack.enter_async_context(running_worker(worker, backends=worker_backends))
-        gateway = GatewaySettings(
-            port=0,
-            addresses=Addresses(metadata=f"127.0.0.1:{metadata}", generation=f"127.0.0.1:{generation}"),
-            budgets=Budgets(enqueue_ms=TINY_MS),
-        )
-        port = await stack.enter_async_context(gateway_running(gateway))
-        http = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)))
-        _, key = await admin.create_user(database_url, "sre")
-        headers = {"Authorization": f"Bearer {key}"}
-        base = f"http://127.0.0.1:{port}"
-        async with http.post(
-            f"{base}/v1/projects", headers=headers, json={"slug": "obs", "name": "Obs"}
-        ) as r:
-            assert r.status == 201
-        for name in SLOW_LOGGERS:
-            logging.getLogger(name).addHandler(handler)
-            stack.callback(logging.getLogger(name).removeHandler, handler)
-        recorder.spans.clear()
-        yield ObservedStack(base, http, headers, origin, recorder, logs)
-
-
-@pytest.fixture
-def worker_backends() -> Mapping[str, Backend] | None:
-    """The worker's backends (None: the configured ones)."""
-    return None
 
 
 @dataclass

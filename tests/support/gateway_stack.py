@@ -1,26 +1,22 @@
 """The whole stack in this process for tests that drive the gateway from outside: real metadata and
-generation servers and a worker on one database, the gateway on port 0, and a way to seed users
-and their resources through the public API."""
+generation servers (and a worker, when asked) on one database, the gateway on port 0; a way to seed
+users and their resources through the public API; and the checks those tests share."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psycopg
-import pytest
 from opentelemetry.sdk.trace import TracerProvider
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from gateway.app import running as gateway_running
-from gateway.clients import open_clients
+from gateway.clients import Clients, open_clients
 from gateway.config import Settings as GatewaySettings
 from services.generation.config import Settings as GenerationSettings
 from services.generation.config import WorkerSettings
@@ -32,7 +28,9 @@ from services.metadata.server import running as metadata_running
 from shared.settings import Addresses
 from tests.conftest import free_port
 
+# No request of these tests may hang: a stuck one fails with a clear error instead.
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
+PROBLEM = "application/problem+json"
 
 
 @dataclass
@@ -42,6 +40,10 @@ class LiveStack:
     base: str
     http: aiohttp.ClientSession
     database_url: str
+    settings: GatewaySettings
+    """The gateway's settings (with the services' addresses)."""
+    clients: Clients
+    """The gateway's own clients of the services (to observe its upstream streams)."""
 
     async def user(self, name: str) -> dict[str, str]:
         """Headers authenticating as a new user."""
@@ -104,11 +106,42 @@ async def seed_resources(stack: LiveStack, user: str, slug: str) -> Resources:
     return Resources(headers, slug, chain["id"], rule["id"], render["id"], batch["batch_id"])
 
 
+StartWorker = Callable[[AsyncExitStack, str, Path], Awaitable[None]]
+"""Starts what runs the stack's renders, given its exit stack, database URL and artifact directory."""
+
+
+def procedural_worker(worker_id: str, step_ms: float = 0.0, concurrency: int = 4) -> StartWorker:
+    """An in-process worker rendering with the procedural backend, `step_ms` per step; reference
+    URLs fail fast (no image-fetch service)."""
+
+    async def start(exits: AsyncExitStack, database_url: str, artifact_dir: Path) -> None:
+        settings = WorkerSettings(
+            database_url=database_url,
+            artifact_dir=artifact_dir,
+            imagefetch_addr=f"127.0.0.1:{free_port()}",
+            image_fetch_outage_s=0.0,
+            worker_id=worker_id,
+            concurrency=concurrency,
+            poll_interval_s=0.2,
+            rescue_interval_s=0.5,
+            shutdown_grace_s=0.2,
+            progress_interval_s=0.01,
+            procedural_step_ms=step_ms,
+        )
+        await exits.enter_async_context(running_worker(settings))
+
+    return start
+
+
 @asynccontextmanager
 async def running_stack(
-    database_url: str, work_dir: Path, gateway: GatewaySettings | None = None
+    database_url: str,
+    work_dir: Path,
+    gateway: GatewaySettings | None = None,
+    start_worker: StartWorker | None = None,
 ) -> AsyncIterator[LiveStack]:
-    """Metadata, generation, a worker (fast procedural renders) and the gateway, all on port 0."""
+    """Metadata, generation, what `start_worker` starts (nothing by default) and the gateway (with
+    `gateway`'s settings, its addresses and port replaced), all on port 0."""
     artifact_dir = work_dir / "artifacts"
     async with AsyncExitStack() as exits:
         metadata_port = await exits.enter_async_context(
@@ -128,23 +161,11 @@ async def running_stack(
                 )
             )
         )
-        await exits.enter_async_context(
-            running_worker(
-                WorkerSettings(
-                    database_url=database_url,
-                    artifact_dir=artifact_dir,
-                    imagefetch_addr=f"127.0.0.1:{free_port()}",  # none: references fail fast
-                    worker_id="stack",
-                    poll_interval_s=0.2,
-                    shutdown_grace_s=0.2,
-                    procedural_step_ms=0.0,
-                )
-            )
-        )
+        if start_worker is not None:
+            await start_worker(exits, database_url, artifact_dir)
         settings = replace(
-            gateway or GatewaySettings(),
+            gateway or GatewaySettings(shutdown_grace_s=0.5),
             port=0,
-            shutdown_grace_s=0.5,
             addresses=Addresses(
                 metadata=f"127.0.0.1:{metadata_port}", generation=f"127.0.0.1:{generation_port}"
             ),
@@ -154,17 +175,23 @@ async def running_stack(
             gateway_running(settings, clients, tracer_provider=TracerProvider())
         )
         http = await exits.enter_async_context(aiohttp.ClientSession(timeout=HTTP_TIMEOUT))
-        yield LiveStack(f"http://127.0.0.1:{port}", http, database_url)
+        yield LiveStack(f"http://127.0.0.1:{port}", http, database_url, settings, clients)
 
 
-@pytest.fixture(scope="module")
-def module_database_url(pg_server_url: str) -> Iterator[str]:
-    """A new, empty database shared by the tests of one module, dropped afterwards."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    params = {key: str(value) for key, value in conninfo_to_dict(pg_server_url).items() if value is not None}
-    params["dbname"] = name
-    yield make_conninfo(**params)
-    with psycopg.connect(pg_server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+def assert_problem(response: aiohttp.ClientResponse, body: Any, status: int, code: str) -> None:
+    """The response is the problem document of error `code` with HTTP `status`."""
+    assert response.status == status, body
+    assert response.content_type == PROBLEM
+    assert body["status"] == status and body["code"] == code
+    assert body["request_id"] == response.headers["X-Request-Id"]
+    assert set(body) >= {"type", "title", "detail", "trace_id"}
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> None:
+    """Waits, bounded, until `check` holds: for states only observable by asking."""
+
+    async def poll() -> None:
+        while not await check():  # noqa: ASYNC110 (nothing to wait on but the answer itself)
+            await asyncio.sleep(0.02)
+
+    await asyncio.wait_for(poll(), timeout_s)

@@ -1,5 +1,5 @@
-"""A real Redis for tests: `redis-server` started on a free port for the session, or a skip that
-says why there is none."""
+"""A real Redis for tests: `redis-server` started on a free port, or a skip that says why there is
+none (the `redis_url` fixture serves one per session)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -15,9 +16,9 @@ from tests.conftest import free_port
 READY_TIMEOUT_S = 20.0
 
 
-@pytest.fixture(scope="session", name="redis_url")
-def redis_url_fixture() -> Iterator[str]:
-    """A redis-server of our own on a free port for the session, or a skip saying why not."""
+@contextmanager
+def serving_redis() -> Iterator[str]:
+    """A redis-server of our own on a free port (its URL), or a skip saying why not."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server): Redis backend untested")
