@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import psycopg
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,9 @@ CHECK_TIMEOUT_S = 2.0
 async def database_reachable(pool: AsyncConnectionPool, timeout_s: float = CHECK_TIMEOUT_S) -> bool:
     """Whether a `SELECT 1` through the pool answers within `timeout_s`."""
     try:
-        async with asyncio.timeout(timeout_s):
-            async with pool.connection(timeout=timeout_s) as conn:
+        # A ping every few seconds is not worth a trace each.
+        with suppress_instrumentation():
+            async with asyncio.timeout(timeout_s), pool.connection(timeout=timeout_s) as conn:
                 await conn.execute("SELECT 1")
     except (psycopg.Error, PoolTimeout, TimeoutError, OSError):
         return False

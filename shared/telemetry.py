@@ -23,14 +23,17 @@ import orjson
 from aiohttp import web
 from opentelemetry import metrics, trace
 from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import Span, Status, StatusCode
+from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TraceState
+from opentelemetry.util.types import Attributes
 from yarl import URL
 
 from shared.errors import RenderflowError
@@ -252,9 +255,43 @@ def build_tracer_provider(resource: Resource, env: Env, run_dir: Path) -> Tracer
     exporter = span_exporter(env, run_dir)
     if exporter is None:
         return None
-    provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
+    # The sampler OTEL_TRACES_SAMPLER names (read by the SDK's own, private, helper), which follows
+    # links for the roots of linked traces.
+    provider = TracerProvider(resource=resource, sampler=FollowLinks(sampling._get_from_env_or_default()))
     provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+class FollowLinks(Sampler):
+    """A root span that links to other spans (a job's trace, linked to the request that submitted
+    it) is kept when one of them was, and dropped when none was, so that a sampled request comes
+    with its job's trace; every other decision is `delegate`'s (a ratio of one in ten would
+    otherwise keep the job of one kept request in ten)."""
+
+    def __init__(self, delegate: Sampler) -> None:
+        self._delegate = delegate
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Attributes = None,
+        links: Sequence[Link] | None = None,
+        trace_state: TraceState | None = None,
+    ) -> SamplingResult:
+        linked = [link.context for link in links or () if link.context.is_valid]
+        if linked and not trace.get_current_span(parent_context).get_span_context().is_valid:
+            if any(context.trace_flags.sampled for context in linked):
+                return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes)
+            return SamplingResult(Decision.DROP)
+        return self._delegate.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"FollowLinks{{{self._delegate.get_description()}}}"
 
 
 def span_exporter(env: Env, run_dir: Path) -> SpanExporter | None:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from opentelemetry import trace
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -172,7 +173,11 @@ class JobRunner:
             await self._queue.finish(claim, "failed", error=error)
 
     async def _attempt(self, claim: Claim) -> None:
-        render = await self._renders.get_any(claim.render_id)
+        # The render's span begins here, but can only start once the render is read (its links,
+        # which decide whether it is sampled, are on it): that read is in its time, not a span.
+        started_ns = time.time_ns()
+        with suppress_instrumentation():
+            render = await self._renders.get_any(claim.render_id)
         attributes: dict[str, str | int] = {
             "render.id": render.id,
             "render.kind": render.kind,
@@ -182,7 +187,11 @@ class JobRunner:
             "render.backend": claim.backend,
         }
         with tracer.start_as_current_span(
-            "render", kind=SpanKind.CONSUMER, links=_links(render.traceparent), attributes=attributes
+            "render",
+            kind=SpanKind.CONSUMER,
+            links=_links(render.traceparent),
+            attributes=attributes,
+            start_time=started_ns,
         ) as span:
             queue_wait = tracer.start_span("queue_wait", start_time=_ns(claim.created_at))
             queue_wait.end(end_time=_ns(claim.claimed_at))

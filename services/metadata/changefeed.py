@@ -16,6 +16,8 @@ from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import timedelta
 
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+
 from shared.errors import Unavailable, ValidationFailed
 
 from .listener import ChangeListener
@@ -161,6 +163,10 @@ class ChangeFeed:
                 return
 
     async def _listen(self) -> None:
+        with suppress_instrumentation():  # a ping and a read now and then are not worth a trace each
+            await self._listen_for_ever()
+
+    async def _listen_for_ever(self) -> None:
         delay = RECONNECT_MIN_S
         while True:
             try:

@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import Link, StatusCode
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler
+from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, StatusCode, TraceFlags
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
@@ -29,6 +31,7 @@ from shared.metrics import build_meter_provider, exposition
 from shared.settings import ConfigError, Env
 from shared.telemetry import (
     Budgets,
+    FollowLinks,
     JsonLinesSpanExporter,
     _without_secrets,
     record_failure,
@@ -116,6 +119,28 @@ def test_the_span_file_reads_back_with_hex_ids_and_links(tmp_path: Path) -> None
     assert spans["db"].parent_id == format(context.span_id, "016x")
     assert spans["render"].links[0].span_id == spans["request"].span_id
     assert spans["render"].service == "unit" and spans["render"].attributes["render.id"] == "r1"
+
+
+def test_a_job_trace_is_kept_exactly_when_the_request_it_links_to_was() -> None:
+    kept = SpanContext(0x1F, 0x2F, is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    dropped = SpanContext(0x3F, 0x4F, is_remote=True, trace_flags=TraceFlags(TraceFlags.DEFAULT))
+
+    def recorded(delegate: Sampler, links: list[Link]) -> bool:
+        tracer = TracerProvider(sampler=FollowLinks(delegate)).get_tracer("test")
+        with tracer.start_as_current_span("render", links=links) as span:
+            return span.is_recording()
+
+    assert recorded(ALWAYS_OFF, [Link(kept)])  # whatever the ratio
+    assert not recorded(ALWAYS_ON, [Link(dropped)])
+    assert recorded(ALWAYS_ON, [Link(dropped), Link(kept)])
+    assert recorded(ALWAYS_ON, []) and not recorded(ALWAYS_OFF, [])  # no links: the ratio decides
+    # Not a root: its parent decides, as the parent-based samplers have it.
+    tracer = TracerProvider(sampler=FollowLinks(ParentBased(ALWAYS_OFF))).get_tracer("test")
+    with (
+        trace.use_span(NonRecordingSpan(kept)),
+        tracer.start_as_current_span("child", links=[Link(dropped)]) as span,
+    ):
+        assert span.is_recording()
 
 
 def test_a_slow_operation_is_one_json_line_with_the_breakdown_and_trace_ids() -> None:
