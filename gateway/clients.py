@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -256,9 +256,12 @@ class GenerationClient(_Client):
         request = generation_pb2.WatchRequest(user_id=user_id, render_id=render_id, after_seq=after_seq)
         return self._stream("Watch", self._stub.Watch(request))
 
-    def watch_batch(self, user_id: str, batch_id: str) -> AsyncGenerator[generation_pb2.RenderEvent, None]:
-        """The events of every render of a batch, from the first, until all of them have ended."""
-        request = generation_pb2.WatchBatchRequest(user_id=user_id, batch_id=batch_id)
+    def watch_batch(
+        self, user_id: str, batch_id: str, after_seqs: Sequence[int] = ()
+    ) -> AsyncGenerator[generation_pb2.RenderEvent, None]:
+        """The events of every render of a batch until all of them have ended, each render's after
+        its cursor (`after_seqs`, in the batch's render order; missing: from the first)."""
+        request = generation_pb2.WatchBatchRequest(user_id=user_id, batch_id=batch_id, after_seqs=after_seqs)
         return self._stream("WatchBatch", self._stub.WatchBatch(request))
 
     def get_output(

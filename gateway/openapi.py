@@ -132,6 +132,14 @@ _RESUME = [
     _query("last_event_id", {"type": "integer", "minimum": 0}, "resume after this seq"),
     _header("Last-Event-ID", "resume after this seq (as EventSource sends it)"),
 ]
+_BATCH_RESUME = [
+    _query(
+        "last_event_id",
+        {"type": "string", "pattern": r"^\d{1,18}(\.\d{1,18})*$"},
+        "resume after this event id (each render's last seq, in the batch's order)",
+    ),
+    _header("Last-Event-ID", "resume after this event id (as EventSource sends it)"),
+]
 _CHAIN_SUMMARY = (
     "Queue the chain's next render; unless the body names another reference, its reference is "
     "`{previous: true}`: the output of the render before it (it waits for that one)"
@@ -256,9 +264,9 @@ PATHS: dict[str, dict[str, Schema]] = {
         "get": _event_stream(
             "watchBatch",
             "The events of every render of the batch as Server-Sent Events, until all have ended",
-            "`event:` = type, `data:` = a RenderEvent as JSON (no `id:`: a reconnect replays from the "
-            "start; tell repeats by render_id and seq); comment lines as heartbeats",
-            [_RENDER_ID],
+            "`id:` = where the stream stands (each render's last seq, in the batch's order: `3.0.7`), "
+            "`event:` = type, `data:` = a RenderEvent as JSON; comment lines as heartbeats",
+            [_RENDER_ID, *_BATCH_RESUME],
         ),
     },
     "/render": {

@@ -289,7 +289,12 @@ SCHEMAS: dict[str, Schema] = {
                 "contentMediaType": "application/json",
                 "contentSchema": ref("RenderEvent"),
             },
-            "id": {"type": "string", "pattern": "^[0-9]+$", "description": "the event's seq"},
+            "id": {
+                "type": "string",
+                "pattern": r"^[0-9]+(\.[0-9]+)*$",
+                "description": "where to resume: the event's seq, or in a batch's stream each render's "
+                "last seq in the batch's order, dot-separated",
+            },
             "retry": {"type": "integer", "minimum": 0},
         },
         ["event", "data"],

@@ -15,7 +15,7 @@ NEXT_ITEM_TASK = "sse-next-item"
 """The name of the task that waits for a stream's next item (there is at most one per stream)."""
 
 
-def event_frame(event_id: int | None, event_type: str, data: Any) -> bytes:
+def event_frame(event_id: int | str | None, event_type: str, data: Any) -> bytes:
     """One event: `id:` (unless None), `event:` and a single `data:` line of JSON, then the blank line."""
     payload = json.dumps(data, separators=(",", ":"))  # escapes newlines: always one line
     head = "" if event_id is None else f"id: {event_id}\n"

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 
 from aiohttp import WSCloseCode, web
 from renderflow.v1 import generation_pb2
@@ -57,7 +57,11 @@ async def _watch(request: web.Request, operation_id: str) -> Events:
 
 @routes.get(f"/v1/renders/{ID}/events", allow_head=False)
 async def render_events(request: web.Request) -> web.StreamResponse:
-    return await stream_events(request, await _watch(request, "watchRender"), with_ids=True)
+    return await stream_events(request, await _watch(request, "watchRender"), ids=_by_seq)
+
+
+def _by_seq(event: generation_pb2.RenderEvent) -> str:
+    return str(event.seq)
 
 
 @contextlib.contextmanager
@@ -74,9 +78,11 @@ def _ended_on_shutdown(request: web.Request) -> Iterator[None]:
             streams.discard(task)
 
 
-async def stream_events(request: web.Request, events: Events, *, with_ids: bool) -> web.StreamResponse:
-    """Serves `events` as Server-Sent Events (`id:` = seq when `with_ids`) with heartbeats, until
-    the source ends; closes the source when the client goes away."""
+async def stream_events(
+    request: web.Request, events: Events, *, ids: Callable[[generation_pb2.RenderEvent], str]
+) -> web.StreamResponse:
+    """Serves `events` as Server-Sent Events (`id:` = `ids(event)`, where a client resumes) with
+    heartbeats, until the source ends; closes the source when the client goes away."""
     mark_stream()
     response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     response.content_type = CONTENT_TYPE
@@ -91,8 +97,7 @@ async def stream_events(request: web.Request, events: Events, *, with_ids: bool)
                         if event is None:
                             await response.write(comment_frame())
                             continue
-                        seq = event.seq if with_ids else None
-                        await response.write(event_frame(seq, event.type, event_json(event)))
+                        await response.write(event_frame(ids(event), event.type, event_json(event)))
             await response.write_eof()
         except RenderflowError as exc:
             # The status line has gone out: end the stream; the client resumes from its last event id.

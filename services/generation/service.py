@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -104,14 +104,18 @@ class Renders:
         batch = await self._store.get_batch(user_id, batch_id)
         return replace(batch, renders=[self._derived(r) for r in batch.renders])
 
-    async def watch_batch(self, user_id: str, batch_id: str) -> AsyncIterator[Event]:
-        """The events of every render of the batch, from the first, until all have ended."""
+    async def watch_batch(
+        self, user_id: str, batch_id: str, after_seqs: Sequence[int] = ()
+    ) -> AsyncIterator[Event]:
+        """The events of every render of the batch until all have ended, each render's after its
+        cursor: `after_seqs` in the batch's render order (missing: from the first)."""
         batch = await self._store.get_batch(user_id, batch_id)
+        cursors = {r.id: after_seqs[i] if i < len(after_seqs) else 0 for i, r in enumerate(batch.renders)}
         # Renders already ended only replay their log (which may have been pruned).
-        ended = {r.id: 0 for r in batch.renders if r.terminal}
+        ended = {r.id: cursors[r.id] for r in batch.renders if r.terminal}
         for event in await self._store.events_after_many(ended) if ended else []:
             yield event
-        live = {r.id: 0 for r in batch.renders if not r.terminal}
+        live = {r.id: cursors[r.id] for r in batch.renders if not r.terminal}
         async for event in follow(self._hub, self._store, live):
             yield event
 

@@ -84,7 +84,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def WatchBatch(
         self, request: pb.WatchBatchRequest, context: Context
     ) -> AsyncIterator[pb.RenderEvent]:
-        async for event in self._renders.watch_batch(request.user_id, request.batch_id):
+        watched = self._renders.watch_batch(request.user_id, request.batch_id, request.after_seqs)
+        async for event in watched:
             yield event_pb(event)
 
     async def GetOutput(

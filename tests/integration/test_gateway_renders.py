@@ -30,11 +30,17 @@ class EventStream:
 
     events: list[dict[str, Any]] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
+    """A render stream's ids (its seqs)."""
+    cursors: list[str] = field(default_factory=list)
+    """A batch stream's ids."""
     heartbeats: int = 0
 
 
-async def read_events(response: aiohttp.ClientResponse, stop_after: int | None = None) -> EventStream:
-    """Reads SSE frames until the server closes the stream (or `stop_after` events)."""
+async def read_events(
+    response: aiohttp.ClientResponse, stop_after: int | None = None, *, batch: bool = False
+) -> EventStream:
+    """Reads SSE frames until the server closes the stream (or `stop_after` events); every event
+    has an id: its seq, or in a `batch` stream a cursor."""
     seen = EventStream()
     frame: dict[str, str] = {}
     async for raw in response.content:
@@ -47,7 +53,9 @@ async def read_events(response: aiohttp.ClientResponse, stop_after: int | None =
         elif "data" in frame:
             event = json.loads(frame["data"])
             assert frame["event"] == event["type"]
-            if "id" in frame:  # batch streams carry none
+            if batch:
+                seen.cursors.append(frame["id"])
+            else:
                 assert int(frame["id"]) == event["seq"]
                 seen.ids.append(int(frame["id"]))
             seen.events.append(event)

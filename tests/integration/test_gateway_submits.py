@@ -198,7 +198,7 @@ async def test_a_batch_is_all_or_nothing(stack: LiveStack) -> None:
         f"{stack.base}/v1/batches/{accepted['batch_id']}/events", headers=alice
     ) as stream:
         assert stream.status == 200
-        seen = await asyncio.wait_for(read_events(stream), 20)
+        seen = await asyncio.wait_for(read_events(stream, batch=True), 20)
     ended = {
         e["render_id"]: e["type"] for e in seen.events if e["type"] in {"succeeded", "failed", "cancelled"}
     }
@@ -217,6 +217,35 @@ async def test_a_batch_is_all_or_nothing(stack: LiveStack) -> None:
     bob = await stack.user("bob")
     response, body = await stack.call("GET", f"/v1/batches/{accepted['batch_id']}", bob)
     assert_problem(response, body, 404, "not_found")
+
+
+async def test_a_batch_stream_resumes_after_any_event_without_gap_or_repeat(stack: LiveStack) -> None:
+    alice, _ = await _project(stack)
+    items = [{**REQUEST, "prompt": prompt} for prompt in ("one", "two", "three")]
+    response, accepted = await stack.call("POST", "/v1/renders:batch", alice, json={"items": items})
+    assert response.status == 202
+    url = f"{stack.base}/v1/batches/{accepted['batch_id']}/events"
+
+    async def events_after(cursor: str, **where: str) -> list[tuple[str, int]]:
+        headers = {**alice, "Last-Event-ID": cursor} if cursor and not where else alice
+        async with stack.http.get(url, headers=headers, params=where) as stream:
+            assert stream.status == 200
+            seen = await asyncio.wait_for(read_events(stream, batch=True), 20)
+        return [(event["render_id"], event["seq"]) for event in seen.events]
+
+    async with stack.http.get(url, headers=alice) as stream:
+        full = await asyncio.wait_for(read_events(stream, batch=True), 20)  # live, then ended
+    everything = [(event["render_id"], event["seq"]) for event in full.events]
+    assert len(set(everything)) == len(everything) and len(full.cursors) == len(everything)
+    for seen, cursor in enumerate(full.cursors, start=1):
+        assert sorted(await events_after(cursor)) == sorted(everything[seen:]), cursor
+    assert sorted(await events_after("", last_event_id=full.cursors[2])) == sorted(everything[3:])
+
+    for bad in ("x", "1..2", "1.2.3.4"):  # not a cursor; more renders than the batch has
+        response, body = await stack.call(
+            "GET", f"/v1/batches/{accepted['batch_id']}/events", {**alice, "Last-Event-ID": bad}
+        )
+        assert_problem(response, body, 422, "validation_failed")
 
 
 async def test_a_chain_of_three_each_from_its_predecessor(stack: LiveStack) -> None:
