@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from opentelemetry import trace
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
 
 
 async def open_pool(
@@ -60,7 +62,15 @@ async def _check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 async def migrate(url: str, schema: str, migrations_dir: Path) -> list[str]:
-    """Applies the migrations of `migrations_dir` not yet applied to `schema`; returns their names."""
+    """Applies the migrations of `migrations_dir` not yet applied to `schema`; returns their names.
+    One trace, `migrate`, holds its statements."""
+    with _tracer.start_as_current_span("migrate", attributes={"db.schema": schema}) as span:
+        applied = await _migrate(url, schema, migrations_dir)
+        span.set_attribute("db.migrations_applied", len(applied))
+        return applied
+
+
+async def _migrate(url: str, schema: str, migrations_dir: Path) -> list[str]:
     applied: list[str] = []
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         await conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [f"migrate:{schema}"])

@@ -15,12 +15,14 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
+from services.generation.server import MIGRATIONS, SCHEMA
 from services.tracereport.model import ReadCounts
 from services.tracereport.report import build_report
 from services.tracereport.selection import Filters, load_spans
+from shared.db import migrate
 from shared.spans import STREAM_ATTRIBUTE
 from shared.telemetry import JsonLinesSpanExporter
-from tests.support.observed_stack import TINY_MS, ObservedStack, job_id
+from tests.support.observed_stack import TINY_MS, ObservedStack, Recorder, job_id
 
 PSYCOPG = "opentelemetry.instrumentation.psycopg"
 JOB_PHASES = ("queue_wait", "image_fetch", "generation", "store")
@@ -194,6 +196,15 @@ async def test_event_streams_are_marked_as_streams_and_requests_are_not(observed
     assert "/renderflow.v1.GenerationService/Submit" not in streamed  # unary ones
     submit = the_one(spans, name="POST /v1/renders", render__id=render["id"])
     assert STREAM_ATTRIBUTE not in attrs(submit)
+
+
+async def test_a_services_migrations_are_one_trace(database_url: str, recorder: Recorder) -> None:
+    recorder.spans.clear()
+    applied = await migrate(database_url, SCHEMA, MIGRATIONS)
+    [root] = [s for s in recorder.spans if s.parent is None]
+    assert root.name == "migrate" and attrs(root)["db.schema"] == SCHEMA
+    assert attrs(root)["db.migrations_applied"] == len(applied) > 0
+    assert len(recorder.spans) > len(applied)  # its statements, under it
 
 
 async def test_slow_phases_log_one_warning_with_the_whole_breakdown(observed: ObservedStack) -> None:
