@@ -4,36 +4,35 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
-import pwd
 import shutil
 import signal
 import socket
-import stat
 import subprocess
-import tempfile
-import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+from shared.pg_root import (
+    SERVER_ENV,
+    Account,
+    PlacementError,
+    as_account,
+    collect_garbage,
+    place_data_dir,
+    reachable_bin,
+    server_account,
+)
 from shared.settings import ConfigError, Env
 
 USER = "renderflow"
 """The superuser role created by initdb; clients connect as it (trust auth, 127.0.0.1 only)."""
 DATABASE = "renderflow"
 """The database created on first start."""
-SYSTEM_USER = "renderflow-pg"
-"""The system account created to run the server when we are root and `postgres` is absent."""
-RELOCATE_ROOT = Path("/var/tmp/renderflow-pg")
-"""As root: where clusters and binaries go when the server account cannot reach them in place."""
 
 _LOG = "server.log"
 _MARKER = "renderflow.initialized"  # written once the database exists: warm starts skip the check
-# The server gets a fixed, minimal environment: PG* variables of the caller must not leak in.
-_SERVER_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C"}
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -115,12 +114,8 @@ class EmbeddedPostgres:
         if self._lock_fd is None and not self._lock(timeout=10.0):
             raise EmbeddedPostgresError(f"{self._requested} is in use by another process")
         try:
-            account = _server_account()
-            bin_dir = self._bin_dir or find_pg_bin()
-            if account is not None:
-                _collect_garbage()
-                bin_dir = _reachable_bin(bin_dir, account)
-            self._data = data = _place_data_dir(self._requested, account)
+            account, bin_dir, data = self._placed()
+            self._data = data
             _initdb(bin_dir, data, account)
             running = _live_postmaster(data, clean_stale=True)
             if running and running.status == "ready" and self._port in (0, running.port):
@@ -178,6 +173,18 @@ class EmbeddedPostgres:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    def _placed(self) -> tuple[Account | None, Path, Path]:
+        """Who runs the server, its binaries and its data directory, all reachable by that account."""
+        account = server_account()
+        bin_dir = self._bin_dir or find_pg_bin()
+        try:
+            if account is not None:
+                collect_garbage(is_live=lambda data: _live_postmaster(data, clean_stale=False) is not None)
+                bin_dir = reachable_bin(bin_dir, account)
+            return account, bin_dir, place_data_dir(self._requested, account)
+        except PlacementError as exc:
+            raise EmbeddedPostgresError(str(exc)) from exc
+
     def _lock(self, timeout: float) -> bool:
         # One owner per data directory: `renderflow run` holds it while running, so a second
         # run or an admin command cannot start (and later stop) the same cluster under it.
@@ -195,7 +202,7 @@ class EmbeddedPostgres:
                 return False
             time.sleep(0.05)
 
-    def _launch(self, bin_dir: Path, data: Path, account: _Account | None) -> int:
+    def _launch(self, bin_dir: Path, data: Path, account: Account | None) -> int:
         log_path, output = data / _LOG, ""
         for _attempt in range(3):  # a picked free port can be taken before postgres binds it
             with socket.socket() as sock:
@@ -217,7 +224,7 @@ class EmbeddedPostgres:
                 # Its own session: Ctrl-C on the terminal must not reach it before the services.
                 self._proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, cwd=data, env=_SERVER_ENV, **_as(account),
+                    start_new_session=True, cwd=data, env=SERVER_ENV, **as_account(account),
                 )  # fmt: skip
             self._pid = self._proc.pid
             if _wait_ready(self._proc, data, timeout=30.0):
@@ -236,156 +243,7 @@ class _Postmaster(NamedTuple):  # a running server, as its postmaster.pid descri
     status: str
 
 
-class _Account(NamedTuple):  # the unprivileged account that runs the server when we are root
-    name: str
-    uid: int
-    gid: int
-
-
-def _as(account: _Account | None) -> dict[str, Any]:
-    # Popen drops privileges in the child (setgid, setgroups, setuid) before exec: the same as
-    # `runuser -u` without PAM's cost or an extra parent process between us and postgres.
-    if account is None:
-        return {}
-    return {"user": account.uid, "group": account.gid, "extra_groups": []}
-
-
-def _server_account() -> _Account | None:
-    """None unless root; else `postgres`, or a system account of our own, or `nobody`."""
-    if os.geteuid() != 0:
-        return None
-    for attempt in range(2):
-        for name in ("postgres", SYSTEM_USER):
-            with contextlib.suppress(KeyError):
-                entry = pwd.getpwnam(name)
-                return _Account(name, entry.pw_uid, entry.pw_gid)
-        if attempt == 0:
-            useradd = next((p for p in ("/usr/sbin/useradd", "/sbin/useradd") if Path(p).exists()), "")
-            if not useradd:
-                break
-            subprocess.run(
-                [useradd, "--system", "--no-create-home", "--home-dir", "/nonexistent",
-                 "--shell", "/usr/sbin/nologin", "--user-group", SYSTEM_USER],
-                capture_output=True, check=False,
-            )  # fmt: skip
-    entry = pwd.getpwnam("nobody")  # no useradd here: the account that always exists
-    return _Account("nobody", entry.pw_uid, entry.pw_gid)
-
-
-def _can_reach(account: _Account, path: Path) -> bool:
-    """Whether `account` can reach and search/execute `path` (every parent included)."""
-    probe = ["/bin/sh", "-c", 'test -x "$1"', "sh", str(path)]
-    result = subprocess.run(probe, cwd="/", env=_SERVER_ENV, check=False, **_as(account))
-    return result.returncode == 0
-
-
-def _relocate_root() -> Path:
-    RELOCATE_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
-    # Shared by every root run, and /var/tmp is world-writable: refuse a planted directory.
-    info = RELOCATE_ROOT.lstat()
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
-        raise EmbeddedPostgresError(f"{RELOCATE_ROOT} must be a directory only root can write")
-    return RELOCATE_ROOT
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _reachable_bin(bin_dir: Path, account: _Account) -> Path:
-    """`bin_dir`, or a copy of its install tree the server account can execute (e.g. a venv
-    under /root): once per install, in RELOCATE_ROOT/bin-<hash>."""
-    if _can_reach(account, bin_dir / "postgres"):
-        return bin_dir
-    install = bin_dir.resolve().parent
-    size = (bin_dir / "postgres").stat().st_size  # a reinstall of the same version reuses it
-    entry = _relocate_root() / f"bin-{_digest(f'{install}:{size}')}"
-    target = entry / install.parent.name / install.name / bin_dir.name
-    if (target / "postgres").exists():
-        return target
-    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".bin-"))
-    shutil.copytree(install, tmp / install.parent.name / install.name, symlinks=True,
-                    ignore=shutil.ignore_patterns("include"))  # fmt: skip
-    # Wheels repaired by auditwheel find their libraries in `<package>.libs` beside the package.
-    libs = install.parent.with_name(f"{install.parent.name}.libs")
-    if libs.is_dir():
-        shutil.copytree(libs, tmp / libs.name, symlinks=True)
-    (tmp / "source").write_text(str(bin_dir))
-    for root, _dirs, files in os.walk(tmp):
-        os.chmod(root, 0o755)
-        for name in files:
-            path = os.path.join(root, name)
-            if not os.path.islink(path):
-                mode = os.stat(path).st_mode
-                os.chmod(path, mode | (0o555 if mode & 0o100 else 0o444))
-    try:
-        tmp.rename(entry)
-    except OSError:  # a concurrent start copied it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _place_data_dir(requested: Path, account: _Account | None) -> Path:
-    """The directory the cluster lives in. As root, when the server account cannot reach the
-    requested one, it lives in RELOCATE_ROOT/data-<hash> and `requested` is a symlink to it."""
-    if account is None:
-        requested.parent.mkdir(parents=True, exist_ok=True)
-        return requested
-    entry = RELOCATE_ROOT / f"data-{_digest(str(requested))}"
-    if requested.is_symlink():
-        if Path(os.readlink(requested)) != entry / "data":
-            return _place_data_dir(requested.resolve(), account)  # the user's own symlink
-    else:
-        requested.parent.mkdir(parents=True, exist_ok=True)
-        if _can_reach(account, requested.parent):
-            return requested
-        if requested.is_dir():
-            if any(requested.iterdir()):
-                raise EmbeddedPostgresError(
-                    f"{requested} is not empty, and the account {account.name!r} that runs "
-                    "PostgreSQL cannot reach it: move it away or pick another data directory"
-                )
-            requested.rmdir()
-        requested.symlink_to(entry / "data", target_is_directory=True)
-    # (Re)create the entry: /var/tmp may have been cleaned since the symlink was made.
-    _relocate_root()
-    entry.mkdir(mode=0o755, exist_ok=True)
-    (entry / "origin").write_text(str(requested))
-    return entry / "data"
-
-
-def _collect_garbage() -> None:
-    """Remove relocated clusters whose symlink is gone, and copies of uninstalled binaries:
-    renamed to `.trash-*` at once, deleted by a background thread (never slowing a start)."""
-    if not RELOCATE_ROOT.is_dir():
-        return
-    for entry in RELOCATE_ROOT.iterdir():
-        with contextlib.suppress(OSError):
-            if entry.name.startswith(".trash-") or time.time() - entry.stat().st_mtime < 60:
-                continue  # younger ones may be half made by a concurrent start
-            if entry.name.startswith("data-"):
-                data = entry / "data"
-                if os.path.realpath((entry / "origin").read_text()) == os.path.realpath(data):
-                    continue
-                if _live_postmaster(data, clean_stale=False):
-                    continue
-            elif entry.name.startswith("bin-"):
-                if Path((entry / "source").read_text(), "postgres").exists():
-                    continue
-            elif not entry.name.startswith(".bin-"):  # else: a copy interrupted midway
-                continue
-            entry.rename(RELOCATE_ROOT / f".trash-{entry.name}")
-    trash = [entry for entry in RELOCATE_ROOT.iterdir() if entry.name.startswith(".trash-")]
-    if trash:
-        threading.Thread(target=_delete, args=(trash,), name="pg-trash", daemon=True).start()
-
-
-def _delete(paths: list[Path]) -> None:
-    for path in paths:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _initdb(bin_dir: Path, data: Path, account: _Account | None) -> None:
+def _initdb(bin_dir: Path, data: Path, account: Account | None) -> None:
     """Create the cluster unless it exists: in a scratch directory renamed into place, so a
     crash midway never leaves a half-made cluster behind."""
     if (data / "PG_VERSION").exists():
@@ -402,8 +260,8 @@ def _initdb(bin_dir: Path, data: Path, account: _Account | None) -> None:
             # The OS flushes within seconds; syncing every template file costs ~0.4 s per cold start.
             "--no-sync"]  # fmt: skip
     result = subprocess.run(
-        argv, capture_output=True, text=True, timeout=120, cwd="/", env=_SERVER_ENV,
-        check=False, **_as(account),
+        argv, capture_output=True, text=True, timeout=120, cwd="/", env=SERVER_ENV,
+        check=False, **as_account(account),
     )  # fmt: skip
     if result.returncode != 0:
         shutil.rmtree(scratch, ignore_errors=True)
