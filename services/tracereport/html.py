@@ -89,7 +89,8 @@ def _endpoint_table(stats: Sequence[EndpointStats]) -> str:
         errors = f"{s.error_rate:.1%}"
         rows.append(
             [
-                f"<code>{escape(s.endpoint.name)}</code>",
+                f"<code>{escape(s.endpoint.name)}</code>"
+                + (' <span class="muted">stream</span>' if s.stream else ""),
                 f"{s.endpoint.protocol} {s.endpoint.side}",
                 *_figures(s.summary),
                 f'<td class="over">{errors}</td>' if s.errors else errors,

@@ -107,6 +107,7 @@ def report_dict(report: Report) -> dict[str, Any]:
                 "error_rate": round(s.error_rate, 6),
                 "client_errors": s.client_errors,
                 "client_error_rate": round(s.client_error_rate, 6),
+                "stream": s.stream,
             }
             for s in report.endpoints
         ],

@@ -6,9 +6,10 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from services.tracereport.model import AttributeValue, Span
+from shared.spans import STREAM_ATTRIBUTE
 
 PHASES = ("auth", "validation", "db", "enqueue", "queue_wait", "image_fetch", "generation", "store")
 """The phases of DESIGN.md, in the order a render goes through them."""
@@ -171,6 +172,8 @@ class EndpointStats:
     """HTTP 5xx, or gRPC calls that did not end OK."""
     client_errors: int
     """HTTP 4xx (always 0 for gRPC)."""
+    stream: bool = False
+    """Answered with a stream (events, a subscription): its durations are how long someone listened."""
 
     @property
     def error_rate(self) -> float:
@@ -204,7 +207,14 @@ def endpoint_stats(
                 code = grpc_code(span)
                 errors += code != 0 if code is not None else span.failed
         summary = Summary.of(span.duration_ms for span in members)
-        result.append(EndpointStats(endpoint, summary, errors, client_errors))
+        stream = any(span.attributes.get(STREAM_ATTRIBUTE) is True for span in members)
+        result.append(EndpointStats(endpoint, summary, errors, client_errors, stream))
+    # The server marks a stream; the calls made to it are streams as well.
+    streamed = {s.endpoint.name for s in result if s.stream and s.endpoint.protocol == "grpc"}
+    result = [
+        replace(s, stream=True) if s.endpoint.protocol == "grpc" and s.endpoint.name in streamed else s
+        for s in result
+    ]
     order = {("http", "server"): 0, ("grpc", "server"): 1, ("grpc", "client"): 2}
     result.sort(key=lambda s: (order[s.endpoint.protocol, s.endpoint.side], -s.summary.count, s.endpoint))
     return result

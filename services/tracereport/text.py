@@ -74,7 +74,7 @@ def _endpoints(stats: Sequence[EndpointStats]) -> list[str]:
             client = _percent(s.client_error_rate) if protocol == "http" else ""
             lines.append(
                 f"{fit(s.endpoint.name, 38)} {s.summary.count:>6} {_percent(s.error_rate):>6} "
-                f"{client:>6} {_figures(s.summary)}"
+                f"{client:>6} {_figures(s.summary)}" + ("  stream" if s.stream else "")
             )
         tables.append("\n".join(lines))
     return tables

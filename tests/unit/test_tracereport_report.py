@@ -127,29 +127,32 @@ def test_slowest_traces_are_waterfalls_that_follow_links_to_the_job(scenario: tu
 
 def test_streams_are_left_out_of_the_slowest_traces(tmp_path: Path) -> None:
     otlp = renders_scenario()
+    server, client, stream = "SPAN_KIND_SERVER", "SPAN_KIND_CLIENT", {STREAM_ATTRIBUTE: True}
     sse = otlp.new_trace("sse")  # a client listening to a render's events for a minute
-    root = otlp.span("gateway", sse, "GET /v1/renders/{id}/events", 0, 60_000, attrs={STREAM_ATTRIBUTE: True})
-    otlp.span(
-        "generation", sse, "GenerationService/Watch", 1, 59_000, parent=root, attrs={STREAM_ATTRIBUTE: True}
-    )
+    http = {"http.method": "GET", "http.route": "/v1/renders/{id}/events", **stream}
+    root = otlp.span("gateway", sse, "GET /v1/renders/{id}/events", 0, 60_000, kind=server, attrs=http)
+    watch = "/renderflow.v1.GenerationService/Watch"
+    otlp.span("generation", sse, watch, 1, 59_000, parent=root, kind=server, attrs=stream)
     feed = otlp.new_trace("feed")  # a subscription the gateway keeps open, its call the root
-    call = otlp.span("gateway", feed, "MetadataService/WatchChanges", 0, 90_000, kind="SPAN_KIND_CLIENT")
-    otlp.span(
-        "metadata",
-        feed,
-        "MetadataService/WatchChanges",
-        1,
-        89_000,
-        parent=call,
-        attrs={STREAM_ATTRIBUTE: True},
-    )
+    changes = "/renderflow.v1.MetadataService/WatchChanges"
+    call = otlp.span("gateway", feed, changes, 0, 90_000, kind=client)
+    otlp.span("metadata", feed, changes, 1, 89_000, parent=call, kind=server, attrs=stream)
 
     report = report_of(otlp.write(tmp_path / "traces.jsonl"), top=1)
 
     [slowest] = report.slowest
     assert slowest.trace_ids == (otlp.traces["submit3"], otlp.traces["job3"])  # as without the streams
     assert report.streams == 2
-    assert "Left out: 2 streams" in render_text(report)
+    text = render_text(report)
+    assert "Left out: 2 streams" in text
+    assert {(s.endpoint.side, s.endpoint.name) for s in report.endpoints if s.stream} == {
+        ("server", "GET /v1/renders/{id}/events"),
+        ("server", "GenerationService/Watch"),
+        ("server", "MetadataService/WatchChanges"),
+        ("client", "MetadataService/WatchChanges"),  # the call to a stream is one too
+    }
+    [row] = [line for line in text.splitlines() if line.startswith("GET /v1/renders/{id}/events")]
+    assert row.endswith("  stream")
 
 
 def test_a_span_whose_parent_is_missing_is_a_root(scenario: tuple[Otlp, Path]) -> None:
