@@ -14,8 +14,8 @@ from gateway.auth import Principal, principal
 from gateway.batch_cursor import BatchCursor
 from gateway.idempotency import find_repeat, idempotency_key, item_id, one_at_a_time, request_hash
 from gateway.resources import batch_json, render_json
-from gateway.routes import ID, clients, phase, query
-from gateway.routes.events import stream_events
+from gateway.routes import ID, clients, phase
+from gateway.routes.events import resume_point, stream_events
 from gateway.state import TRACEPARENT
 from gateway.submission import render_spec, spent_so_far
 from gateway.validation import read_json
@@ -135,11 +135,9 @@ async def batch_events(request: web.Request) -> web.StreamResponse:
     user = principal(request)
     batch_id = request.match_info["id"]
     generation = clients(request).generation
-    params = query(request, "watchBatch")
+    text, field = resume_point(request, "watchBatch")
     with phase(request, "db"):
         batch = await generation.get_batch(user.user_id, batch_id)  # unknown or not yours: 404 first
-    header = request.headers.get("Last-Event-ID") or ""
-    text, field = (header, "Last-Event-ID") if header else (params.get("last_event_id", ""), "last_event_id")
     cursor = BatchCursor.parse(text, [render.id for render in batch.renders], field)
     events = generation.watch_batch(user.user_id, batch_id, cursor.seqs)
     return await stream_events(request, events, ids=cursor.advance)

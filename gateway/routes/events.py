@@ -33,15 +33,24 @@ WS_SENDER_TASK = "ws-sender"
 Events = AsyncGenerator[generation_pb2.RenderEvent, None]
 
 
-def after_seq(request: web.Request, operation_id: str) -> int:
-    """Where the stream resumes: the `Last-Event-ID` header, else `last_event_id`, else 0."""
+def resume_point(request: web.Request, operation_id: str) -> tuple[str, str]:
+    """Where a stream resumes, as the client sent it: the `Last-Event-ID` header, else the
+    `last_event_id` parameter ("" for neither); and which of the two it was, for errors."""
     params = query(request, operation_id)
     header = request.headers.get("Last-Event-ID")
-    if header is None or header == "":
-        return int(params.get("last_event_id", 0))
-    if not header.isdigit():
-        raise ValidationFailed.field("Last-Event-ID", "must be a non-negative integer")
-    return int(header)
+    if header:
+        return header, "Last-Event-ID"
+    return str(params.get("last_event_id", "")), "last_event_id"
+
+
+def after_seq(request: web.Request, operation_id: str) -> int:
+    """The seq a render's stream resumes after (0: from its first event)."""
+    text, field = resume_point(request, operation_id)
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise ValidationFailed.field(field, "must be a non-negative integer")
+    return int(text)
 
 
 async def _watch(request: web.Request, operation_id: str) -> Events:
