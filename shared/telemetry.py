@@ -12,17 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 from opentelemetry import metrics, trace
-from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
@@ -136,27 +134,21 @@ def _scope_json(scope: InstrumentationScope | None) -> dict[str, str]:
 
 
 def _attributes_json(attributes: Mapping[str, Any]) -> list[dict[str, Any]]:
-    # The SDK's attribute mappings iterate under a lock, key by key; their copy() is a plain dict.
-    plain = attributes.copy() if isinstance(attributes, MappingProxyType | BoundedAttributes) else attributes
-    return [{"key": key, "value": _value_json(value)} for key, value in plain.items()]
+    return [{"key": key, "value": _value_json(value)} for key, value in attributes.items()]
 
 
 def _value_json(value: Any) -> dict[str, Any]:
-    encode = _SCALARS.get(type(value))
-    if encode is not None:
-        return encode(value)
-    if isinstance(value, Sequence) and not isinstance(value, str):
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    if isinstance(value, str):
+        return {"stringValue": value}
+    if isinstance(value, Sequence):
         return {"arrayValue": {"values": [_value_json(item) for item in value]}}
     return {"stringValue": str(value)}
-
-
-# By exact type, the common case of one dictionary lookup (bool before int: it is an int too).
-_SCALARS: dict[type, Callable[[Any], dict[str, Any]]] = {
-    str: lambda value: {"stringValue": value},
-    bool: lambda value: {"boolValue": value},
-    int: lambda value: {"intValue": str(value)},
-    float: lambda value: {"doubleValue": value},
-}
 
 
 @dataclass(frozen=True)
