@@ -15,7 +15,7 @@ from renderflow.v1 import generation_pb2
 
 from shared.errors import ValidationFailed
 
-_FORMAT = re.compile(r"\d{1,18}(\.\d{1,18})*")
+_FORMAT = re.compile(r"[0-9]{1,18}(\.[0-9]{1,18})*")  # ASCII: `\d` admits `٣`
 
 
 class BatchCursor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -126,8 +127,52 @@ async def json_body(request: web.Request) -> Any:
         raise ValidationFailed(
             "The body is not valid JSON.", [FieldError("", f"is not valid JSON ({exc})")]
         ) from None
+    except RecursionError:
+        # Deeper than the parser goes, which is far deeper than the walk below allows.
+        raise _invalid([FieldError("", f"is nested more than {MAX_JSON_DEPTH} levels deep")]) from None
+    errors = _unstorable(document)
+    if errors:
+        raise _invalid(errors)
     request[_JSON_BODY] = document
     return document
+
+
+MAX_JSON_DEPTH = 32
+"""How deeply arrays and objects of a request body may nest (the deepest schema needs 5 levels);
+deeper documents would exhaust the recursion of the schema validator and the request hash."""
+
+
+def _unstorable(document: Any) -> list[FieldError]:
+    """What of a parsed body no later step could handle: nesting past MAX_JSON_DEPTH, and strings
+    (keys included) with lone surrogates (`"\\ud800"` is valid JSON, but not text UTF-8 can carry to
+    a service or a hash). Walks without recursion, so that no depth can crash it."""
+    pending: list[tuple[Any, tuple[str | int, ...]]] = [(document, ())]
+    while pending:
+        value, path = pending.pop()
+        if isinstance(value, str):
+            if not _encodable(value):
+                return [FieldError(field_path(path), "is not valid Unicode text (a lone surrogate)")]
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if len(path) >= MAX_JSON_DEPTH:
+            return [FieldError(field_path(path), f"is nested more than {MAX_JSON_DEPTH} levels deep")]
+        if isinstance(value, list):
+            pending.extend((item, (*path, index)) for index, item in enumerate(value))
+            continue
+        for key, item in value.items():
+            if not _encodable(key):
+                return [FieldError(field_path(path), "has a key that is not valid Unicode text")]
+            pending.append((item, (*path, key)))
+    return []
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
@@ -136,6 +181,9 @@ async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
     validate(document, schema_name)
     result: dict[str, Any] = document
     return result
+
+
+_INTEGER = re.compile("-?[0-9]{1,18}")
 
 
 @functools.cache
@@ -160,9 +208,10 @@ def read_query(request: web.Request, operation_id: str) -> dict[str, Any]:
         if raw == "":
             continue
         if parameters.get(name, {}).get("type") == "integer":
-            try:
+            # ASCII digits only: int() would also read `٣` as 3 and spaces around the number.
+            if _INTEGER.fullmatch(raw):
                 values[name] = int(raw)
-            except ValueError:
+            else:
                 errors.append(FieldError(name, "must be an integer"))
             continue
         values[name] = raw

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 
 from aiohttp import WSCloseCode, web
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 RECONNECT_MS = 1000
+_SEQ = re.compile("[0-9]{1,18}")
 WS_SENDER_TASK = "ws-sender"
 """The name of the task that sends a WebSocket's events (one per connection)."""
 
@@ -48,8 +50,10 @@ def after_seq(request: web.Request, operation_id: str) -> int:
     text, field = resume_point(request, operation_id)
     if not text:
         return 0
-    if not text.isdigit():
-        raise ValidationFailed.field(field, "must be a non-negative integer")
+    # ASCII digits only (str.isdigit also admits `³`, which int() refuses), and few enough of
+    # them for int() and for the int64 the Watch call carries.
+    if not _SEQ.fullmatch(text):
+        raise ValidationFailed.field(field, "must be a non-negative integer of at most 18 digits")
     return int(text)
 
 

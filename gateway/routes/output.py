@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 from aiohttp import web
 from renderflow.v1 import generation_pb2
@@ -19,34 +20,39 @@ CACHE_CONTROL = "private, max-age=86400"  # an output never changes once written
 
 def parse_range(header: str | None, total: int) -> tuple[int, int] | None:
     """The first and last byte of a single `bytes=a-b` / `bytes=a-` / `bytes=-n` range within
-    `total` bytes; None to send everything (no range, several, or one that cannot be read).
-    Raises RangeNotSatisfiable when the range starts past the end."""
+    `total` bytes; None to send everything (no range, several, or one that cannot be read: HTTP
+    lets a server ignore a Range it does not understand). Raises RangeNotSatisfiable when the
+    range starts past the end."""
     if not header or total <= 0:
         return None
-    unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
+    found = _RANGE.fullmatch(header.strip())
+    if found is None:
         return None
-    first_text, dash, last_text = spec.strip().partition("-")
-    if (
-        not dash
-        or not (first_text.isdigit() or first_text == "")
-        or not (last_text.isdigit() or last_text == "")
-    ):
-        return None
+    first_text, last_text = found.groups()
     if first_text == "":
         if last_text == "":
             return None
-        suffix = int(last_text)
+        suffix = _position(last_text)
         if suffix == 0:
             raise RangeNotSatisfiable(total)
         return max(0, total - suffix), total - 1
-    first = int(first_text)
-    last = int(last_text) if last_text else total - 1
+    first = _position(first_text)
+    last = _position(last_text) if last_text else total - 1
     if first >= total:
         raise RangeNotSatisfiable(total)
     if last < first:
         return None
     return first, min(last, total - 1)
+
+
+# One range of ASCII digits (`str.isdigit` would let `³` through to int(), which refuses it).
+_RANGE = re.compile(r"bytes[ \t]*=[ \t]*([0-9]*)[ \t]*-[ \t]*([0-9]*)", re.IGNORECASE)
+_FAR = 2**63
+"""Any position past every output: what a longer run of digits than int() accepts stands for."""
+
+
+def _position(digits: str) -> int:
+    return int(digits) if len(digits) <= 18 else _FAR
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:

@@ -32,6 +32,7 @@ from gateway.openapi import SPEC
 from tests.support.gateway_stack import (
     LiveStack,
     Resources,
+    assert_problem,
     procedural_worker,
     running_stack,
     seed_resources,
@@ -136,3 +137,69 @@ def test_every_served_operation_is_fuzzed(target: Target) -> None:
 async def test_operation_conforms_to_the_spec(target: Target, operation_id: str) -> None:
     operation = target.schema.find_operation_by_id(operation_id)
     await asyncio.to_thread(_fuzz, operation, target)
+
+
+# Inputs a hostile client sent that once answered 500: each is refused as the client's mistake.
+_DEEP_ARRAY = "[" * 100_000 + "]" * 100_000
+_DEEP_OBJECT = '{"a":' * 50_000 + "1" + "}" * 50_000
+_LONE_SURROGATE = "\\ud800"  # valid JSON, but no text UTF-8 can carry
+
+
+def _surrogate_bodies(r: Resources) -> list[tuple[str, str, str, str]]:
+    """(method, path, JSON body with a lone surrogate, the field named) for every write route."""
+    chain = f"/v1/projects/{r.slug}/chains/{r.chain_id}"
+    render = f'"project":"{r.slug}","kind":"image","prompt":"{_LONE_SURROGATE}"'
+    return [
+        ("POST", "/v1/projects", f'{{"slug":"x","name":"{_LONE_SURROGATE}"}}', "name"),
+        ("POST", f"/v1/projects/{r.slug}/chains", f'{{"name":"{_LONE_SURROGATE}"}}', "name"),
+        ("POST", f"/v1/projects/{r.slug}/rules", f'{{"text":"{_LONE_SURROGATE}"}}', "text"),
+        ("PATCH", f"/v1/projects/{r.slug}/rules/{r.rule_id}", f'{{"text":"{_LONE_SURROGATE}"}}', "text"),
+        ("POST", "/v1/renders", f"{{{render}}}", "prompt"),
+        ("POST", "/v1/renders:batch", f'{{"items":[{{{render}}}]}}', "items[0].prompt"),
+        ("POST", f"{chain}/renders", f'{{"kind":"image","prompt":"{_LONE_SURROGATE}"}}', "prompt"),
+        ("POST", "/render", f"{{{render}}}", "prompt"),
+        ("POST", "/v1/renders", f'{{"{_LONE_SURROGATE}":1}}', ""),
+    ]
+
+
+async def test_hostile_bodies_are_the_clients_mistake(target: Target) -> None:
+    stack, r = target.stack, target.resources
+    json_headers = {**r.headers, "Content-Type": "application/json"}
+    for body in (_DEEP_ARRAY, _DEEP_OBJECT):
+        response, problem = await stack.call("POST", "/v1/renders", json_headers, data=body)
+        assert_problem(response, problem, 422, "validation_failed")
+        assert "nested" in problem["detail"]
+    for method, path, body, field in _surrogate_bodies(r):
+        response, problem = await stack.call(method, path, json_headers, data=body.encode())
+        assert_problem(response, problem, 422, "validation_failed")
+        assert problem["errors"][0]["field"] == field, (path, problem)
+    # Nothing was made of them.
+    _, renders = await stack.call("GET", f"/v1/renders?project={r.slug}&page_size=100", r.headers)
+    assert all("\ufffd" not in render["prompt"] for render in renders["renders"])
+    _, projects = await stack.call("GET", "/v1/projects", r.headers)
+    assert [p["slug"] for p in projects["projects"]] == [r.slug]
+
+
+async def test_hostile_stream_cursors_are_the_clients_mistake(target: Target) -> None:
+    stack, r = target.stack, target.resources
+    for cursor in ("\u00b3", "9" * 5000, "1" * 19, "-1", "\u0663"):
+        for path in (f"/v1/renders/{r.render_id}/events", f"/v1/batches/{r.batch_id}/events"):
+            header = {**r.headers, "Last-Event-ID": cursor}
+            response, problem = await stack.call("GET", path, header)
+            assert_problem(response, problem, 422, "validation_failed")
+            response, problem = await stack.call("GET", path, r.headers, params={"last_event_id": cursor})
+            assert_problem(response, problem, 422, "validation_failed")
+
+
+async def test_hostile_ranges_are_ignored_or_unsatisfiable(target: Target) -> None:
+    stack, r = target.stack, target.resources
+    path = f"/v1/renders/{r.render_id}/output"
+    full, _ = await stack.call("GET", path, r.headers)
+    assert full.status == 200
+    for header, status in (
+        ("bytes=\u00b3-5", 200),
+        ("bytes=0-" + "9" * 5000, 206),
+        ("bytes=" + "9" * 5000 + "-5", 416),
+    ):
+        response, _ = await stack.call("GET", path, {**r.headers, "Range": header})
+        assert response.status == status, header

@@ -107,6 +107,11 @@ def test_lists_and_project_wide_rules() -> None:
         ("bytes=9-3", None),
         ("items=0-3", None),
         ("bytes=x-3", None),
+        # Not ASCII digits, or more of them than int() reads: ignored, or past every output.
+        ("bytes=\u00b3-5", None),
+        ("bytes=0-\u0663", None),
+        ("bytes=0-" + "9" * 5000, (0, 99)),
+        ("bytes=-" + "9" * 5000, (0, 99)),
     ],
 )
 def test_single_byte_ranges(header: str | None, expected: tuple[int, int] | None) -> None:
@@ -114,7 +119,7 @@ def test_single_byte_ranges(header: str | None, expected: tuple[int, int] | None
 
 
 def test_a_range_past_the_end_is_not_satisfiable() -> None:
-    for header in ("bytes=100-", "bytes=-0"):
+    for header in ("bytes=100-", "bytes=-0", "bytes=" + "9" * 5000 + "-5"):
         with pytest.raises(RangeNotSatisfiable):
             parse_range(header, 100)
 
