@@ -1,11 +1,12 @@
 """Rate limits at the door: a token bucket per API key on the submit routes.
 
 Each key's bucket holds up to `burst` tokens and refills at `rate` tokens a second; a submit takes
-one token per render (a batch of n takes n) or is refused with 429 `rate_limited` and
-`Retry-After`. Responses of the submit routes carry `RateLimit-Limit`, `RateLimit-Remaining` and
-`RateLimit-Reset` (draft-ietf-httpapi-ratelimit-headers). Buckets live in the process when the
-gateway runs alone, and in Redis when `RENDERFLOW_CACHE_URL` names one, so that every gateway
-process draws from the same bucket.
+one token per render (a batch of n takes n) or is refused with 429 `rate_limited` and a
+`Retry-After` after which it would pass; a batch of more renders than the burst could never pass,
+and is refused with 422 naming `items`. Responses of the submit routes carry `RateLimit-Limit`,
+`RateLimit-Remaining` and `RateLimit-Reset` (draft-ietf-httpapi-ratelimit-headers). Buckets live in
+the process when the gateway runs alone, and in Redis when `RENDERFLOW_CACHE_URL` names one, so
+that every gateway process draws from the same bucket.
 
 Limits are protection, not correctness: when Redis cannot be reached, submits go through (with a
 warning in the log) rather than fail.
@@ -234,8 +235,10 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
         return await handler(request)
     caller = await authenticated(request)
     burst = request.app[SETTINGS].rate_limit_burst
-    # A batch larger than the burst could never pass: it empties a full bucket instead.
-    cost = min(await _cost(request, route), burst)
+    cost = await _cost(request, route)
+    if cost > burst:
+        # No wait would let it through, so it is not a 429 to retry: the client must split it.
+        raise ValidationFailed.field("items", f"must hold at most {burst} renders (the burst)")
     decision = await buckets.take(caller.key_id, cost)
     if decision is not None:
         request[DECISION] = decision

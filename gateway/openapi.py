@@ -240,7 +240,9 @@ PATHS: dict[str, dict[str, Schema]] = {
     "/v1/renders:batch": {
         "post": _op(
             "submitBatch",
-            "Queue up to 64 renders atomically: all of them, or (one bad item: 422 naming items[i]) none",
+            "Queue up to 64 renders atomically: all of them, or (one bad item: 422 naming items[i]) none. "
+            "Each render costs a token of the API key's rate limit; a batch of more renders than "
+            "the limit's burst (RateLimit-Limit) is refused with 422 naming `items`",
             {
                 "202": _json(
                     "BatchAccepted",

@@ -108,6 +108,25 @@ async def test_a_batch_costs_a_token_per_render(stack: LiveStack) -> None:
     assert response.status == 202 and _limits(response)[1] == 0
 
 
+async def test_a_batch_larger_than_the_burst_is_refused_whole(stack: LiveStack) -> None:
+    # Once a batch cost at most the burst: 64-item batches outran the per-second limit.
+    alice = await _with_project(stack, "alice")
+    response, body = await stack.call(
+        "POST", "/v1/renders:batch", alice, json={"items": [render()] * (BURST + 1)}
+    )
+    assert_problem(response, body, 422, "validation_failed")
+    assert body["errors"] == [{"field": "items", "message": f"must hold at most {BURST} renders (the burst)"}]
+    # It took nothing: a batch of exactly the burst still fits, and a refusal of a batch that does
+    # fit names a wait after which it would.
+    response, _ = await stack.call("POST", "/v1/renders:batch", alice, json={"items": [render()] * BURST})
+    assert response.status == 202 and _limits(response)[1] == 0
+    _, renders = await stack.call("GET", "/v1/renders?project=lim", alice)
+    assert len(renders["renders"]) == BURST
+    response, body = await stack.call("POST", "/v1/renders:batch", alice, json={"items": [render()] * 2})
+    assert_problem(response, body, 429, "rate_limited")
+    assert int(response.headers["Retry-After"]) == round(2 / RATE)
+
+
 async def test_an_invalid_submit_still_costs_a_token(stack: LiveStack) -> None:
     # Limits guard the door: a flood of invalid bodies spends tokens like any other.
     alice = await _with_project(stack, "alice")
