@@ -17,6 +17,10 @@ ERROR_MESSAGE = "x-error-message"
 or of its pattern."""
 NO_NUL = "^[^\\x00]*$"
 """Text that PostgreSQL can store: anything without NUL characters."""
+REFERENCE_URL_PATTERN = "^[Hh][Tt][Tt][Pp][Ss]?://[^\\x00]*$"
+"""An http(s) URL without NUL characters. Schemes are case-insensitive (RFC 3986), and the pattern
+spells that out letter by letter because JSON Schema's (ECMA-262) regular expressions have no
+inline case-insensitive flag."""
 _EVENT_TYPES = ["queued", "started", "phase", "progress", "succeeded", "failed", "cancelled"]
 
 
@@ -117,7 +121,12 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "ReferenceInput": _object(
         {
-            "url": {"type": "string", "pattern": "^https?://[^\\x00]*$", "maxLength": 2048},
+            "url": {
+                "type": "string",
+                "pattern": REFERENCE_URL_PATTERN,
+                "maxLength": 2048,
+                ERROR_MESSAGE: "must be an http or https URL, without NUL characters",
+            },
             "render_id": ID,
             "previous": {
                 "const": True,

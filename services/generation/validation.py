@@ -81,7 +81,7 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
             elif spec.position == 1:
                 reference = None  # the first render of a chain has nothing before it
         elif reference.url:
-            parts = urlsplit(reference.url)
+            parts = urlsplit(reference.url)  # lowercases the scheme: HTTP:// is http (RFC 3986)
             if parts.scheme not in ("http", "https") or not parts.hostname or len(reference.url) > 2048:
                 bad("reference.url", "must be an absolute http or https URL of at most 2048 characters")
         elif not is_valid_id(reference.render_id):

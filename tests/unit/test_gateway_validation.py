@@ -45,6 +45,22 @@ def test_a_valid_render_request_passes() -> None:
     )
 
 
+@pytest.mark.parametrize("url", ["HTTP://example.com/a.png", "HtTpS://example.com/a.png", "http://x/y"])
+def test_a_reference_url_scheme_is_read_in_any_case(url: str) -> None:
+    # RFC 3986: schemes are case-insensitive.
+    validate({"project": "demo", "kind": "image", "prompt": "p", "reference": {"url": url}}, "RenderRequest")
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://example.com/a.png", "HTTPX://example.com/", "example.com/a.png", "http:/x"]
+)
+def test_a_reference_url_must_be_http_or_https(url: str) -> None:
+    document = {"project": "demo", "kind": "image", "prompt": "p", "reference": {"url": url}}
+    assert _fields(document, "RenderRequest") == {
+        "reference.url": "must be an http or https URL, without NUL characters"
+    }
+
+
 def test_every_bad_field_is_named_with_its_path() -> None:
     fields = _fields(
         {

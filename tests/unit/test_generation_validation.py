@@ -51,6 +51,12 @@ def test_each_bad_field_is_named(spec: RenderSpec, fields: set[str]) -> None:
     assert _fields(spec) == fields
 
 
+@pytest.mark.parametrize("url", ["HTTP://example.com/a.png", "HtTpS://example.com/a.png"])
+def test_a_reference_url_scheme_is_read_in_any_case(url: str) -> None:
+    spec = normalized(RenderSpec(prompt="x", reference=Reference(url=url)))
+    assert spec.reference is not None and spec.reference.url == url  # kept as given; imagefetch normalizes
+
+
 def test_a_batch_names_the_first_bad_item_by_index() -> None:
     good, bad = RenderSpec(prompt="x"), RenderSpec(prompt="")
     with pytest.raises(ValidationFailed) as caught:
