@@ -21,7 +21,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from yarl import URL
 
 from services.imagefetch.config import Settings
-from services.imagefetch.guard import check_address, normalize_url, parse_ip
+from services.imagefetch.guard import check_address, normalize_url, parse_ip, refusal, refused_name
 from services.imagefetch.instruments import Instruments
 from services.imagefetch.model import (
     CONNECTION_FAILED,
@@ -45,6 +45,16 @@ _ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/gif,image/*;q=0.8"
 _PINS: ContextVar[dict[str, list[ResolveResult]] | None] = ContextVar("imagefetch_pins", default=None)
 
 ProgressSink = Callable[[Progress], None]
+
+
+class _ResolverBusy(FetchFailure):
+    """The resolver could not answer for now (EAI_AGAIN): asked again within this fetch, but if that
+    lasts, the caller gets what any refused name gets, not retryable either: a failure of its own
+    would tell names that exist only inside the cluster from the others."""
+
+
+def _retry(exc: BaseException) -> bool:
+    return isinstance(exc, FetchFailure) and (exc.retryable or isinstance(exc, _ResolverBusy))
 
 
 class PinnedResolver(AbstractResolver):
@@ -135,7 +145,7 @@ class HttpFetcher:
                 max_s=settings.backoff_max_s,
                 retry_after_cap_s=settings.retry_after_cap_s,
             ),
-            retry=retry_if_exception(lambda exc: isinstance(exc, FetchFailure) and exc.retryable),
+            retry=retry_if_exception(_retry),
             before_sleep=self._count_retry,
             reraise=True,
         )
@@ -173,6 +183,8 @@ class HttpFetcher:
             except FetchFailure as failure:
                 outcome = failure.reason
                 span.set_attribute("imagefetch.failure_reason", failure.reason)
+                if failure.detail:  # for operators: may name internal addresses
+                    span.set_attribute("imagefetch.failure_detail", failure.detail)
                 span.set_status(Status(StatusCode.ERROR, failure.message))
                 raise
             finally:
@@ -181,8 +193,8 @@ class HttpFetcher:
 
     async def _follow(self, url: URL, number: int, on_progress: ProgressSink | None, span: Span) -> Download:
         current = url
-        for _hop in range(self._settings.max_redirects + 1):
-            token = _PINS.set(await self._pin(current))
+        for hop in range(self._settings.max_redirects + 1):
+            token = _PINS.set(await self._pin(current, redirected=hop > 0))
             try:
                 async with self._session.get(current, allow_redirects=False) as response:
                     span.set_attribute("http.response.status_code", response.status)
@@ -205,28 +217,34 @@ class HttpFetcher:
             TOO_MANY_REDIRECTS, f"the origin redirected more than {self._settings.max_redirects} times"
         )
 
-    async def _pin(self, url: URL) -> dict[str, list[ResolveResult]]:
+    async def _pin(self, url: URL, *, redirected: bool) -> dict[str, list[ResolveResult]]:
         """Resolves the host once and checks every address; FetchFailure(blocked_address) if any is
-        refused. An IP literal is checked as it is (aiohttp connects to it without resolving)."""
+        refused. An IP literal is checked as it is (aiohttp connects to it without resolving), and
+        its refusal names its class. A name that does not resolve fails exactly like one that
+        resolves to a refused address; what happened goes in the failure's detail only."""
         host, port = url.raw_host or "", url.port or 0
         literal = parse_ip(host)
         if literal is not None:
-            check_address(literal, self._settings.allow)
+            check_address(literal, self._settings.allow, redirected=redirected)
             return {}
         loop = asyncio.get_running_loop()
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
         except socket.gaierror as exc:
-            # A name that does not exist will not exist a moment later either.
-            retryable = exc.errno not in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None))
-            raise FetchFailure(CONNECTION_FAILED, f"cannot resolve {host}", retryable=retryable) from None
+            refused = refused_name(host, redirected=redirected, detail=f"{host} did not resolve: {exc}")
+            # A name that does not exist will not exist a moment later either; a busy resolver may
+            # answer a moment later.
+            if exc.errno not in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
+                raise _ResolverBusy(refused.reason, refused.message, detail=refused.detail) from None
+            raise refused from None
+        addresses = [str(sockaddr[0]) for *_, sockaddr in infos]
+        resolved = f"{host} resolved to {', '.join(addresses) or 'no address'}"
         results: list[ResolveResult] = []
-        for family, _type, proto, _name, sockaddr in infos:
-            address = str(sockaddr[0])
+        for (family, _type, proto, _name, _sockaddr), address in zip(infos, addresses, strict=True):
             checked = parse_ip(address)
-            if checked is None:
-                raise FetchFailure(CONNECTION_FAILED, f"{host} resolved to something not an address")
-            check_address(checked, self._settings.allow)
+            kind = "not an address" if checked is None else refusal(checked, self._settings.allow)
+            if kind is not None:
+                raise refused_name(host, redirected=redirected, detail=f"{resolved}; {address} is {kind}")
             results.append(
                 ResolveResult(
                     hostname=host,
@@ -238,7 +256,7 @@ class HttpFetcher:
                 )
             )
         if not results:
-            raise FetchFailure(CONNECTION_FAILED, f"{host} has no address", retryable=True)
+            raise refused_name(host, redirected=redirected, detail=resolved)
         return {host: results}
 
     async def _read(
@@ -274,4 +292,10 @@ def _redirect_target(response: aiohttp.ClientResponse, current: URL) -> URL | No
         joined = current.join(URL(location))
     except ValueError:
         raise FetchFailure(INVALID_URL, "the origin redirected to an invalid URL") from None
-    return normalize_url(str(joined))
+    try:
+        return normalize_url(str(joined))
+    except FetchFailure as failure:
+        # The guard speaks of "the URL": say it is the origin's, not the one the caller gave.
+        raise FetchFailure(
+            INVALID_URL, f"the origin redirected to an invalid URL ({failure.message})"
+        ) from None

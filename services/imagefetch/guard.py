@@ -6,6 +6,11 @@ IPv4-mapped IPv6 rewritten to the canonical address), so that the address checke
 connected to and one resource has one cache key. An address is refused unless it is a public
 unicast address (addresses embedded in 6to4, Teredo, NAT64 and IPv4-compatible IPv6 are checked
 too) or it lies in the allow-list.
+
+A refusal tells the caller what class of address was refused (loopback, private, cloud metadata,
+...) but never the address, and a refused host name reads the same whether it did not resolve or
+resolved to non-public addresses: anything more would let a tenant map the internal network
+through error messages. The full story goes in the failure's `detail`, for operators only.
 """
 
 from __future__ import annotations
@@ -29,6 +34,12 @@ _NUMBER = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 _FORBIDDEN_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
 _NAT64 = IPv6Network("64:ff9b::/96")
 _IPV4_COMPATIBLE = IPv6Network("::/96")
+# Instance metadata services (AWS, GCP, Azure, OpenStack; AWS over IPv6; Alibaba Cloud): named as
+# such in refusals, as that is the address an SSRF is usually after.
+_METADATA = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")
+)
+_SHARED = IPv4Network("100.64.0.0/10")  # carrier-grade NAT (RFC 6598)
 
 
 def parse_allow_list(items: Iterable[str]) -> tuple[Network, ...]:
@@ -136,16 +147,74 @@ def parse_ip(host: str) -> Address | None:
         return None
 
 
-def check_address(address: Address, allow: Iterable[Network]) -> Address:
+def check_address(address: Address, allow: Iterable[Network], *, redirected: bool = False) -> Address:
     """`address` if it may be connected to (IPv4-mapped forms unwrapped); else
-    FetchFailure(blocked_address)."""
+    FetchFailure(blocked_address) naming the class of the address, not the address itself (as a
+    URL's host, or as where the origin `redirected` to)."""
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    kind = refusal(address, allow)
+    if kind is None:
+        return address
+    where = "the origin redirected to" if redirected else "the URL's host is"
+    raise FetchFailure(
+        BLOCKED_ADDRESS, f"{where} {kind}, which is not allowed", detail=f"{address} is {kind}"
+    )
+
+
+def refused_name(host: str, *, redirected: bool = False, detail: str) -> FetchFailure:
+    """The failure for a host name that did not resolve, or resolved to any address that may not be
+    connected to. The one text for all of these, so that it does not tell an internal name from a
+    name that does not exist; `detail` (what it resolved to, or the resolver's error) is for
+    operators only."""
+    where = f"the origin redirected to {host}, which" if redirected else f"the host {host}"
+    message = f"{where} does not resolve, or not only to public addresses"
+    return FetchFailure(BLOCKED_ADDRESS, message, detail=detail)
+
+
+def refusal(address: Address, allow: Iterable[Network]) -> str | None:
+    """None if `address` may be connected to; else what it is, by class and never by value
+    ("a loopback address", "an IPv6 address leading to a private address", ...)."""
     if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     if any(address.version == net.version and address in net for net in allow):
-        return address
-    if not _is_public(address) or not all(_is_public(inner) for inner in _embedded_ipv4(address)):
-        raise FetchFailure(BLOCKED_ADDRESS, f"the address {address} is not public and not allow-listed")
-    return address
+        return None
+    own = None if _is_public(address) else address_class(address)
+    # Where a public or merely reserved IPv6 address leads says more than its own class (NAT64 and
+    # IPv4-compatible addresses are "reserved" themselves); `::1` is still loopback.
+    if own in (None, "reserved"):
+        for inner in _embedded_ipv4(address):
+            if not _is_public(inner):
+                return f"an IPv6 address leading to {_with_article(address_class(inner))}"
+    return None if own is None else _with_article(own)
+
+
+def address_class(address: Address) -> str:
+    """The class of a non-public address, as refusals name it: cloud metadata, unspecified,
+    loopback, link-local, multicast, site-local, shared (carrier-grade NAT), reserved, private."""
+    if address in _METADATA:
+        return "cloud metadata"
+    if address.is_unspecified:
+        return "unspecified"
+    if address.is_loopback:
+        return "loopback"
+    if address.is_link_local:
+        return "link-local"
+    if address.is_multicast:
+        return "multicast"
+    if isinstance(address, IPv6Address) and address.is_site_local:
+        return "site-local"
+    if address in _SHARED:
+        return "shared (carrier-grade NAT)"
+    if address.is_reserved:
+        return "reserved"
+    if address.is_private:
+        return "private"
+    return "non-public"
+
+
+def _with_article(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} address"
 
 
 def _is_public(address: Address) -> bool:

@@ -18,17 +18,27 @@ class FetchFailure(Exception):
     """A fetch failed for a reason of the origin or the URL (not of the service itself).
 
     `reason` is one of the constants above or `http_<status>`; `message` is for people and never
-    holds credentials or query strings from the URL; `retry_after` is the origin's own hint.
+    holds credentials or query strings from the URL, nor internal addresses or whether a name
+    resolved; `retry_after` is the origin's own hint. `detail` is for operators only (the service's
+    log and trace): it may name resolved addresses and resolver errors, so it never leaves the
+    service.
     """
 
     def __init__(
-        self, reason: str, message: str, *, retryable: bool = False, retry_after: float | None = None
+        self,
+        reason: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        detail: str = "",
     ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.retryable = retryable
         self.retry_after = retry_after
+        self.detail = detail
 
     @classmethod
     def http(cls, status: int, retry_after: float | None = None) -> FetchFailure:

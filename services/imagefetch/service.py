@@ -211,7 +211,10 @@ class ImageService:
                 return
             except FetchFailure as failure:
                 flight.result.set_result(failure)
-                log.info("fetch failed", extra={"host": url.raw_host, "reason": failure.reason})
+                log.info(
+                    "fetch failed",
+                    extra={"host": url.raw_host, "reason": failure.reason, "detail": failure.detail},
+                )
                 if failure.reason == "http_404":
                     await self._cache.put(key, failure, self._settings.cache_negative_ttl_s)
                 return

@@ -81,6 +81,8 @@ def _result(outcome: FetchOutcome, index: int = 0) -> imagefetch_pb2.FetchResult
             size_bytes=image.size_bytes,
             final_url=image.final_url,
         ),
+        # Never the failure's `detail`: it is for this service's log and trace, and may name
+        # internal addresses.
         failure=None
         if failure is None
         else imagefetch_pb2.FetchFailure(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -229,3 +229,42 @@ async def test_spans_and_metrics_tell_the_story(stub: Stub, origin: Origin, reco
     assert recorded.counter("imagefetch.failures", reason="not_an_image") == 1
     assert recorded.counter("imagefetch.origin.duration", outcome="http_500") == 1
     assert recorded.counter("imagefetch.origin.duration", outcome="ok") == 2
+
+
+async def test_a_refused_name_tells_the_caller_nothing_of_what_it_resolved_to(
+    origin: Origin, recorded: Recorded
+) -> None:
+    async with (
+        running(replace(SETTINGS, allow=()), recorded.instruments) as port,
+        create_channel(f"127.0.0.1:{port}") as channel,
+    ):
+        stub: Stub = imagefetch_pb2_grpc.ImageFetchServiceStub(channel)
+        local = await stub.Fetch(imagefetch_pb2.FetchRequest(url=f"http://localhost:{origin.port}/image/a"))
+        missing = await stub.Fetch(imagefetch_pb2.FetchRequest(url="http://nonexistent.invalid/image/a"))
+        literal = await stub.Fetch(imagefetch_pb2.FetchRequest(url=origin.url("/image/a")))
+
+    def seen(result: imagefetch_pb2.FetchResult, host: str) -> tuple[str, str, bool]:
+        failure = result.failure
+        return failure.reason, failure.message.replace(host, "<host>"), failure.retryable
+
+    assert seen(local, "localhost") == seen(missing, "nonexistent.invalid")
+    assert seen(local, "localhost") == (
+        "blocked_address",
+        "the host <host> does not resolve, or not only to public addresses",
+        False,
+    )
+    assert (literal.failure.reason, literal.failure.message) == (
+        "blocked_address",
+        "the URL's host is a loopback address, which is not allowed",
+    )
+    for result in (local, missing, literal):
+        assert b"127.0.0.1" not in result.failure.SerializeToString()
+    # The operator's trace has the whole story.
+    details = [
+        str((s.attributes or {}).get("imagefetch.failure_detail", ""))
+        for s in recorded.spans.get_finished_spans()
+        if s.name == "imagefetch.attempt"
+    ]
+    assert any(d.startswith("localhost resolved to 127.0.0.1") for d in details), details
+    assert any(d.startswith("nonexistent.invalid did not resolve") for d in details), details
+    assert any(d.startswith("127.0.0.1 is a loopback address") for d in details), details

@@ -3,6 +3,9 @@ transient failures heal, and nothing private is reached unless allow-listed."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -13,7 +16,7 @@ import pytest
 
 from services.imagefetch.config import Settings
 from services.imagefetch.guard import parse_allow_list
-from services.imagefetch.model import FetchOrder, FetchOutcome
+from services.imagefetch.model import FetchFailure, FetchOrder, FetchOutcome
 from services.imagefetch.service import ImageService, open_service
 from tests.support.origin import Origin
 
@@ -71,6 +74,7 @@ async def _timed(service: ImageService, url: str, **order: Any) -> tuple[FetchOu
         ("/redirect-to?location=http://169.254.169.254/latest/meta-data/", "blocked_address"),
         ("/redirect-to?location=http://10.0.0.1/x.png", "blocked_address"),
         ("/redirect-to?location=http://0x7f000002/x.png", "blocked_address"),
+        ("/redirect-to?location=http://nonexistent.invalid/x.png", "blocked_address"),
         ("/redirect-to?location=ftp://example.com/x.png", "invalid_url"),
         ("/big?size=300000&length=1", "too_large"),
         ("/big?size=300000", "too_large"),
@@ -220,3 +224,152 @@ async def test_invalid_urls_are_refused_without_leaking_credentials(
     outcome, _ = await _timed(service, url)
     assert outcome.failure is not None and outcome.failure.reason == "invalid_url"
     assert "secret" not in outcome.failure.message
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("http://10.0.0.1/x.png", "a private address"),
+        ("http://0x7f000001/x.png", "a loopback address"),
+        ("http://[::1]/x.png", "a loopback address"),
+        ("http://169.254.169.254/latest/meta-data/", "a cloud metadata address"),
+    ],
+)
+async def test_a_refused_address_is_named_by_its_class_not_by_itself(
+    open_fetcher: OpenService, url: str, kind: str
+) -> None:
+    service = await open_fetcher(allow=())
+    outcome, _ = await _timed(service, url)
+    assert outcome.failure is not None and outcome.failure.reason == "blocked_address"
+    assert outcome.failure.message == f"the URL's host is {kind}, which is not allowed"
+
+
+async def test_a_redirect_to_a_refused_address_names_only_its_class(
+    origin: Origin, open_fetcher: OpenService
+) -> None:
+    service = await open_fetcher()
+    outcome, _ = await _timed(service, origin.url("/redirect-to?location=http://10.9.8.7/x.png"))
+    assert outcome.failure is not None and outcome.failure.reason == "blocked_address"
+    assert outcome.failure.message == "the origin redirected to a private address, which is not allowed"
+
+
+def _as_seen_by_the_caller(failure: FetchFailure | None, host: str) -> tuple[str, str, bool]:
+    assert failure is not None
+    return failure.reason, failure.message.replace(host, "<host>"), failure.retryable
+
+
+async def test_a_name_for_loopback_and_a_name_that_does_not_resolve_look_alike(
+    origin: Origin, open_fetcher: OpenService, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = await open_fetcher(allow=())
+    caplog.set_level(logging.INFO, logger="services.imagefetch")
+    local, _ = await _timed(service, f"http://localhost:{origin.port}/image/a")
+    missing, _ = await _timed(service, "http://nonexistent.invalid/image/a")
+    assert _as_seen_by_the_caller(local.failure, "localhost") == (
+        "blocked_address",
+        "the host <host> does not resolve, or not only to public addresses",
+        False,
+    )
+    assert _as_seen_by_the_caller(missing.failure, "nonexistent.invalid") == _as_seen_by_the_caller(
+        local.failure, "localhost"
+    )
+    assert origin.requests == 0
+    # Operators still see what happened, in the log.
+    details = {getattr(r, "host", None): getattr(r, "detail", "") for r in caplog.records}
+    assert "127.0.0.1" in details["localhost"]
+    assert "did not resolve" in details["nonexistent.invalid"]
+
+
+async def test_a_redirect_to_an_invalid_url_says_the_url_was_the_origins(
+    origin: Origin, open_fetcher: OpenService
+) -> None:
+    service = await open_fetcher()
+    outcome, _ = await _timed(service, origin.url("/redirect-to?location=ftp://example.com/x.png"))
+    assert outcome.failure is not None
+    assert (outcome.failure.reason, outcome.failure.message) == (
+        "invalid_url",
+        "the origin redirected to an invalid URL (only http and https URLs are fetched)",
+    )
+
+
+async def test_a_redirect_to_a_name_that_does_not_resolve_reads_like_any_refused_name(
+    origin: Origin, open_fetcher: OpenService
+) -> None:
+    service = await open_fetcher()
+    outcome, _ = await _timed(service, origin.url("/redirect-to?location=http://nonexistent.invalid/x.png"))
+    assert outcome.failure is not None
+    assert (outcome.failure.reason, outcome.failure.message) == (
+        "blocked_address",
+        "the origin redirected to nonexistent.invalid, which does not resolve,"
+        " or not only to public addresses",
+    )
+
+
+def _answers(*addresses: str) -> list[tuple[Any, ...]]:
+    return [
+        (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (a, 80))
+        for a in addresses
+    ]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+        socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+        _answers("10.0.0.5"),
+        _answers("93.184.216.34", "10.0.0.5"),
+        _answers("fd00::5"),
+        [],
+    ],
+    ids=["nxdomain", "resolver-busy", "private", "public-and-private", "private-v6", "empty"],
+)
+async def test_whatever_a_refused_name_resolves_to_the_caller_sees_the_same(
+    open_fetcher: OpenService, monkeypatch: pytest.MonkeyPatch, answer: Any
+) -> None:
+    async def getaddrinfo(host: str, port: int, **_: Any) -> list[tuple[Any, ...]]:
+        assert host == "probe.example"
+        if isinstance(answer, Exception):
+            raise answer
+        return list(answer)
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+    service = await open_fetcher(allow=())
+    outcome, _ = await _timed(service, "http://probe.example/x.png")
+    assert outcome.failure is not None
+    assert (outcome.failure.reason, outcome.failure.message, outcome.failure.retryable) == (
+        "blocked_address",
+        "the host probe.example does not resolve, or not only to public addresses",
+        False,
+    )
+    # What it did resolve to is for operators (the log and the span) only.
+    for address in [info[4][0] for info in answer] if isinstance(answer, list) else []:
+        assert address in outcome.failure.detail
+
+
+async def test_a_resolver_that_fails_for_now_is_asked_again_within_the_fetch(
+    open_fetcher: OpenService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = 0
+
+    async def getaddrinfo(host: str, port: int, **_: Any) -> list[tuple[Any, ...]]:
+        nonlocal asked
+        asked += 1
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+    service = await open_fetcher(allow=())
+    outcome, _ = await _timed(service, "http://probe.example/x.png")
+    assert asked == outcome.attempts == TEST_SETTINGS.max_attempts
+    assert outcome.failure is not None and not outcome.failure.retryable
+
+
+@pytest.mark.parametrize("scheme", ["HTTP", "Http", "hTtP"])
+async def test_the_scheme_is_read_in_any_case(origin: Origin, open_fetcher: OpenService, scheme: str) -> None:
+    service = await open_fetcher()
+    outcome, _ = await _timed(service, origin.url(f"/image/{scheme}").replace("http", scheme, 1))
+    assert outcome.image is not None and outcome.image.data == origin.image
+    redirected, _ = await _timed(
+        service, origin.url(f"/redirect-to?location={scheme}://127.0.0.1:{origin.port}/image/r{scheme}")
+    )
+    assert redirected.image is not None

@@ -6,7 +6,13 @@ from ipaddress import ip_address
 
 import pytest
 
-from services.imagefetch.guard import check_address, normalize_url, parse_allow_list
+from services.imagefetch.guard import (
+    check_address,
+    normalize_url,
+    parse_allow_list,
+    refusal,
+    refused_name,
+)
 from services.imagefetch.model import BLOCKED_ADDRESS, INVALID_URL, FetchFailure
 
 
@@ -14,6 +20,8 @@ from services.imagefetch.model import BLOCKED_ADDRESS, INVALID_URL, FetchFailure
     ("raw", "normalized"),
     [
         ("HTTP://Example.COM:80/a/b?x=1#frag", "http://example.com/a/b?x=1"),
+        ("HtTpS://Example.com:443/x.png", "https://example.com/x.png"),
+        ("hTTp://example.com:8080/x.png", "http://example.com:8080/x.png"),
         ("https://example.com:443", "https://example.com/"),
         ("https://example.com:8443/p", "https://example.com:8443/p"),
         ("http://example.com./img.png", "http://example.com/img.png"),
@@ -126,9 +134,63 @@ def test_non_public_addresses_are_refused(address: str) -> None:
     assert not refused.value.retryable
 
 
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.1", "a loopback address"),
+        ("::1", "a loopback address"),
+        ("10.1.2.3", "a private address"),
+        ("fd12:3456::1", "a private address"),
+        ("169.254.169.254", "a cloud metadata address"),
+        ("fd00:ec2::254", "a cloud metadata address"),
+        ("169.254.1.1", "a link-local address"),
+        ("fe80::1", "a link-local address"),
+        ("224.0.0.1", "a multicast address"),
+        ("240.0.0.1", "a reserved address"),
+        ("0.0.0.0", "an unspecified address"),
+        ("100.64.0.1", "a shared (carrier-grade NAT) address"),
+        ("2002:7f00:1::1", "an IPv6 address leading to a loopback address"),
+        ("64:ff9b::a9fe:a9fe", "an IPv6 address leading to a cloud metadata address"),
+        ("::10.0.0.1", "an IPv6 address leading to a private address"),
+    ],
+)
+def test_a_refusal_names_the_class_of_the_address_and_never_the_address(address: str, kind: str) -> None:
+    with pytest.raises(FetchFailure) as refused:
+        check_address(ip_address(address), allow=())
+    failure = refused.value
+    assert (failure.reason, failure.message) == (
+        BLOCKED_ADDRESS,
+        f"the URL's host is {kind}, which is not allowed",
+    )
+    assert refusal(ip_address(address), allow=()) == kind
+    # The address itself is for operators only.
+    assert str(ip_address(address)) in failure.detail
+
+
+def test_a_refusal_after_a_redirect_says_so() -> None:
+    with pytest.raises(FetchFailure) as refused:
+        check_address(ip_address("10.0.0.1"), allow=(), redirected=True)
+    assert refused.value.message == "the origin redirected to a private address, which is not allowed"
+
+
+@pytest.mark.parametrize("redirected", [False, True])
+def test_a_refused_name_reads_the_same_whatever_it_resolved_to(redirected: bool) -> None:
+    # Whether the name resolved at all (and to what) must not show: that would be a DNS oracle.
+    failures = [
+        refused_name("db.internal", redirected=redirected, detail=detail)
+        for detail in ("db.internal resolved to 10.0.0.5", "db.internal did not resolve: [Errno -2]")
+    ]
+    assert {(f.reason, f.message, f.retryable) for f in failures} == {
+        (BLOCKED_ADDRESS, failures[0].message, False)
+    }
+    assert "db.internal" in failures[0].message and "resolve" in failures[0].message
+    assert "10.0.0.5" not in failures[0].message and "10.0.0.5" in failures[0].detail
+
+
 @pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "2002:5db8:d822::1"])
 def test_public_addresses_pass(address: str) -> None:
     check_address(ip_address(address), allow=())
+    assert refusal(ip_address(address), allow=()) is None
 
 
 def test_the_allow_list_admits_addresses_and_networks_and_nothing_else() -> None:
