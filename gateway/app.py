@@ -17,7 +17,8 @@ from gateway.idempotency import idempotency_context
 from gateway.limits import add_rate_limit_headers, rate_limit_middleware, rate_limits_context
 from gateway.problems import add_common_headers, problem_middleware
 from gateway.routes import batches, events, health, metrics, output, projects, renders, rules
-from gateway.state import CLIENTS, EVENT_STREAMS, SETTINGS, TRACER
+from gateway.state import CLIENTS, SETTINGS, TRACER
+from gateway.streams import OPEN_STREAMS, OpenStreams
 from gateway.tracing import tracing_middleware
 from gateway.watch_hub import end_watches, watch_hub_context
 
@@ -43,6 +44,8 @@ def _clients_context(given: Clients | None) -> CleanupContext:
 async def _auth_context(app: web.Application) -> AsyncIterator[None]:
     authenticator = Authenticator(app[CLIENTS].metadata, app[SETTINGS].auth_cache_ttl_s)
     app[AUTHENTICATOR] = authenticator
+    # A revoked key's open streams end with it (its cached answers are already gone).
+    authenticator.on_revoked(lambda key_id, user_id: app[OPEN_STREAMS].end(key_id=key_id, user_id=user_id))
     follower = asyncio.create_task(authenticator.follow_changes(), name="auth-change-feed")
     try:
         yield
@@ -56,9 +59,7 @@ async def _auth_context(app: web.Application) -> AsyncIterator[None]:
 async def _end_event_streams(app: web.Application) -> None:
     # Event streams never end by themselves; end them so that shutdown need not wait out the grace
     # period. Clients reconnect (to another instance) with Last-Event-ID and miss nothing.
-    streams = app[EVENT_STREAMS]
-    for task in list(streams):
-        task.cancel()
+    app[OPEN_STREAMS].end_all()
 
 
 def create_app(
@@ -81,7 +82,7 @@ def create_app(
     )
     app[SETTINGS] = settings
     app[TRACER] = (tracer_provider or trace.get_tracer_provider()).get_tracer("gateway")
-    app[EVENT_STREAMS] = set()
+    app[OPEN_STREAMS] = OpenStreams(settings.max_streams_per_key)
     app.on_response_prepare.append(add_common_headers)
     app.on_response_prepare.append(add_rate_limit_headers)
     app.on_shutdown.append(_end_event_streams)

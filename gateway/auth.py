@@ -10,6 +10,7 @@ import hashlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiocache import SimpleMemoryCache
@@ -77,6 +78,7 @@ class Authenticator:
         self._cache = SimpleMemoryCache(namespace=_NAMESPACE)
         self._index: dict[str, _Indexed] = {}
         self._invalidations = 0
+        self._revocation_listeners: list[Callable[[str | None, str | None], object]] = []
         self.last_seq = FROM_NOW
         """The last change of the metadata feed seen (FROM_NOW before the first); the feed resumes
         after it."""
@@ -103,8 +105,14 @@ class Authenticator:
             self._index = {d: e for d, e in self._index.items() if e.expires_at > now}
         self._index[digest] = _Indexed(principal.key_id, principal.user_id, now + self._ttl_s)
 
+    def on_revoked(self, listener: Callable[[str | None, str | None], object]) -> None:
+        """Calls `listener(key_id, user_id)` whenever the change feed revokes a key (user_id None)
+        or deletes a user (key_id None), after its cached answers are dropped."""
+        self._revocation_listeners.append(listener)
+
     async def forget(self, *, key_id: str | None = None, user_id: str | None = None) -> None:
-        """Drops the cached answers for an API key, or for every key of a user."""
+        """Drops the cached answers for an API key, or for every key of a user, and tells the
+        revocation listeners."""
         self._invalidations += 1
         doomed = [
             digest
@@ -114,6 +122,8 @@ class Authenticator:
         for digest in doomed:
             del self._index[digest]
             await self._cache.delete(digest)
+        for listener in self._revocation_listeners:
+            listener(key_id, user_id)
 
     async def follow_changes(self, min_backoff_s: float = 0.1, max_backoff_s: float = 5.0) -> None:
         """Follows the metadata change feed for ever, forgetting revoked keys and deleted users;
@@ -173,14 +183,27 @@ WEBSOCKET_BEARER = "bearer"
 a WebSocket, offers `Sec-WebSocket-Protocol: bearer, <key>` and the server selects `bearer`."""
 
 
-def websocket_authorization(request: web.Request) -> str | None:
-    """`Bearer <key>` from a WebSocket handshake offering the subprotocols `bearer, <key>`."""
+def _offered_bearer(request: web.Request) -> tuple[str, str] | None:
+    """The subprotocols `bearer, <key>` of a WebSocket handshake, as the client spelt them."""
     if request.headers.get("Upgrade", "").lower() != "websocket":
         return None
     offered = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",")]
     if len(offered) >= 2 and offered[0].lower() == WEBSOCKET_BEARER and offered[1]:
-        return f"Bearer {offered[1]}"
+        return offered[0], offered[1]
     return None
+
+
+def websocket_authorization(request: web.Request) -> str | None:
+    """`Bearer <key>` from a WebSocket handshake offering the subprotocols `bearer, <key>`."""
+    offered = _offered_bearer(request)
+    return None if offered is None else f"Bearer {offered[1]}"
+
+
+def websocket_bearer_protocol(request: web.Request) -> str | None:
+    """The subprotocol to select for a handshake that authenticated with `bearer, <key>` (in the
+    client's spelling of `bearer`); None when it offered no key."""
+    offered = _offered_bearer(request)
+    return None if offered is None else offered[0]
 
 
 async def authenticated(request: web.Request) -> Principal:

@@ -26,6 +26,9 @@ class Settings:
     """RENDERFLOW_GATEWAY_MAX_BODY_BYTES: larger request bodies are refused with 413."""
     sse_heartbeat_s: float = 15.0
     """RENDERFLOW_GATEWAY_SSE_HEARTBEAT_S: idle time after which an event stream sends a comment."""
+    max_streams_per_key: int = 100
+    """RENDERFLOW_GATEWAY_MAX_STREAMS_PER_KEY: event streams (SSE and WebSocket) one API key may have
+    open at once in one gateway process; more is 429 `quota_exceeded`."""
     watch_linger_s: float = 2.0
     """RENDERFLOW_GATEWAY_WATCH_LINGER_S: how long a render's upstream Watch outlives its last
     watcher, so that a client reconnecting at once does not start another."""
@@ -45,7 +48,7 @@ class Settings:
     """RENDERFLOW_RATE_LIMIT_PER_S: submits per second each API key may sustain (0 = no limit)."""
     rate_limit_burst: int = 40
     """RENDERFLOW_RATE_LIMIT_BURST: submits an API key may make at once, after a quiet spell (0 =
-    no limit); a batch of n renders counts n."""
+    no limit); a batch of n renders counts n, and a batch larger than the burst is refused."""
     cache_url: str | None = None
     """RENDERFLOW_CACHE_URL: `redis://[:password@]host:port/db` to share rate-limit state between
     gateway processes; unset or `memory://` for state inside the process."""
@@ -64,6 +67,9 @@ class Settings:
             max_body_bytes=env.int("RENDERFLOW_GATEWAY_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
             sse_heartbeat_s=env.float(
                 "RENDERFLOW_GATEWAY_SSE_HEARTBEAT_S", cls.sse_heartbeat_s, minimum=0.01
+            ),
+            max_streams_per_key=env.int(
+                "RENDERFLOW_GATEWAY_MAX_STREAMS_PER_KEY", cls.max_streams_per_key, minimum=1
             ),
             watch_linger_s=env.float("RENDERFLOW_GATEWAY_WATCH_LINGER_S", cls.watch_linger_s, minimum=0),
             max_wait_s=env.float("RENDERFLOW_GATEWAY_MAX_WAIT_S", cls.max_wait_s, minimum=0),

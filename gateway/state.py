@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
 from aiohttp import web
 from opentelemetry.trace import Tracer
 
@@ -15,8 +12,6 @@ from gateway.timing import PhaseTimer
 SETTINGS = web.AppKey("settings", Settings)
 CLIENTS = web.AppKey("clients", Clients)
 TRACER = web.AppKey("tracer", Tracer)
-EVENT_STREAMS = web.AppKey("event_streams", set[asyncio.Task[Any]])
-"""The handlers streaming events right now; shutdown ends them."""
 
 REQUEST_ID = web.RequestKey("request_id", str)
 TRACEPARENT = web.RequestKey("traceparent", str)

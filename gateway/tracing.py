@@ -6,9 +6,17 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.instrumentation import aiohttp_server
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.http import (
+    OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST,
+    get_custom_headers,
+)
+from yarl import URL
+
+from gateway.openapi import PATHS, query_parameters
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -34,7 +42,54 @@ def tracing_middleware(tracer_provider: trace.TracerProvider | None = None) -> A
         # the meter provider drops them; not recording them at all saves a measurement per request.
         aiohttp_server.duration_histogram_old = None
         aiohttp_server.duration_histogram_new = None
+        # What a request span records of the URL and headers goes through our allow-lists: the
+        # instrumentation's own redaction knows only a few cloud providers' signature parameters,
+        # and a client may put a key anywhere (`?api_key=...`).
+        for name, replacement in (
+            ("redact_query_parameters", redact_query),
+            ("redact_url", redact_url),
+            ("collect_request_headers_attributes", _allowed_request_headers),
+        ):
+            setattr(aiohttp_server, name, replacement)
     return aiohttp_server.create_aiohttp_middleware(tracer_provider=tracer_provider)
+
+
+QUERY_ALLOWED = frozenset(
+    name
+    for operations in PATHS.values()
+    for operation in operations.values()
+    for name in query_parameters(operation["operationId"])
+)
+"""Query parameters recorded as sent: the API's own (none is a secret). Others' values are not."""
+HEADERS_ALLOWED = frozenset(
+    {"accept", "content-type", "content-length", "user-agent", "prefer", "range", "if-none-match"}
+)
+"""Request headers a span may record, when `OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST`
+asks for them; Authorization, cookies and the WebSocket subprotocols (a key rides there) never."""
+REDACTED = "REDACTED"
+
+
+def redact_query(url: str) -> str:
+    """A path and query (or URL) with the value of every parameter off the allow-list replaced."""
+    parsed = URL(url, encoded=True)
+    if not parsed.query_string:
+        return url
+    kept = [(name, value if name in QUERY_ALLOWED else REDACTED) for name, value in parsed.query.items()]
+    return str(parsed.with_query(kept))
+
+
+def redact_url(url: str) -> str:
+    """A URL without credentials, its query redacted as `redact_query` does."""
+    return redact_query(str(URL(url, encoded=True).with_user(None)))
+
+
+def _allowed_request_headers(request: web.Request) -> dict[str, list[str]]:
+    wanted = get_custom_headers(OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST)
+    return {
+        f"http.request.header.{name.lower().replace('-', '_')}": request.headers.getall(name)
+        for name in wanted
+        if name.lower() in HEADERS_ALLOWED and name in request.headers
+    }
 
 
 def current_traceparent() -> str | None:

@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 from aiohttp import WSCloseCode, web
 from renderflow.v1 import generation_pb2
 
-from gateway.auth import WEBSOCKET_BEARER, principal
+from gateway.auth import principal, websocket_bearer_protocol
 from gateway.resources import TERMINAL_EVENTS, event_json
 from gateway.routes import ID, clients, phase, query
 from gateway.sse import CONTENT_TYPE, comment_frame, event_frame, retry_frame, with_heartbeats
-from gateway.state import EVENT_STREAMS, SETTINGS, TIMER
+from gateway.state import SETTINGS, TIMER
+from gateway.streams import OPEN_STREAMS, Ending, EndStream
 from gateway.watch_hub import WATCH_HUB
 from shared.errors import RenderflowError, ValidationFailed
 from shared.spans import mark_stream
@@ -77,18 +79,12 @@ def _by_seq(event: generation_pb2.RenderEvent) -> str:
     return str(event.seq)
 
 
-@contextlib.contextmanager
-def _ended_on_shutdown(request: web.Request) -> Iterator[None]:
-    # On shutdown the gateway ends open streams at once; clients resume elsewhere.
-    streams = request.app[EVENT_STREAMS]
+def _cancel_current_task() -> EndStream:
     task = asyncio.current_task()
-    if task is not None:
-        streams.add(task)
-    try:
-        yield
-    finally:
-        if task is not None:
-            streams.discard(task)
+    assert task is not None  # handlers run in tasks
+    # Cancelling the handler ends the response at once; the client reconnects with its last event
+    # id (to another gateway on shutdown; a revoked key then gets 401).
+    return lambda _why: task.cancel()
 
 
 async def stream_events(
@@ -100,23 +96,24 @@ async def stream_events(
     response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     response.content_type = CONTENT_TYPE
     heartbeat_s = request.app[SETTINGS].sse_heartbeat_s
+    streams = request.app[OPEN_STREAMS]
     async with contextlib.aclosing(events):
-        await response.prepare(request)
-        await response.write(retry_frame(RECONNECT_MS))
-        try:
-            with _ended_on_shutdown(request):
+        with streams.opened(principal(request), _cancel_current_task()):  # over the cap: 429 here
+            await response.prepare(request)
+            await response.write(retry_frame(RECONNECT_MS))
+            try:
                 async with contextlib.aclosing(with_heartbeats(events, heartbeat_s)) as items:
                     async for event in items:
                         if event is None:
                             await response.write(comment_frame())
                             continue
                         await response.write(event_frame(ids(event), event.type, event_json(event)))
-            await response.write_eof()
-        except RenderflowError as exc:
-            # The status line has gone out: end the stream; the client resumes from its last event id.
-            log.warning("event stream interrupted", extra={"path": request.path, "code": exc.code})
-        except ConnectionResetError:
-            pass  # the client went away
+                await response.write_eof()
+            except RenderflowError as exc:
+                # The status line has gone out: end the stream; the client resumes from its last event id.
+                log.warning("event stream interrupted", extra={"path": request.path, "code": exc.code})
+            except ConnectionResetError:
+                pass  # the client went away
     return response
 
 
@@ -124,25 +121,51 @@ async def stream_events(
 async def render_websocket(request: web.Request) -> web.WebSocketResponse:
     events = await _watch(request, "watchRenderWebSocket")
     mark_stream()
+    # The client's own spelling of `bearer` (auth accepts any case): aiohttp matches subprotocols
+    # exactly, and logs every offered one, the key included, when none matches.
+    offered = websocket_bearer_protocol(request)
     socket = web.WebSocketResponse(
-        protocols=(WEBSOCKET_BEARER,), heartbeat=request.app[SETTINGS].sse_heartbeat_s
+        protocols=(offered,) if offered else (), heartbeat=request.app[SETTINGS].sse_heartbeat_s
     )
-    async with contextlib.aclosing(events):
-        await socket.prepare(request)  # not a WebSocket handshake: 400, as a problem
-        ending = asyncio.Event()
-        sender = asyncio.create_task(_send_events(socket, events, ending), name=WS_SENDER_TASK)
-        try:
-            # On shutdown the hub ends the watch, and the sender closes with 1012: resume elsewhere.
-            async for _message in socket:
-                pass  # clients have nothing to say; reading is what notices that they close
-        finally:
-            if ending.is_set():
-                await sender  # it is closing the socket: let the closing handshake finish
-            else:
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sender
+    with request.app[OPEN_STREAMS].opened(principal(request), functools.partial(_close_websocket, socket)):
+        async with contextlib.aclosing(events):
+            await socket.prepare(request)  # not a WebSocket handshake: 400, as a problem
+            ending = asyncio.Event()
+            sender = asyncio.create_task(_send_events(socket, events, ending), name=WS_SENDER_TASK)
+            try:
+                # On shutdown the hub ends the watch, and the sender closes with 1012: resume elsewhere.
+                async for _message in socket:
+                    pass  # clients have nothing to say; reading is what notices that they close
+            finally:
+                if ending.is_set():
+                    await sender  # it is closing the socket: let the closing handshake finish
+                else:
+                    sender.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await sender
     return socket
+
+
+def _offered_protocols_unlogged(record: logging.LogRecord) -> bool:
+    # aiohttp warns of a handshake whose subprotocols match none of ours, listing what the client
+    # offered: a key, for a client that put it there in some form we do not take.
+    return not str(record.msg).startswith("%s: Client protocols")
+
+
+logging.getLogger("aiohttp.websocket").addFilter(_offered_protocols_unlogged)
+
+_CLOSE_CODES = {Ending.REVOKED: WSCloseCode.POLICY_VIOLATION, Ending.SHUTDOWN: WSCloseCode.SERVICE_RESTART}
+
+
+def _close_websocket(socket: web.WebSocketResponse, why: Ending) -> None:
+    # Closing ends the handler's read loop, which stops the sender.
+    task = asyncio.create_task(socket.close(code=_CLOSE_CODES[why], message=why.value.encode()))
+    _CLOSING.add(task)
+    task.add_done_callback(_CLOSING.discard)
+
+
+_CLOSING: set[asyncio.Task[bool]] = set()
+"""Closing handshakes under way (the loop keeps only weak references to tasks)."""
 
 
 async def _send_events(

@@ -139,9 +139,11 @@ async def running_stack(
     work_dir: Path,
     gateway: GatewaySettings | None = None,
     start_worker: StartWorker | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> AsyncIterator[LiveStack]:
     """Metadata, generation, what `start_worker` starts (nothing by default) and the gateway (with
-    `gateway`'s settings, its addresses and port replaced), all on port 0."""
+    `gateway`'s settings, its addresses and port replaced, its spans to `tracer_provider`), all on
+    port 0."""
     artifact_dir = work_dir / "artifacts"
     async with AsyncExitStack() as exits:
         metadata_port = await exits.enter_async_context(
@@ -172,7 +174,7 @@ async def running_stack(
         )
         clients = await exits.enter_async_context(open_clients(settings))
         port = await exits.enter_async_context(
-            gateway_running(settings, clients, tracer_provider=TracerProvider())
+            gateway_running(settings, clients, tracer_provider=tracer_provider or TracerProvider())
         )
         http = await exits.enter_async_context(aiohttp.ClientSession(timeout=HTTP_TIMEOUT))
         yield LiveStack(f"http://127.0.0.1:{port}", http, database_url, settings, clients)
