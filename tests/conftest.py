@@ -1,8 +1,10 @@
 """Fixtures every tier shares: a real PostgreSQL started for the test session, a fresh database
-per test, and free TCP ports."""
+per test, free TCP ports; and the check, after the whole session, that no API key was written to
+a log record, a log file or a trace file."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -14,6 +16,25 @@ from psycopg.conninfo import make_conninfo
 
 from shared.embedded_pg import EmbeddedPostgres
 from shared.settings import Env
+from tests.support.leaks import KeyLeakWatch, leaks_in_files
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_key_is_ever_logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Watches every log record of the session at INFO and above (the level processes run at), and
+    afterwards reads every log and trace file the session's processes wrote: none may hold a key."""
+    watch = KeyLeakWatch()
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(watch)
+    root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(watch)
+        root.setLevel(level)
+    leaks = watch.leaks + list(leaks_in_files([tmp_path_factory.getbasetemp()]))
+    assert not leaks, f"API keys were written where they must never be: {leaks[:10]}"
 
 
 @pytest.fixture(scope="session")
