@@ -17,6 +17,7 @@ from gateway.idempotency import idempotency_context
 from gateway.limits import add_rate_limit_headers, rate_limit_middleware, rate_limits_context
 from gateway.problems import add_common_headers, problem_middleware
 from gateway.routes import batches, events, health, metrics, output, projects, renders, rules
+from gateway.slow_clients import ConnectionCaps, body_deadline_middleware, quiet_accept_errors
 from gateway.state import CLIENTS, SETTINGS, TRACER
 from gateway.streams import OPEN_STREAMS, OpenStreams
 from gateway.tracing import tracing_middleware
@@ -72,6 +73,7 @@ def create_app(
     without `tracer_provider`, spans go to the global one."""
     app = web.Application(
         middlewares=[
+            body_deadline_middleware,
             tracing_middleware(tracer_provider),
             problem_middleware,
             metrics.observe_middleware,
@@ -117,13 +119,21 @@ async def running(
         # percent-encoded): past aiohttp's 8 KiB default its parser answers a bare text/plain 400.
         max_line_size=MAX_REQUEST_LINE_BYTES,
         max_field_size=MAX_REQUEST_LINE_BYTES,
+        # aiohttp's keep-alive timer is a request-head deadline: it starts when a connection opens
+        # and again when a response has gone out, partial data does not reset it, and it closes the
+        # connection unless a whole head has arrived. (So idle kept-alive connections close after as
+        # long: a proxy in front should drop its idle upstream connections sooner.)
+        keepalive_timeout=settings.header_timeout_s,
     )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        port: int = runner.addresses[0][1]
-        log.info("gateway listening", extra={"url": f"http://{settings.host}:{port}"})
-        yield port
-    finally:
-        await runner.cleanup()
+    with quiet_accept_errors(asyncio.get_running_loop()):
+        await runner.setup()
+        assert runner.server is not None
+        ConnectionCaps(settings.max_connections, settings.max_connections_per_client).watch(runner.server)
+        try:
+            site = web.TCPSite(runner, settings.host, settings.port)
+            await site.start()
+            port: int = runner.addresses[0][1]
+            log.info("gateway listening", extra={"url": f"http://{settings.host}:{port}"})
+            yield port
+        finally:
+            await runner.cleanup()

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from shared.settings import Addresses, ConfigError, Env
 from shared.telemetry import Budgets
+
+# Connections asyncio may accept in one go (aiohttp's listen backlog) before the cap closes them.
+_ACCEPT_BATCH = 128
+
+
+def default_max_connections() -> int:
+    """The open-file limit (soft RLIMIT_NOFILE) less a reserve: max(64, 10 %) for everything else
+    that needs a descriptor (upstream channels, log files, Redis, the listening sockets), and one
+    accept batch, so that accepting never fails for want of a descriptor."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 20
+    return max(1, soft - max(64, soft // 10) - _ACCEPT_BATCH)
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,18 @@ class Settings:
     gateway processes; unset or `memory://` for state inside the process."""
     cache_timeout_s: float = 0.5
     """RENDERFLOW_CACHE_TIMEOUT_S: longest wait for Redis; past it a submit is let through."""
+    header_timeout_s: float = 10.0
+    """RENDERFLOW_GATEWAY_HEADER_TIMEOUT_S: a connection that has not sent a whole request head
+    (request line and headers) this long after it opened, or after its previous response, is closed."""
+    body_timeout_s: float = 30.0
+    """RENDERFLOW_GATEWAY_BODY_TIMEOUT_S: a request body not all there this long after its head is
+    answered 408 `request_timeout`, and its connection closed."""
+    max_connections_per_client: int = 256
+    """RENDERFLOW_GATEWAY_MAX_CONNECTIONS_PER_CLIENT: open connections one client IP address may
+    have; more are closed as soon as they are accepted."""
+    max_connections: int = field(default_factory=default_max_connections)
+    """RENDERFLOW_GATEWAY_MAX_CONNECTIONS: open connections in all; more are closed as soon as they
+    are accepted. By default the process's open-file limit less a reserve (`default_max_connections`)."""
 
     @classmethod
     def from_env(cls, env: Env) -> Settings:
@@ -86,6 +112,16 @@ class Settings:
             rate_limit_burst=env.int("RENDERFLOW_RATE_LIMIT_BURST", cls.rate_limit_burst, minimum=0),
             cache_url=_cache_url(env.optional("RENDERFLOW_CACHE_URL")),
             cache_timeout_s=env.float("RENDERFLOW_CACHE_TIMEOUT_S", cls.cache_timeout_s, minimum=0.001),
+            header_timeout_s=env.float(
+                "RENDERFLOW_GATEWAY_HEADER_TIMEOUT_S", cls.header_timeout_s, minimum=0.01
+            ),
+            body_timeout_s=env.float("RENDERFLOW_GATEWAY_BODY_TIMEOUT_S", cls.body_timeout_s, minimum=0.01),
+            max_connections_per_client=env.int(
+                "RENDERFLOW_GATEWAY_MAX_CONNECTIONS_PER_CLIENT", cls.max_connections_per_client, minimum=1
+            ),
+            max_connections=env.int(
+                "RENDERFLOW_GATEWAY_MAX_CONNECTIONS", default_max_connections(), minimum=1
+            ),
         )
 
 

@@ -78,6 +78,15 @@ class PayloadTooLarge(RenderflowError):
     title = "Payload too large"
 
 
+class RequestTimeout(RenderflowError):
+    """The request did not arrive in time."""
+
+    code = "request_timeout"
+    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+    http_status = 408
+    title = "Request timeout"
+
+
 class ValidationFailed(RenderflowError):
     """The request is invalid."""
 
@@ -143,6 +152,7 @@ ERROR_TYPES: tuple[type[RenderflowError], ...] = (
     Conflict,
     FailedPrecondition,
     PayloadTooLarge,
+    RequestTimeout,
     ValidationFailed,
     RateLimited,
     QuotaExceeded,
