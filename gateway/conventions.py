@@ -75,7 +75,7 @@ RESPONSES: dict[str, Schema] = {
     "Unauthenticated": _problem("no valid API key", {"WWW-Authenticate": _ref("headers", "WWWAuthenticate")}),
     "TooManyRequests": _problem(
         "`rate_limited` (the API key's submit bucket is empty) or `quota_exceeded` (too many renders "
-        "queued or running)",
+        "queued or running, or event streams open)",
         {**_RETRY, **RATE_LIMIT_HEADERS},
     ),
     "Unavailable": _problem("a service behind the gateway is unavailable or too slow", _RETRY),
@@ -98,7 +98,7 @@ def problem_responses(method: str, *, public: bool, has_body: bool) -> dict[str,
         if method.lower() in ("post", "put", "patch", "delete"):
             found["409"] = "Problem"
     if has_body:
-        found["413"] = "Problem"
+        found |= {"408": "Problem", "413": "Problem"}  # a body too slow to arrive, or too large
     return {status: _ref("responses", name) for status, name in sorted(found.items())}
 
 
