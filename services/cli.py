@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from services.supervisor import (
+    LOG_BACKUPS,
+    LOG_MAX_BYTES,
     ChildEvent,
     GrpcHealth,
     HttpHealth,
@@ -19,7 +21,7 @@ from services.supervisor import (
     StartupError,
     Supervisor,
 )
-from shared.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from shared.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, ServerCommand
 from shared.errors import RenderflowError
 from shared.settings import Addresses, ConfigError, Env, run_dir
 
@@ -27,7 +29,9 @@ DEFAULT_PG_PORT = 54329
 METRICS_BASE_PORT = 9100
 """`/metrics` of metadata, imagefetch, generation on base+1..3, of worker n on base+10+n (the
 gateway serves it on its own port); RENDERFLOW_METRICS_BASE_PORT moves them, 0 turns them off."""
-STOP_TIMEOUT = 7.5  # seconds for the services; PostgreSQL's fast shutdown fits in what is left of 10
+STOP_TIMEOUT = 9.0
+"""Seconds for every process to stop; PostgreSQL, last, has what the services leave (and at least
+the half second the supervisor keeps for each stage after the first to stop)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,6 +109,21 @@ def renderflow_stages(env: Env, python: str = sys.executable) -> list[list[Proce
     ]
 
 
+def postgres_spec(server: ServerCommand) -> ProcessSpec:
+    """The embedded PostgreSQL as a supervised child, asked to stop by SIGINT: a fast shutdown
+    (SIGTERM would wait for every client to leave)."""
+    return ProcessSpec(
+        "postgres",
+        server.argv,
+        server.ready,
+        server.env,
+        inherit_env=False,  # the caller's PG* variables must not reach the server
+        cwd=server.cwd,
+        run_as=server.run_as,
+        stop_signal=signal.SIGINT,
+    )
+
+
 def _service_metrics(env: Env) -> str:
     base = env.int("RENDERFLOW_METRICS_BASE_PORT", METRICS_BASE_PORT, minimum=0)
     return f"; services on ports {base + 1}-{base + 3}, worker n on {base + 10}+n" if base else ""
@@ -120,14 +139,22 @@ def gateway_url(env: Env) -> str:
 
 
 async def _run(env: Env) -> int:
-    """`renderflow run`: PostgreSQL (unless DATABASE_URL), the services, the dev user; until a signal."""
+    """`renderflow run`: PostgreSQL (unless DATABASE_URL), the services, the dev user; until a signal.
+
+    The embedded PostgreSQL is the first supervised process, restarted like the others. One that
+    already serves its data directory (started by hand, or by an earlier run that crashed) is not
+    ours: it is used as it is, never restarted or stopped.
+    """
     directory = run_dir(env)
     directory.mkdir(parents=True, exist_ok=True)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop_requested.set)
-    stages = renderflow_stages(env)  # settings errors surface before anything starts
+    # Settings errors surface before anything starts.
+    stages = renderflow_stages(env)
+    log_max_bytes = env.int("RENDERFLOW_LOG_MAX_BYTES", LOG_MAX_BYTES, minimum=0)
+    log_backups = env.int("RENDERFLOW_LOG_BACKUPS", LOG_BACKUPS, minimum=1)
     database_url = env.optional("DATABASE_URL")
     postgres: EmbeddedPostgres | None = None
     if database_url is None:
@@ -136,14 +163,25 @@ async def _run(env: Env) -> int:
         print(f"Starting PostgreSQL in {directory / 'pg'} on port {port} ...", flush=True)
     try:
         if postgres is not None:
-            database_url = await asyncio.to_thread(postgres.start)
+            server = await asyncio.to_thread(postgres.prepare)
+            database_url = postgres.url
+            if server is None:
+                print(f"PostgreSQL already runs there ({database_url}): used, and left running.", flush=True)
+            else:
+                stages.insert(0, [postgres_spec(server)])
         if stop_requested.is_set() or database_url is None:
             return 0
         child_env = {"DATABASE_URL": database_url, "RENDERFLOW_RUN_DIR": str(directory)}
         # Children flush each line, so their logs are current when a tail is shown.
         child_env["PYTHONUNBUFFERED"] = "1"
         supervisor = Supervisor(
-            stages, directory / "logs", env=child_env, stop_timeout=STOP_TIMEOUT, notify=_notice
+            stages,
+            directory / "logs",
+            env=child_env,
+            stop_timeout=STOP_TIMEOUT,
+            notify=_notice,
+            log_max_bytes=log_max_bytes,
+            log_backups=log_backups,
         )
         try:
             return await _serve(env, supervisor, database_url, directory, stop_requested)
@@ -151,7 +189,7 @@ async def _run(env: Env) -> int:
             print("Stopping ...", flush=True)
             await supervisor.stop()
     finally:
-        if postgres is not None:
+        if postgres is not None:  # only lets go of the data directory: the server was never its own
             await asyncio.to_thread(postgres.stop)
 
 

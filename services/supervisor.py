@@ -10,15 +10,25 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.logs import RotatingFile
+
+LOG_MAX_BYTES = 20 * 1024 * 1024
+"""A child's log is rotated past this size (RENDERFLOW_LOG_MAX_BYTES in `renderflow run`)."""
+LOG_BACKUPS = 3
+"""Rotated logs kept per child, `<name>.log.1` the newest (RENDERFLOW_LOG_BACKUPS)."""
+LOG_BUFFER = 1024 * 1024
+"""Output of a child read but not yet written, past which more is dropped rather than block it."""
 
 
 class HealthCheck(Protocol):
@@ -88,6 +98,13 @@ class ProcessSpec:
     health: HealthCheck | None = None
     env: Mapping[str, str] = field(default_factory=dict)
     """Variables of this child only, over the supervisor's `env`."""
+    inherit_env: bool = True
+    """False: the child gets `env` alone, not the supervisor's environment."""
+    cwd: Path | None = None
+    run_as: tuple[int, int] | None = None
+    """(uid, gid) the child runs as, without supplementary groups (a supervisor running as root)."""
+    stop_signal: signal.Signals = signal.SIGTERM
+    """What asks it to stop (also when the supervisor dies, see `die_with_parent`)."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +152,87 @@ def print_notices(event: ChildEvent) -> None:
         print(f"[supervisor] {event}", file=sys.stderr, flush=True)
 
 
+class _Log:
+    """A child's log file, written by a thread of its own from a bounded buffer. The event loop
+    reads the child's pipe as fast as the child writes and only queues what it read, so neither a
+    slow or full disk nor a busy writer ever blocks the child: past LOG_BUFFER bytes waiting, output
+    is dropped, and the log says how much."""
+
+    def __init__(self, file: RotatingFile) -> None:
+        self._file = file
+        self._chunks: list[bytes] = []
+        self._queued = 0
+        self._dropped = 0
+        self._busy = False
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=f"log {file.path.name}", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes) -> None:
+        """Queue `data` for the file; never waits for I/O."""
+        with self._changed:
+            if self._queued + len(data) > LOG_BUFFER:
+                self._dropped += len(data)
+            else:
+                self._chunks.append(data)
+                self._queued += len(data)
+            self._changed.notify_all()
+
+    def flush(self, timeout: float) -> None:
+        """Wait until what was queued is written (`timeout` at most; blocking: run it in a thread)."""
+        with self._changed:
+            self._changed.wait_for(lambda: not (self._chunks or self._dropped or self._busy), timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued, then close the file (the thread does, should the disk hang)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._chunks or self._dropped or self._closed)
+                if not (self._chunks or self._dropped):
+                    break
+                data, dropped = b"".join(self._chunks), self._dropped
+                self._chunks, self._queued, self._dropped, self._busy = [], 0, 0, True
+            if dropped:
+                data += f"\n--- {dropped} bytes of output dropped here: written too slowly\n".encode()
+            # A write that fails (a full disk) loses its data; the child and the next writes go on.
+            with contextlib.suppress(OSError):
+                self._file.write(data)
+            with self._changed:
+                self._busy = False
+                self._changed.notify_all()
+        self._file.close()
+
+
+class _PipeReader(asyncio.Protocol):
+    """Hands what a child writes on stdout and stderr to its log; `closed` once all writers are gone."""
+
+    def __init__(self, log: _Log) -> None:
+        self._log = log
+        self.transport: asyncio.BaseTransport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._log.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 @dataclass
 class _Child:
     spec: ProcessSpec
@@ -143,6 +241,8 @@ class _Child:
     restarts: int = 0
     monitor: asyncio.Task[None] | None = None
     pids: list[int] = field(default_factory=list)
+    log: _Log | None = None
+    reader: _PipeReader | None = None  # of the latest process
 
 
 class Supervisor:
@@ -150,9 +250,11 @@ class Supervisor:
     stages stop in reverse order (within a stage, the last listed stops first).
 
     Each child runs in its own process group (so signals reach its own children too), with
-    stdin closed and stdout/stderr appended to `<log_dir>/<name>.log`; `env` is added to the
-    environment it inherits. With `die_with_parent` (Linux, util-linux `setpriv`), a child gets
-    SIGTERM should the supervisor itself be killed without a chance to stop it.
+    stdin closed and stdout/stderr read through a pipe into `<log_dir>/<name>.log`, which is
+    rotated to `<name>.log.1` ... `<name>.log.<log_backups>` past `log_max_bytes` (0: never);
+    `env` is added to the environment it inherits. With `die_with_parent` (Linux, util-linux
+    `setpriv`), a child gets its stop signal should the supervisor itself be killed without a
+    chance to stop it.
     """
 
     def __init__(
@@ -166,6 +268,8 @@ class Supervisor:
         stop_timeout: float = 8.0,
         notify: Callable[[ChildEvent], None] = print_notices,
         die_with_parent: bool = True,
+        log_max_bytes: int = LOG_MAX_BYTES,
+        log_backups: int = LOG_BACKUPS,
     ) -> None:
         self._stages = [[_Child(spec) for spec in stage] for stage in stages]
         names = [child.spec.name for stage in self._stages for child in stage]
@@ -177,11 +281,11 @@ class Supervisor:
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
         self._notify = notify
+        self._log_max_bytes = log_max_bytes
+        self._log_backups = log_backups
         self._stopping = False
         self._stopped = asyncio.Event()
-        setpriv = shutil.which("setpriv") if die_with_parent and sys.platform == "linux" else None
-        # setpriv sets the parent-death signal, then execs the child: same pid, nothing in between.
-        self._prefix = [setpriv, "--pdeathsig", "SIGTERM", "--"] if setpriv else []
+        self._setpriv = shutil.which("setpriv") if die_with_parent and sys.platform == "linux" else None
 
     def log_path(self, name: str) -> Path:
         """The log file of the child `name`."""
@@ -221,7 +325,7 @@ class Supervisor:
                 assert child.proc is not None
                 if child.proc.returncode is not None:  # one without a health check died meanwhile
                     reason = f"exited with code {child.proc.returncode} during startup"
-                    raise StartupError(child.spec.name, reason, self.log_path(child.spec.name))
+                    raise await self._failure(child, reason)
                 child.monitor = asyncio.create_task(self._monitor(child), name=child.spec.name)
 
     async def stop(self) -> None:
@@ -242,7 +346,7 @@ class Supervisor:
             for remaining, stage in enumerate(reversed(self._stages)):
                 children = list(reversed(stage))
                 for child in children:
-                    _signal_group(child, signal.SIGTERM)
+                    _signal_group(child, child.spec.stop_signal)
                 reserve = 0.5 * (len(self._stages) - 1 - remaining)
                 await _wait_exit(children, deadline - reserve - time.monotonic())
             for child in running:
@@ -250,6 +354,7 @@ class Supervisor:
                 # group's id, cannot have been handed out again yet).
                 _signal_group(child, signal.SIGKILL, even_if_exited=True)
             await _wait_exit(running, 2.0)
+            await self._close_logs()
         finally:
             self._stopped.set()
 
@@ -264,44 +369,81 @@ class Supervisor:
         return [child for stage in self._stages for child in stage]
 
     async def _spawn(self, child: _Child) -> None:
-        log_path = self.log_path(child.spec.name)
+        spec, log_path = child.spec, self.log_path(child.spec.name)
+        if child.log is None:
+            child.log = _Log(RotatingFile(log_path, self._log_max_bytes, self._log_backups))
+        if child.reader is not None:
+            child.reader.close()  # the previous process's pipe, should an orphan still hold it
         child.started_at = time.monotonic()
-        with log_path.open("ab") as log:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"--- {stamp} starting: {shlex.join(child.spec.argv)}\n".encode())
-            log.flush()
-            try:
-                if shutil.which(child.spec.argv[0]) is None:  # setpriv would only exit 127
-                    raise FileNotFoundError(f"no such program: {child.spec.argv[0]}")
-                child.proc = await asyncio.create_subprocess_exec(
-                    *self._prefix,
-                    *child.spec.argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=asyncio.subprocess.STDOUT,
-                    env={**self._env, **child.spec.env},
-                    start_new_session=True,  # its own group: Ctrl-C reaches us only; we order the stop
-                )
-            except OSError as error:
-                log.write(f"--- could not start: {error}\n".encode())
-                raise StartupError(child.spec.name, f"could not start: {error}", log_path) from error
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        child.log.write(f"--- {stamp} starting: {shlex.join(spec.argv)}\n".encode())
+        # Our own pipe rather than asyncio's: Process.wait() would also wait for its end of file,
+        # which never comes while an orphan of the child holds it.
+        read_end, write_end = os.pipe()
+        try:
+            if shutil.which(spec.argv[0]) is None:  # setpriv would only exit 127
+                raise FileNotFoundError(f"no such program: {spec.argv[0]}")
+            # setpriv sets the parent-death signal, then execs the child: same pid, nothing in between.
+            prefix = [self._setpriv, "--pdeathsig", spec.stop_signal.name, "--"] if self._setpriv else []
+            run_as: dict[str, Any] = {}
+            if spec.run_as is not None:
+                run_as = {"user": spec.run_as[0], "group": spec.run_as[1], "extra_groups": []}
+            child.proc = await asyncio.create_subprocess_exec(
+                *prefix,
+                *spec.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=write_end,
+                stderr=write_end,
+                env={**self._env, **spec.env} if spec.inherit_env else dict(spec.env),
+                cwd=spec.cwd,
+                start_new_session=True,  # its own group: Ctrl-C reaches us only; we order the stop
+                **run_as,
+            )
+        except OSError as error:
+            os.close(read_end)
+            child.log.write(f"--- could not start: {error}\n".encode())
+            raise await self._failure(child, f"could not start: {error}") from error
+        finally:
+            os.close(write_end)  # the child has its own: end of file once it and its children are gone
+        log = child.log
+        pipe = os.fdopen(read_end, "rb", buffering=0)
+        _, child.reader = await asyncio.get_running_loop().connect_read_pipe(lambda: _PipeReader(log), pipe)
         child.pids.append(child.proc.pid)
-        self._notify(ChildEvent("started", child.spec.name, child.proc.pid, log=log_path))
+        self._notify(ChildEvent("started", spec.name, child.proc.pid, log=log_path))
+
+    async def _failure(self, child: _Child, reason: str) -> StartupError:
+        """The StartupError of `child`, raised once its last words are in its log."""
+        exited = child.proc is not None and child.proc.returncode is not None
+        if exited and child.reader is not None:
+            await asyncio.wait([child.reader.closed], timeout=1.0)  # what is still in the pipe
+        if child.log is not None:
+            await asyncio.to_thread(child.log.flush, 1.0)
+        return StartupError(child.spec.name, reason, self.log_path(child.spec.name))
+
+    async def _close_logs(self) -> None:
+        """Read the pipes to their end (a while at most), then write and close every log."""
+        readers = [child.reader for child in self._children() if child.reader is not None]
+        if readers:
+            await asyncio.wait([reader.closed for reader in readers], timeout=1.0)
+        for reader in readers:
+            reader.close()
+        logs = [child.log for child in self._children() if child.log is not None]
+        await asyncio.gather(*(asyncio.to_thread(log.close) for log in logs))
 
     async def _wait_healthy(self, child: _Child, deadline: float) -> None:
         assert child.proc is not None
-        proc, health, name = child.proc, child.spec.health, child.spec.name
+        proc, health = child.proc, child.spec.health
         exited = asyncio.ensure_future(proc.wait())
         try:
             while True:
                 if proc.returncode is not None:
                     reason = f"exited with code {proc.returncode} before it became healthy"
-                    raise StartupError(name, reason, self.log_path(name))
+                    raise await self._failure(child, reason)
                 if health is None or await _probe(health, deadline):
                     return
                 if time.monotonic() >= deadline:
                     reason = f"did not become healthy within {self._start_timeout:g}s ({health.describe()})"
-                    raise StartupError(name, reason, self.log_path(name))
+                    raise await self._failure(child, reason)
                 # Probe again soon, or at once if the process dies meanwhile.
                 await asyncio.wait([exited], timeout=min(0.1, max(0.0, deadline - time.monotonic())))
         finally:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -66,11 +67,54 @@ def find_pg_bin(env: Env | None = None) -> Path:
     return Path(POSTGRES_BIN_PATH)
 
 
+@dataclass(frozen=True)
+class PostgresReady:
+    """The health check of a server run by a supervisor: it accepts connections on `port` as the
+    server of `data_dir` (not another one that took the port) and the renderflow database exists,
+    created on the cluster's first start."""
+
+    port: int
+    data_dir: Path
+
+    def describe(self) -> str:
+        """What is probed."""
+        return f"PostgreSQL of {self.data_dir} accepting connections on 127.0.0.1:{self.port}"
+
+    async def probe(self) -> bool:
+        """One connection, to the `postgres` database that always exists."""
+        import psycopg
+
+        conninfo = f"host=127.0.0.1 port={self.port} user={USER} dbname=postgres connect_timeout=2"
+        try:
+            async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                row = await (await conn.execute("SELECT current_setting('data_directory')")).fetchone()
+                if row is None or Path(row[0]).resolve() != self.data_dir.resolve():
+                    return False
+                query = "SELECT 1 FROM pg_database WHERE datname = 'renderflow'"
+                if await (await conn.execute(query)).fetchone() is None:
+                    await conn.execute("CREATE DATABASE renderflow")
+                return True
+        except (psycopg.Error, OSError):
+            return False
+
+
+class ServerCommand(NamedTuple):
+    """How to run the server in the foreground, as a supervisor's child: `postgres` itself, so
+    that its parent sees it exit, in `cwd`, with exactly `env`, as `run_as` (uid, gid) if set."""
+
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str]
+    run_as: tuple[int, int] | None
+    ready: PostgresReady
+
+
 class EmbeddedPostgres:
     """One PostgreSQL cluster in `data_dir`, listening on 127.0.0.1 over TCP only.
 
     The cluster is created on first start and reused afterwards. `start()` owns the server until
-    `stop()`; `attach()` and `ensure_running()` use a server that is already up without owning it.
+    `stop()`; `attach()` and `ensure_running()` use a server that is already up without owning it;
+    `prepare()` readies the server for a supervisor to run it as its child.
     """
 
     def __init__(
@@ -129,6 +173,37 @@ class EmbeddedPostgres:
                 _create_database(port)
                 (data / _MARKER).touch()
             return self._url
+        except BaseException:
+            self.stop()
+            raise
+
+    def prepare(self, timeout: float = 30.0) -> ServerCommand | None:
+        """Make ready to run the server under a supervisor: lock the data directory (until
+        `stop()`), create the cluster on first use, and return how to run the server, which will
+        serve `url`. None when a server we did not start already serves the data directory (waited
+        for while it starts up): `url` is its URL, and it is neither supervised nor stopped."""
+        if self._lock_fd is None and not self._lock(timeout=10.0):
+            raise EmbeddedPostgresError(f"{self._requested} is in use by another process")
+        try:
+            account, bin_dir, data = self._placed()
+            self._data = data
+            _initdb(bin_dir, data, account)
+            deadline = time.monotonic() + timeout
+            while (running := _live_postmaster(data, clean_stale=True)) is not None:
+                if running.status == "ready":
+                    self._url = f"postgresql://{USER}@127.0.0.1:{running.port}/{DATABASE}"
+                    if not (data / _MARKER).exists():
+                        _create_database(running.port)
+                        (data / _MARKER).touch()
+                    return None
+                if time.monotonic() > deadline:
+                    raise EmbeddedPostgresError(f"PostgreSQL (pid {running.pid}) in {data} is not ready")
+                time.sleep(0.05)
+            port = self._port or _free_port()
+            self._url = f"postgresql://{USER}@127.0.0.1:{port}/{DATABASE}"
+            run_as = (account.uid, account.gid) if account is not None else None
+            argv = self._server_argv(bin_dir, data, port)
+            return ServerCommand(argv, data, dict(SERVER_ENV), run_as, PostgresReady(port, data))
         except BaseException:
             self.stop()
             raise
@@ -202,23 +277,25 @@ class EmbeddedPostgres:
                 return False
             time.sleep(0.05)
 
+    def _server_argv(self, bin_dir: Path, data: Path, port: int) -> list[str]:
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            "port": str(port),
+            "unix_socket_directories": "",  # TCP only: socket paths hit length limits
+            "max_connections": "200",
+        }
+        if self._fast:
+            settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+        argv = [str(bin_dir / "postgres"), "-D", str(data)]
+        for name, value in settings.items():
+            argv += ["-c", f"{name}={value}"]
+        return argv
+
     def _launch(self, bin_dir: Path, data: Path, account: Account | None) -> int:
         log_path, output = data / _LOG, ""
         for _attempt in range(3):  # a picked free port can be taken before postgres binds it
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = self._port or int(sock.getsockname()[1])
-            settings = {
-                "listen_addresses": "127.0.0.1",
-                "port": str(port),
-                "unix_socket_directories": "",  # TCP only: socket paths hit length limits
-                "max_connections": "200",
-            }
-            if self._fast:
-                settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
-            argv = [str(bin_dir / "postgres"), "-D", str(data)]
-            for name, value in settings.items():
-                argv += ["-c", f"{name}={value}"]
+            port = self._port or _free_port()
+            argv = self._server_argv(bin_dir, data, port)
             with log_path.open("ab") as log:
                 offset = log.tell()
                 # Its own session: Ctrl-C on the terminal must not reach it before the services.
@@ -335,6 +412,12 @@ def _shutdown(pid: int, proc: subprocess.Popen[bytes] | None, data: Path) -> Non
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and _is_postmaster_of(pid, data):
                 time.sleep(0.01)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _create_database(port: int) -> None:

@@ -1,12 +1,18 @@
-"""Structured JSON logs: one line an event, with the current trace and span ids."""
+"""Structured JSON logs: one line an event, with the current trace and span ids; and log files
+rotated by size."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from opentelemetry import trace
@@ -74,3 +80,95 @@ def log_slow_operation(
             **{key: value for key, value in fields.items() if value is not None},
         },
     )
+
+
+class RotatingFile:
+    """Bytes appended to `path`, which becomes `path.1` (`path.1` becoming `path.2`, and so on up to
+    `path.<backups>`, the oldest dropped) before a write would take it past `max_bytes`: the scheme of
+    logging's RotatingFileHandler, for raw output. Lines are never split between files (a line longer
+    than `max_bytes` gets a file of its own); `max_bytes` 0 never rotates.
+
+    With `shared`, several processes may append to the same path: each write, and so each rotation,
+    happens under an flock of `.<name>.lock` beside it, and a writer whose file was rotated (or moved
+    away) by someone else reopens the path before it writes, so no line lands in a renamed file.
+    """
+
+    def __init__(self, path: Path, max_bytes: int, backups: int, *, shared: bool = False) -> None:
+        if max_bytes and backups < 1:
+            raise ValueError(f"rotating {path} needs at least one backup, got {backups}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._max_bytes = max_bytes
+        self._backups = backups
+        self._lock = threading.Lock()  # an flock does not exclude threads sharing its descriptor
+        self._flock_fd: int | None = None
+        if shared:
+            lock_path = path.with_name(f".{path.name}.lock")
+            self._flock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = -1
+        self._id = (0, 0)
+        self._open()
+
+    def write(self, data: bytes) -> None:
+        """Append `data`; what does not fit goes to a new file once the whole lines that do are written."""
+        with self._lock, self._locked():
+            while data:
+                size = self._size()
+                if not self._max_bytes or size + len(data) <= self._max_bytes:
+                    self._append(data)
+                    return
+                cut = data.rfind(b"\n", 0, max(0, self._max_bytes - size)) + 1
+                if cut == 0 and size == 0:  # a line longer than the limit: a file of its own
+                    cut = data.find(b"\n") + 1 or len(data)
+                self._append(data[:cut])
+                data = data[cut:]
+                if data:
+                    self._rotate()
+
+    def close(self) -> None:
+        """Close the file (and the lock). Idempotent."""
+        with self._lock:
+            for fd in (self._fd, self._flock_fd):
+                if fd is not None and fd >= 0:
+                    os.close(fd)
+            self._fd, self._flock_fd = -1, None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        if self._flock_fd is None:
+            yield
+            return
+        fcntl.flock(self._flock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._flock_fd, fcntl.LOCK_UN)
+
+    def _open(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        status = os.fstat(self._fd)
+        self._id = (status.st_dev, status.st_ino)
+
+    def _size(self) -> int:
+        """The size of the file at `path`, which is reopened first if it is no longer ours."""
+        with contextlib.suppress(FileNotFoundError):
+            status = os.stat(self.path)
+            if (status.st_dev, status.st_ino) == self._id:
+                return status.st_size
+        self._open()
+        return os.fstat(self._fd).st_size
+
+    def _append(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def _rotate(self) -> None:
+        for n in range(self._backups - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.path, f"{self.path}.1")
+        self._open()

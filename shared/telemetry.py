@@ -2,16 +2,16 @@
 
 Traces go by OTLP to a collector when `OTEL_EXPORTER_OTLP_ENDPOINT` (or its traces variant) is set,
 over gRPC or `http/protobuf` (`OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`); otherwise as OTLP-JSON lines
-appended to `<run dir>/traces.jsonl`. `OTEL_TRACES_SAMPLER` is honoured by the SDK,
-`OTEL_TRACES_EXPORTER=none` turns tracing off, `OTEL_SDK_DISABLED=true` turns traces and metrics off.
+appended to `<run dir>/traces.jsonl`, which every process of the run shares, rotated by size to
+`traces.jsonl.1`, `.2`, ... (RENDERFLOW_TRACES_MAX_BYTES, RENDERFLOW_TRACES_BACKUPS).
+`OTEL_TRACES_SAMPLER` is honoured by the SDK, `OTEL_TRACES_EXPORTER=none` turns tracing off,
+`OTEL_SDK_DISABLED=true` turns traces and metrics off.
 Metrics are read by Prometheus: see `shared.metrics`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -35,6 +35,7 @@ from opentelemetry.util.types import Attributes
 from yarl import URL
 
 from shared.errors import RenderflowError
+from shared.logs import RotatingFile
 from shared.metrics import MetricsServer, build_meter_provider, serve_metrics
 from shared.settings import ConfigError, Env
 
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 
 TRACES_FILE = "traces.jsonl"
 """The span file under the run directory when no collector is configured."""
+TRACES_MAX_BYTES = 50 * 1024 * 1024
+"""RENDERFLOW_TRACES_MAX_BYTES: the span file's size past which it is rotated (0: never)."""
+TRACES_BACKUPS = 3
+"""RENDERFLOW_TRACES_BACKUPS: rotated span files kept (`traces.jsonl.1` is the newest)."""
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -50,24 +55,25 @@ class JsonLinesSpanExporter(SpanExporter):
 
     The JSON is built straight from the spans and written by orjson (through protobuf, or with the
     standard library's encoder, it costs several times more, in a thread that holds the GIL the
-    service needs). One `write` per line on an O_APPEND descriptor keeps lines of several
-    processes whole.
+    service needs).
+
+    Every process of a run appends to the same file: each line is one write, under a lock that
+    every writer takes (an flock, held for microseconds once a batch), and whichever writer would
+    take the file past `max_bytes` rotates it; the others notice the rename and reopen the path,
+    so no line is split, or written to a file already rotated away.
     """
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self._lock = threading.Lock()
+    def __init__(
+        self, path: Path, *, max_bytes: int = TRACES_MAX_BYTES, backups: int = TRACES_BACKUPS
+    ) -> None:
+        self._file = RotatingFile(path, max_bytes, backups, shared=True)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        line = orjson.dumps(otlp_json(spans), option=orjson.OPT_APPEND_NEWLINE)
-        with self._lock:
-            os.write(self._fd, line)
+        self._file.write(orjson.dumps(otlp_json(spans), option=orjson.OPT_APPEND_NEWLINE))
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
-        with self._lock:
-            os.close(self._fd)
+        self._file.close()
 
 
 def otlp_json(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
@@ -288,7 +294,7 @@ class FollowLinks(Sampler):
 
 def span_exporter(env: Env, run_dir: Path) -> SpanExporter | None:
     """OTLP when an endpoint is set (or OTEL_TRACES_EXPORTER=otlp), None for OTEL_TRACES_EXPORTER=none,
-    else the OTLP-JSON lines file under `run_dir`."""
+    else the OTLP-JSON lines file under `run_dir`, rotated at RENDERFLOW_TRACES_MAX_BYTES."""
     chosen = env.str("OTEL_TRACES_EXPORTER", "").strip().lower()
     if chosen == "none":
         return None
@@ -298,7 +304,11 @@ def span_exporter(env: Env, run_dir: Path) -> SpanExporter | None:
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     )
     if endpoint is None and chosen != "otlp":
-        return JsonLinesSpanExporter(run_dir / TRACES_FILE)
+        return JsonLinesSpanExporter(
+            run_dir / TRACES_FILE,
+            max_bytes=env.int("RENDERFLOW_TRACES_MAX_BYTES", TRACES_MAX_BYTES, minimum=0),
+            backups=env.int("RENDERFLOW_TRACES_BACKUPS", TRACES_BACKUPS, minimum=1),
+        )
     # The exporters read their endpoint, headers, timeout and compression from the same variables.
     protocol = env.optional("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.str(
         "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"

@@ -132,3 +132,45 @@ async def test_thin_path_over_http_then_clean_shutdown(stack: Stack) -> None:
     assert await asyncio.wait_for(stack.process.wait(), timeout=12) == 0
     _gone, alive = psutil.wait_procs(children, timeout=2)
     assert alive == [], f"left behind: {[p.pid for p in alive]}"
+
+
+async def test_postgres_killed_is_restarted_and_stopped_with_the_rest(stack: Stack) -> None:
+    def postmaster() -> int:
+        (server,) = [p for p in psutil.Process(stack.process.pid).children() if p.name() == "postgres"]
+        return server.pid
+
+    killed = postmaster()
+    os.kill(killed, signal.SIGKILL)
+    notice = await asyncio.wait_for(_read_until_line(stack.process, f"postgres (pid {killed}) exited"), 30)
+    assert "restarting in" in notice
+
+    # Clients get typed errors until it is back, then service again.
+    headers = {"Authorization": f"Bearer {DEV_KEY}"}
+    statuses: list[int] = []
+    async with aiohttp.ClientSession(stack.url, headers=headers) as http, asyncio.timeout(60):
+        while not statuses or statuses[-1] != 201:
+            project = {"slug": f"after-{len(statuses)}", "name": "After"}
+            async with http.post("/v1/projects", json=project) as created:
+                statuses.append(created.status)
+                if created.status != 201:
+                    assert created.content_type == "application/problem+json", await created.text()
+                    await asyncio.sleep(0.2)
+    restarted = postmaster()
+    assert restarted != killed
+
+    children = psutil.Process(stack.process.pid).children(recursive=True)
+    stack.process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(stack.process.wait(), timeout=12) == 0
+    _gone, alive = psutil.wait_procs(children, timeout=2)
+    assert alive == [], f"left behind: {[p.pid for p in alive]}"
+    assert not (stack.run_dir / "pg" / "postmaster.pid").exists()  # stopped cleanly
+
+
+async def _read_until_line(process: asyncio.subprocess.Process, needle: str) -> str:
+    assert process.stdout is not None
+    while True:
+        line = (await process.stdout.readline()).decode()
+        if not line:
+            raise AssertionError(f"renderflow run exited before printing {needle!r}")
+        if needle in line:
+            return line

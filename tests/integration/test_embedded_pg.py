@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from shared.embedded_pg import EmbeddedPostgres, find_pg_bin
+from services.cli import postgres_spec
+from services.supervisor import Backoff, ChildEvent, Supervisor
+from shared.embedded_pg import EmbeddedPostgres, ServerCommand, find_pg_bin
 from shared.settings import Env
+from tests.conftest import free_port
 
 
 def server_pid(pg: EmbeddedPostgres) -> int:
@@ -93,3 +98,127 @@ def test_adopts_a_server_left_running_and_others_attach_without_owning(tmp_path:
     successor.stop()
     assert not (successor.data_dir / "postmaster.pid").exists()
     assert successor.attach() is None
+
+
+async def accepts(url: str) -> bool:
+    """Whether the server at `url` takes a connection and answers a query."""
+    try:
+        async with await psycopg.AsyncConnection.connect(url, connect_timeout=2) as conn:
+            return await (await conn.execute("SELECT 1")).fetchone() == (1,)
+    except psycopg.OperationalError:
+        return False
+
+
+async def serving(url: str, pid_now: Callable[[], int | None], not_pid: int, timeout: float = 30.0) -> int:
+    """Waits until a postmaster other than `not_pid` serves `url`; returns its pid."""
+    async with asyncio.timeout(timeout):
+        while True:
+            pid = pid_now()
+            if pid is not None and pid != not_pid and await accepts(url):
+                return pid
+            await asyncio.sleep(0.05)
+
+
+def supervising(
+    server: ServerCommand, log_dir: Path, backoff: Backoff, events: asyncio.Queue[ChildEvent]
+) -> Supervisor:
+    """A supervisor of the server alone, as `renderflow run` makes it its first stage."""
+    return Supervisor([[postgres_spec(server)]], log_dir, backoff=backoff, notify=events.put_nowait)
+
+
+async def next_exit(events: asyncio.Queue[ChildEvent], timeout: float = 20.0) -> ChildEvent:
+    async with asyncio.timeout(timeout):
+        while (event := await events.get()).kind != "exited":
+            pass
+    return event
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_a_supervised_server_is_restarted_when_it_dies_and_stopped_on_exit(tmp_path: Path) -> None:
+    pg = EmbeddedPostgres(tmp_path / "pg", port=free_port(), fast=True)
+    server = await asyncio.to_thread(pg.prepare)
+    assert isinstance(server, ServerCommand)
+    events: asyncio.Queue[ChildEvent] = asyncio.Queue()
+    backoff = Backoff(initial=0.05, maximum=0.2)
+    supervisor = supervising(server, tmp_path / "logs", backoff, events)
+    try:
+        await supervisor.start()
+        assert await accepts(pg.url)  # the renderflow database, created on the first start
+        pid = supervisor.pids()["postgres"]
+        assert server_pid(pg) == pid
+        # Killed (a crash, the OOM killer), then stopped cleanly (what `pg_ctl stop` does).
+        for sig in (signal.SIGKILL, signal.SIGINT):
+            os.kill(pid, sig)
+            assert (await next_exit(events)).pid == pid
+            pid = await serving(pg.url, lambda: supervisor.pids().get("postgres"), pid)
+            assert server_pid(pg) == pid
+        assert supervisor.restarts()["postgres"] == 2
+    finally:
+        await supervisor.stop()
+        await asyncio.to_thread(pg.stop)
+    assert not alive(pid)
+    assert not (pg.data_dir / "postmaster.pid").exists()  # a clean shutdown, not a kill
+    log = (tmp_path / "logs" / "postgres.log").read_text()
+    assert "database system is ready" in log and "database system is shut down" in log
+
+
+def test_a_server_running_before_is_used_and_left_running(tmp_path: Path) -> None:
+    # Started before `renderflow run`, by someone else (here: an owner that went away).
+    crashed_owner = (
+        "import os, sys; from pathlib import Path; from shared.embedded_pg import EmbeddedPostgres; "
+        "print(EmbeddedPostgres(Path(sys.argv[1]), fast=True).start(), flush=True); os._exit(0)"
+    )
+    argv = [sys.executable, "-c", crashed_owner, str(tmp_path / "pg")]
+    url = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    pg = EmbeddedPostgres(tmp_path / "pg", port=free_port())
+    pid = server_pid(pg)
+    try:
+        assert pg.prepare() is None  # nothing to supervise
+        assert pg.url == url
+        pg.stop()
+        assert alive(pid)
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        pg.stop()
+        with EmbeddedPostgres(tmp_path / "pg"):  # adopts it, to stop it
+            pass
+
+
+async def test_a_server_someone_else_started_meanwhile_is_not_ours_to_stop(tmp_path: Path) -> None:
+    pg = EmbeddedPostgres(tmp_path / "pg", port=free_port(), fast=True)
+    server = await asyncio.to_thread(pg.prepare)
+    assert server is not None
+    url = pg.url
+    events: asyncio.Queue[ChildEvent] = asyncio.Queue()
+    backoff = Backoff(initial=60.0)  # no restart of ours within the test
+    supervisor = supervising(server, tmp_path / "logs", backoff, events)
+    await supervisor.start()
+    foreign: asyncio.subprocess.Process | None = None
+    try:
+        ours = supervisor.pids()["postgres"]
+        os.kill(ours, signal.SIGKILL)
+        await next_exit(events)
+        # Started by hand in our data directory while ours was down.
+        run_as = {"user": server.run_as[0], "group": server.run_as[1]} if server.run_as else {}
+        foreign = started = await asyncio.create_subprocess_exec(
+            *server.argv, cwd=server.cwd, env=server.env, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **run_as,
+        )  # fmt: skip
+        assert await serving(url, lambda: started.pid, ours) == foreign.pid
+        await supervisor.stop()
+        await asyncio.to_thread(pg.stop)
+        assert alive(foreign.pid) and await accepts(url)  # left running
+    finally:
+        await supervisor.stop()
+        await asyncio.to_thread(pg.stop)
+        if foreign is not None:
+            foreign.send_signal(signal.SIGINT)
+            await asyncio.wait_for(foreign.wait(), timeout=20)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from services.supervisor import (
     StartupError,
     Supervisor,
 )
+from shared.logs import RotatingFile
 from tests.conftest import free_port
+from tests.support import eventually
 
 # Serves GET /healthz on argv[1]; with argv[2], first starts a grandchild (sleep, in the child's
 # process group) and writes the grandchild's pid to argv[2].
@@ -48,6 +51,26 @@ health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
 server.add_insecure_port(f"127.0.0.1:{sys.argv[1]}")
 server.start()
 server.wait_for_termination()
+"""
+
+# Prints argv[1] numbered lines of ~90 bytes, one line on stderr, then `done`, and stays up.
+CHATTY_CHILD = """
+import sys, time
+for n in range(int(sys.argv[1])):
+    print(f"line {n:06d} " + "x" * 80, flush=True)
+print("a line on stderr", file=sys.stderr, flush=True)
+print("done", flush=True)
+time.sleep(60)
+"""
+
+# Writes 4 MiB to stdout, then creates the file argv[1], and stays up.
+LOUD_CHILD = """
+import sys, time
+for _ in range(64):
+    sys.stdout.buffer.write(b"y" * 65535 + b"\\n")
+    sys.stdout.flush()
+open(sys.argv[1], "w").close()
+time.sleep(60)
 """
 
 STUBBORN_CHILD = """
@@ -210,3 +233,71 @@ async def test_missing_executable_is_a_startup_error(tmp_path: Path) -> None:
     with pytest.raises(StartupError, match="ghost could not start"):
         await supervisor.start()
     await supervisor.stop()
+
+
+async def test_a_startup_traceback_on_stderr_is_in_the_error(tmp_path: Path) -> None:
+    crash = python("raise RuntimeError('no config for you')")
+    port = free_port()
+    supervisor = Supervisor(
+        [[ProcessSpec("broken", crash, HttpHealth(f"http://127.0.0.1:{port}/healthz"))]],
+        tmp_path / "logs",
+        notify=lambda _event: None,
+    )
+    with pytest.raises(StartupError) as raised:
+        await supervisor.start()
+    await supervisor.stop()
+    assert "Traceback" in str(raised.value) and "RuntimeError: no config for you" in str(raised.value)
+
+
+async def test_a_child_log_is_rotated_by_size_keeping_the_newest_lines(tmp_path: Path) -> None:
+    supervisor = Supervisor(
+        [[ProcessSpec("chatty", python(CHATTY_CHILD, "500"))]],
+        tmp_path / "logs",
+        log_max_bytes=8192,
+        log_backups=2,
+        notify=lambda _event: None,
+    )
+    log = tmp_path / "logs" / "chatty.log"
+    try:
+        await supervisor.start()
+        await eventually(lambda: log.exists() and log.read_bytes().endswith(b"done\n"), timeout_s=20)
+    finally:
+        await supervisor.stop()
+    files = [log.with_name("chatty.log.2"), log.with_name("chatty.log.1"), log]
+    assert sorted(path.name for path in log.parent.iterdir()) == sorted(path.name for path in files)
+    assert all(0 < path.stat().st_size <= 8192 for path in files), [p.stat().st_size for p in files]
+    lines = [line for path in files for line in path.read_text().splitlines()]
+    numbers = [int(line.split()[1]) for line in lines if line.startswith("line ")]
+    # The newest lines, oldest first, none lost or split between the files kept.
+    assert numbers == list(range(numbers[0], 500)) and numbers[0] > 0
+    assert lines[-2:] == ["a line on stderr", "done"]
+
+
+async def test_a_log_that_cannot_be_written_never_blocks_the_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    disk = threading.Event()  # the disk is stuck until set
+    write = RotatingFile.write
+
+    def stuck(self: RotatingFile, data: bytes) -> None:
+        disk.wait(20)
+        write(self, data)
+
+    monkeypatch.setattr(RotatingFile, "write", stuck)
+    finished = tmp_path / "finished"
+    supervisor = Supervisor(
+        [[ProcessSpec("loud", python(LOUD_CHILD, str(finished)))]],
+        tmp_path / "logs",
+        notify=lambda _event: None,
+    )
+    log = tmp_path / "logs" / "loud.log"
+    try:
+        await supervisor.start()
+        # 4 MiB through a 64 KiB pipe while nothing reaches the disk.
+        await eventually(finished.exists, timeout_s=20)
+        disk.set()
+        await eventually(lambda: log.exists() and b"bytes of output dropped" in log.read_bytes(), 20)
+    finally:
+        disk.set()
+        await supervisor.stop()
+    assert log.read_bytes().startswith(b"--- ")
