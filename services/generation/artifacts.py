@@ -48,6 +48,11 @@ class ArtifactStore(Protocol):
         """The whole output of a render."""
         ...
 
+    def path(self, render_id: str) -> Path:
+        """The file holding a render's output, for readers that need a file (ffmpeg seeking in a
+        video); it may not exist."""
+        ...
+
 
 class LocalArtifactStore:
     """Artifacts as files in one directory, fanned out by the id's first two characters."""

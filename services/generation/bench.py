@@ -78,6 +78,9 @@ class NullArtifacts:
     async def get(self, render_id: str) -> bytes:
         raise NotImplementedError
 
+    def path(self, render_id: str) -> Path:
+        raise NotImplementedError
+
 
 @asynccontextmanager
 async def scratch_database(url: str) -> AsyncIterator[str]:

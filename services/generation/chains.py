@@ -1,15 +1,23 @@
-"""Chain dependencies: a render whose reference is "the previous render of its chain" waits until
-that predecessor ends, then runs with its output, or fails with `dependency_failed`.
+"""Chain dependencies: a render whose reference is "the previous render of its chain" continues
+from the nearest earlier render of its chain that succeeded.
 
-The predecessor is the user's render at the same chain's position - 1. A position can be allocated
-and never used (the submit after `PrepareRender` refused, or its gateway gone): when no render has
-come for position - 1 within the chain wait, the nearest earlier render of the chain stands in for
-it, so one lost position does not fail the rest of the chain. A dependent's job is
-`waiting` (not claimable) until `settle` releases it. `settle` runs right after whatever may end a
-predecessor (a worker's finish, a cancel, the rescuer) and after a chain render's submit; the
-rescuer also runs it over every waiting job, so a wake-up lost to a crash or a race only delays a
-release by one rescue interval. Every change is fenced on `state = 'waiting'`, so settling twice
-is harmless.
+Its job is `waiting` (not claimable) while the nearest earlier render that has not failed or been
+cancelled is still queued or running. A render that failed or was cancelled is skipped over, so
+one bad render does not doom the rest of its chain. Once the nearest earlier render that has not
+failed has succeeded, the job is released and its reference is that render's output (the last
+frame of a video, see `references`); its `queued` event says which render it continues from.
+
+With nothing to continue from (every earlier render of the chain failed or was cancelled, or none
+was submitted within the chain wait) the render runs without a reference, as the first of a chain
+does; only if its reference is `required` does it fail instead, with `dependency_failed` (reason
+`none_succeeded` or `missing`), before any attempt. That is the one meaning of `dependency_failed`.
+
+A position can be allocated and never used (the submit after `PrepareRender` refused, or its
+gateway gone): the render at position - 1 is waited for until the chain wait has passed, then the
+earlier ones stand in for it. `settle` runs right after whatever may end a render (a worker's
+finish, a cancel, the rescuer) and after a chain render's submit; the rescuer also runs it over
+every waiting job, so a wake-up lost to a crash or a race only delays a release by one rescue
+interval. Every change is fenced on `state = 'waiting'`, so settling twice is harmless.
 """
 
 from __future__ import annotations
@@ -25,43 +33,61 @@ from services.generation.domain import NewEvent, RenderError
 from services.generation.records import record
 
 # The user's nearest earlier render of the chain (the newest, should a client have submitted one
-# position twice). Settling decides when a gap below a render may be skipped; by the time the
-# render runs, this is the render it was released after.
+# position twice): what a chain render waits on when submitted.
 _PREDECESSOR = """
 SELECT id, status FROM renders
 WHERE user_id = %s AND chain_id = %s AND position < %s
 ORDER BY position DESC, created_at DESC LIMIT 1
 """
+# The nearest earlier render of the chain that succeeded: by the time a chain render runs, the one
+# it was released after (if any).
+_CONTINUES_FROM = """
+SELECT id, status FROM renders
+WHERE user_id = %s AND chain_id = %s AND position < %s AND status = 'succeeded'
+ORDER BY position DESC, created_at DESC LIMIT 1
+"""
 
-# Waiting jobs with their predecessor as it stands now. `{which}` picks the dependents of given
-# renders (through `depends_on`, or by position for those submitted before their predecessor),
-# or every waiting job that needs something done (the rescuer's sweep).
+# Waiting jobs with, as they stand now, `nearest`: the render at position - 1 (any earlier one once
+# the job is overdue), and `predecessor`: the nearest render at or before it that has not failed or
+# been cancelled (none while `nearest` is not known). `{which}` picks the dependents of given
+# renders, or every waiting job that needs something done (the rescuer's sweep).
 _DEPENDENTS = """
-SELECT j.render_id, j.depends_on, d.chain_id, d.position, p.id AS predecessor, p.status,
-    j.created_at < now() - make_interval(secs => %(wait_s)s) AS overdue
+SELECT j.render_id, j.depends_on, d.chain_id, d.position, o.overdue,
+    coalesce((d.reference->>'required')::boolean, false) AS required,
+    n.id AS nearest, n.status AS nearest_status, p.id AS predecessor, p.status
 FROM jobs j
 JOIN renders d ON d.id = j.render_id
+CROSS JOIN LATERAL (SELECT j.created_at < now() - make_interval(secs => %(wait_s)s) AS overdue) o
+LEFT JOIN LATERAL (
+    SELECT id, status, position FROM renders n
+    WHERE n.user_id = d.user_id AND n.chain_id = d.chain_id AND n.position < d.position
+        AND (n.position = d.position - 1 OR o.overdue)
+    ORDER BY n.position DESC, n.created_at DESC LIMIT 1
+) n ON true
 LEFT JOIN LATERAL (
     SELECT id, status FROM renders p
-    WHERE p.user_id = d.user_id AND p.chain_id = d.chain_id AND p.position < d.position
-        AND (p.position = d.position - 1 OR j.created_at < now() - make_interval(secs => %(wait_s)s))
+    WHERE p.user_id = d.user_id AND p.chain_id = d.chain_id AND p.position <= n.position
+        AND p.status NOT IN ('failed', 'cancelled')
     ORDER BY p.position DESC, p.created_at DESC LIMIT 1
 ) p ON true
 WHERE j.state = 'waiting' AND {which}
 ORDER BY j.created_at
 LIMIT 1000
 """
-_OF_GIVEN = "(j.depends_on = ANY(%(ids)s) OR (j.depends_on IS NULL AND p.id = ANY(%(ids)s)))"
+_OF_GIVEN = (
+    "(j.depends_on = ANY(%(ids)s) OR (j.depends_on IS NULL AND (n.id = ANY(%(ids)s) OR p.id = ANY(%(ids)s))))"
+)
 _NEEDING_WORK = (
-    "(p.id IS NULL OR p.status IN ('succeeded', 'failed', 'cancelled') OR j.depends_on IS DISTINCT FROM p.id)"
+    "(p.status = 'succeeded' OR j.depends_on IS DISTINCT FROM p.id"
+    " OR (p.id IS NULL AND (n.id IS NOT NULL OR o.overdue)))"
 )
 
-# The predecessor succeeded: the job becomes claimable.
+# The job becomes claimable, continuing from `predecessor` (None: from nothing).
 _RELEASE = (
     "UPDATE jobs SET state = 'queued', depends_on = %(predecessor)s, run_after = now()"
     " WHERE render_id = %(id)s AND state = 'waiting' RETURNING render_id"
 )
-# The predecessor failed, was cancelled or never came: the job leaves the claim table.
+# It cannot run: the job leaves the claim table.
 _ABANDON = "DELETE FROM jobs WHERE render_id = %(id)s AND state = 'waiting' RETURNING render_id"
 _LINK = "UPDATE jobs SET depends_on = %s WHERE render_id = %s AND state = 'waiting'"
 _NO_WAIT = float(10**9)  # targeted settles never give up on a missing predecessor
@@ -69,7 +95,7 @@ _NO_WAIT = float(10**9)  # targeted settles never give up on a missing predecess
 
 @dataclass(frozen=True)
 class Predecessor:
-    """The render a chain render waits for, as it stood when looked up."""
+    """An earlier render of a chain, as it stood when looked up."""
 
     id: str
     status: str
@@ -91,7 +117,18 @@ async def predecessor(
     conn: AsyncConnection[Any], user_id: str, chain_id: str, position: int
 ) -> Predecessor | None:
     """The nearest render before `position` in the user's chain, if one has been submitted."""
-    cur = await conn.execute(_PREDECESSOR, [user_id, chain_id, position])
+    return await _one_of(conn, _PREDECESSOR, [user_id, chain_id, position])
+
+
+async def continues_from(
+    conn: AsyncConnection[Any], user_id: str, chain_id: str, position: int
+) -> Predecessor | None:
+    """The nearest render before `position` in the user's chain that succeeded, if any."""
+    return await _one_of(conn, _CONTINUES_FROM, [user_id, chain_id, position])
+
+
+async def _one_of(conn: AsyncConnection[Any], query: str, params: list[Any]) -> Predecessor | None:
+    cur = await conn.execute(query, params)
     row = await cur.fetchone()
     return None if row is None else Predecessor(row[0], row[1])
 
@@ -100,8 +137,9 @@ async def settle(
     conn: AsyncConnection[Any], ended: Iterable[str] | None, missing_wait_s: float = _NO_WAIT
 ) -> Settled:
     """Releases or fails the dependents of the renders `ended` (None: of every waiting job), and
-    so on down each chain; a job whose predecessor has not been submitted `missing_wait_s` after
-    it was fails too. `conn` must be in autocommit mode: each change is one statement."""
+    so on down each chain; a job with no render before it `missing_wait_s` after it was submitted
+    runs without a reference (or fails, if required). `conn` must be in autocommit mode: each
+    change is one statement."""
     done = Settled()
     which = _NEEDING_WORK if ended is None else _OF_GIVEN
     ids = list(ended or ())
@@ -125,31 +163,45 @@ async def _settle_one(
     conn: AsyncConnection[Any], job: dict[str, Any], missing_wait_s: float
 ) -> Literal["released", "failed"] | None:
     """Acts on one waiting job; says whether it released or failed it."""
-    render_id, before, status = job["render_id"], job["predecessor"], job["status"]
-    if before is None:
-        if not job["overdue"]:
-            return None
-        message = (
-            f"no render before position {job['position']} of chain {job['chain_id']} was submitted"
-            f" within {missing_wait_s:g} s"
-        )
-        return await _fail(conn, render_id, RenderError("dependency_failed", "missing", message))
-    if status == "succeeded":
-        note = f"the previous render of the chain, {before}, has succeeded"
-        seq = await record(
-            conn,
-            render_id,
-            [NewEvent("queued", message=note)],
-            fence=_RELEASE,
-            fence_params={"predecessor": before},
-        )
-        return None if seq is None else "released"
-    if status in ("failed", "cancelled"):
-        message = f"the previous render of the chain, {before}, has {status}"
-        return await _fail(conn, render_id, RenderError("dependency_failed", status, message))
-    if job["depends_on"] != before:
-        await conn.execute(_LINK, [before, render_id])
-    return None
+    render_id, nearest, before = job["render_id"], job["nearest"], job["predecessor"]
+    if before is not None and job["status"] != "succeeded":
+        # Still queued or running: named, so that its end settles this job.
+        if job["depends_on"] != before:
+            await conn.execute(_LINK, [before, render_id])
+        return None
+    if before is not None:
+        if before == nearest:
+            note = f"the previous render of the chain, {before}, has succeeded"
+        else:
+            note = (
+                f"continuing from {before}, the nearest earlier render of the chain that succeeded"
+                f" ({nearest} has {job['nearest_status']})"
+            )
+        return await _release(conn, render_id, before, note)
+    if nearest is None and not job["overdue"]:
+        return None  # position - 1 may still be submitted
+    where = f"before position {job['position']} of chain {job['chain_id']}"
+    if nearest is None:
+        reason, why = "missing", f"no render {where} was submitted within {missing_wait_s:g} s"
+    else:
+        reason, why = "none_succeeded", f"no render {where} has succeeded"
+    if job["required"]:
+        error = RenderError("dependency_failed", reason, f"{why}, and the reference is required")
+        return await _fail(conn, render_id, error)
+    return await _release(conn, render_id, None, f"{why}; it runs without a reference")
+
+
+async def _release(
+    conn: AsyncConnection[Any], render_id: str, predecessor: str | None, note: str
+) -> Literal["released"] | None:
+    seq = await record(
+        conn,
+        render_id,
+        [NewEvent("queued", message=note)],
+        fence=_RELEASE,
+        fence_params={"predecessor": predecessor},
+    )
+    return None if seq is None else "released"
 
 
 async def _fail(conn: AsyncConnection[Any], render_id: str, error: RenderError) -> Literal["failed"] | None:

@@ -140,8 +140,9 @@ class WorkerSettings:
     """RENDERFLOW_MAX_DURATION_VIDEO_S: the same for a video."""
     chain_wait_s: float = 60.0
     """RENDERFLOW_CHAIN_WAIT_S: how long a chain render waits for its predecessor to be submitted
-    at all (its position was allocated, but the submit may have been lost) before it fails with
-    `dependency_failed`; once the predecessor exists it waits as long as that one takes."""
+    at all (its position was allocated, but the submit may have been lost) before earlier renders
+    stand in for it (with none, it runs without a reference, or fails with `dependency_failed` if
+    the reference is required); once the predecessor exists it waits as long as that one takes."""
     event_retention_s: float = 7 * 86400.0
     """RENDERFLOW_EVENT_RETENTION_S: events of renders that ended longer ago are deleted."""
 

@@ -1,5 +1,10 @@
 """Reference images for renders: fetched through the imagefetch service, or read from another
-render's output. This module is the worker's gRPC edge towards imagefetch."""
+render's output. This module is the worker's gRPC edge towards imagefetch.
+
+A render's output that is a video stands as a reference by its last frame (as PNG): a chain goes
+on from where the render before it ended, and any render named as a reference is read the same
+way. The frame is decoded by ffmpeg, which reads only the end of the file.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from tenacity import (
 )
 
 from services.generation.artifacts import ArtifactStore
+from services.generation.backends import BackendError
+from services.generation.backends.video import last_frame
 from services.generation.domain import Render
 from services.generation.storage import RenderStore
 from shared.errors import NotFound, RenderflowError, Unavailable
@@ -69,12 +76,14 @@ class References:
         if reference.url:
             return await self._fetch(reference.url), ""
         if reference.render_id:
-            return await self._output_of(render.user_id, reference.render_id), ""
-        before = await self._renders.predecessor(render.user_id, render.chain_id, render.position)
+            data, what = await self._output_of(render.user_id, reference.render_id)
+            return data, f"reference: {what} of {reference.render_id}"
+        before = await self._renders.continues_from(render.user_id, render.chain_id, render.position)
         if before is None:
-            raise ReferenceFailed("not_found", f"render {render.id} has no previous render in its chain")
-        data = await self._output_of(render.user_id, before.id)
-        return data, f"reference: the output of {before.id}, the previous render of the chain"
+            message = f"no render before position {render.position} of chain {render.chain_id} has succeeded"
+            raise ReferenceFailed("nothing_to_continue", message)
+        data, what = await self._output_of(render.user_id, before.id)
+        return data, f"reference: {what} of {before.id}, position {before.position} of the chain"
 
     async def _fetch(self, url: str) -> bytes:
         request = imagefetch_pb2.FetchRequest(url=url, deadline_ms=int(self._timeout_s * 1000))
@@ -109,19 +118,28 @@ class References:
             raise ReferenceFailed(failure.reason, failure.message, retryable=failure.retryable)
         return result.image.data
 
-    async def _output_of(self, user_id: str, render_id: str) -> bytes:
+    async def _output_of(self, user_id: str, render_id: str) -> tuple[bytes, str]:
+        """A render's output as a reference image, and what of it that is (the output, or the
+        last frame of a video)."""
         try:
             source = await self._renders.get(user_id, render_id)
         except NotFound:
             raise ReferenceFailed("not_found", f"render {render_id} not found") from None
-        if source.status != "succeeded":
+        if source.status != "succeeded" or source.output is None:
             retryable = not source.terminal
             raise ReferenceFailed(
                 "not_ready", f"render {render_id} has no output ({source.status})", retryable=retryable
             )
+        video = source.output.content_type.startswith("video/")
         try:
-            return await self._artifacts.get(render_id)
+            if video:
+                await self._artifacts.size(render_id)  # NotFound when the file is gone
+                frame = await last_frame(self._artifacts.path(render_id))
+                return frame, "the last frame"
+            return await self._artifacts.get(render_id), "the output"
         except NotFound:
             raise ReferenceFailed("not_found", f"the output of render {render_id} is missing") from None
+        except BackendError as exc:
+            raise ReferenceFailed(exc.reason, f"the last frame of render {render_id}: {exc}") from exc
         except OSError as exc:
             raise ReferenceFailed("unavailable", "the artifact store failed", transient=True) from exc

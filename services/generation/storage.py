@@ -20,7 +20,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from services.generation.chains import predecessor, settle
+from services.generation.chains import continues_from, settle
 from services.generation.domain import (
     STATUSES,
     Batch,
@@ -236,7 +236,7 @@ class RenderStore:
         async with self._conn() as conn:
             cancelled = await self._cancel(conn, user_id, render_id)
             if cancelled:
-                await settle(conn, [render_id])  # its chain dependents fail
+                await settle(conn, [render_id])  # its chain dependents go on without it
             return cancelled
 
     async def _cancel(self, conn: AsyncConnection[Any], user_id: str, render_id: str) -> bool:
@@ -265,10 +265,11 @@ class RenderStore:
             await conn.execute("SELECT pg_notify('generation_cancel', %s)", [render_id])
             return False
 
-    async def predecessor(self, user_id: str, chain_id: str, position: int) -> Render | None:
-        """The user's render before `position` in the chain, if any."""
+    async def continues_from(self, user_id: str, chain_id: str, position: int) -> Render | None:
+        """The user's nearest render before `position` in the chain that succeeded, if any: what
+        a chain render at `position` continues from."""
         async with self._conn() as conn:
-            before = await predecessor(conn, user_id, chain_id, position)
+            before = await continues_from(conn, user_id, chain_id, position)
         return None if before is None else await self.get(user_id, before.id)
 
     async def count_stalled(self, stall_after_s: float) -> int:

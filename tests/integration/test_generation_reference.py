@@ -1,7 +1,7 @@
 """Reference images in the work path, against a stand-in imagefetch server speaking the real
 contract: fetched and blended, going on without when allowed, failing with the fetch's reason
-when required, read from another render; prefetched at submit; and the job's trace linked to the
-submitting request."""
+when required, read from another render (a video by its last frame); prefetched at submit; and
+the job's trace linked to the submitting request."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import io
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +21,9 @@ from PIL import Image
 from renderflow.v1 import generation_pb2 as pb
 from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
 
+from services.generation.artifacts import LocalArtifactStore
 from shared.grpc_server import create_server, start
+from shared.rpc_errors import rpc_errors
 from tests.conftest import free_port
 from tests.support.generation import (
     ServerFactory,
@@ -28,6 +31,7 @@ from tests.support.generation import (
     WorkerFactory,
     events,
     finished,
+    spec,
     status_name,
     submit,
 )
@@ -176,6 +180,34 @@ async def test_another_render_as_reference_only_if_it_is_yours(
     assert status_name(chained) == "succeeded" and chained.output.sha256 != plain.output.sha256
     assert status_name(refused) == "failed"
     assert (refused.error.code, refused.error.reason) == ("reference_fetch_failed", "not_found")
+
+
+async def test_a_video_as_reference_is_its_last_frame_and_fails_typed_when_undecodable(
+    stub: Stub, start_worker: WorkerFactory, artifact_dir: Path
+) -> None:
+    await start_worker()
+    video = spec(kind=pb.RENDER_KIND_VIDEO)
+    video.params.duration_s, video.params.fps = 1.0, 6
+    with rpc_errors():
+        source = await stub.Submit(pb.SubmitRequest(user_id="alice", render=video))
+    assert status_name(await finished(stub, source.id)) == "succeeded"
+
+    framed = await finished(stub, (await submit(stub, reference=pb.Reference(render_id=source.id))).id)
+    LocalArtifactStore(artifact_dir).path(source.id).write_bytes(b"not a video")
+    broken = pb.Reference(render_id=source.id, required=True)
+    refused = await finished(stub, (await submit(stub, reference=broken)).id)
+
+    assert status_name(framed) == "succeeded"
+    notes = [e.message for e in await events(stub, framed.id) if e.type == "phase" and e.message]
+    assert notes == [f"reference: the last frame of {source.id}"]
+    assert status_name(refused) == "failed" and refused.attempts == 1
+    error = refused.error
+    assert (error.code, error.reason, error.retryable) == (
+        "reference_fetch_failed",
+        "undecodable_video",
+        False,
+    )
+    assert error.message == f"the last frame of render {source.id}: the video cannot be decoded"
 
 
 async def test_the_job_trace_links_to_the_submitting_request(stub: Stub, start_worker: WorkerFactory) -> None:

@@ -1,4 +1,5 @@
-"""H.264 MP4 encoding and probing with the ffmpeg binary that the imageio-ffmpeg wheel ships.
+"""H.264 MP4 encoding, probing and last-frame decoding with the ffmpeg binary that the
+imageio-ffmpeg wheel ships.
 
 ffmpeg runs as a subprocess fed raw RGB frames on stdin, so encoding never holds the event loop
 or the GIL; killing it is how an encode is cancelled.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import imageio_ffmpeg  # type: ignore[import-untyped]  # no stubs, no py.typed
+from PIL import Image
 
 from services.generation.backends import PermanentBackendError
 
@@ -29,6 +31,9 @@ _STREAM = re.compile(
 )
 _DURATION = re.compile(r"Duration: (\d+):(\d+):(\d+(?:\.\d+)?)")
 _FRAMES = re.compile(r"frame=\s*(\d+)")
+# How far before its end a video's last frame is looked for: a frame falls within it at any frame
+# rate of 1 fps or more (as renders have).
+_TAIL_S = 2.0
 
 
 @functools.cache
@@ -190,3 +195,51 @@ async def probe(data: bytes) -> VideoInfo:
         duration_s=int(hours) * 3600 + int(minutes) * 60 + float(seconds),
         frames=int(frames[-1]),
     )
+
+
+async def last_frame(path: Path) -> bytes:
+    """The last frame of the video file at `path`, as PNG; PermanentBackendError (reason
+    `undecodable_video`) when ffmpeg cannot decode one.
+
+    Bounded whatever the video's length: ffmpeg seeks to its last seconds, decodes from the
+    keyframe before them and writes each frame over the one before (`-update`), so one frame is
+    kept. (Not imageio-ffmpeg's frame reader: it forks with a preexec_fn, which crashes a process
+    running gRPC's threads, as the worker does.)
+    """
+    workdir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="renderflow-frame-"))
+    try:
+        frame = workdir / "last.ppm"  # raw RGB with a header: nothing to compress per frame
+        # A frame rate under 1 fps (a video from elsewhere) may have none in the tail: all of it then.
+        for tail in (["-sseof", f"-{_TAIL_S:g}"], []):
+            args = [*tail, "-i", str(path), "-map", "0:v:0", "-update", "1", "-c:v", "ppm", "-y", str(frame)]
+            if await _run_ffmpeg(args) != 0:
+                raise PermanentBackendError("the video cannot be decoded", "undecodable_video")
+            if await asyncio.to_thread(frame.exists):
+                return await asyncio.to_thread(_png, frame)
+        raise PermanentBackendError("the video has no frames", "undecodable_video")
+    finally:
+        await asyncio.to_thread(shutil.rmtree, workdir, True)
+
+
+async def _run_ffmpeg(args: list[str]) -> int:
+    """Runs ffmpeg to its end (killed if cancelled); its exit code."""
+    process = await asyncio.create_subprocess_exec(
+        ffmpeg(),
+        *("-hide_banner", "-nostdin", "-loglevel", "error", *args),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        return await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def _png(path: Path) -> bytes:
+    out = io.BytesIO()
+    with Image.open(path) as image:
+        image.convert("RGB").save(out, "PNG", compress_level=1)
+    return out.getvalue()
