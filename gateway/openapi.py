@@ -142,7 +142,8 @@ _BATCH_RESUME = [
 ]
 _CHAIN_SUMMARY = (
     "Queue the chain's next render; unless the body names another reference, its reference is "
-    "`{previous: true}`: the output of the render before it (it waits for that one)"
+    "`{previous: true}`: the output of the nearest earlier render of the chain that succeeded (it "
+    "waits for that one; a video is read by its last frame)"
 )
 
 PATHS: dict[str, dict[str, Schema]] = {

@@ -130,7 +130,8 @@ SCHEMAS: dict[str, Schema] = {
             "render_id": ID,
             "previous": {
                 "const": True,
-                "description": "the output of the render before this one in its chain (none for the first)",
+                "description": "the output of the nearest earlier render of its chain that succeeded (a "
+                "video: its last frame; none for the first render, or when none succeeded)",
             },
             "required": {"type": "boolean", "default": False},
         },
