@@ -155,12 +155,8 @@ class EmbeddedPostgres:
         """
         if self._url is not None and self._pid is not None:
             return self._url
-        if self._lock_fd is None and not self._lock(timeout=10.0):
-            raise EmbeddedPostgresError(f"{self._requested} is in use by another process")
+        account, bin_dir, data = self._locked_cluster()
         try:
-            account, bin_dir, data = self._placed()
-            self._data = data
-            _initdb(bin_dir, data, account)
             running = _live_postmaster(data, clean_stale=True)
             if running and running.status == "ready" and self._port in (0, running.port):
                 self._pid, port = running.pid, running.port
@@ -182,12 +178,8 @@ class EmbeddedPostgres:
         `stop()`), create the cluster on first use, and return how to run the server, which will
         serve `url`. None when a server we did not start already serves the data directory (waited
         for while it starts up): `url` is its URL, and it is neither supervised nor stopped."""
-        if self._lock_fd is None and not self._lock(timeout=10.0):
-            raise EmbeddedPostgresError(f"{self._requested} is in use by another process")
+        account, bin_dir, data = self._locked_cluster()
         try:
-            account, bin_dir, data = self._placed()
-            self._data = data
-            _initdb(bin_dir, data, account)
             deadline = time.monotonic() + timeout
             while (running := _live_postmaster(data, clean_stale=True)) is not None:
                 if running.status == "ready":
@@ -247,6 +239,20 @@ class EmbeddedPostgres:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    def _locked_cluster(self) -> tuple[Account | None, Path, Path]:
+        """Locks the data directory (until `stop()`) and creates the cluster on first use: who runs
+        the server, its binaries and its data directory."""
+        if self._lock_fd is None and not self._lock(timeout=10.0):
+            raise EmbeddedPostgresError(f"{self._requested} is in use by another process")
+        try:
+            account, bin_dir, data = self._placed()
+            self._data = data
+            _initdb(bin_dir, data, account)
+        except BaseException:
+            self.stop()
+            raise
+        return account, bin_dir, data
 
     def _placed(self) -> tuple[Account | None, Path, Path]:
         """Who runs the server, its binaries and its data directory, all reachable by that account."""

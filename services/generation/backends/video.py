@@ -167,24 +167,14 @@ async def probe(data: bytes) -> VideoInfo:
     try:
         path = workdir / "in"
         await asyncio.to_thread(path.write_bytes, data)
-        process = await asyncio.create_subprocess_exec(
-            ffmpeg(),
-            *("-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0", "-c", "copy", "-f", "null", "-"),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
+        returncode, stderr = await _run_ffmpeg(
+            ["-i", str(path), "-map", "0:v:0", "-c", "copy", "-f", "null", "-"], stderr=True
         )
-        try:
-            _, stderr = await process.communicate()
-        finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
     finally:
         await asyncio.to_thread(shutil.rmtree, workdir, True)
     text = stderr.decode(errors="replace")
     stream, duration, frames = _STREAM.search(text), _DURATION.search(text), _FRAMES.findall(text)
-    if process.returncode != 0 or stream is None or duration is None or not frames:
+    if returncode != 0 or stream is None or duration is None or not frames:
         raise PermanentBackendError("the output is not a readable video", "bad_output")
     hours, minutes, seconds = duration.groups()
     return VideoInfo(
@@ -212,7 +202,7 @@ async def last_frame(path: Path) -> bytes:
         # A frame rate under 1 fps (a video from elsewhere) may have none in the tail: all of it then.
         for tail in (["-sseof", f"-{_TAIL_S:g}"], []):
             args = [*tail, "-i", str(path), "-map", "0:v:0", "-update", "1", "-c:v", "ppm", "-y", str(frame)]
-            if await _run_ffmpeg(args) != 0:
+            if (await _run_ffmpeg(["-loglevel", "error", *args]))[0] != 0:
                 raise PermanentBackendError("the video cannot be decoded", "undecodable_video")
             if await asyncio.to_thread(frame.exists):
                 return await asyncio.to_thread(_png, frame)
@@ -221,17 +211,19 @@ async def last_frame(path: Path) -> bytes:
         await asyncio.to_thread(shutil.rmtree, workdir, True)
 
 
-async def _run_ffmpeg(args: list[str]) -> int:
-    """Runs ffmpeg to its end (killed if cancelled); its exit code."""
+async def _run_ffmpeg(args: list[str], *, stderr: bool = False) -> tuple[int, bytes]:
+    """Runs ffmpeg to its end (killed if cancelled): its exit code, and what it wrote to stderr
+    when asked for."""
     process = await asyncio.create_subprocess_exec(
         ffmpeg(),
-        *("-hide_banner", "-nostdin", "-loglevel", "error", *args),
+        *("-hide_banner", "-nostdin", *args),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE if stderr else asyncio.subprocess.DEVNULL,
     )
     try:
-        return await process.wait()
+        _, written = await process.communicate()
+        return process.returncode or 0, written or b""
     finally:
         if process.returncode is None:
             process.kill()
