@@ -49,16 +49,17 @@ class StackConfig:
     @classmethod
     def product_defaults(cls, step_ms: float, **changes: Any) -> StackConfig:
         """The shipped settings (leases, deadlines, durable PostgreSQL), with this step latency and
-        without the per-key submit rate limit and active-render quota (a benchmark is one key
-        sending as fast as it can)."""
-        no_rate_limit = {
+        without the per-key submit rate limit, active-render quota and open-stream cap (a benchmark
+        is one key sending, and following its renders, as fast as it can)."""
+        no_per_key_limits = {
             "RENDERFLOW_RATE_LIMIT_PER_S": "0",
             "RENDERFLOW_RATE_LIMIT_BURST": "0",
             "RENDERFLOW_MAX_ACTIVE_RENDERS": "0",
+            "RENDERFLOW_GATEWAY_MAX_STREAMS_PER_KEY": "1000000",
         }
         return cls(
             step_ms=step_ms, lease_s=None, heartbeat_s=None, rescue_s=None, fetch_timeout_s=5.0,
-            pg_fast=False, extra_env={**no_rate_limit, **changes.pop("extra_env", {})}, **changes,
+            pg_fast=False, extra_env={**no_per_key_limits, **changes.pop("extra_env", {})}, **changes,
         )  # fmt: skip
 
     def environment(self) -> dict[str, str]:
