@@ -6,7 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.conventions import HEADERS, RESPONSES, with_conventions
-from gateway.schemas import ID, MAX_PAGE_SIZE, SCHEMAS, SLUG_PATTERN, STATUSES, Schema, ref
+from gateway.schemas import ID, SCHEMAS, Schema, ref
+from shared.contract import (
+    DEFAULT_PAGE_SIZE,
+    MAX_BATCH,
+    MAX_PAGE_SIZE,
+    REQUEST_PHASES,
+    SLUG_PATTERN,
+    STATUSES,
+    WAIT,
+)
 
 
 def _query(name: str, schema: Schema, description: str = "") -> Schema:
@@ -28,7 +37,11 @@ def _header(name: str, description: str) -> Schema:
 
 
 _PAGE = [
-    _query("page_size", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE}, "default 50"),
+    _query(
+        "page_size",
+        {"type": "integer", "minimum": 1, "maximum": MAX_PAGE_SIZE},
+        f"default {DEFAULT_PAGE_SIZE}",
+    ),
     _query("page_token", {"type": "string", "maxLength": 1024}, "from a previous next_page_token"),
 ]
 _SLUG = _path("slug", {"type": "string", "pattern": SLUG_PATTERN})
@@ -75,7 +88,7 @@ _RULE_PATH = [_SLUG, _path("rule_id")]
 _TEXT_HEADER = {"schema": {"type": "string"}}
 _SUBMIT_HEADERS = {
     **_LOCATION,
-    "Server-Timing": {**_TEXT_HEADER, "description": "auth, validation, db, enqueue, wait, total (ms)"},
+    "Server-Timing": {**_TEXT_HEADER, "description": f"{', '.join([*REQUEST_PHASES, WAIT, 'total'])} (ms)"},
     "Idempotent-Replayed": {
         "schema": {"const": "true"},
         "description": "the render was queued by an earlier request with this key",
@@ -233,7 +246,7 @@ PATHS: dict[str, dict[str, Schema]] = {
             parameters=[
                 _query("project", {"type": "string", "pattern": SLUG_PATTERN}, "a project's slug"),
                 _query("chain_id", ID),
-                _query("status", {"enum": STATUSES}),
+                _query("status", {"enum": list(STATUSES)}),
                 *_PAGE,
             ],
         ),
@@ -241,9 +254,9 @@ PATHS: dict[str, dict[str, Schema]] = {
     "/v1/renders:batch": {
         "post": _op(
             "submitBatch",
-            "Queue up to 64 renders atomically: all of them, or (one bad item: 422 naming items[i]) none. "
-            "Each render costs a token of the API key's rate limit; a batch of more renders than "
-            "the limit's burst (RateLimit-Limit) is refused with 422 naming `items`",
+            f"Queue up to {MAX_BATCH} renders atomically: all of them, or (one bad item: 422 naming "
+            "items[i]) none. Each render costs a token of the API key's rate limit; a batch of more "
+            "renders than the limit's burst (RateLimit-Limit) is refused with 422 naming `items`",
             {
                 "202": _json(
                     "BatchAccepted",

@@ -7,6 +7,8 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 from renderflow.v1 import generation_pb2, metadata_pb2
 
+from shared import contract
+
 JSON = dict[str, Any]
 
 KINDS = {"image": generation_pb2.RENDER_KIND_IMAGE, "video": generation_pb2.RENDER_KIND_VIDEO}
@@ -19,10 +21,8 @@ STATUSES = {
 }
 _KIND_NAMES = {value: name for name, value in KINDS.items()}
 _STATUS_NAMES = {value: name for name, value in STATUSES.items()}
-_PHASES = ("auth", "validation", "db", "enqueue", "queue_wait", "image_fetch", "generation", "store", "total")
-TERMINAL_EVENTS = frozenset({"succeeded", "failed", "cancelled"})
-TERMINAL_STATUSES = frozenset(STATUSES[name] for name in TERMINAL_EVENTS)
-_COUNTS = ("queued", "running", "succeeded", "failed", "cancelled", "total")
+TERMINAL_STATUSES = frozenset(STATUSES[name] for name in contract.TERMINAL)
+_COUNTS = (*contract.STATUSES, "total")
 
 
 def timestamp(value: timestamp_pb2.Timestamp) -> str:
@@ -131,10 +131,10 @@ def render_json(render: generation_pb2.Render) -> JSON:
         else None,
         "error": error_json(render.error) if render.HasField("error") else None,
         "timings": {
-            f"{phase}_ms": getattr(render.timings, f"{phase}_ms")
-            if render.timings.HasField(f"{phase}_ms")  # type: ignore[arg-type]
+            f"{name}_ms": getattr(render.timings, f"{name}_ms")
+            if render.timings.HasField(f"{name}_ms")  # type: ignore[arg-type]
             else None
-            for phase in _PHASES
+            for name in contract.TIMINGS
         },
         "attempts": render.attempts,
         "trace_id": render.trace_id or None,

@@ -5,13 +5,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from shared.contract import (
+    KINDS,
+    MAX_BATCH,
+    MAX_ID,
+    MAX_NAME,
+    MAX_PROMPT,
+    MAX_RULE_TEXT,
+    MAX_URL,
+    PARAMS,
+    SEED_MAX,
+    SLUG_PATTERN,
+    STATUSES,
+    TIMINGS,
+    Param,
+)
+
 Schema = dict[str, Any]
 
-MAX_PAGE_SIZE = 200
-SLUG_PATTERN = "^[a-z0-9][a-z0-9-]{1,62}$"
-MAX_PROMPT = 2000
-MAX_BATCH = 64
-STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"]
 ERROR_MESSAGE = "x-error-message"
 """A schema extension: the message of a failure of the schema as a whole (oneOf, minProperties),
 or of its pattern."""
@@ -55,6 +66,15 @@ def _text(max_length: int, min_length: int = 1) -> Schema:
     }
 
 
+def _param(param: Param[int] | Param[float]) -> Schema:
+    return {
+        "type": "integer" if isinstance(param.default, int) else "number",
+        "minimum": param.minimum,
+        "maximum": param.maximum,
+        "default": param.default,
+    }
+
+
 def _nullable(schema: Schema) -> Schema:
     return {"anyOf": [schema, {"type": "null"}]}
 
@@ -66,7 +86,7 @@ def _list_of(key: str, item: str) -> Schema:
     )
 
 
-ID: Schema = _text(64)
+ID: Schema = _text(MAX_ID)
 """An id (of a chain, rule or render)."""
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _MAYBE_TIME: Schema = {"type": ["string", "null"], "format": "date-time"}
@@ -92,31 +112,33 @@ SCHEMAS: dict[str, Schema] = {
         "required": ["type", "title", "status", "detail", "code", "request_id", "trace_id"],
     },
     "CreateProjectRequest": _object(
-        {"slug": {"type": "string", "pattern": SLUG_PATTERN}, "name": _text(200)}, ["slug", "name"]
+        {"slug": {"type": "string", "pattern": SLUG_PATTERN}, "name": _text(MAX_NAME)}, ["slug", "name"]
     ),
-    "CreateChainRequest": _object({"name": _text(200)}, ["name"]),
+    "CreateChainRequest": _object({"name": _text(MAX_NAME)}, ["name"]),
     "CreateRuleRequest": _object(
-        {"text": _text(2000), "chain_id": {**ID, "type": ["string", "null"]}, "active": {"type": "boolean"}},
+        {
+            "text": _text(MAX_RULE_TEXT),
+            "chain_id": {**ID, "type": ["string", "null"]},
+            "active": {"type": "boolean"},
+        },
         ["text"],
     ),
     "UpdateRuleRequest": _object(
-        {"text": _text(2000), "active": {"type": "boolean"}},
+        {"text": _text(MAX_RULE_TEXT), "active": {"type": "boolean"}},
         minProperties=1,
         error_message="must change text or active",
     ),
     "RenderParamsInput": _object(
         {
-            "width": {"type": "integer", "minimum": 64, "maximum": 2048, "default": 512},
-            "height": {"type": "integer", "minimum": 64, "maximum": 2048, "default": 512},
-            "steps": {"type": "integer", "minimum": 1, "maximum": 150, "default": 20},
+            **{name: _param(param) for name, param in PARAMS["image"].items()},
             "seed": {
                 "type": "integer",
                 "minimum": 0,
-                "maximum": 2**53 - 1,
+                "maximum": SEED_MAX,
                 "description": "random when omitted",
             },
-            "duration_s": {"type": "number", "minimum": 0.5, "maximum": 60, "default": 2.0},
-            "fps": {"type": "integer", "minimum": 1, "maximum": 60, "default": 12},
+            # A video's own parameters are accepted (and checked) for an image too, which ignores them.
+            **{name: _param(param) for name, param in PARAMS["video"].items() if name not in PARAMS["image"]},
         }
     ),
     "ReferenceInput": _object(
@@ -124,7 +146,7 @@ SCHEMAS: dict[str, Schema] = {
             "url": {
                 "type": "string",
                 "pattern": REFERENCE_URL_PATTERN,
-                "maxLength": 2048,
+                "maxLength": MAX_URL,
                 ERROR_MESSAGE: "must be an http or https URL, without NUL characters",
             },
             "render_id": ID,
@@ -142,7 +164,7 @@ SCHEMAS: dict[str, Schema] = {
         {
             "project": {"type": "string", "pattern": SLUG_PATTERN},
             "chain_id": {**ID, "type": ["string", "null"]},
-            "kind": {"enum": ["image", "video"]},
+            "kind": {"enum": list(KINDS)},
             "prompt": _text(MAX_PROMPT),
             "negative_prompt": {**_text(MAX_PROMPT, min_length=0), "type": ["string", "null"]},
             "params": ref("RenderParamsInput"),
@@ -152,7 +174,7 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "ChainRenderRequest": _object(
         {
-            "kind": {"enum": ["image", "video"]},
+            "kind": {"enum": list(KINDS)},
             "prompt": _text(MAX_PROMPT),
             "negative_prompt": {**_text(MAX_PROMPT, min_length=0), "type": ["string", "null"]},
             "params": ref("RenderParamsInput"),
@@ -212,8 +234,8 @@ SCHEMAS: dict[str, Schema] = {
             "project": {"type": "string"},
             "chain_id": ID,
             "position": {"type": "integer"},
-            "kind": {"enum": ["image", "video"]},
-            "status": {"enum": STATUSES},
+            "kind": {"enum": list(KINDS)},
+            "status": {"enum": list(STATUSES)},
             "progress": {"type": "number", "minimum": 0, "maximum": 1},
             "queue_position": {"type": ["integer", "null"]},
             "eta_s": {"type": ["number", "null"]},
@@ -254,22 +276,7 @@ SCHEMAS: dict[str, Schema] = {
                     }
                 )
             ),
-            "timings": _object(
-                {
-                    f"{phase}_ms": _MS
-                    for phase in (
-                        "auth",
-                        "validation",
-                        "db",
-                        "enqueue",
-                        "queue_wait",
-                        "image_fetch",
-                        "generation",
-                        "store",
-                        "total",
-                    )
-                }
-            ),
+            "timings": _object({f"{name}_ms": _MS for name in TIMINGS}),
             "attempts": {"type": "integer"},
             "trace_id": {"type": ["string", "null"]},
             "created_at": _TIME,

@@ -9,29 +9,22 @@ from aiohttp import web
 from renderflow.v1 import generation_pb2, metadata_pb2
 
 from gateway.resources import KINDS
-from gateway.schemas import SCHEMAS
 from gateway.state import TIMER
+from shared.contract import PARAMS
 
-PARAM_DEFAULTS: dict[str, Any] = {
-    name: schema["default"]
-    for name, schema in SCHEMAS["RenderParamsInput"]["properties"].items()
-    if "default" in schema
-}
 SEED_LIMIT = 2**32
+"""Random seeds are below this."""
 
 
 def render_params(kind: str, given: dict[str, Any]) -> generation_pb2.RenderParams:
-    """The render's parameters: the given ones, defaults for the rest, a random seed if none."""
-    values = {**PARAM_DEFAULTS, **given}
-    params = generation_pb2.RenderParams(
-        width=int(values["width"]),
-        height=int(values["height"]),
-        steps=int(values["steps"]),
-        seed=int(values["seed"]) if "seed" in values else secrets.randbelow(SEED_LIMIT),
-    )
-    if kind == "video":
-        params.duration_s = float(values["duration_s"])
-        params.fps = int(values["fps"])
+    """The render's parameters: the given ones of its kind, defaults for the rest, a random seed if
+    none."""
+    # type(default): JSON Schema counts 512.0 as an integer; protobuf wants the int.
+    values: dict[str, Any] = {
+        name: type(param.default)(given.get(name, param.default)) for name, param in PARAMS[kind].items()
+    }
+    params = generation_pb2.RenderParams(**values)
+    params.seed = int(given["seed"]) if "seed" in given else secrets.randbelow(SEED_LIMIT)
     return params
 
 

@@ -11,6 +11,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.trace import Tracer
 from opentelemetry.util.types import AttributeValue
 
+from shared.contract import Timed
 from shared.logs import log_slow_operation
 from shared.metrics import SCOPE, phase_histogram
 from shared.telemetry import Budgets, record_failure
@@ -40,7 +41,7 @@ class PhaseTimer:
         self._request_span.set_attributes(attributes)
 
     @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def phase(self, name: Timed) -> Iterator[None]:
         """Times the block as phase `name`, inside a span of that name."""
         start = time.perf_counter()
         with self._tracer.start_as_current_span(
@@ -58,7 +59,7 @@ class PhaseTimer:
                 elapsed_ms = (time.perf_counter() - start) * 1000
                 self.phases[name] = self.phases.get(name, 0.0) + elapsed_ms
                 span.set_attribute("renderflow.duration_ms", elapsed_ms)
-                labels = {"phase": name}
+                labels: dict[str, str] = {"phase": name}
                 if kind := self._attributes.get("render.kind"):
                     labels["render.kind"] = str(kind)
                 _PHASE_DURATION.record(elapsed_ms / 1000, labels)

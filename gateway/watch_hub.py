@@ -21,8 +21,8 @@ from typing import Protocol, TypeAlias
 from aiohttp import web
 from renderflow.v1 import generation_pb2
 
-from gateway.resources import TERMINAL_EVENTS
 from gateway.state import CLIENTS, SETTINGS
+from shared.contract import TERMINAL
 from shared.errors import RenderflowError
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class _Channel:
     @property
     def complete(self) -> bool:
         """Whether the log holds the render's whole history, up to its terminal event."""
-        return bool(self.events) and self.events[-1].type in TERMINAL_EVENTS
+        return bool(self.events) and self.events[-1].type in TERMINAL
 
     def append(self, event: generation_pb2.RenderEvent) -> None:
         self.events.append(event)
@@ -113,7 +113,7 @@ class WatchHub:
                     if event.seq <= after_seq:
                         continue  # the log was shorter than the cursor when this watcher joined
                     yield event
-                    if event.type in TERMINAL_EVENTS:
+                    if event.type in TERMINAL:
                         return
                 if channel.ended:
                     if channel.error is not None:
@@ -131,7 +131,7 @@ class WatchHub:
                 contextlib.aclosing(self.watch(user_id, render_id, 0)) as events,
             ):
                 async for event in events:
-                    if event.type in TERMINAL_EVENTS:
+                    if event.type in TERMINAL:
                         return True
         except (TimeoutError, RenderflowError):
             pass

@@ -34,6 +34,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.exposition import choose_encoder
 
 from shared.call_interceptor import CallInterceptor
+from shared.contract import PHASES
 from shared.spans import mark_stream
 
 SCOPE = "renderflow"
@@ -103,8 +104,7 @@ def phase_histogram(meter: metrics.Meter) -> metrics.Histogram:
     return meter.create_histogram(
         "renderflow.phase.duration",
         unit="s",
-        description="Duration of each phase of a render (auth, validation, db, enqueue, queue_wait, "
-        "image_fetch, generation, store)",
+        description=f"Duration of each phase of a render ({', '.join(PHASES)})",
         explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
     )
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TraceS
 from opentelemetry.util.types import Attributes
 from yarl import URL
 
+from shared.contract import PHASE_BUDGETS_MS, PHASES
 from shared.errors import RenderflowError
 from shared.logs import RotatingFile
 from shared.metrics import MetricsServer, build_meter_provider, serve_metrics
@@ -159,42 +160,26 @@ def _value_json(value: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Budgets:
-    """Slow-operation thresholds per phase, in milliseconds (None: reported, never warned about).
+    """Slow-operation thresholds per phase, in milliseconds; a phase without one is reported, never
+    warned about. A phase over its budget logs one `slow operation` warning with the whole timing
+    breakdown."""
 
-    A phase over its budget logs one `slow operation` warning with the whole timing breakdown.
-    """
-
-    auth_ms: float | None = 100.0
-    """RENDERFLOW_BUDGET_AUTH_MS: API key to user (cached)."""
-    validation_ms: float | None = 50.0
-    """RENDERFLOW_BUDGET_VALIDATION_MS: reading and validating the request."""
-    db_ms: float | None = 200.0
-    """RENDERFLOW_BUDGET_DB_MS: metadata and generation calls of one request."""
-    enqueue_ms: float | None = 50.0
-    """RENDERFLOW_BUDGET_ENQUEUE_MS: generation.Submit."""
-    queue_wait_ms: float | None = None
-    """RENDERFLOW_BUDGET_QUEUE_WAIT_MS: from submit to claim by a worker (none by default)."""
-    image_fetch_ms: float | None = 2000.0
-    """RENDERFLOW_BUDGET_IMAGE_FETCH_MS: the reference image."""
-    generation_ms: float | None = None
-    """RENDERFLOW_BUDGET_GENERATION_MS: the backend's work (none by default: it depends on the kind)."""
-    store_ms: float | None = 1000.0
-    """RENDERFLOW_BUDGET_STORE_MS: writing the artifact."""
+    ms: Mapping[str, float] = field(default_factory=lambda: dict(PHASE_BUDGETS_MS))
+    """The phases that have a budget, and theirs (by default the contract's)."""
 
     @classmethod
     def from_env(cls, env: Env) -> Budgets:
-        """Each field from RENDERFLOW_BUDGET_<PHASE>_MS; unset keeps the default, 0 means no budget."""
-        values: dict[str, float | None] = {}
-        for field in fields(cls):
-            name = f"RENDERFLOW_BUDGET_{field.name.upper()}"
+        """The contract's budgets, each replaced by RENDERFLOW_BUDGET_<PHASE>_MS when set (0: none)."""
+        budgets = dict(PHASE_BUDGETS_MS)
+        for phase in PHASES:
+            name = f"RENDERFLOW_BUDGET_{phase.upper()}_MS"
             if env.optional(name) is not None:
-                values[field.name] = env.float(name, 0.0, minimum=0) or None
-        return cls(**values)
+                budgets[phase] = env.float(name, 0.0, minimum=0)
+        return cls({phase: ms for phase, ms in budgets.items() if ms})
 
     def of(self, phase: str) -> float | None:
         """The budget of `phase`, or None for phases without one."""
-        value = getattr(self, f"{phase}_ms", None)
-        return float(value) if isinstance(value, int | float) else None
+        return self.ms.get(phase)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from aiohttp import web
 from gateway.clients import Clients
 from gateway.state import CLIENTS, TIMER
 from gateway.validation import read_json, read_query
+from shared.contract import Timed
 
 # Ids in paths never hold a slash or a colon: `/v1/renders/{id}:cancel` stays unambiguous.
 ID = "{id:[^/:]+}"
@@ -20,7 +21,7 @@ def clients(request: web.Request) -> Clients:
     return request.app[CLIENTS]
 
 
-def phase(request: web.Request, name: str) -> AbstractContextManager[None]:
+def phase(request: web.Request, name: Timed) -> AbstractContextManager[None]:
     """Times a block of the request as phase `name` (db, enqueue, ...)."""
     return request[TIMER].phase(name)
 

@@ -16,12 +16,13 @@ from aiohttp import WSCloseCode, web
 from renderflow.v1 import generation_pb2
 
 from gateway.auth import principal, websocket_bearer_protocol
-from gateway.resources import TERMINAL_EVENTS, event_json
+from gateway.resources import event_json
 from gateway.routes import ID, clients, phase, query
 from gateway.sse import CONTENT_TYPE, comment_frame, event_frame, retry_frame, with_heartbeats
 from gateway.state import SETTINGS, TIMER
 from gateway.streams import OPEN_STREAMS, Ending, EndStream
 from gateway.watch_hub import WATCH_HUB
+from shared.contract import TERMINAL
 from shared.errors import RenderflowError, ValidationFailed
 from shared.spans import mark_stream
 
@@ -178,7 +179,7 @@ async def _send_events(
     try:
         async for event in events:
             await socket.send_str(json.dumps(event_json(event), separators=(",", ":")))
-            if event.type in TERMINAL_EVENTS:
+            if event.type in TERMINAL:
                 code = WSCloseCode.OK
     except RenderflowError as exc:
         log.warning("websocket event stream interrupted", extra={"code": exc.code})

@@ -4,34 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
-Kind = Literal["image", "video"]
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+from shared.contract import HEIGHT, STEPS, TERMINAL, TIMINGS, WIDTH
 
-STATUSES: tuple[Status, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
-# The phase timings a render can carry, in the order they happen.
-TIMING_NAMES: tuple[str, ...] = (
-    "auth_ms",
-    "validation_ms",
-    "db_ms",
-    "enqueue_ms",
-    "queue_wait_ms",
-    "image_fetch_ms",
-    "generation_ms",
-    "store_ms",
-    "total_ms",
-)
+TIMING_NAMES: tuple[str, ...] = tuple(f"{name}_ms" for name in TIMINGS)
+"""The keys of a render's `timings`, in the order they happen."""
 
 
 @dataclass(frozen=True)
 class Params:
     """Generation parameters; video ones are ignored for images."""
 
-    width: int = 512
-    height: int = 512
-    steps: int = 20
+    width: int = WIDTH.default
+    height: int = HEIGHT.default
+    steps: int = STEPS.default
     seed: int = 0
     duration_s: float = 0.0
     fps: int = 0

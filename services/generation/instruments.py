@@ -13,12 +13,10 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics import _Gauge as Gauge  # the synchronous gauge, not yet public by name
 
 from services.generation.domain import RenderError
+from shared.contract import KINDS
 from shared.metrics import SCOPE, phase_histogram
 
 log = logging.getLogger(__name__)
-
-KINDS = ("image", "video")
-"""Render kinds always reported by the queue gauges (0 when none is there)."""
 
 QueueDepth = Callable[[], Awaitable[Mapping[tuple[str, str], int]]]
 """Jobs by (kind, state), state being `queued` or `running`."""
@@ -82,6 +80,7 @@ async def watch_queue(depth: QueueDepth, instruments: Instruments, interval_s: f
         except Exception:
             log.warning("cannot read the queue depth", exc_info=True)
         else:
+            # Every kind is reported, 0 when none is there.
             for kind in {*KINDS, *(kind for kind, _ in jobs)}:
                 attributes = {"render.kind": kind}
                 instruments.queued.set(jobs.get((kind, "queued"), 0), attributes)

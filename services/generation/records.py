@@ -16,7 +16,6 @@ from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from services.generation.domain import (
-    TERMINAL,
     Event,
     NewEvent,
     Output,
@@ -27,6 +26,7 @@ from services.generation.domain import (
     Rule,
 )
 from services.generation.instruments import count_finished
+from shared.contract import TERMINAL
 
 # Fences: each selects `render_id` when the write may go ahead (and locks what must stay put).
 FENCE_NONE = "SELECT %(id)s::text AS render_id"

@@ -31,6 +31,7 @@ from services.generation.jobs import Claim, JobQueue
 from services.generation.pacing import BackendPacing
 from services.generation.references import ReferenceFailed, References
 from services.generation.storage import RenderStore
+from shared.contract import Phase
 from shared.errors import Unavailable
 from shared.logs import log_slow_operation
 from shared.telemetry import Budgets, record_failure
@@ -300,7 +301,7 @@ class JobRunner:
             raise LeaseLost(claim.render_id)
 
     @contextmanager
-    def _phase(self, name: str, render: Render, timings: dict[str, float]) -> Iterator[None]:
+    def _phase(self, name: Phase, render: Render, timings: dict[str, float]) -> Iterator[None]:
         """A span for the phase, marked with why it failed if it did; its duration in `timings` (kept
         even when the phase fails), in the phase histogram, and in a warning when over budget."""
         started = time.perf_counter()
@@ -320,7 +321,7 @@ class JobRunner:
             timings[f"{name}_ms"] = round((time.perf_counter() - started) * 1000, 3)
             self._observe(name, render, timings[f"{name}_ms"], timings)
 
-    def _observe(self, phase: str, render: Render, elapsed_ms: float, timings: dict[str, float]) -> None:
+    def _observe(self, phase: Phase, render: Render, elapsed_ms: float, timings: dict[str, float]) -> None:
         self._instruments.phase_duration.record(
             elapsed_ms / 1000, {"phase": phase, "render.kind": render.kind}
         )

@@ -22,7 +22,6 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.generation.chains import continues_from, settle
 from services.generation.domain import (
-    STATUSES,
     Batch,
     Event,
     NewEvent,
@@ -35,6 +34,7 @@ from services.generation.domain import (
 )
 from services.generation.records import SELECT_RENDER, event_from_row, record, render_from_row
 from services.generation.submissions import insert_render, released, same_request
+from shared.contract import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, STATUSES
 from shared.errors import (
     Conflict,
     FailedPrecondition,
@@ -43,8 +43,6 @@ from shared.errors import (
     ValidationFailed,
 )
 
-DEFAULT_PAGE = 50
-MAX_PAGE = 200
 # An idempotency key stands for its first request for 24 hours; after that it is free again, and
 # releasing it from the old render (or batch) lets a new one take it. Run only when an insert
 # conflicted, so the submit path pays nothing for it.
@@ -199,7 +197,7 @@ class RenderStore:
 
     async def list_page(self, user_id: str, where: RenderFilter, page_size: int, page_token: str) -> Page:
         """The user's renders matching `where`, newest first (or by chain position), one page."""
-        size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         clauses: list[sql.Composable] = [sql.SQL("user_id = %s")]
         params: list[Any] = [user_id]
         for column in ("project_id", "chain_id", "status"):

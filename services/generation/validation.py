@@ -5,27 +5,30 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import replace
+from typing import Any
 from urllib.parse import urlsplit
 
 from services.generation.domain import Params, RenderSpec
+from shared.contract import (
+    KINDS,
+    MAX_BATCH,
+    MAX_ID,
+    MAX_PROMPT,
+    MAX_RULE_TEXT,
+    MAX_URL,
+    PARAMS,
+    SEED_MAX,
+)
 from shared.errors import FieldError, ValidationFailed
 
-MAX_PROMPT = 2000
 MAX_RULES = 100
-MAX_BATCH = 64
-SIDE = (64, 2048)
-STEPS = (1, 150)
-DURATION_S = (0.5, 60.0)
-FPS = (1, 60)
 PRIORITY = (-1000, 1000)
 # Ids name artifact files, so they must be safe as file names.
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-# Zero means "not given" in the protocol; these are the defaults then.
-_DEFAULTS = Params(width=512, height=512, steps=20, seed=0, duration_s=4.0, fps=24)
+_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_-]{{0,{MAX_ID - 1}}}$")
 
 
 def is_valid_id(value: str) -> bool:
-    """Whether `value` can be a render id (letters, digits, `_`, `-`; at most 64)."""
+    """Whether `value` can be a render id (letters, digits, `_`, `-`; at most MAX_ID)."""
     return bool(_ID.match(value))
 
 
@@ -39,13 +42,13 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
 
     def in_range(name: str, value: float, bounds: tuple[float, float]) -> None:
         if not bounds[0] <= value <= bounds[1]:
-            bad(name, f"must be between {bounds[0]:g} and {bounds[1]:g}")
+            bad(name, f"must be between {bounds[0]} and {bounds[1]}")
 
     render_id = spec.render_id or str(uuid.uuid4())
     if not is_valid_id(render_id):
-        bad("render_id", "must be 1-64 letters, digits, '_' or '-'")
-    if spec.kind not in ("image", "video"):
-        bad("kind", "must be image or video")
+        bad("render_id", f"must be 1-{MAX_ID} letters, digits, '_' or '-'")
+    if spec.kind not in KINDS:
+        bad("kind", f"must be {' or '.join(KINDS)}")
     if not spec.prompt.strip():
         bad("prompt", "must not be empty")
     elif len(spec.prompt) > MAX_PROMPT:
@@ -53,23 +56,15 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
     if len(spec.negative_prompt) > MAX_PROMPT:
         bad("negative_prompt", f"must be at most {MAX_PROMPT} characters")
 
-    given = spec.params
-    params = Params(
-        width=given.width or _DEFAULTS.width,
-        height=given.height or _DEFAULTS.height,
-        steps=given.steps or _DEFAULTS.steps,
-        seed=given.seed,
-        duration_s=(given.duration_s or _DEFAULTS.duration_s) if spec.kind == "video" else 0.0,
-        fps=(given.fps or _DEFAULTS.fps) if spec.kind == "video" else 0,
-    )
-    in_range("params.width", params.width, SIDE)
-    in_range("params.height", params.height, SIDE)
-    in_range("params.steps", params.steps, STEPS)
-    if params.seed < 0:
-        bad("params.seed", "must not be negative")
-    if spec.kind == "video":
-        in_range("params.duration_s", params.duration_s, DURATION_S)
-        in_range("params.fps", params.fps, FPS)
+    # Zero means "not given" in the protocol: the kind's default then. Those the kind ignores are 0.
+    kind_params = PARAMS.get(spec.kind, {})
+    given: dict[str, Any] = {
+        name: getattr(spec.params, name) or param.default for name, param in kind_params.items()
+    }
+    params = replace(Params(seed=spec.params.seed), **given)
+    for name, param in kind_params.items():
+        in_range(f"params.{name}", given[name], (param.minimum, param.maximum))
+    in_range("params.seed", params.seed, (0, SEED_MAX))
 
     reference = spec.reference
     if reference is not None:
@@ -82,8 +77,8 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
                 reference = None  # the first render of a chain has nothing before it
         elif reference.url:
             parts = urlsplit(reference.url)  # lowercases the scheme: HTTP:// is http (RFC 3986)
-            if parts.scheme not in ("http", "https") or not parts.hostname or len(reference.url) > 2048:
-                bad("reference.url", "must be an absolute http or https URL of at most 2048 characters")
+            if parts.scheme not in ("http", "https") or not parts.hostname or len(reference.url) > MAX_URL:
+                bad("reference.url", f"must be an absolute http or https URL of at most {MAX_URL} characters")
         elif not is_valid_id(reference.render_id):
             bad("reference.render_id", "is not a render id")
         elif reference.render_id == render_id:
@@ -92,8 +87,8 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
     if len(spec.rules) > MAX_RULES:
         bad("rules", f"must be at most {MAX_RULES}")
     for index, rule in enumerate(spec.rules):
-        if len(rule.text) > MAX_PROMPT:
-            bad(f"rules[{index}].text", f"must be at most {MAX_PROMPT} characters")
+        if len(rule.text) > MAX_RULE_TEXT:
+            bad(f"rules[{index}].text", f"must be at most {MAX_RULE_TEXT} characters")
     in_range("priority", spec.priority, PRIORITY)
     for name in ("project_id", "project", "chain_id"):
         if len(getattr(spec, name)) > 200:

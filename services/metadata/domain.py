@@ -11,12 +11,13 @@ from datetime import datetime
 from typing import Protocol, TypeVar
 from uuid import UUID
 
+from shared.contract import MAX_NAME, MAX_RULE_TEXT
 from shared.errors import Conflict, Unauthenticated
 
 from . import keys, validation
 from .models import ApiKey, Chain, Cursor, IssuedKey, Page, Prepared, Project, Rule, User
 from .storage import Store
-from .validation import RULE_TEXT_MAX, TITLE_MAX, Checks, optional_id, parse_id
+from .validation import Checks, optional_id, parse_id
 
 
 class _Listed(Protocol):
@@ -101,7 +102,7 @@ class Metadata:
         """A new project with its default chain; Conflict when the user has the slug."""
         checks = Checks()
         checks.slug("slug", slug)
-        checks.text("name", name, TITLE_MAX)
+        checks.text("name", name, MAX_NAME)
         checks.done()
         return await self._store.create_project(parse_id(user_id, "user"), slug, name)
 
@@ -121,7 +122,7 @@ class Metadata:
     async def create_chain(self, user_id: str, project: str, name: str) -> Chain:
         """A new chain in the user's project."""
         checks = Checks()
-        checks.text("name", name, TITLE_MAX)
+        checks.text("name", name, MAX_NAME)
         checks.done()
         return await self._store.create_chain(parse_id(user_id, "project"), project, name)
 
@@ -143,7 +144,7 @@ class Metadata:
     ) -> Rule:
         """A new rule, project-wide when `chain_id` is empty; active unless said otherwise."""
         checks = Checks()
-        checks.text("text", text, RULE_TEXT_MAX)
+        checks.text("text", text, MAX_RULE_TEXT)
         checks.done()
         return await self._store.create_rule(
             parse_id(user_id, "project"),
@@ -166,7 +167,7 @@ class Metadata:
         """Changes a rule's text and/or activity; None leaves a field as it is."""
         if text is not None:
             checks = Checks()
-            checks.text("text", text, RULE_TEXT_MAX)
+            checks.text("text", text, MAX_RULE_TEXT)
             checks.done()
         return await self._store.update_rule(
             parse_id(user_id, "project"), project, parse_id(rule_id, "rule"), text, active

@@ -12,16 +12,13 @@ import re
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+from shared.contract import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, SLUG_PATTERN
 from shared.errors import FieldError, NotFound, ValidationFailed
 
 from .models import Cursor
 
 USER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-SLUG = re.compile(r"[a-z0-9][a-z0-9-]{1,62}")
-TITLE_MAX = 200
-RULE_TEXT_MAX = 2000
-DEFAULT_PAGE_SIZE = 50
-MAX_PAGE_SIZE = 200
+SLUG = re.compile(SLUG_PATTERN)
 MAX_COUNT = 1000
 
 # Where a list starts: before every (created_at, id).

@@ -15,8 +15,8 @@ from services.tracereport.html import render_html
 from services.tracereport.model import ReadCounts
 from services.tracereport.report import build_report, report_dict
 from services.tracereport.selection import Filters, load_spans, parse_since
-from services.tracereport.stats import DEFAULT_BUDGETS_MS
 from services.tracereport.text import render_text
+from shared.contract import PHASE_BUDGETS_MS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         paths = expand_paths(args.files)
         since = parse_since(args.since, datetime.now(UTC)) if args.since else None
-        budgets = {**DEFAULT_BUDGETS_MS, **dict(_budget(b) for b in args.budget)}
+        budgets = {**PHASE_BUDGETS_MS, **dict(_budget(b) for b in args.budget)}
     except ValueError as error:
         parser.error(str(error))
     filters = Filters(since=since, route=args.route, services=tuple(args.service))

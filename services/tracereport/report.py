@@ -11,7 +11,6 @@ from typing import Any
 from services.tracereport.model import ReadCounts, Span
 from services.tracereport.selection import Filters
 from services.tracereport.stats import (
-    DEFAULT_BUDGETS_MS,
     EndpointStats,
     ErrorCause,
     PhaseStats,
@@ -21,6 +20,7 @@ from services.tracereport.stats import (
     phase_stats,
 )
 from services.tracereport.traces import TraceSet, Waterfall
+from shared.contract import PHASE_BUDGETS_MS
 
 MAX_WATERFALL_ROWS = 60
 
@@ -50,7 +50,7 @@ def build_report(
     spans: Iterable[Span],
     counts: ReadCounts,
     filters: Filters | None = None,
-    budgets: Mapping[str, float] = DEFAULT_BUDGETS_MS,
+    budgets: Mapping[str, float] = PHASE_BUDGETS_MS,
     top: int = 5,
     max_rows: int = MAX_WATERFALL_ROWS,
 ) -> Report:

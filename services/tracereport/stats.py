@@ -9,19 +9,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from services.tracereport.model import AttributeValue, Span
+from shared.contract import PHASES, WAIT
 from shared.spans import STREAM_ATTRIBUTE
 
-PHASES = ("auth", "validation", "db", "enqueue", "queue_wait", "image_fetch", "generation", "store")
-"""The phases of DESIGN.md, in the order a render goes through them."""
-DEFAULT_BUDGETS_MS: Mapping[str, float] = {
-    "auth": 100,
-    "validation": 50,
-    "db": 200,
-    "enqueue": 50,
-    "image_fetch": 2000,
-    "store": 1000,
-}
-"""Slow-operation budgets per phase (DESIGN.md); queue_wait and generation are reported only."""
 PER_KIND_PHASES = frozenset({"generation"})
 """Phases reported per `render.kind` (an image and a video take very different times)."""
 
@@ -248,9 +238,10 @@ def phase_of(span: Span, phases: Iterable[str]) -> str | None:
 def phase_stats(
     spans: Iterable[Span], budgets: Mapping[str, float], kind_of: Callable[[Span], str | None]
 ) -> list[PhaseStats]:
-    """Per phase (per render kind where that matters), in the order a render goes through them;
-    `kind_of` finds a span's render kind (on it or an ancestor)."""
-    names = (*PHASES, *sorted(set(budgets) - set(PHASES)))
+    """Per phase (per render kind where that matters), in the order a render goes through them, the
+    gateway's wait for its end last; `kind_of` finds a span's render kind (on it or an ancestor)."""
+    known = (*PHASES, WAIT)
+    names = (*known, *sorted(set(budgets) - set(known)))
     groups: dict[tuple[int, str, str], list[float]] = defaultdict(list)
     for span in spans:
         phase = phase_of(span, names)

@@ -34,6 +34,7 @@ from services.imagefetch.server import running as imagefetch_running
 from services.metadata import admin
 from services.metadata.config import Settings as MetadataSettings
 from services.metadata.server import running as metadata_running
+from shared.contract import PHASE_BUDGETS_MS
 from shared.logs import JsonFormatter
 from shared.metrics import build_meter_provider
 from shared.settings import Addresses
@@ -180,13 +181,13 @@ async def observed_stack(
             progress_interval_s=0.05,
             retry_base_s=0.01,
             retry_max_s=0.02,
-            budgets=Budgets(store_ms=TINY_MS),
+            budgets=Budgets({**PHASE_BUDGETS_MS, "store": TINY_MS}),
         )
         await stack.enter_async_context(running_worker(worker, backends=worker_backends))
         gateway = GatewaySettings(
             port=0,
             addresses=Addresses(metadata=f"127.0.0.1:{metadata}", generation=f"127.0.0.1:{generation}"),
-            budgets=Budgets(enqueue_ms=TINY_MS),
+            budgets=Budgets({**PHASE_BUDGETS_MS, "enqueue": TINY_MS}),
         )
         port = await stack.enter_async_context(gateway_running(gateway))
         http = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)))

@@ -142,7 +142,7 @@ def test_bearer_keys() -> None:
 def test_settings_from_the_environment() -> None:
     settings = Settings.from_env(Env({"RENDERFLOW_GATEWAY_PORT": "0", "RENDERFLOW_BUDGET_DB_MS": "250"}))
     assert settings.port == 0 and settings.host == "127.0.0.1"
-    assert settings.budgets.db_ms == 250 and settings.budgets.auth_ms == 100
+    assert settings.budgets.of("db") == 250 and settings.budgets.of("auth") == 100
     assert settings.max_body_bytes == 1024 * 1024 and settings.sse_heartbeat_s == 15
     with pytest.raises(ConfigError, match="RENDERFLOW_GATEWAY_PORT"):
         Settings.from_env(Env({"RENDERFLOW_GATEWAY_PORT": "http"}))

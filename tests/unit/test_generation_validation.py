@@ -22,7 +22,7 @@ def test_a_minimal_spec_gets_an_id_and_defaults() -> None:
 
 def test_videos_get_video_defaults() -> None:
     spec = normalized(RenderSpec(kind="video", prompt="waves"))
-    assert (spec.params.duration_s, spec.params.fps) == (4.0, 24)
+    assert (spec.params.duration_s, spec.params.fps) == (2.0, 12)  # as over HTTP
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,9 @@ from services.tracereport.cli import main
 from services.tracereport.model import ReadCounts
 from services.tracereport.report import Report, build_report
 from services.tracereport.selection import Filters, load_spans, parse_since
-from services.tracereport.stats import DEFAULT_BUDGETS_MS, percentile
+from services.tracereport.stats import percentile
 from services.tracereport.text import render_text
+from shared.contract import PHASE_BUDGETS_MS
 from shared.spans import STREAM_ATTRIBUTE
 from tests.unit.test_tracereport_otlp import T0, Otlp, renders_scenario
 
@@ -87,7 +88,7 @@ def test_phases_are_measured_against_their_budgets(scenario: tuple[Otlp, Path]) 
 
 
 def test_budgets_can_be_overridden(scenario: tuple[Otlp, Path]) -> None:
-    budgets = {**DEFAULT_BUDGETS_MS, "auth": 50, "generation": 5000}
+    budgets = {**PHASE_BUDGETS_MS, "auth": 50, "generation": 5000}
 
     phases = {p.phase: p for p in report_of(scenario[1], budgets=budgets).phases}
 
