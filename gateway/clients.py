@@ -286,8 +286,8 @@ class Clients:
 async def open_clients(settings: Settings) -> AsyncIterator[Clients]:
     """Opens a channel to each service and closes both on exit."""
     async with (
-        create_channel(settings.addresses.metadata) as metadata,
-        create_channel(settings.addresses.generation) as generation,
+        create_channel(settings.addresses.metadata, token=settings.service_token) as metadata,
+        create_channel(settings.addresses.generation, token=settings.service_token) as generation,
     ):
         yield Clients(
             MetadataClient(metadata, settings.rpc_timeout_s),

@@ -6,7 +6,7 @@ import resource
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from shared.settings import Addresses, ConfigError, Env
+from shared.settings import Addresses, ConfigError, Env, service_token
 from shared.telemetry import Budgets
 
 # Connections asyncio may accept in one go (aiohttp's listen backlog) before the cap closes them.
@@ -80,6 +80,9 @@ class Settings:
     max_connections: int = field(default_factory=default_max_connections)
     """RENDERFLOW_GATEWAY_MAX_CONNECTIONS: open connections in all; more are closed as soon as they
     are accepted. By default the process's open-file limit less a reserve (`default_max_connections`)."""
+    service_token: str | None = field(default=None, repr=False)
+    """RENDERFLOW_SERVICE_TOKEN: carried on every call to the services (`from_env` insists on it);
+    None, for settings made in code, calls without it."""
 
     @classmethod
     def from_env(cls, env: Env) -> Settings:
@@ -122,6 +125,7 @@ class Settings:
             max_connections=env.int(
                 "RENDERFLOW_GATEWAY_MAX_CONNECTIONS", default_max_connections(), minimum=1
             ),
+            service_token=service_token(env),
         )
 
 

@@ -23,7 +23,8 @@ from services.supervisor import (
 )
 from shared.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, ServerCommand
 from shared.errors import RenderflowError
-from shared.settings import Addresses, ConfigError, Env, run_dir
+from shared.service_auth import new_service_token
+from shared.settings import SERVICE_TOKEN, Addresses, ConfigError, Env, run_dir, service_token
 
 DEFAULT_PG_PORT = 54329
 METRICS_BASE_PORT = 9100
@@ -153,6 +154,7 @@ async def _run(env: Env) -> int:
         loop.add_signal_handler(sig, stop_requested.set)
     # Settings errors surface before anything starts.
     stages = renderflow_stages(env)
+    token = run_service_token(env, directory)
     log_max_bytes = env.int("RENDERFLOW_LOG_MAX_BYTES", LOG_MAX_BYTES, minimum=0)
     log_backups = env.int("RENDERFLOW_LOG_BACKUPS", LOG_BACKUPS, minimum=1)
     database_url = env.optional("DATABASE_URL")
@@ -171,7 +173,7 @@ async def _run(env: Env) -> int:
                 stages.insert(0, [postgres_spec(server)])
         if stop_requested.is_set() or database_url is None:
             return 0
-        child_env = {"DATABASE_URL": database_url, "RENDERFLOW_RUN_DIR": str(directory)}
+        child_env = {"DATABASE_URL": database_url, "RENDERFLOW_RUN_DIR": str(directory), SERVICE_TOKEN: token}
         # Children flush each line, so their logs are current when a tail is shown.
         child_env["PYTHONUNBUFFERED"] = "1"
         supervisor = Supervisor(
@@ -236,11 +238,23 @@ async def _dev_api_key(env: Env, database_url: str, directory: Path) -> str:
     if wanted is None and key_file.exists():
         wanted = key_file.read_text().strip() or None
     api_key = await ensure_dev_user(database_url, wanted)
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    _write_secret(key_file, api_key)
+    return api_key
+
+
+def run_service_token(env: Env, directory: Path) -> str:
+    """RENDERFLOW_SERVICE_TOKEN, else a new random one for this run; every child gets it, and
+    `<run_dir>/service-token` (mode 600) keeps it for calling a service by hand."""
+    token = service_token(env) if env.optional(SERVICE_TOKEN) else new_service_token()
+    _write_secret(directory / "service-token", token)
+    return token
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as file:
         os.fchmod(fd, 0o600)  # the mode of an existing file is not changed by O_CREAT
-        file.write(api_key + "\n")
-    return api_key
+        file.write(secret + "\n")
 
 
 def _notice(event: ChildEvent) -> None:

@@ -1,4 +1,5 @@
-"""gRPC channels to Renderflow services: tracing, keepalive, and retries of transient failures.
+"""gRPC channels to Renderflow services: the service token, tracing, keepalive, and retries of
+transient failures.
 
 Callers wrap calls in `shared.rpc_errors.rpc_errors()` so that they only ever see domain errors.
 """
@@ -10,6 +11,8 @@ from typing import Any
 
 import grpc
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+from shared.service_auth import client_interceptors
 
 # Retry transient transport failures (peer restarting, connection reset) a few times with backoff.
 # gRPC only retries a call that has not yet reached the server's handler, so this is safe for
@@ -45,7 +48,10 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
-def create_channel(target: str) -> grpc.aio.Channel:
-    """An insecure channel to `target` (host:port) with tracing and the options above."""
+def create_channel(target: str, *, token: str | None = None) -> grpc.aio.Channel:
+    """An insecure channel to `target` (host:port) with tracing and the options above; every call
+    carries `token` (RENDERFLOW_SERVICE_TOKEN) when given."""
     interceptors = aio_client_interceptors()  # type: ignore[no-untyped-call]
+    if token is not None:
+        interceptors += client_interceptors(token)
     return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)

@@ -1,4 +1,5 @@
-"""gRPC server bootstrap shared by every service: error mapping, tracing, health, reflection, drain.
+"""gRPC server bootstrap shared by every service: the service token, error mapping, tracing, health,
+reflection, drain.
 
 `create_server` builds a server without starting it (tests use the same object on port 0);
 `start` binds and starts it, `drain` stops it gracefully.
@@ -22,6 +23,7 @@ from shared.call_interceptor import CallInterceptor
 from shared.errors import RenderflowError
 from shared.metrics import RpcMetricsInterceptor
 from shared.rpc_errors import to_status
+from shared.service_auth import ServiceAuthInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +87,22 @@ class ServerHandle:
             await self.health.set(name, status)
 
 
-def create_server(service_names: Sequence[str]) -> ServerHandle:
-    """A grpc.aio server with error mapping, tracing, health and reflection; add servicers, bind, start."""
-    server = grpc.aio.server(
-        # Outermost first: the span and the duration metric see the status the errors were turned into.
-        interceptors=[aio_server_interceptor(), RpcMetricsInterceptor(), ErrorInterceptor()],  # type: ignore[no-untyped-call]
-        options=SERVER_OPTIONS,
-    )
+def create_server(service_names: Sequence[str], *, token: str | None) -> ServerHandle:
+    """A grpc.aio server with error mapping, tracing, health and reflection; add servicers, bind, start.
+
+    With a `token`, every call but health and reflection must carry it (`shared.service_auth`);
+    None (settings made in code, for tests) serves every caller. No default: a server is never
+    left open by an argument forgotten."""
+    # Outermost first: the span and the duration metric see the status the errors were turned
+    # into, refusals of the token included.
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        aio_server_interceptor(),  # type: ignore[no-untyped-call]
+        RpcMetricsInterceptor(),
+        ErrorInterceptor(),
+    ]
+    if token is not None:
+        interceptors.append(ServiceAuthInterceptor(token))
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,3 +104,21 @@ def listen_address(addr: str, env: Env, variable: str) -> str:
 def run_dir(env: Env) -> Path:
     """RENDERFLOW_RUN_DIR: local state (database, artifacts, traces, dev key); default `.run`."""
     return Path(env.str("RENDERFLOW_RUN_DIR", ".run")).resolve()
+
+
+SERVICE_TOKEN = "RENDERFLOW_SERVICE_TOKEN"
+
+
+def service_token(env: Env) -> str:
+    """RENDERFLOW_SERVICE_TOKEN: the secret every call to a Renderflow gRPC service carries and
+    every service requires (`shared.service_auth`). Required: a process never runs open by accident."""
+    token = env.optional(SERVICE_TOKEN)
+    if token is None:
+        raise ConfigError(
+            f"{SERVICE_TOKEN} must be set: the secret shared by the services and their callers "
+            "(`renderflow run` makes one; in a cluster it comes from a Secret)"
+        )
+    # It travels as gRPC metadata, which is printable ASCII. A secret: never echo it.
+    if not re.fullmatch(r"[!-~]{16,}", token):
+        raise ConfigError(f"{SERVICE_TOKEN} must be at least 16 printable ASCII characters, without spaces")
+    return token

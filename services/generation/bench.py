@@ -43,6 +43,7 @@ from services.generation.worker import running_worker
 from shared.grpc_client import create_channel
 from shared.lifecycle import wait_for_shutdown_signal
 from shared.logs import setup_logging
+from shared.service_auth import new_service_token
 from shared.settings import ConfigError, Env
 
 # The async stub type exists only in the .pyi stubs.
@@ -109,6 +110,8 @@ def spawn_workers(
     count: int, url: str, artifacts: Path, *args: str, **env: str
 ) -> list[subprocess.Popen[bytes]]:
     environ = {
+        # The workers call no service here, but their settings insist on a token.
+        "RENDERFLOW_SERVICE_TOKEN": new_service_token(),
         **os.environ,
         "DATABASE_URL": url,
         "RENDERFLOW_ARTIFACT_DIR": str(artifacts),

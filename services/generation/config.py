@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.generation.backends.selection import BackendSettings
 from services.generation.pacing import parse_rates
-from shared.settings import Addresses, ConfigError, Env, listen_address, run_dir
+from shared.settings import Addresses, ConfigError, Env, listen_address, run_dir, service_token
 from shared.telemetry import Budgets
 
 
@@ -58,6 +58,9 @@ class Settings:
     """RENDERFLOW_PREFETCH_TIMEOUT_S: deadline of one prefetch."""
     prefetch_concurrency: int = 8
     """RENDERFLOW_PREFETCH_CONCURRENCY: prefetches in flight at once."""
+    service_token: str | None = field(default=None, repr=False)
+    """RENDERFLOW_SERVICE_TOKEN: required of every caller, and carried on prefetches (`from_env`
+    insists on it); None, for settings made in code, serves every caller and calls without it."""
 
     @classmethod
     def from_env(cls, env: Env) -> Settings:
@@ -76,6 +79,7 @@ class Settings:
             prefetch_addr=Addresses.from_env(env).imagefetch if env.bool("RENDERFLOW_PREFETCH", True) else "",
             prefetch_timeout_s=env.float("RENDERFLOW_PREFETCH_TIMEOUT_S", 5.0, minimum=0.1),
             prefetch_concurrency=env.int("RENDERFLOW_PREFETCH_CONCURRENCY", 8, minimum=1),
+            service_token=service_token(env),
         )
 
 
@@ -145,6 +149,9 @@ class WorkerSettings:
     the reference is required); once the predecessor exists it waits as long as that one takes."""
     event_retention_s: float = 7 * 86400.0
     """RENDERFLOW_EVENT_RETENTION_S: events of renders that ended longer ago are deleted."""
+    service_token: str | None = field(default=None, repr=False)
+    """RENDERFLOW_SERVICE_TOKEN: carried on every call to image-fetch (`from_env` insists on it);
+    None, for settings made in code, calls without it."""
 
     @classmethod
     def from_env(cls, env: Env) -> WorkerSettings:
@@ -183,4 +190,5 @@ class WorkerSettings:
             max_duration_video_s=env.float("RENDERFLOW_MAX_DURATION_VIDEO_S", 1800.0, minimum=0.1),
             chain_wait_s=env.float("RENDERFLOW_CHAIN_WAIT_S", 60.0, minimum=0.0),
             event_retention_s=env.float("RENDERFLOW_EVENT_RETENTION_S", 7 * 86400.0, minimum=60.0),
+            service_token=service_token(env),
         )

@@ -77,14 +77,16 @@ async def running(settings: Settings) -> AsyncIterator[int]:
         artifacts = LocalArtifactStore(settings.artifact_dir)
         prefetch = None
         if settings.prefetch_addr:
-            channel = await stack.enter_async_context(create_channel(settings.prefetch_addr))
+            channel = await stack.enter_async_context(
+                create_channel(settings.prefetch_addr, token=settings.service_token)
+            )
             prefetcher = Prefetcher(
                 channel, timeout_s=settings.prefetch_timeout_s, concurrency=settings.prefetch_concurrency
             )
             stack.push_async_callback(prefetcher.close)
             prefetch = prefetcher.start
         renders = Renders(store, hub, artifacts, settings.stall_after_s, prefetch)
-        handle = create_server([SERVICE_NAME])
+        handle = create_server([SERVICE_NAME], token=settings.service_token)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(renders), handle.server
         )

@@ -177,7 +177,7 @@ async def running_worker(
         url = database_url(settings.database_url)
         pool = await open_pool(url, name="generation-worker", min_size=2, max_size=settings.concurrency + 4)
         stack.push_async_callback(pool.close)
-        channel = create_channel(settings.imagefetch_addr)
+        channel = create_channel(settings.imagefetch_addr, token=settings.service_token)
         stack.push_async_callback(channel.close)
         store = RenderStore(pool)
         queue = JobQueue(

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from yarl import URL
 
 from services.imagefetch.guard import Network, parse_allow_list
-from shared.settings import Addresses, ConfigError, Env, listen_address
+from shared.settings import Addresses, ConfigError, Env, listen_address, service_token
 
 MIB = 1024 * 1024
 
@@ -60,6 +60,9 @@ class Settings:
     """RENDERFLOW_CACHE_TIMEOUT_S: longest wait for one cache operation (a slow cache is a miss)."""
     drain_grace_s: float = 5.0
     """RENDERFLOW_DRAIN_GRACE_S: time given to calls in flight at shutdown."""
+    service_token: str | None = field(default=None, repr=False)
+    """RENDERFLOW_SERVICE_TOKEN: required of every caller (`from_env` insists on it);
+    None, for settings made in code, serves every caller."""
 
     @classmethod
     def from_env(cls, env: Env) -> Settings:
@@ -100,6 +103,7 @@ class Settings:
             cache_max_bytes=env.int("RENDERFLOW_CACHE_MAX_BYTES", cls.cache_max_bytes, minimum=0),
             cache_timeout_s=env.float("RENDERFLOW_CACHE_TIMEOUT_S", cls.cache_timeout_s, minimum=0.001),
             drain_grace_s=env.float("RENDERFLOW_DRAIN_GRACE_S", cls.drain_grace_s, minimum=0),
+            service_token=service_token(env),
         )
 
 

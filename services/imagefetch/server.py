@@ -20,7 +20,7 @@ async def running(settings: Settings, instruments: Instruments | None = None) ->
     calls in flight, then closes the fetches, the cache and the HTTP session."""
     async with AsyncExitStack() as stack:
         service = await stack.enter_async_context(open_service(settings, instruments))
-        handle = create_server([SERVICE_NAME])
+        handle = create_server([SERVICE_NAME], token=settings.service_token)
         servicer = ImageFetchServicer(service)
         imagefetch_pb2_grpc.add_ImageFetchServiceServicer_to_server(servicer, handle.server)
         port = await start(handle, settings.listen)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from shared.settings import Addresses, ConfigError, Env, listen_address
+from shared.settings import Addresses, ConfigError, Env, listen_address, service_token
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Settings:
     """RENDERFLOW_METADATA_DRAIN_GRACE_S: how long calls in flight may finish at shutdown."""
     log_level: str = "INFO"
     """RENDERFLOW_LOG_LEVEL: the lowest level logged."""
+    service_token: str | None = field(default=None, repr=False)
+    """RENDERFLOW_SERVICE_TOKEN: required of every caller (`from_env` insists on it);
+    None, for settings made in code, serves every caller."""
 
     @classmethod
     def from_env(cls, env: Env) -> Settings:
@@ -57,4 +60,5 @@ class Settings:
             ),
             drain_grace_s=env.float("RENDERFLOW_METADATA_DRAIN_GRACE_S", cls.drain_grace_s, minimum=0.0),
             log_level=env.str("RENDERFLOW_LOG_LEVEL", cls.log_level),
+            service_token=service_token(env),
         )

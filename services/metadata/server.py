@@ -46,7 +46,7 @@ async def running(settings: Settings) -> AsyncIterator[int]:
         await feed.start()
         stack.push_async_callback(feed.stop)
 
-        handle = create_server([SERVICE_NAME])
+        handle = create_server([SERVICE_NAME], token=settings.service_token)
         metadata_pb2_grpc.add_MetadataServiceServicer_to_server(
             MetadataServicer(Metadata(store), feed), handle.server
         )

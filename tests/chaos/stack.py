@@ -21,6 +21,7 @@ from services.cli import gateway_url, renderflow_stages
 from services.metadata.admin import ensure_dev_user
 from services.supervisor import ChildEvent, GrpcHealth, HttpHealth, Supervisor
 from shared.embedded_pg import EmbeddedPostgres
+from shared.service_auth import new_service_token
 from shared.settings import Addresses, Env
 from tests.conftest import free_port
 from tests.support.origin import Origin
@@ -100,6 +101,7 @@ class Stack:
             "RENDERFLOW_METADATA_ADDR": f"127.0.0.1:{free_port()}",
             "RENDERFLOW_IMAGEFETCH_ADDR": f"127.0.0.1:{free_port()}",
             "RENDERFLOW_GENERATION_ADDR": f"127.0.0.1:{free_port()}",
+            "RENDERFLOW_SERVICE_TOKEN": new_service_token(),
             "PYTHONUNBUFFERED": "1",
         }
         self.url = gateway_url(Env(self.env))

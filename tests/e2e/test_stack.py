@@ -7,16 +7,21 @@ import io
 import json
 import os
 import signal
+import stat
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import grpc
 import psutil
 import pytest
 from PIL import Image
+from renderflow.v1 import generation_pb2, generation_pb2_grpc, metadata_pb2, metadata_pb2_grpc
 
+from shared.grpc_client import create_channel
+from shared.settings import Addresses, Env
 from tests.conftest import free_port
 
 DEV_KEY = "rf_e2e_development_key_0123456789abcdef"
@@ -27,6 +32,7 @@ class Stack:
     url: str
     process: asyncio.subprocess.Process
     run_dir: Path
+    addresses: Addresses
 
 
 @pytest.fixture
@@ -58,7 +64,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     banner = await asyncio.wait_for(_read_until(process, url), timeout=90)
     assert DEV_KEY in banner
     try:
-        yield Stack(url, process, tmp_path / "run")
+        yield Stack(url, process, tmp_path / "run", Addresses.from_env(Env(env)))
     finally:
         if process.returncode is None:
             process.kill()
@@ -125,6 +131,21 @@ async def test_thin_path_over_http_then_clean_shutdown(stack: Stack) -> None:
             assert output.status == 200
             image = Image.open(io.BytesIO(await output.read()))
             assert (image.format, image.size) == ("PNG", (320, 200))
+
+    # The services answer only callers with the run's token, which it keeps for people to use.
+    token_file = stack.run_dir / "service-token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+    authenticate = metadata_pb2.AuthenticateRequest(api_key=DEV_KEY)
+    async with create_channel(stack.addresses.metadata) as anonymous:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await metadata_pb2_grpc.MetadataServiceStub(anonymous).Authenticate(authenticate)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    async with create_channel(stack.addresses.metadata, token=token) as channel:
+        user = (await metadata_pb2_grpc.MetadataServiceStub(channel).Authenticate(authenticate)).user
+    async with create_channel(stack.addresses.generation, token=token) as channel:
+        get = generation_pb2.GetRenderRequest(user_id=user.id, render_id=render["id"])
+        assert (await generation_pb2_grpc.GenerationServiceStub(channel).GetRender(get)).id == render["id"]
 
     children = psutil.Process(stack.process.pid).children(recursive=True)
     assert len(children) >= 6  # postgres, three services, two workers, the gateway

@@ -35,6 +35,7 @@ from services.generation.config import Settings, WorkerSettings
 from services.generation.server import running
 from services.generation.worker import Worker, running_worker
 from shared.grpc_client import create_channel
+from shared.service_auth import new_service_token
 from tests.support.gateway_stack import LiveStack, StartWorker, running_stack
 from tests.support.generation import ProcessFactory, ServerFactory, Stub, WorkerFactory
 from tests.support.observed_stack import ObservedStack, Recorder, observed_stack, recording
@@ -125,6 +126,7 @@ def spawn_worker(database_url: str, artifact_dir: Path, tmp_path: Path) -> Itera
             "RENDERFLOW_WORKER_RESCUE_S": "0.5",
             "RENDERFLOW_WORKER_POLL_S": "1",
             "RENDERFLOW_LOG_LEVEL": "WARNING",
+            "RENDERFLOW_SERVICE_TOKEN": new_service_token(),
             **env,
         }
         log = (tmp_path / f"worker-{index}.log").open("wb")

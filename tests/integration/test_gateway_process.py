@@ -10,6 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
+from shared.service_auth import new_service_token
 from tests.conftest import free_port
 
 
@@ -21,6 +22,7 @@ async def test_the_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
         "RENDERFLOW_RUN_DIR": str(tmp_path),
         "RENDERFLOW_METADATA_ADDR": f"127.0.0.1:{free_port()}",
         "RENDERFLOW_GENERATION_ADDR": f"127.0.0.1:{free_port()}",
+        "RENDERFLOW_SERVICE_TOKEN": new_service_token(),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", env=env, stderr=asyncio.subprocess.PIPE

@@ -30,8 +30,10 @@ from yarl import URL
 
 from gateway.app import running
 from gateway.config import Settings
+from shared.service_auth import new_service_token
 from shared.settings import Addresses, Env
 from tests.conftest import free_port
+from tests.support import TOKEN_ENV
 from tests.support.gateway_stack import PROBLEM, LiveStack, eventually
 
 REPO = Path(__file__).resolve().parents[2]
@@ -222,9 +224,11 @@ async def test_connections_past_the_total_cap_are_closed_at_once() -> None:
 
 def test_the_total_cap_defaults_to_the_open_file_limit_less_a_reserve() -> None:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    derived = Settings.from_env(Env({})).max_connections
+    derived = Settings.from_env(Env(TOKEN_ENV)).max_connections
     assert soft // 2 < derived <= soft - max(64, soft // 10)
-    assert Settings.from_env(Env({"RENDERFLOW_GATEWAY_MAX_CONNECTIONS": "5"})).max_connections == 5
+    assert (
+        Settings.from_env(Env({**TOKEN_ENV, "RENDERFLOW_GATEWAY_MAX_CONNECTIONS": "5"})).max_connections == 5
+    )
 
 
 # The attack, at reduced scale, on a gateway process of its own.
@@ -261,6 +265,7 @@ async def gateway_process(tmp_path: Path, open_files: int, **env: str) -> AsyncI
         "RENDERFLOW_RUN_DIR": str(tmp_path / "run"),
         "RENDERFLOW_METADATA_ADDR": f"127.0.0.1:{free_port()}",
         "RENDERFLOW_GENERATION_ADDR": f"127.0.0.1:{free_port()}",
+        "RENDERFLOW_SERVICE_TOKEN": new_service_token(),
         **env,
     }
     log_path = tmp_path / "gateway.log"

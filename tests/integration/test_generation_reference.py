@@ -69,7 +69,7 @@ class StandInImageFetch(imagefetch_pb2_grpc.ImageFetchServiceServicer):
 async def serving_imagefetch(address: str) -> AsyncIterator[tuple[str, StandInImageFetch]]:
     """The stand-in served at `address` (port 0: any free one); yields its address."""
     servicer = StandInImageFetch()
-    handle = create_server(["renderflow.v1.ImageFetchService"])
+    handle = create_server(["renderflow.v1.ImageFetchService"], token=None)
     imagefetch_pb2_grpc.add_ImageFetchServiceServicer_to_server(servicer, handle.server)
     port = await start(handle, address)
     try:

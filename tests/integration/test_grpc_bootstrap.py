@@ -33,7 +33,7 @@ async def _stream(request: bytes, context: Any) -> AsyncIterator[bytes]:
 
 @pytest.fixture
 async def target() -> AsyncIterator[str]:
-    handle = create_server(["test.Errors"])
+    handle = create_server(["test.Errors"], token=None)
     identity = lambda b: b  # noqa: E731
     handle.server.add_generic_rpc_handlers(
         [

@@ -7,6 +7,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+TOKEN_ENV = {"RENDERFLOW_SERVICE_TOKEN": "a-service-token-for-settings-tests"}
+"""What every process's `from_env` requires besides its own settings, for tests of those settings."""
+
 
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
     """Returns once `predicate()` holds; TimeoutError after `timeout_s`. For state that announces no

@@ -1,4 +1,5 @@
-"""Finding API keys where they must never be: log records, log files and trace files."""
+"""Finding API keys and service tokens where they must never be: log records, log files and trace
+files."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 
 from services.metadata.keys import KEY_PREFIX
 from shared.logs import JsonFormatter
+from shared.service_auth import TOKEN_PREFIX
 
-API_KEY = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_-]{43}")
-"""An API key as metadata issues them (`new_secret`)."""
+API_KEY = re.compile(f"(?:{re.escape(KEY_PREFIX)}|{re.escape(TOKEN_PREFIX)})" + r"[A-Za-z0-9_-]{43}")
+"""An API key as metadata issues them (`new_secret`), or a service token as `renderflow run` and
+the tests make them (`new_service_token`)."""
 WRITTEN_FILES = ("*.log", "*.log.*", "*.jsonl", "*.jsonl.*")
 """Log and trace files, with their rotated backups."""
 

@@ -8,6 +8,7 @@ import pytest
 from gateway.config import Settings
 from gateway.limits import Decision, MemoryBuckets, RedisBuckets, open_buckets
 from shared.settings import ConfigError, Env
+from tests.support import TOKEN_ENV
 
 
 class Clock:
@@ -75,9 +76,9 @@ async def test_settings_choose_the_buckets() -> None:
 
 
 def test_cache_url_from_env() -> None:
-    assert Settings.from_env(Env({"RENDERFLOW_CACHE_URL": "memory://"})).cache_url is None
+    assert Settings.from_env(Env({"RENDERFLOW_CACHE_URL": "memory://", **TOKEN_ENV})).cache_url is None
     url = "redis://:pw@cache:6379/1"
-    assert Settings.from_env(Env({"RENDERFLOW_CACHE_URL": url})).cache_url == url
+    assert Settings.from_env(Env({"RENDERFLOW_CACHE_URL": url, **TOKEN_ENV})).cache_url == url
     with pytest.raises(ConfigError, match="RENDERFLOW_CACHE_URL") as caught:
         Settings.from_env(Env({"RENDERFLOW_CACHE_URL": "memcached://:hunter2@cache:11211"}))
     assert "hunter2" not in str(caught.value)

@@ -15,6 +15,7 @@ from gateway.resources import event_json, page, render_json, rule_json
 from gateway.routes.output import etag_matches, parse_range
 from shared.errors import Unauthenticated
 from shared.settings import ConfigError, Env
+from tests.support import TOKEN_ENV
 
 _RFC3339_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
 
@@ -140,7 +141,9 @@ def test_bearer_keys() -> None:
 
 
 def test_settings_from_the_environment() -> None:
-    settings = Settings.from_env(Env({"RENDERFLOW_GATEWAY_PORT": "0", "RENDERFLOW_BUDGET_DB_MS": "250"}))
+    settings = Settings.from_env(
+        Env({"RENDERFLOW_GATEWAY_PORT": "0", "RENDERFLOW_BUDGET_DB_MS": "250", **TOKEN_ENV})
+    )
     assert settings.port == 0 and settings.host == "127.0.0.1"
     assert settings.budgets.of("db") == 250 and settings.budgets.of("auth") == 100
     assert settings.max_body_bytes == 1024 * 1024 and settings.sse_heartbeat_s == 15

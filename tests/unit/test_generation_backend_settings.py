@@ -15,6 +15,7 @@ from services.generation.backends.selection import JOB_BACKEND, BackendSettings,
 from services.generation.config import WorkerSettings
 from shared.http_headers import parse_retry_after
 from shared.settings import ConfigError, Env
+from tests.support import TOKEN_ENV
 
 URL = "https://api.example.com/v1"
 
@@ -71,6 +72,7 @@ def test_the_token_never_shows_in_the_worker_settings() -> None:
             **HTTP,
             "DATABASE_URL": "postgresql://localhost/x",
             "RENDERFLOW_HTTP_BACKEND_TOKEN": "t0ken-s3cret",
+            **TOKEN_ENV,
         }
     )
     settings = WorkerSettings.from_env(env)

@@ -7,10 +7,11 @@ import pytest
 from services.generation.config import Settings, WorkerSettings
 from services.generation.pacing import parse_rates
 from shared.settings import ConfigError, Env
+from tests.support import TOKEN_ENV
 
 
 def test_limits_have_defaults_and_read_their_variables() -> None:
-    base = {"DATABASE_URL": "postgresql://x/y"}
+    base = {"DATABASE_URL": "postgresql://x/y", **TOKEN_ENV}
     worker = WorkerSettings.from_env(Env(base))
     server = Settings.from_env(Env(base))
     assert (worker.tenant_max_running, worker.backend_rate_limits) == (8, {})

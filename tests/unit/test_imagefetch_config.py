@@ -8,10 +8,11 @@ import pytest
 
 from services.imagefetch.config import MIB, Settings
 from shared.settings import ConfigError, Env
+from tests.support import TOKEN_ENV
 
 
 def test_defaults_are_the_documented_ones() -> None:
-    settings = Settings.from_env(Env({}))
+    settings = Settings.from_env(Env(TOKEN_ENV))
     assert settings.deadline_s == 5.0
     assert settings.max_bytes == 20 * MIB
     assert settings.max_redirects == 3
@@ -28,6 +29,7 @@ def test_the_allow_list_and_cache_come_from_the_environment() -> None:
                 "RENDERFLOW_CACHE_URL": "redis://:pw@cache:6380/2",
                 "RENDERFLOW_FETCH_DEADLINE_S": "2.5",
                 "RENDERFLOW_IMAGEFETCH_ADDR": "0.0.0.0:6000",
+                **TOKEN_ENV,
             }
         )
     )

@@ -46,12 +46,24 @@ SETTINGS_CLASSES = {
 GRPC_SERVICES = ("metadata", "imagefetch", "generation")
 WITH_DATABASE = ("metadata", "generation", "worker")
 WITH_ARTIFACTS = ("generation", "worker")
+SERVICE_TOKEN = "RENDERFLOW_SERVICE_TOKEN"
 
 Manifest = dict[str, Any]
 
 
 def _documents(path: Path) -> list[Manifest]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _example_secrets() -> dict[str, Manifest]:
+    """The Secrets made out of band, as the example shows them, by name."""
+    return {secret["metadata"]["name"]: secret for secret in _documents(EXAMPLE_SECRET)}
+
+
+def _secret_value(reference: Manifest) -> str:
+    """The example's value of a `secretKeyRef` (which must name a Secret and key it has)."""
+    value: str = _example_secrets()[reference["name"]]["stringData"][reference["key"]]
+    return value
 
 
 def _object_files() -> list[Path]:
@@ -215,8 +227,7 @@ def test_renderflow_pods_run_as_the_image_user_with_a_writable_tmp(cluster: Clus
 
 
 def test_renderflow_deployments_take_their_settings_from_the_configmap(cluster: Cluster) -> None:
-    # The real Secret is made out of band; the example names its name and key.
-    (secret,) = _documents(EXAMPLE_SECRET)
+    # The real Secrets are made out of band; the example names their names and keys.
     for name, module in ENTRY_POINTS.items():
         container = _container(cluster.get("Deployment", name))
         assert container["image"].split(":")[0] == "renderflow", name
@@ -226,8 +237,8 @@ def test_renderflow_deployments_take_their_settings_from_the_configmap(cluster: 
         assert env["OTEL_SERVICE_NAME"]["value"] == name
         if name in WITH_DATABASE:
             reference = env["DATABASE_URL"]["valueFrom"]["secretKeyRef"]
-            assert reference["name"] == secret["metadata"]["name"], name
-            assert reference["key"] in secret["stringData"], name
+            assert reference["name"] == "renderflow-database", name
+            _secret_value(reference)
         else:
             assert "DATABASE_URL" not in env, f"{name} has no database and must not get its URL"
         # A setting lives in the ConfigMap or in one pod, never both: no override to hunt for.
@@ -248,27 +259,39 @@ def test_every_command_names_a_runnable_module(module: str) -> None:
 
 @pytest.mark.parametrize("name", ENTRY_POINTS)
 def test_each_component_accepts_the_environment_of_its_pod(cluster: Cluster, name: str) -> None:
-    """ConfigMap, literal env and the Secret's keys, read by the component's own settings loader."""
-    (secret,) = _documents(EXAMPLE_SECRET)
+    """ConfigMap, literal env and the Secrets' keys, read by the component's own settings loader."""
     environ = dict(cluster.settings)
     for variable in _container(cluster.get("Deployment", name)).get("env", []):
         if "value" in variable:
             environ[variable["name"]] = variable["value"]
         else:
-            environ[variable["name"]] = secret["stringData"][variable["valueFrom"]["secretKeyRef"]["key"]]
+            environ[variable["name"]] = _secret_value(variable["valueFrom"]["secretKeyRef"])
     module, _, class_name = SETTINGS_CLASSES[name].partition(":")
     settings = getattr(importlib.import_module(module), class_name).from_env(Env(environ))
     if name in GRPC_SERVICES:
         assert settings.listen == environ[f"RENDERFLOW_{name.upper()}_LISTEN"]
     if name in WITH_ARTIFACTS:
         assert str(settings.artifact_dir) == environ["RENDERFLOW_ARTIFACT_DIR"]
+    assert settings.service_token == environ[SERVICE_TOKEN]
 
 
-def test_the_example_secret_holds_a_placeholder_not_a_password() -> None:
-    (secret,) = _documents(EXAMPLE_SECRET)
-    url = urlsplit(secret["stringData"]["DATABASE_URL"])
+def test_every_container_gets_the_service_token_from_its_secret(cluster: Cluster) -> None:
+    """The services refuse calls without it, and a process without it does not start."""
+    assert SERVICE_TOKEN not in cluster.settings, "a secret does not belong in the ConfigMap"
+    for name in ENTRY_POINTS:
+        for container in _containers(cluster.get("Deployment", name)):
+            env = {e["name"]: e for e in container.get("env", [])}
+            reference = env[SERVICE_TOKEN]["valueFrom"]["secretKeyRef"]
+            assert reference == {"name": "renderflow-service-token", "key": SERVICE_TOKEN}, name
+
+
+def test_the_example_secrets_hold_placeholders_not_secrets() -> None:
+    secrets = _example_secrets()
+    assert sorted(secrets) == ["renderflow-database", "renderflow-service-token"]
+    url = urlsplit(secrets["renderflow-database"]["stringData"]["DATABASE_URL"])
     assert url.password is not None and "PLACEHOLDER" in url.password
     assert url.hostname is not None and url.hostname.endswith(".invalid")
+    assert "PLACEHOLDER" in secrets["renderflow-service-token"]["stringData"][SERVICE_TOKEN]
     assert "EXAMPLE ONLY" in EXAMPLE_SECRET.read_text().splitlines()[0]
 
 

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 from services.metadata.keys import new_secret
+from shared.service_auth import new_service_token
 from tests.support.leaks import KeyLeakWatch, leaks_in_files
 
 
@@ -37,7 +38,11 @@ def _found_in_files(tmp_path: Path) -> None:
     (tmp_path / "logs" / "gateway.log.2").write_text(f"fine\nAuthorization: Bearer {key}\n")
     (tmp_path / "traces.jsonl").write_text(f'{{"url": "/v1/renders?api_key={key}"}}\n')
     (tmp_path / "dev-api-key").write_text(key)  # where a key belongs: not a log
+    token = new_service_token()
+    (tmp_path / "logs" / "metadata.log").write_text(f'{{"metadata": "authorization: Bearer {token}"}}\n')
+    (tmp_path / "service-token").write_text(token)  # where it belongs
     assert sorted(leaks_in_files([tmp_path])) == [
         f"{tmp_path}/logs/gateway.log.2:2",
+        f"{tmp_path}/logs/metadata.log:1",
         f"{tmp_path}/traces.jsonl:1",
     ]
