@@ -113,7 +113,8 @@ class EventHub:
         notification for `poll_interval_s`, every watched render is re-read (the safety net)."""
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
+                async with asyncio.timeout(self._poll_interval_s):  # not wait_for, which may swallow a cancel
+                    await self._wake.wait()
             except TimeoutError:
                 self._dirty.update(self._subscriptions)
             self._wake.clear()

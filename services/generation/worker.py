@@ -99,7 +99,9 @@ class Worker:
                 if len(claims) == free:
                     continue  # the queue may hold more: look again once a slot frees
             with suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_s)
+                # asyncio.timeout, not wait_for, which on Python 3.11 can swallow a cancel.
+                async with asyncio.timeout(self._settings.poll_interval_s):
+                    await self._wake.wait()
 
     def _start(self, claim: Claim) -> None:
         control = Control()

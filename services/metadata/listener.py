@@ -42,5 +42,8 @@ class ChangeListener:
             async for _ in self._conn.notifies(timeout=timeout, stop_after=1):
                 notified = True
             if not notified:
-                await asyncio.wait_for(self._conn.execute(Q["ping"]), PING_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+                # arrives as the ping completes, and the listener would then never stop.
+                async with asyncio.timeout(PING_TIMEOUT_S):
+                    await self._conn.execute(Q["ping"])
         return notified
