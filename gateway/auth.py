@@ -19,7 +19,7 @@ from aiohttp.typedefs import Handler
 
 from gateway.clients import MetadataClient
 from gateway.state import TIMER
-from shared.errors import RenderflowError, Unauthenticated
+from shared.errors import RenderflowError, Unauthenticated, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ PROTECTED_PREFIX = "/v1/"
 _NAMESPACE = "auth:"
 # Entries of the revocation index are pruned once it holds this many.
 _INDEX_PRUNE_AT = 10_000
+STALE_IF_ERROR_S = 600.0
+"""How long past its cache entry a key is still taken while metadata cannot be asked."""
 FROM_NOW = -1
 """The change feed's `after_seq` that replays nothing: history is of no use to a new cache."""
 
@@ -48,8 +50,7 @@ class Principal:
 
 @dataclass(frozen=True)
 class _Indexed:
-    key_id: str
-    user_id: str
+    principal: Principal
     expires_at: float
 
 
@@ -91,7 +92,15 @@ class Authenticator:
         if isinstance(cached, Principal):
             return cached
         invalidations = self._invalidations
-        answer = await self._metadata.authenticate(api_key)
+        try:
+            answer = await self._metadata.authenticate(api_key)
+        except Unavailable:
+            # Metadata is down, so nothing can have been revoked meanwhile (a revocation goes through
+            # it, and its feed drops our entry): a recently valid key stays valid a while longer.
+            known = self._index.get(digest)
+            if known is not None and time.monotonic() < known.expires_at + STALE_IF_ERROR_S:
+                return known.principal
+            raise
         principal = Principal(user_id=answer.user.id, user_name=answer.user.name, key_id=answer.key_id)
         # A revocation that arrived while the call was in flight may concern this very key.
         if self._ttl_s > 0 and invalidations == self._invalidations:
@@ -102,8 +111,8 @@ class Authenticator:
     def _remember(self, digest: str, principal: Principal) -> None:
         now = time.monotonic()
         if len(self._index) >= _INDEX_PRUNE_AT:
-            self._index = {d: e for d, e in self._index.items() if e.expires_at > now}
-        self._index[digest] = _Indexed(principal.key_id, principal.user_id, now + self._ttl_s)
+            self._index = {d: e for d, e in self._index.items() if e.expires_at + STALE_IF_ERROR_S > now}
+        self._index[digest] = _Indexed(principal, now + self._ttl_s)
 
     def on_revoked(self, listener: Callable[[str | None, str | None], object]) -> None:
         """Calls `listener(key_id, user_id)` whenever the change feed revokes a key (user_id None)
@@ -117,7 +126,7 @@ class Authenticator:
         doomed = [
             digest
             for digest, entry in self._index.items()
-            if entry.key_id == key_id or entry.user_id == user_id
+            if entry.principal.key_id == key_id or entry.principal.user_id == user_id
         ]
         for digest in doomed:
             del self._index[digest]

@@ -194,6 +194,10 @@ def verdict(run: ChaosRun) -> Verdict:
             )
         if report.first_accept_after_s is None:
             violations.append(f"{report.label}: no submit was accepted after the fault ended")
+        if report.kind == "metadata_kill" and report.errors:
+            # The load's project, chain and rules are in generation's cache, and its key in the
+            # gateway's: submits need nothing of metadata while it is down.
+            violations.append(f"{report.label}: {report.errors} submit(s) failed while metadata was down")
     temp_files = [f for f in run.stray_files if f.rsplit("/", 1)[-1].startswith(".")]
     if temp_files:
         notes.append(f"{len(temp_files)} temporary file(s) left in the artifact directory by killed writers")
