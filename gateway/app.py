@@ -13,7 +13,6 @@ from opentelemetry import trace
 from gateway.auth import AUTHENTICATOR, Authenticator, auth_middleware
 from gateway.clients import Clients, open_clients
 from gateway.config import Settings
-from gateway.idempotency import idempotency_context
 from gateway.limits import add_rate_limit_headers, rate_limit_middleware, rate_limits_context
 from gateway.problems import add_common_headers, problem_middleware
 from gateway.routes import batches, events, health, metrics, output, projects, renders, rules
@@ -93,7 +92,6 @@ def create_app(
     app.cleanup_ctx.append(_auth_context)
     app.cleanup_ctx.append(rate_limits_context)
     app.cleanup_ctx.append(watch_hub_context)
-    app.cleanup_ctx.append(idempotency_context)
     for module in (health, metrics, projects, rules, renders, batches, events, output):
         app.add_routes(module.routes)
     return app

@@ -8,7 +8,7 @@ client that goes away leaves no call behind (close them with `contextlib.aclosin
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,6 +24,11 @@ from shared.rpc_errors import rpc_errors
 T = TypeVar("T")
 
 HEALTH_TIMEOUT_S = 1.0
+CHANGE_SEQ_KEY = "renderflow-change-seq"
+"""Trailing metadata of metadata's writes: the seq of the change made."""
+_ACKNOWLEDGED_USERS = 10_000
+REPLAYED_KEY = "renderflow-replayed"
+"""Trailing metadata of generation's submits: `true` for the answer to a repeat."""
 
 
 class _Client:
@@ -74,6 +79,26 @@ class MetadataClient(_Client):
         super().__init__(channel)
         self._stub = metadata_pb2_grpc.MetadataServiceStub(channel)
         self._timeout = timeout_s
+        self._acknowledged: OrderedDict[str, int] = OrderedDict()
+
+    def acknowledged(self, user_id: str) -> int:
+        """The seq of the user's last change of projects, chains or rules made through this
+        client (0: none): generation reads them at least as fresh, so that a change acknowledged
+        to a client applies to the renders it submits afterwards."""
+        return self._acknowledged.get(user_id, 0)
+
+    async def _write(self, user_id: str, call: grpc.aio.UnaryUnaryCall[Any, T]) -> T:
+        """The answer of a write, noting the change it made (its trailing metadata)."""
+        with rpc_errors():
+            answer = await call
+            trailers = await call.trailing_metadata()
+        for key, value in trailers or ():
+            if key == CHANGE_SEQ_KEY:
+                self._acknowledged[user_id] = max(int(value), self._acknowledged.pop(user_id, 0))
+                if len(self._acknowledged) > _ACKNOWLEDGED_USERS:
+                    # The oldest writers' changes have reached every cache long since.
+                    self._acknowledged.popitem(last=False)
+        return answer
 
     async def authenticate(self, api_key: str) -> metadata_pb2.AuthenticateResponse:
         with rpc_errors():
@@ -82,11 +107,8 @@ class MetadataClient(_Client):
             )
 
     async def create_project(self, user_id: str, slug: str, name: str) -> metadata_pb2.Project:
-        with rpc_errors():
-            return await self._stub.CreateProject(
-                metadata_pb2.CreateProjectRequest(user_id=user_id, slug=slug, name=name),
-                timeout=self._timeout,
-            )
+        request = metadata_pb2.CreateProjectRequest(user_id=user_id, slug=slug, name=name)
+        return await self._write(user_id, self._stub.CreateProject(request, timeout=self._timeout))
 
     async def get_project(self, user_id: str, slug: str) -> metadata_pb2.Project:
         with rpc_errors():
@@ -104,11 +126,8 @@ class MetadataClient(_Client):
             )
 
     async def create_chain(self, user_id: str, project: str, name: str) -> metadata_pb2.Chain:
-        with rpc_errors():
-            return await self._stub.CreateChain(
-                metadata_pb2.CreateChainRequest(user_id=user_id, project=project, name=name),
-                timeout=self._timeout,
-            )
+        request = metadata_pb2.CreateChainRequest(user_id=user_id, project=project, name=name)
+        return await self._write(user_id, self._stub.CreateChain(request, timeout=self._timeout))
 
     async def get_chain(self, user_id: str, project: str, chain_id: str) -> metadata_pb2.Chain:
         with rpc_errors():
@@ -136,8 +155,7 @@ class MetadataClient(_Client):
         )
         if active is not None:
             request.active = active
-        with rpc_errors():
-            return await self._stub.CreateRule(request, timeout=self._timeout)
+        return await self._write(user_id, self._stub.CreateRule(request, timeout=self._timeout))
 
     async def list_rules(
         self, user_id: str, project: str, page_size: int, page_token: str
@@ -158,25 +176,11 @@ class MetadataClient(_Client):
             request.text = text
         if active is not None:
             request.active = active
-        with rpc_errors():
-            return await self._stub.UpdateRule(request, timeout=self._timeout)
+        return await self._write(user_id, self._stub.UpdateRule(request, timeout=self._timeout))
 
     async def delete_rule(self, user_id: str, project: str, rule_id: str) -> None:
-        with rpc_errors():
-            await self._stub.DeleteRule(
-                metadata_pb2.DeleteRuleRequest(user_id=user_id, project=project, rule_id=rule_id),
-                timeout=self._timeout,
-            )
-
-    async def prepare_render(
-        self, user_id: str, project: str, chain_id: str | None, count: int = 1
-    ) -> metadata_pb2.PrepareRenderResponse:
-        """Authorizes the project, resolves the chain and allocates `count` consecutive positions."""
-        request = metadata_pb2.PrepareRenderRequest(
-            user_id=user_id, project=project, chain_id=chain_id or "", count=count
-        )
-        with rpc_errors():
-            return await self._stub.PrepareRender(request, timeout=self._timeout)
+        request = metadata_pb2.DeleteRuleRequest(user_id=user_id, project=project, rule_id=rule_id)
+        await self._write(user_id, self._stub.DeleteRule(request, timeout=self._timeout))
 
     def watch_changes(
         self, after_seq: int, on_start: Callable[[], Awaitable[None]] | None = None
@@ -199,15 +203,22 @@ class GenerationClient(_Client):
         self._timeout = timeout_s
         self._output_timeout = output_timeout_s
 
-    async def submit(self, request: generation_pb2.SubmitRequest) -> generation_pb2.Render:
-        # Safe to retry: the render id is chosen by the caller and Submit is idempotent on it.
-        with rpc_errors():
-            return await self._stub.Submit(request, timeout=self._timeout)
+    async def submit(self, request: generation_pb2.SubmitRequest) -> tuple[generation_pb2.Render, bool]:
+        """The render queued, and whether it is what an earlier, identical submit made."""
+        return await _with_replayed(self._stub.Submit(request, timeout=self._timeout))
 
-    async def submit_batch(self, request: generation_pb2.SubmitBatchRequest) -> generation_pb2.Batch:
-        # All or nothing, and idempotent on the render ids and the idempotency key.
+    async def chain_lengths(self, user_id: str, chain_ids: Sequence[str]) -> dict[str, int]:
+        """How many positions each chain has allocated (0 for those with none)."""
+        request = generation_pb2.GetChainLengthsRequest(user_id=user_id, chain_ids=chain_ids)
         with rpc_errors():
-            return await self._stub.SubmitBatch(request, timeout=self._timeout)
+            answer = await self._stub.GetChainLengths(request, timeout=self._timeout)
+        return {chain_id: answer.lengths.get(chain_id, 0) for chain_id in chain_ids}
+
+    async def submit_batch(
+        self, request: generation_pb2.SubmitBatchRequest
+    ) -> tuple[generation_pb2.Batch, bool]:
+        """The batch queued (all or nothing), and whether it is what an earlier, identical submit made."""
+        return await _with_replayed(self._stub.SubmitBatch(request, timeout=self._timeout))
 
     async def get_batch(self, user_id: str, batch_id: str) -> generation_pb2.Batch:
         with rpc_errors():
@@ -272,6 +283,13 @@ class GenerationClient(_Client):
             user_id=user_id, render_id=render_id, offset=offset, length=length
         )
         return self._stream("GetOutput", self._stub.GetOutput(request, timeout=self._output_timeout))
+
+
+async def _with_replayed(call: grpc.aio.UnaryUnaryCall[Any, T]) -> tuple[T, bool]:
+    with rpc_errors():
+        answer = await call
+        trailers = await call.trailing_metadata()
+    return answer, (REPLAYED_KEY, "true") in tuple(trailers or ())
 
 
 @dataclass(frozen=True)

@@ -50,13 +50,14 @@ def project_json(project: metadata_pb2.Project) -> JSON:
     }
 
 
-def chain_json(chain: metadata_pb2.Chain) -> JSON:
+def chain_json(chain: metadata_pb2.Chain, length: int) -> JSON:
+    """A chain as metadata defines it, with its `length` (positions allocated) as generation counts it."""
     return {
         "id": chain.id,
         "project": chain.project,
         "name": chain.name,
         "is_default": chain.is_default,
-        "length": chain.length,
+        "length": length,
         "created_at": timestamp(chain.created_at),
     }
 

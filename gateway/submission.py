@@ -6,7 +6,7 @@ import secrets
 from typing import Any
 
 from aiohttp import web
-from renderflow.v1 import generation_pb2, metadata_pb2
+from renderflow.v1 import generation_pb2
 
 from gateway.resources import KINDS
 from gateway.state import TIMER
@@ -28,9 +28,9 @@ def render_params(kind: str, given: dict[str, Any]) -> generation_pb2.RenderPara
     return params
 
 
-def reference(given: dict[str, Any] | None, position: int) -> generation_pb2.Reference | None:
+def reference(given: dict[str, Any] | None) -> generation_pb2.Reference | None:
     """The reference image's source: a URL, another render, or (`previous: true`) the render
-    before this one in its chain, which the first render of a chain does not have."""
+    before this one in its chain (generation drops it for the first render of a chain)."""
     if not given:
         return None
     ref = generation_pb2.Reference(required=bool(given.get("required", False)))
@@ -38,29 +38,22 @@ def reference(given: dict[str, Any] | None, position: int) -> generation_pb2.Ref
         ref.url = given["url"]
     elif "render_id" in given:
         ref.render_id = given["render_id"]
-    elif position <= 1:
-        return None
     else:
         ref.chain_previous = True
     return ref
 
 
-def render_spec(
-    render_id: str, fields: dict[str, Any], prepared: metadata_pb2.PrepareRenderResponse, position: int
-) -> generation_pb2.RenderSpec:
-    """What generation queues: the request, at `position` of the chain PrepareRender resolved."""
+def render_spec(fields: dict[str, Any], project: str, chain_id: str | None) -> generation_pb2.RenderSpec:
+    """What generation queues, as the client stated it: generation resolves the project (slug)
+    and chain (None: the project's default) and decides the position and rules."""
     return generation_pb2.RenderSpec(
-        render_id=render_id,
-        project_id=prepared.project.id,
-        project=prepared.project.slug,
-        chain_id=prepared.chain.id,
-        position=position,
+        project=project,
+        chain_id=chain_id or "",
         kind=KINDS[fields["kind"]],
         prompt=fields["prompt"],
         negative_prompt=fields.get("negative_prompt") or "",
         params=render_params(fields["kind"], fields.get("params", {})),
-        rules=prepared.rules,
-        reference=reference(fields.get("reference"), position),
+        reference=reference(fields.get("reference")),
     )
 
 
@@ -82,7 +75,5 @@ def spent_so_far(request: web.Request) -> generation_pb2.Timings:
     """The phases of the request before it reached generation, to be kept on the render."""
     phases = request[TIMER].phases
     return generation_pb2.Timings(
-        auth_ms=phases.get("auth", 0.0),
-        validation_ms=phases.get("validation", 0.0),
-        db_ms=phases.get("db", 0.0),
+        auth_ms=phases.get("auth", 0.0), validation_ms=phases.get("validation", 0.0)
     )

@@ -49,7 +49,7 @@ async def create_chain(request: web.Request) -> web.Response:
     with phase(request, "db"):
         chain = await clients(request).metadata.create_chain(user.user_id, slug, fields["name"])
     return web.json_response(
-        chain_json(chain), status=201, headers={"Location": f"/v1/projects/{slug}/chains/{chain.id}"}
+        chain_json(chain, 0), status=201, headers={"Location": f"/v1/projects/{slug}/chains/{chain.id}"}
     )
 
 
@@ -57,18 +57,23 @@ async def create_chain(request: web.Request) -> web.Response:
 async def list_chains(request: web.Request) -> web.Response:
     user = principal(request)
     page_size, page_token = page_args(query(request, "listChains"))
+    services = clients(request)
     with phase(request, "db"):
-        answer = await clients(request).metadata.list_chains(
+        answer = await services.metadata.list_chains(
             user.user_id, request.match_info["slug"], page_size, page_token
         )
-    return web.json_response(page("chains", [chain_json(c) for c in answer.chains], answer.next_page_token))
+        lengths = await services.generation.chain_lengths(user.user_id, [c.id for c in answer.chains])
+    chains = [chain_json(c, lengths[c.id]) for c in answer.chains]
+    return web.json_response(page("chains", chains, answer.next_page_token))
 
 
 @routes.get("/v1/projects/{slug}/chains/{chain_id}")
 async def get_chain(request: web.Request) -> web.Response:
     user = principal(request)
+    services = clients(request)
     with phase(request, "db"):
-        chain = await clients(request).metadata.get_chain(
+        chain = await services.metadata.get_chain(
             user.user_id, request.match_info["slug"], request.match_info["chain_id"]
         )
-    return web.json_response(chain_json(chain))
+        lengths = await services.generation.chain_lengths(user.user_id, [chain.id])
+    return web.json_response(chain_json(chain, lengths[chain.id]))

@@ -3,7 +3,6 @@ list, a chain's renders in order, cancel; and the old system's paths as aliases 
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +10,7 @@ from aiohttp import web
 from renderflow.v1 import generation_pb2
 
 from gateway.auth import Principal, authenticated, principal
-from gateway.idempotency import find_repeat, idempotency_key, one_at_a_time, request_hash
+from gateway.idempotency import idempotency_key, request_hash
 from gateway.resources import STATUSES, TERMINAL_STATUSES, page, render_json
 from gateway.routes import ID, clients, page_args, phase, query
 from gateway.state import SETTINGS, TIMER, TRACEPARENT
@@ -73,27 +72,20 @@ async def _submit(
     services = clients(request)
     attributes = {"render.project": project, "render.kind": fields["kind"], "render.tenant": user.user_id}
     request[TIMER].annotate(attributes)
-    key, wait_s, body_hash = intent.idempotency_key, intent.wait_s, intent.body_hash
-    async with one_at_a_time(request, user.user_id, key):
-        with phase(request, "db"):
-            render_id = str(uuid.uuid4())
-            if key:
-                render_id, repeat = await find_repeat(services.generation, user.user_id, key, body_hash)
-                if repeat is not None:
-                    # A repeat of a request already queued: answer as then, without a new position.
-                    return await _answer(request, user, repeat, wait_s, replayed=True)
-            prepared = await services.metadata.prepare_render(user.user_id, project, chain_id)
-        submitted = generation_pb2.SubmitRequest(
-            user_id=user.user_id,
-            render=render_spec(render_id, fields, prepared, prepared.first_position),
-            idempotency_key=key,
-            request_hash=body_hash,
-            traceparent=request[TRACEPARENT],
-            timings=spent_so_far(request),
-        )
-        with phase(request, "enqueue"):
-            render = await services.generation.submit(submitted)
-    return await _answer(request, user, render, wait_s)
+    # One call: generation resolves the project, chain and rules, allocates the position and
+    # queues the render, idempotently on the key.
+    submitted = generation_pb2.SubmitRequest(
+        user_id=user.user_id,
+        render=render_spec(fields, project, chain_id),
+        idempotency_key=intent.idempotency_key,
+        request_hash=intent.body_hash,
+        traceparent=request[TRACEPARENT],
+        timings=spent_so_far(request),
+        min_change_seq=services.metadata.acknowledged(user.user_id),
+    )
+    with phase(request, "enqueue"):
+        render, replayed = await services.generation.submit(submitted)
+    return await _answer(request, user, render, intent.wait_s, replayed=replayed)
 
 
 async def _answer(

@@ -12,9 +12,10 @@ was submitted within the chain wait) the render runs without a reference, as the
 does; only if its reference is `required` does it fail instead, with `dependency_failed` (reason
 `none_succeeded` or `missing`), before any attempt. That is the one meaning of `dependency_failed`.
 
-A position can be allocated and never used (the submit after `PrepareRender` refused, or its
-gateway gone): the render at position - 1 is waited for until the chain wait has passed, then the
-earlier ones stand in for it. `settle` runs right after whatever may end a render (a worker's
+A position is taken in the statement that inserts its render, so submits leave no gap; should a
+position still be missing (positions allocated before they moved here, a row removed by hand), the
+render at position - 1 is waited for until the chain wait has passed, then the earlier ones stand
+in for it. `settle` runs right after whatever may end a render (a worker's
 finish, a cancel, the rescuer) and after a chain render's submit; the rescuer also runs it over
 every waiting job, so a wake-up lost to a crash or a race only delays a release by one rescue
 interval. Every change is fenced on `state = 'waiting'`, so settling twice is harmless.

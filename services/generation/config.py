@@ -35,6 +35,14 @@ class Settings:
     """DATABASE_URL: the PostgreSQL holding schema `generation` (required)."""
     artifact_dir: Path
     """RENDERFLOW_ARTIFACT_DIR: where outputs are stored; default `<run dir>/artifacts`."""
+    metadata_addr: str
+    """RENDERFLOW_METADATA_ADDR: the metadata service, which says what a submit's project, chain and
+    rules are (cached here, kept current by its change feed)."""
+    metadata_timeout_s: float = 2.0
+    """RENDERFLOW_METADATA_TIMEOUT_S: deadline of one read from metadata on a cache miss."""
+    catalog_ttl_s: float = 300.0
+    """RENDERFLOW_CATALOG_TTL_S: how long a project, chain and rules stay cached without a change
+    (changes drop them at once; 0: no cache)."""
     db_poll_only: bool = False
     """RENDERFLOW_DB_POLL_ONLY: never LISTEN (for poolers in transaction mode); poll instead."""
     poll_interval_s: float = 5.0
@@ -69,6 +77,9 @@ class Settings:
             listen=listen_address(Addresses.from_env(env).generation, env, "RENDERFLOW_GENERATION_LISTEN"),
             database_url=_database_url(env),
             artifact_dir=_artifact_dir(env),
+            metadata_addr=Addresses.from_env(env).metadata,
+            metadata_timeout_s=env.float("RENDERFLOW_METADATA_TIMEOUT_S", 2.0, minimum=0.01),
+            catalog_ttl_s=env.float("RENDERFLOW_CATALOG_TTL_S", 300.0, minimum=0),
             db_poll_only=poll_only,
             poll_interval_s=env.float("RENDERFLOW_WATCH_POLL_S", 1.0 if poll_only else 5.0, minimum=0.05),
             stall_after_s=env.float("RENDERFLOW_STALL_AFTER_S", 60.0, minimum=1.0),

@@ -53,18 +53,17 @@ class Rule:
 
 @dataclass(frozen=True)
 class RenderSpec:
-    """One render to queue, as prepared by the metadata service (before validation)."""
+    """One render to queue, as its caller states it (before validation): the project (slug or
+    id) and chain (empty: the project's default) it goes to are resolved by the catalog, its
+    position and rules decided when it is queued."""
 
     render_id: str = ""
-    project_id: str = ""
     project: str = ""
     chain_id: str = ""
-    position: int = 0
     kind: str = "image"
     prompt: str = ""
     negative_prompt: str = ""
     params: Params = field(default_factory=Params)
-    rules: tuple[Rule, ...] = ()
     reference: Reference | None = None
     priority: int = 0
 
@@ -78,6 +77,8 @@ class Submission:
     request_hash: str = ""
     traceparent: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    min_change_seq: int = 0
+    """The metadata change the caller last saw acknowledged: the catalog is read as of it or later."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,8 @@ class Render:
     stalled: bool = False
     waiting_on: str = ""
     """While it waits for its chain predecessor to end: that render's id."""
+    replayed: bool = False
+    """Answered to a submit that repeated an earlier one (same id or idempotency key)."""
 
     @property
     def terminal(self) -> bool:
@@ -208,6 +211,8 @@ class Batch:
     created_at: datetime
     counts: dict[str, int]
     renders: list[Render]
+    replayed: bool = False
+    """Answered to a submit that repeated an earlier one (same idempotency key)."""
 
 
 @dataclass(frozen=True)

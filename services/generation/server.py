@@ -14,6 +14,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from renderflow.v1 import generation_pb2, generation_pb2_grpc
 
 from services.generation.artifacts import LocalArtifactStore
+from services.generation.catalog import Catalog
 from services.generation.config import Settings
 from services.generation.events import EventHub
 from services.generation.instruments import Instruments, watch_queue
@@ -75,6 +76,12 @@ async def running(settings: Settings) -> AsyncIterator[int]:
             listener = Listener(url, ["generation_events"], hub.on_notify, hub.resync)
             await stack.enter_async_context(background(listener.run(), "generation-listen"))
         artifacts = LocalArtifactStore(settings.artifact_dir)
+        metadata = await stack.enter_async_context(
+            create_channel(settings.metadata_addr, token=settings.service_token)
+        )
+        catalog = Catalog(metadata, settings.metadata_timeout_s, settings.catalog_ttl_s)
+        stack.push_async_callback(catalog.close)
+        await stack.enter_async_context(background(catalog.follow_changes(), "generation-catalog-feed"))
         prefetch = None
         if settings.prefetch_addr:
             channel = await stack.enter_async_context(
@@ -85,7 +92,7 @@ async def running(settings: Settings) -> AsyncIterator[int]:
             )
             stack.push_async_callback(prefetcher.close)
             prefetch = prefetcher.start
-        renders = Renders(store, hub, artifacts, settings.stall_after_s, prefetch)
+        renders = Renders(store, catalog, hub, artifacts, settings.stall_after_s, prefetch)
         handle = create_server([SERVICE_NAME], token=settings.service_token)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(renders), handle.server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import replace
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from opentelemetry import propagate, trace
 
 from services.generation.artifacts import ArtifactStore
+from services.generation.catalog import Catalog, Placement
 from services.generation.domain import (
     Batch,
     Event,
@@ -23,7 +25,9 @@ from services.generation.domain import (
 from services.generation.events import EventHub, follow
 from services.generation.storage import RenderStore
 from services.generation.validation import normalized, normalized_batch
-from shared.errors import FailedPrecondition
+from shared.errors import FailedPrecondition, FieldError, NotFound, ValidationFailed
+
+tracer = trace.get_tracer(__name__)
 
 
 class Renders:
@@ -32,12 +36,14 @@ class Renders:
     def __init__(
         self,
         store: RenderStore,
+        catalog: Catalog,
         hub: EventHub,
         artifacts: ArtifactStore,
         stall_after_s: float,
         prefetch: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
+        self._catalog = catalog
         self._hub = hub
         self._artifacts = artifacts
         self._stall_after_s = stall_after_s
@@ -46,20 +52,61 @@ class Renders:
         finds it cached."""
 
     async def submit(self, spec: RenderSpec, submission: Submission) -> Render:
-        """Queues one render (idempotently); returns it as stored."""
-        started = time.perf_counter()
+        """Queues one render (idempotently) in its project and chain, with the rules active there;
+        returns it as stored. NotFound for a project or chain the user does not have."""
         valid = normalized(spec)
-        render = await self._store.submit(valid, _traced(submission), started)
+        looked_up = time.perf_counter()
+        with tracer.start_as_current_span("db"):
+            placement = await self._catalog.place(
+                submission.user_id, valid.project, valid.chain_id, submission.min_change_seq
+            )
+        submission = _traced(_spent_in_db(submission, looked_up))
+        render = await self._store.submit(valid, placement, submission, time.perf_counter())
         self._prefetch_references([render])
         return self._derived(render)
 
     async def submit_batch(self, specs: list[RenderSpec], submission: Submission) -> Batch:
-        """Queues every render of a batch, or none of them when one is invalid or over the quota."""
-        started = time.perf_counter()
+        """Queues every render of a batch, or none of them when one is invalid, names a project or
+        chain the user does not have (422 naming its first item), or is over the quota."""
         valid = normalized_batch(specs)
-        batch = await self._store.submit_batch(valid, _traced(submission), started)
+        looked_up = time.perf_counter()
+        with tracer.start_as_current_span("db"):
+            placements = await self._placements(valid, submission)
+        submission = _traced(_spent_in_db(submission, looked_up))
+        batch = await self._store.submit_batch(valid, placements, submission, time.perf_counter())
         self._prefetch_references(batch.renders)
         return replace(batch, renders=[self._derived(r) for r in batch.renders])
+
+    async def _placements(self, specs: list[RenderSpec], submission: Submission) -> list[Placement]:
+        """Each item's placement, resolved once per (project, chain); an unknown one is the fault of
+        the first item naming it."""
+        first: dict[tuple[str, str], int] = {}
+        for index, spec in enumerate(specs):
+            first.setdefault((spec.project, spec.chain_id), index)
+        answers = await asyncio.gather(
+            *(
+                self._catalog.place(submission.user_id, project, chain_id, submission.min_change_seq)
+                for project, chain_id in first
+            ),
+            return_exceptions=True,
+        )
+        placed: dict[tuple[str, str], Placement] = {}
+        errors: list[FieldError] = []
+        for (group, index), answer in zip(first.items(), answers, strict=True):
+            if isinstance(answer, NotFound):
+                field = "chain_id" if group[1] and "chain" in answer.message else "project"
+                errors.append(FieldError(f"items[{index}].{field}", answer.message))
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                placed[group] = answer
+        if errors:
+            raise ValidationFailed(f"{errors[0].field}: {errors[0].message}", errors)
+        return [placed[(spec.project, spec.chain_id)] for spec in specs]
+
+    async def chain_lengths(self, user_id: str, chain_ids: list[str]) -> dict[str, int]:
+        """How many positions each of the user's chains has allocated (those with none left out)."""
+        return await self._store.chain_lengths(user_id, chain_ids)
 
     def _prefetch_references(self, renders: Iterable[Render]) -> None:
         if self._prefetch is None:
@@ -144,3 +191,10 @@ def _traced(submission: Submission) -> Submission:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return replace(submission, traceparent=carrier.get("traceparent", ""))
+
+
+def _spent_in_db(submission: Submission, since: float) -> Submission:
+    """The submission with the time since `since` added to its `db` phase (looking up the render's
+    project, chain and rules: the catalog's cache, or metadata on a miss)."""
+    spent_ms = (time.perf_counter() - since) * 1000 + submission.timings.get("db_ms", 0.0)
+    return replace(submission, timings={**submission.timings, "db_ms": round(spent_ms, 3)})

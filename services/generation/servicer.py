@@ -21,7 +21,6 @@ from services.generation.domain import (
     RenderError,
     RenderFilter,
     RenderSpec,
-    Rule,
     Submission,
 )
 from services.generation.service import Renders
@@ -47,12 +46,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._renders = renders
 
     async def Submit(self, request: pb.SubmitRequest, context: Context) -> pb.Render:
-        submission = _submission(request)
-        return render_pb(await self._renders.submit(spec_from_pb(request.render), submission))
+        render = await self._renders.submit(spec_from_pb(request.render), _submission(request))
+        _say_if_replayed(context, render.replayed)
+        return render_pb(render)
 
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Context) -> pb.Batch:
         specs = [spec_from_pb(spec) for spec in request.renders]
-        return batch_pb(await self._renders.submit_batch(specs, _submission(request)))
+        batch = await self._renders.submit_batch(specs, _submission(request))
+        _say_if_replayed(context, batch.replayed)
+        return batch_pb(batch)
+
+    async def GetChainLengths(
+        self, request: pb.GetChainLengthsRequest, context: Context
+    ) -> pb.GetChainLengthsResponse:
+        lengths = await self._renders.chain_lengths(request.user_id, list(request.chain_ids))
+        return pb.GetChainLengthsResponse(lengths=lengths)
 
     async def GetRender(self, request: pb.GetRenderRequest, context: Context) -> pb.Render:
         return render_pb(await self._renders.get(request.user_id, request.render_id))
@@ -108,6 +116,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             yield first
 
 
+REPLAYED_KEY = "renderflow-replayed"
+"""Trailing metadata of Submit and SubmitBatch: `true` when the answer is what an earlier,
+identical submit made (an HTTP API says so in Idempotent-Replayed)."""
+
+
+def _say_if_replayed(context: Context, replayed: bool) -> None:
+    if replayed:
+        context.set_trailing_metadata(((REPLAYED_KEY, "true"),))
+
+
 def spec_from_pb(spec: pb.RenderSpec) -> RenderSpec:
     """A render spec from its protobuf."""
     params = spec.params
@@ -119,15 +137,12 @@ def spec_from_pb(spec: pb.RenderSpec) -> RenderSpec:
         )
     return RenderSpec(
         render_id=spec.render_id,
-        project_id=spec.project_id,
         project=spec.project,
         chain_id=spec.chain_id,
-        position=spec.position,
         kind=_KINDS.get(spec.kind, "unspecified"),
         prompt=spec.prompt,
         negative_prompt=spec.negative_prompt,
         params=Params(params.width, params.height, params.steps, params.seed, params.duration_s, params.fps),
-        rules=tuple(Rule(r.id, r.text) for r in spec.rules),
         reference=reference,
         priority=spec.priority,
     )
@@ -145,6 +160,7 @@ def _submission(request: pb.SubmitRequest | pb.SubmitBatchRequest) -> Submission
         request_hash=request.request_hash,
         traceparent=request.traceparent,
         timings=timings,
+        min_change_seq=request.min_change_seq,
     )
 
 

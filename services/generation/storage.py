@@ -11,7 +11,8 @@ import base64
 import binascii
 import json
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from services.generation.catalog import Placement
 from services.generation.chains import continues_from, settle
 from services.generation.domain import (
     Batch,
@@ -33,7 +35,7 @@ from services.generation.domain import (
     Submission,
 )
 from services.generation.records import SELECT_RENDER, event_from_row, record, render_from_row
-from services.generation.submissions import insert_render, released, same_request
+from services.generation.submissions import chain_lengths, insert_render, lock_key, released, same_request
 from shared.contract import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, STATUSES
 from shared.errors import (
     Conflict,
@@ -119,15 +121,29 @@ class RenderStore:
             await conn.set_autocommit(True)
             yield conn
 
-    async def submit(self, spec: RenderSpec, submission: Submission, started: float) -> Render:
+    async def submit(
+        self, spec: RenderSpec, placement: Placement, submission: Submission, started: float
+    ) -> Render:
         """Queues a validated render, or returns the one a repeat of this submit already queued."""
         async with self._conn() as conn:
-            render = await insert_render(conn, spec, submission, started, None, self._max_active)
+            key = submission.idempotency_key
+            async with conn.transaction() if key else nullcontext():
+                if key:
+                    await lock_key(conn, submission.user_id, key)
+                max_active = self._max_active
+                render = await insert_render(conn, spec, placement, submission, started, None, max_active)
             if render.waiting_on and (await settle(conn, [render.waiting_on])).changed:
                 return await self.get(submission.user_id, render.id)
             return render
 
-    async def submit_batch(self, specs: list[RenderSpec], submission: Submission, started: float) -> Batch:
+    async def chain_lengths(self, user_id: str, chain_ids: list[str]) -> dict[str, int]:
+        """How many positions each of the user's chains has allocated (those with none left out)."""
+        async with self._conn() as conn:
+            return await chain_lengths(conn, user_id, chain_ids)
+
+    async def submit_batch(
+        self, specs: list[RenderSpec], placements: list[Placement], submission: Submission, started: float
+    ) -> Batch:
         """Queues every render of a batch in one transaction (or returns the batch a repeat made):
         all of them, or none when one is refused (QuotaExceeded)."""
         ended: set[str] = set()
@@ -153,15 +169,15 @@ class RenderStore:
                     submission.user_id, traceparent=submission.traceparent, timings=submission.timings
                 )
                 renders = [
-                    await insert_render(conn, spec, no_key, started, batch_id, self._max_active)
-                    for spec in specs
+                    await insert_render(conn, spec, placement, no_key, started, batch_id, self._max_active)
+                    for spec, placement in zip(specs, placements, strict=True)
                 ]
                 # Dependents of renders outside the batch, which may have ended meanwhile.
                 ended = {r.waiting_on for r in renders} - {r.id for r in renders} - {""}
         if ended:
             async with self._conn() as conn:
                 await settle(conn, ended)
-        return await self.get_batch(submission.user_id, batch_id)
+        return replace(await self.get_batch(submission.user_id, batch_id), replayed=row is None)
 
     async def get(self, user_id: str, render_id: str) -> Render:
         """The user's render; NotFound when it does not exist or is someone else's."""

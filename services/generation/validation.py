@@ -14,14 +14,12 @@ from shared.contract import (
     MAX_BATCH,
     MAX_ID,
     MAX_PROMPT,
-    MAX_RULE_TEXT,
     MAX_URL,
     PARAMS,
     SEED_MAX,
 )
 from shared.errors import FieldError, ValidationFailed
 
-MAX_RULES = 100
 PRIORITY = (-1000, 1000)
 # Ids name artifact files, so they must be safe as file names.
 _ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_-]{{0,{MAX_ID - 1}}}$")
@@ -71,10 +69,7 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
         if [bool(reference.url), bool(reference.render_id), reference.chain_previous].count(True) != 1:
             bad("reference", "must have exactly one of url, render_id and chain_previous")
         elif reference.chain_previous:
-            if not spec.chain_id or spec.position < 1:
-                bad("reference.chain_previous", "needs the render's chain_id and position")
-            elif spec.position == 1:
-                reference = None  # the first render of a chain has nothing before it
+            pass  # the render before it in its chain (none for the first: dropped when queued)
         elif reference.url:
             parts = urlsplit(reference.url)  # lowercases the scheme: HTTP:// is http (RFC 3986)
             if parts.scheme not in ("http", "https") or not parts.hostname or len(reference.url) > MAX_URL:
@@ -84,18 +79,14 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
         elif reference.render_id == render_id:
             bad("reference.render_id", "must not be the render itself")
 
-    if len(spec.rules) > MAX_RULES:
-        bad("rules", f"must be at most {MAX_RULES}")
-    for index, rule in enumerate(spec.rules):
-        if len(rule.text) > MAX_RULE_TEXT:
-            bad(f"rules[{index}].text", f"must be at most {MAX_RULE_TEXT} characters")
     in_range("priority", spec.priority, PRIORITY)
-    for name in ("project_id", "project", "chain_id"):
+    if not spec.project:
+        bad("project", "is required")
+    for name in ("project", "chain_id"):
         if len(getattr(spec, name)) > 200:
             bad(name, "must be at most 200 characters")
     # PostgreSQL text cannot hold NUL; refuse it here, for gRPC callers that skip the gateway.
-    texts = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt}
-    texts.update({f"rules[{i}].text": rule.text for i, rule in enumerate(spec.rules)})
+    texts = {"prompt": spec.prompt, "negative_prompt": spec.negative_prompt, "project": spec.project}
     if reference is not None:
         texts["reference.url"] = reference.url
     for name, text in texts.items():

@@ -15,7 +15,7 @@ from shared.contract import MAX_NAME, MAX_RULE_TEXT
 from shared.errors import Conflict, Unauthenticated
 
 from . import keys, validation
-from .models import ApiKey, Chain, Cursor, IssuedKey, Page, Prepared, Project, Rule, User
+from .models import ApiKey, Chain, Cursor, IssuedKey, Page, Project, Resolved, Rule, User
 from .storage import Store
 from .validation import Checks, optional_id, parse_id
 
@@ -177,14 +177,11 @@ class Metadata:
         """Deletes a rule of the user's project."""
         await self._store.delete_rule(parse_id(user_id, "project"), project, parse_id(rule_id, "rule"))
 
-    # The submit path.
+    # What generation's submit path reads (and caches).
 
-    async def prepare_render(self, user_id: str, project: str, chain_id: str, count: int) -> Prepared:
-        """Authorizes the project, allocates `count` positions on the chain (the default one when
-        `chain_id` is empty) and snapshots the active rules, in one transaction."""
-        return await self._store.prepare_render(
-            parse_id(user_id, "project"),
-            project,
-            optional_id(chain_id, "chain"),
-            validation.count(count),
+    async def resolve_render(self, user_id: str, project: str, chain_id: str) -> Resolved:
+        """The project (slug or id), chain (the default one when `chain_id` is empty) and active
+        rules a render is made with, read at once; NotFound for an unknown project or chain."""
+        return await self._store.resolve_render(
+            parse_id(user_id, "project"), project, optional_id(chain_id, "chain")
         )

@@ -85,13 +85,13 @@ class RuleSnapshot:
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """What the submit path needs: the project, the chain, the allocated positions, the rules."""
+class Resolved:
+    """What a render is made with: the project, the chain, the active rules; as of `change_seq`."""
 
     project: Project
     chain: Chain
-    first_position: int
     rules: list[RuleSnapshot]
+    change_seq: int
 
 
 @dataclass(frozen=True)

@@ -114,24 +114,26 @@ USING metadata.projects p
 WHERE p.id = r.project_id AND p.user_id = %(user_id)s AND p.slug = %(slug)s AND r.id = %(id)s
 RETURNING r.id;
 
--- name: prepare_render
--- The submit hot path in one statement (one round trip, one implicit transaction):
--- authorize the project, bump the chain's length (the row lock serializes concurrent
--- allocations, and under READ COMMITTED each waiter re-reads the committed length, so
--- positions are never shared and have no gaps), and snapshot the active rules.
--- No project row: unknown project. A project row without chain columns: unknown chain.
+-- name: resolve_render
+-- What a render of the project (slug or id) and chain (the default one when none is named) is
+-- made with, in one statement and so one snapshot: the project, the chain, its active rules, and
+-- the change feed's last seq, every change up to which the answer reflects (writers of the feed
+-- commit in seq order). No project row: unknown project. A project row without chain columns:
+-- unknown chain.
 WITH project AS (
     SELECT id, user_id, slug, name, default_chain_id, created_at
-    FROM metadata.projects WHERE user_id = %(user_id)s AND slug = %(slug)s
+    FROM metadata.projects
+    WHERE user_id = %(user_id)s AND (slug = %(project)s OR id = %(project_id)s)
+    LIMIT 1
 ), chain AS (
-    UPDATE metadata.chains c SET length = c.length + %(count)s
-    FROM project p
-    WHERE c.project_id = p.id AND c.id = coalesce(%(chain_id)s::uuid, p.default_chain_id)
-    RETURNING c.id, c.name, c.is_default, c.length, c.created_at
+    SELECT c.id, c.name, c.is_default, c.length, c.created_at
+    FROM metadata.chains c JOIN project p ON c.project_id = p.id
+    WHERE c.id = coalesce(%(chain_id)s::uuid, p.default_chain_id)
 )
 SELECT p.id, p.user_id, p.slug, p.name, p.default_chain_id, p.created_at,
        c.id AS chain_id, c.name AS chain_name, c.is_default, c.length,
-       c.created_at AS chain_created_at, r.rule_ids, r.rule_texts
+       c.created_at AS chain_created_at, r.rule_ids, r.rule_texts,
+       (SELECT coalesce(max(seq), 0) FROM metadata.changes) AS change_seq
 FROM project p
 LEFT JOIN chain c ON true
 LEFT JOIN LATERAL (
@@ -150,7 +152,7 @@ WITH inserted AS (
     SELECT * FROM unnest(%(entities)s::text[], %(actions)s::text[], %(entity_ids)s::uuid[], %(user_ids)s::uuid[])
     RETURNING seq
 )
-SELECT pg_notify('metadata_changes', max(seq)::text) FROM inserted;
+SELECT max(seq), pg_notify('metadata_changes', max(seq)::text) FROM inserted;
 
 -- name: changes_after
 SELECT seq, entity, action, entity_id, user_id, at

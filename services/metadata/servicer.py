@@ -18,6 +18,7 @@ from renderflow.v1 import metadata_pb2_grpc
 from .changefeed import ChangeFeed
 from .domain import Metadata
 from .models import ApiKey, Chain, Change, Project, Rule, User
+from .storage import LAST_CHANGE_SEQ
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -39,6 +40,18 @@ def _key(key: ApiKey) -> pb.ApiKeyInfo:
     if key.revoked_at is not None:
         info.revoked_at.CopyFrom(_timestamp(key.revoked_at))
     return info
+
+
+CHANGE_SEQ_KEY = "renderflow-change-seq"
+"""Trailing metadata of a write: the seq of the change it made (see ResolveRender)."""
+
+
+def _acknowledge(context: Context) -> None:
+    # The write has committed: tell the caller which change it was, so that it can ask for reads
+    # at least that fresh (SubmitRequest.min_change_seq).
+    seq = LAST_CHANGE_SEQ.get()
+    if seq:
+        context.set_trailing_metadata(((CHANGE_SEQ_KEY, str(seq)),))
 
 
 def _project(project: Project) -> pb.Project:
@@ -118,7 +131,9 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         return pb.AuthenticateResponse(user=_user(user), key_id=str(key_id))
 
     async def CreateProject(self, request: pb.CreateProjectRequest, context: Context) -> pb.Project:
-        return _project(await self._metadata.create_project(request.user_id, request.slug, request.name))
+        project = await self._metadata.create_project(request.user_id, request.slug, request.name)
+        _acknowledge(context)
+        return _project(project)
 
     async def GetProject(self, request: pb.GetProjectRequest, context: Context) -> pb.Project:
         return _project(await self._metadata.get_project(request.user_id, request.slug))
@@ -134,7 +149,9 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         )
 
     async def CreateChain(self, request: pb.CreateChainRequest, context: Context) -> pb.Chain:
-        return _chain(await self._metadata.create_chain(request.user_id, request.project, request.name))
+        chain = await self._metadata.create_chain(request.user_id, request.project, request.name)
+        _acknowledge(context)
+        return _chain(chain)
 
     async def GetChain(self, request: pb.GetChainRequest, context: Context) -> pb.Chain:
         return _chain(await self._metadata.get_chain(request.user_id, request.project, request.chain_id))
@@ -152,6 +169,7 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
         rule = await self._metadata.create_rule(
             request.user_id, request.project, request.chain_id, request.text, active
         )
+        _acknowledge(context)
         return _rule(rule)
 
     async def ListRules(self, request: pb.ListRulesRequest, context: Context) -> pb.ListRulesResponse:
@@ -170,23 +188,23 @@ class MetadataServicer(metadata_pb2_grpc.MetadataServiceServicer):
             request.text if request.HasField("text") else None,
             request.active if request.HasField("active") else None,
         )
+        _acknowledge(context)
         return _rule(rule)
 
     async def DeleteRule(self, request: pb.DeleteRuleRequest, context: Context) -> pb.DeleteRuleResponse:
         await self._metadata.delete_rule(request.user_id, request.project, request.rule_id)
+        _acknowledge(context)
         return pb.DeleteRuleResponse()
 
-    async def PrepareRender(
-        self, request: pb.PrepareRenderRequest, context: Context
-    ) -> pb.PrepareRenderResponse:
-        prepared = await self._metadata.prepare_render(
-            request.user_id, request.project, request.chain_id, request.count
-        )
-        return pb.PrepareRenderResponse(
-            project=_project(prepared.project),
-            chain=_chain(prepared.chain),
-            first_position=prepared.first_position,
-            rules=[pb.RuleSnapshot(id=str(r.id), text=r.text) for r in prepared.rules],
+    async def ResolveRender(
+        self, request: pb.ResolveRenderRequest, context: Context
+    ) -> pb.ResolveRenderResponse:
+        resolved = await self._metadata.resolve_render(request.user_id, request.project, request.chain_id)
+        return pb.ResolveRenderResponse(
+            project=_project(resolved.project),
+            chain=_chain(resolved.chain),
+            rules=[pb.RuleSnapshot(id=str(r.id), text=r.text) for r in resolved.rules],
+            change_seq=resolved.change_seq,
         )
 
     async def WatchChanges(

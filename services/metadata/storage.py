@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, nullcontext
+from contextvars import ContextVar
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 from shared.db import migrate
 from shared.errors import Conflict, DeadlineExceeded, NotFound, Unavailable, ValidationFailed
 
-from .models import ApiKey, Chain, Change, Cursor, Prepared, Project, Rule, RuleSnapshot, User
+from .models import ApiKey, Chain, Change, Cursor, Project, Resolved, Rule, RuleSnapshot, User
 
 SCHEMA = "metadata"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -108,7 +109,7 @@ async def _record(conn: psycopg.AsyncConnection[Any], changes: Sequence[ChangeRo
     """
     await conn.execute(Q["lock_changes"], {"key": CHANGES_LOCK_KEY})
     entities, actions, entity_ids, user_ids = zip(*changes, strict=True)
-    await conn.execute(
+    cur = await conn.execute(
         Q["insert_changes"],
         {
             "entities": list(entities),
@@ -117,6 +118,21 @@ async def _record(conn: psycopg.AsyncConnection[Any], changes: Sequence[ChangeRo
             "user_ids": list(user_ids),
         },
     )
+    row = await cur.fetchone()
+    assert row is not None
+    LAST_CHANGE_SEQ.set(int(row[0]))
+
+
+LAST_CHANGE_SEQ: ContextVar[int] = ContextVar("last_change_seq", default=0)
+"""The seq of the last change this task wrote to the feed (0: none): what a write's answer
+acknowledges, so that its caller can ask for reads at least that fresh."""
+
+
+def _uuid_or_none(text: str) -> UUID | None:
+    try:
+        return UUID(text)
+    except ValueError:
+        return None
 
 
 async def _insert_key(
@@ -351,12 +367,17 @@ class Store:
                 raise NotFound("no such rule")
             await _record(conn, [("rule", "deleted", rule_id, user_id)])
 
-    async def prepare_render(self, user_id: UUID, slug: str, chain_id: UUID | None, count: int) -> Prepared:
-        """Authorizes, allocates `count` chain positions and snapshots the rules: one statement."""
-        params = {"user_id": user_id, "slug": slug, "chain_id": chain_id, "count": count}
+    async def resolve_render(self, user_id: UUID, project_ref: str, chain_id: UUID | None) -> Resolved:
+        """The project (slug or id), chain and active rules a render is made with: one statement."""
+        params = {
+            "user_id": user_id,
+            "project": project_ref,
+            "project_id": _uuid_or_none(project_ref),
+            "chain_id": chain_id,
+        }
         async with self._connection() as conn:
             cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(Q["prepare_render"], params)
+            await cur.execute(Q["resolve_render"], params)
             row = await cur.fetchone()
         if row is None:
             raise NotFound("no such project")
@@ -378,7 +399,7 @@ class Store:
             RuleSnapshot(rule_id, text)
             for rule_id, text in zip(row["rule_ids"] or [], row["rule_texts"] or [], strict=True)
         ]
-        return Prepared(project, chain, chain.length - count + 1, rules)
+        return Resolved(project, chain, rules, int(row["change_seq"]))
 
     async def _project(self, conn: psycopg.AsyncConnection[Any], user_id: UUID, slug: str) -> Project:
         project = await _one(conn, Q["project_by_slug"], {"user_id": user_id, "slug": slug}, Project)

@@ -1,4 +1,4 @@
-"""Checks of caller input: names, slugs, texts, ids, counts and page requests.
+"""Checks of caller input: names, slugs, texts, ids and page requests.
 
 Every check names the field as the HTTP API does (`slug`, `name`, `text`, `chain_id`,
 `page_size`, `page_token`, ...), so the gateway can pass the errors on unchanged.
@@ -19,7 +19,6 @@ from .models import Cursor
 
 USER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SLUG = re.compile(SLUG_PATTERN)
-MAX_COUNT = 1000
 
 # Where a list starts: before every (created_at, id).
 FIRST = Cursor(datetime.min.replace(tzinfo=UTC), UUID(int=0))
@@ -67,15 +66,6 @@ def parse_id(value: str, what: str) -> UUID:
 def optional_id(value: str, what: str) -> UUID | None:
     """Like parse_id, with "" meaning none."""
     return parse_id(value, what) if value else None
-
-
-def count(value: int) -> int:
-    """How many chain positions to allocate: 0 means 1."""
-    if value == 0:
-        return 1
-    if not 1 <= value <= MAX_COUNT:
-        raise ValidationFailed.field("count", f"must be between 1 and {MAX_COUNT}")
-    return value
 
 
 def page_size(value: int) -> int:

@@ -2,7 +2,9 @@
 
 - Generation: a real server on port 0 (`stub`), servers with changed settings, in-process workers
   and worker processes. (Modules testing another service define their own `stub`, which takes
-  precedence in them.)
+  precedence in them.) Generation resolves projects, chains and rules through a real metadata
+  server on the same database (`metadata_addr`), whose users, made on first mention by name with
+  a project ready, are the test's `accounts` (tests/support/generation.py).
 - Gateway: the whole stack in this process (`stack`), shaped by `gateway_settings` and
   `stack_worker` (none by default), which modules override.
 - Observability: the `observed` stack, whose spans the module's `recorder` keeps; the worker's
@@ -28,16 +30,26 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from renderflow.v1 import generation_pb2_grpc as pb_grpc
+from renderflow.v1.metadata_pb2_grpc import MetadataServiceStub
 
 from gateway.config import Settings as GatewaySettings
 from services.generation.backends import Backend
 from services.generation.config import Settings, WorkerSettings
 from services.generation.server import running
 from services.generation.worker import Worker, running_worker
+from services.metadata.config import Settings as MetadataSettings
+from services.metadata.server import running as metadata_running
 from shared.grpc_client import create_channel
 from shared.service_auth import new_service_token
 from tests.support.gateway_stack import LiveStack, StartWorker, running_stack
-from tests.support.generation import ProcessFactory, ServerFactory, Stub, WorkerFactory
+from tests.support.generation import (
+    Accounts,
+    ProcessFactory,
+    ServerFactory,
+    Stub,
+    WorkerFactory,
+    serving,
+)
 from tests.support.observed_stack import ObservedStack, Recorder, observed_stack, recording
 from tests.support.redis_server import serving_redis
 
@@ -70,28 +82,57 @@ def worker_settings(database_url: str, artifact_dir: Path) -> WorkerSettings:
 
 
 @pytest.fixture
-async def stub(database_url: str, artifact_dir: Path) -> AsyncIterator[Stub]:
-    """A client of a real generation server on port 0."""
-    settings = Settings(
-        listen="127.0.0.1:0", database_url=database_url, artifact_dir=artifact_dir, drain_grace_s=0.5
+async def metadata_addr(database_url: str) -> AsyncIterator[str]:
+    """The address of a real metadata server on port 0, on the test's database: the one generation
+    resolves projects, chains and rules through."""
+    settings = MetadataSettings(
+        listen="127.0.0.1:0", database_url=database_url, change_poll_s=0.2, drain_grace_s=0.5
     )
-    async with running(settings) as port, create_channel(f"127.0.0.1:{port}") as channel:
-        yield pb_grpc.GenerationServiceStub(channel)
+    async with metadata_running(settings) as port:
+        yield f"127.0.0.1:{port}"
 
 
 @pytest.fixture
-async def start_server(database_url: str, artifact_dir: Path) -> AsyncIterator[ServerFactory]:
+async def accounts(metadata_addr: str) -> AsyncIterator[Accounts]:
+    """The test's metadata users, made on first mention (`await accounts.user("alice")`: the id),
+    each with project `art`; their chains and rules."""
+    async with create_channel(metadata_addr) as channel:
+        yield Accounts(MetadataServiceStub(channel))
+
+
+def _generation_settings(database_url: str, artifact_dir: Path, metadata_addr: str) -> Settings:
+    return Settings(
+        listen="127.0.0.1:0",
+        database_url=database_url,
+        artifact_dir=artifact_dir,
+        metadata_addr=metadata_addr,
+        drain_grace_s=0.5,
+    )
+
+
+@pytest.fixture
+async def stub(
+    database_url: str, artifact_dir: Path, metadata_addr: str, accounts: Accounts
+) -> AsyncIterator[Stub]:
+    """A client of a real generation server on port 0, whose users are `accounts`'."""
+    settings = _generation_settings(database_url, artifact_dir, metadata_addr)
+    async with running(settings) as port, create_channel(f"127.0.0.1:{port}") as channel:
+        yield serving(pb_grpc.GenerationServiceStub(channel), accounts)
+
+
+@pytest.fixture
+async def start_server(
+    database_url: str, artifact_dir: Path, metadata_addr: str, accounts: Accounts
+) -> AsyncIterator[ServerFactory]:
     """Starts generation servers with changed settings (`start_server(stall_after_s=1)`) and
-    returns a client of each; stops them after."""
+    returns a client of each, whose users are `accounts`'; stops them after."""
     async with AsyncExitStack() as stack:
 
         async def start(**changes: Any) -> Stub:
-            settings = Settings(
-                listen="127.0.0.1:0", database_url=database_url, artifact_dir=artifact_dir, drain_grace_s=0.5
-            )
+            settings = _generation_settings(database_url, artifact_dir, metadata_addr)
             port = await stack.enter_async_context(running(replace(settings, **changes)))
             channel = await stack.enter_async_context(create_channel(f"127.0.0.1:{port}"))
-            return pb_grpc.GenerationServiceStub(channel)
+            return serving(pb_grpc.GenerationServiceStub(channel), accounts)
 
         yield start
 

@@ -183,6 +183,7 @@ async def test_too_many_active_renders_is_a_quota_429(stack: LiveStack, tmp_path
         listen="127.0.0.1:0",
         database_url=stack.database_url,
         artifact_dir=tmp_path / "artifacts",
+        metadata_addr=stack.settings.addresses.metadata,
         max_active_renders=2,
         drain_grace_s=0.5,
     )

@@ -71,6 +71,7 @@ async def test_readyz_follows_the_database(database: tuple[str, TcpProxy], tmp_p
                     listen="127.0.0.1:0",
                     database_url=url,
                     artifact_dir=tmp_path / "artifacts",
+                    metadata_addr=f"127.0.0.1:{metadata_port}",
                     drain_grace_s=0.5,
                 )
             )

@@ -16,7 +16,6 @@ from tests.support.generation import (
     WorkerFactory,
     finished,
     output,
-    spec,
     status_name,
     submit,
 )
@@ -70,9 +69,9 @@ async def test_a_video_render_is_a_procedural_mp4(
     stub: Stub, start_worker: WorkerFactory, provider: Provider
 ) -> None:
     await start_worker(backend=_http_for_images(provider))
-    video = spec(kind=pb.RENDER_KIND_VIDEO, width=64, height=64, steps=4)
-    video.params.duration_s, video.params.fps = 1.0, 12
-    render = await stub.Submit(pb.SubmitRequest(user_id="alice", render=video))
+    render = await submit(
+        stub, kind=pb.RENDER_KIND_VIDEO, width=64, height=64, steps=4, duration_s=1.0, fps=12
+    )
 
     done = await finished(stub, render.id)
 

@@ -24,13 +24,16 @@ from shared.db import open_pool
 from shared.errors import QuotaExceeded
 from shared.rpc_errors import rpc_errors
 from tests.support.generation import (
+    Accounts,
     ServerFactory,
     Stub,
     WorkerFactory,
     finished,
+    get,
     spec,
     status_name,
     submit,
+    submit_batch,
 )
 
 
@@ -66,13 +69,13 @@ class Recorder:
 
 
 async def _batch(stub: Stub, user: str, count: int, **fields: object) -> pb.Batch:
-    with rpc_errors():
-        return await stub.SubmitBatch(
-            pb.SubmitBatchRequest(user_id=user, renders=[spec(**fields) for _ in range(count)])
-        )
+    return await submit_batch(stub, [spec(**fields) for _ in range(count)], user)
 
 
-async def test_a_small_tenant_is_not_starved_by_a_big_one(stub: Stub, start_worker: WorkerFactory) -> None:
+async def test_a_small_tenant_is_not_starved_by_a_big_one(
+    stub: Stub, start_worker: WorkerFactory, accounts: Accounts
+) -> None:
+    alice, bob = await accounts.user("alice"), await accounts.user("bob")
     # The cap is above the worker's 4 slots: only taking tenants in turn lets bob in early.
     await start_worker(concurrency=4, tenant_max_running=8, procedural_step_ms=25)
     for _ in range(4):
@@ -80,20 +83,21 @@ async def test_a_small_tenant_is_not_starved_by_a_big_one(stub: Stub, start_work
     bobs = await _batch(stub, "bob", 5, steps=4)
 
     with rpc_errors():
-        async for event in stub.WatchBatch(pb.WatchBatchRequest(user_id="bob", batch_id=bobs.id)):
+        async for event in stub.WatchBatch(pb.WatchBatchRequest(user_id=bob, batch_id=bobs.id)):
             if event.type == "started":
                 first_start = event.at.ToDatetime()
                 break
         done = await stub.ListRenders(
-            pb.ListRendersRequest(user_id="alice", status=pb.RENDER_STATUS_SUCCEEDED, page={"page_size": 200})
+            pb.ListRendersRequest(user_id=alice, status=pb.RENDER_STATUS_SUCCEEDED, page={"page_size": 200})
         )
     finished_before = [r for r in done.renders if r.finished_at.ToDatetime() <= first_start]
     assert len(finished_before) < 20  # first come, first served would have been all 200
 
 
 async def test_the_tenant_cap_holds_across_workers(
-    stub: Stub, start_worker: WorkerFactory, database_url: str
+    stub: Stub, start_worker: WorkerFactory, database_url: str, accounts: Accounts
 ) -> None:
+    alice, bob = await accounts.user("alice"), await accounts.user("bob")  # the tenants
     for name in ("w1", "w2"):
         await start_worker(worker_id=name, concurrency=4, tenant_max_running=2, procedural_step_ms=20)
     batches = [await _batch(stub, user, 12, steps=2) for user in ("alice", "bob")]
@@ -116,7 +120,7 @@ async def test_the_tenant_cap_holds_across_workers(
                 assert status_name(await finished(stub, render.id, user)) == "succeeded"
     finally:
         sampler.cancel()
-    assert peaks == {"alice": 2, "bob": 2}
+    assert peaks == {alice: 2, bob: 2}
 
 
 async def test_a_backend_rate_limit_holds_across_workers(stub: Stub, start_worker: WorkerFactory) -> None:
@@ -161,8 +165,9 @@ async def test_past_its_maximum_duration_a_render_fails_and_frees_its_slot(
 
 
 async def test_a_render_without_progress_is_flagged_and_counted_as_stalled(
-    start_server: ServerFactory, start_worker: WorkerFactory, database_url: str
+    start_server: ServerFactory, start_worker: WorkerFactory, database_url: str, accounts: Accounts
 ) -> None:
+    alice = await accounts.user("alice")
     stub = await start_server(stall_after_s=1.0)
     backend = Recorder()
     await start_worker(backends={"procedural": backend})
@@ -171,20 +176,16 @@ async def test_a_render_without_progress_is_flagged_and_counted_as_stalled(
     try:
         store = RenderStore(pool)
 
-        async def get() -> pb.Render:
-            with rpc_errors():
-                return await stub.GetRender(pb.GetRenderRequest(user_id="alice", render_id=render.id))
-
         with rpc_errors():
-            async for event in stub.Watch(pb.WatchRequest(user_id="alice", render_id=render.id)):
+            async for event in stub.Watch(pb.WatchRequest(user_id=alice, render_id=render.id)):
                 if event.type == "progress":
                     break
-        current = await get()
+        current = await get(stub, render.id)
         assert not current.stalled
         # Stalled once a second has passed since its last progress.
         quiet_s = (datetime.now(UTC) - current.last_progress_at.ToDatetime(tzinfo=UTC)).total_seconds()
         await asyncio.sleep(1.1 - quiet_s)
-        current = await get()
+        current = await get(stub, render.id)
         assert status_name(current) == "running" and current.stalled
         assert await store.count_stalled(1.0) == 1
 
@@ -196,7 +197,10 @@ async def test_a_render_without_progress_is_flagged_and_counted_as_stalled(
         await pool.close()
 
 
-async def test_the_quota_refuses_submits_over_it_atomically(start_server: ServerFactory) -> None:
+async def test_the_quota_refuses_submits_over_it_atomically(
+    start_server: ServerFactory, accounts: Accounts
+) -> None:
+    alice, bob = await accounts.user("alice"), await accounts.user("bob")
     stub = await start_server(max_active_renders=3)
     first = await submit(stub, render_id="r1")
     await submit(stub)
@@ -206,11 +210,14 @@ async def test_the_quota_refuses_submits_over_it_atomically(start_server: Server
     refused = [r for r in racing if isinstance(r, QuotaExceeded)]
     assert len(refused) == 3 and all(r.retry_after >= 1 for r in refused)
     assert (await submit(stub, render_id="r1")).id == first.id  # a repeat is not a new render
-    with pytest.raises(QuotaExceeded), rpc_errors():
-        await stub.SubmitBatch(pb.SubmitBatchRequest(user_id="bob", renders=[spec() for _ in range(4)]))
+    with pytest.raises(QuotaExceeded):
+        await submit_batch(stub, [spec() for _ in range(4)], "bob")
     await submit(stub, user="bob")  # another user's quota is their own
     with rpc_errors():
-        listed = await stub.ListRenders(pb.ListRendersRequest(user_id="bob"))
-        await stub.Cancel(pb.CancelRequest(user_id="alice", render_id=first.id))
-    assert len(listed.renders) == 1  # the refused batch left nothing behind
-    await submit(stub)  # a cancelled render makes room
+        listed = await stub.ListRenders(pb.ListRendersRequest(user_id=bob))
+        await stub.Cancel(pb.CancelRequest(user_id=alice, render_id=first.id))
+    assert (
+        len(listed.renders) == 1 and listed.renders[0].position == 1
+    )  # the refused batch left nothing behind
+    made = await submit(stub)  # a cancelled render makes room
+    assert made.position == 4  # and the refused submits took no position: the chain has no gap

@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 
+from services.generation.catalog import Placement
 from services.generation.domain import Output, RenderSpec, Submission
 from services.generation.jobs import JobQueue
 from services.generation.server import MIGRATIONS, SCHEMA
@@ -25,6 +26,11 @@ from tests.support.observed_stack import install_global_providers
 OUTPUT = Output("/v1/renders/x/output", "image/png", 3, 1, 1, "abc")
 
 
+def _placement(tenant: str) -> Placement:
+    """Where the catalog would place a render of `tenant`: its project's default chain."""
+    return Placement(project_id=f"{tenant}-project", project="art", chain_id=f"{tenant}-chain", rules=())
+
+
 @dataclass
 class Queue:
     pool: AsyncConnectionPool
@@ -34,7 +40,10 @@ class Queue:
     async def submit(self, count: int = 1) -> list[str]:
         renders = [
             await self.store.submit(
-                normalized(RenderSpec(prompt=f"p{i}")), Submission("alice"), time.perf_counter()
+                normalized(RenderSpec(project="art", prompt=f"p{i}")),
+                _placement("alice"),
+                Submission("alice"),
+                time.perf_counter(),
             )
             for i in range(count)
         ]
@@ -149,8 +158,11 @@ async def test_a_hand_back_refunds_the_attempt_and_a_retry_waits(queue: Queue) -
 async def _submit_for(queue: Queue, tenant: str, count: int, priority: int = 0) -> list[str]:
     ids = []
     for i in range(count):
-        spec = normalized(RenderSpec(prompt=f"{tenant} {i}", priority=priority))
-        ids.append((await queue.store.submit(spec, Submission(tenant), time.perf_counter())).id)
+        spec = normalized(RenderSpec(project="art", prompt=f"{tenant} {i}", priority=priority))
+        submitted = await queue.store.submit(
+            spec, _placement(tenant), Submission(tenant), time.perf_counter()
+        )
+        ids.append(submitted.id)
     return ids
 
 

@@ -23,7 +23,6 @@ from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
 
 from services.generation.artifacts import LocalArtifactStore
 from shared.grpc_server import create_server, start
-from shared.rpc_errors import rpc_errors
 from tests.conftest import free_port
 from tests.support.generation import (
     ServerFactory,
@@ -31,9 +30,9 @@ from tests.support.generation import (
     WorkerFactory,
     events,
     finished,
-    spec,
     status_name,
     submit,
+    user_id,
 )
 
 OK_URL = "https://images.example/ok.png"
@@ -140,7 +139,7 @@ async def test_a_render_waits_out_an_imagefetch_outage_without_spending_an_attem
     address = f"127.0.0.1:{free_port()}"  # nothing listens there yet
     await start_worker(imagefetch_addr=address, image_fetch_outage_s=30.0)
     render = await submit(stub, reference=pb.Reference(url=OK_URL, required=True))
-    call = stub.Watch(pb.WatchRequest(user_id="alice", render_id=render.id))
+    call = stub.Watch(pb.WatchRequest(user_id=await user_id(stub), render_id=render.id))
     async with asyncio.timeout(10):
         async for event in call:
             if event.type == "phase" and event.phase == "image_fetch":
@@ -186,10 +185,7 @@ async def test_a_video_as_reference_is_its_last_frame_and_fails_typed_when_undec
     stub: Stub, start_worker: WorkerFactory, artifact_dir: Path
 ) -> None:
     await start_worker()
-    video = spec(kind=pb.RENDER_KIND_VIDEO)
-    video.params.duration_s, video.params.fps = 1.0, 6
-    with rpc_errors():
-        source = await stub.Submit(pb.SubmitRequest(user_id="alice", render=video))
+    source = await submit(stub, kind=pb.RENDER_KIND_VIDEO, duration_s=1.0, fps=6)
     assert status_name(await finished(stub, source.id)) == "succeeded"
 
     framed = await finished(stub, (await submit(stub, reference=pb.Reference(render_id=source.id))).id)

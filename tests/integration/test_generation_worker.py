@@ -28,15 +28,18 @@ from tests.support.generation import (
     WorkerFactory,
     events,
     finished,
+    get,
     spec,
     status_name,
     submit,
+    submit_batch,
+    user_id,
 )
 
 
 async def _first(stub: Stub, render_id: str, event_type: str) -> pb.RenderEvent:
     with rpc_errors():
-        async for event in stub.Watch(pb.WatchRequest(user_id="alice", render_id=render_id)):
+        async for event in stub.Watch(pb.WatchRequest(user_id=await user_id(stub), render_id=render_id)):
             if event.type == event_type:
                 return event
     raise AssertionError(f"no {event_type} event")
@@ -76,13 +79,8 @@ async def test_two_worker_processes_run_200_renders_once_each(
 ) -> None:
     spawn_worker()
     spawn_worker()
-    batches = []
+    batches = [(await submit_batch(stub, [spec(steps=2) for _ in range(50)])).id for _ in range(4)]
     with rpc_errors():
-        for _ in range(4):
-            batch = await stub.SubmitBatch(
-                pb.SubmitBatchRequest(user_id="alice", renders=[spec(steps=2) for _ in range(50)])
-            )
-            batches.append(batch.id)
         logs = await asyncio.wait_for(
             asyncio.gather(*(_watch_batch(stub, batch_id) for batch_id in batches)), 60
         )
@@ -101,8 +99,7 @@ async def test_sigterm_hands_unfinished_renders_back(stub: Stub, spawn_worker: P
     await asyncio.wait_for(_first(stub, render.id, "progress"), 20)
     leaving.send_signal(signal.SIGTERM)
     assert await _exited(leaving, 10) == 0
-    with rpc_errors():
-        back = await stub.GetRender(pb.GetRenderRequest(user_id="alice", render_id=render.id))
+    back = await get(stub, render.id)
     assert status_name(back) == "queued" and back.queue_position == 0
     spawn_worker(RENDERFLOW_PROCEDURAL_STEP_MS="0")
     done = await finished(stub, render.id, timeout=30)
@@ -172,11 +169,13 @@ async def test_a_permanent_failure_is_not_retried(stub: Stub, start_worker: Work
 
 
 async def test_a_cancel_racing_a_retry_still_cancels(stub: Stub, start_worker: WorkerFactory) -> None:
+    alice = await user_id(stub)
+
     class CancelThenFail(FlakyBackend):
         async def generate(self, job: GenerationInput, on_progress: ProgressCallback) -> Artifact:
             self.calls += 1
             with rpc_errors():
-                await stub.Cancel(pb.CancelRequest(user_id="alice", render_id=job.render_id))
+                await stub.Cancel(pb.CancelRequest(user_id=alice, render_id=job.render_id))
             raise TransientBackendError("provider overloaded", "overloaded")
 
     backend = CancelThenFail()
@@ -225,5 +224,5 @@ async def test_a_worker_whose_job_was_taken_drops_its_work(
 
 
 async def _watch_batch(stub: Stub, batch_id: str) -> list[pb.RenderEvent]:
-    call = stub.WatchBatch(pb.WatchBatchRequest(user_id="alice", batch_id=batch_id))
+    call = stub.WatchBatch(pb.WatchBatchRequest(user_id=await user_id(stub), batch_id=batch_id))
     return [event async for event in call]

@@ -1,9 +1,8 @@
-"""The metadata service over gRPC: projects, chains, rules, PrepareRender, tenant isolation,
+"""The metadata service over gRPC: projects, chains, rules, ResolveRender, tenant isolation,
 pagination and validation, against a real PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, Any
@@ -98,9 +97,6 @@ async def test_invalid_input_names_each_field(stub: MetadataServiceAsyncStub) ->
             pb.ListRulesRequest(user_id=alice, project="ok", page=common_pb2.PageRequest(page_size=-1))
         )
     ) == {"page_size"}
-    assert await _invalid_fields(
-        stub.PrepareRender(pb.PrepareRenderRequest(user_id=alice, project="ok", count=-2))
-    ) == {"count"}
     assert await _invalid_fields(stub.CreateUser(pb.CreateUserRequest(name="no spaces please"))) == {"name"}
 
 
@@ -140,19 +136,20 @@ async def test_another_users_resources_are_not_found(stub: MetadataServiceAsyncS
             stub.CreateRule(pb.CreateRuleRequest(user_id=mallory, project=slug, chain_id=chain_id, text="t")),
             stub.UpdateRule(pb.UpdateRuleRequest(user_id=mallory, project=slug, rule_id=rule.id, text="x")),
             stub.DeleteRule(pb.DeleteRuleRequest(user_id=mallory, project=slug, rule_id=rule.id)),
-            stub.PrepareRender(pb.PrepareRenderRequest(user_id=mallory, project=slug, chain_id=chain_id)),
+            stub.ResolveRender(pb.ResolveRenderRequest(user_id=mallory, project=slug, chain_id=chain_id)),
         ]
     calls += [
         stub.GetProject(pb.GetProjectRequest(user_id=mallory, slug="secret")),
         stub.CreateChain(pb.CreateChainRequest(user_id=mallory, project="secret", name="c")),
         stub.ListChains(pb.ListChainsRequest(user_id=mallory, project="secret")),
         stub.ListRules(pb.ListRulesRequest(user_id=mallory, project="secret")),
-        stub.PrepareRender(pb.PrepareRenderRequest(user_id=mallory, project="secret")),
+        stub.ResolveRender(pb.ResolveRenderRequest(user_id=mallory, project="secret")),
+        stub.ResolveRender(pb.ResolveRenderRequest(user_id=mallory, project=project.id)),
         # Malformed ids are as unknown as missing ones, never INTERNAL.
         stub.GetProject(pb.GetProjectRequest(user_id="not-a-uuid", slug="secret")),
         stub.GetChain(pb.GetChainRequest(user_id=alice, project="secret", chain_id="nope")),
         stub.UpdateRule(pb.UpdateRuleRequest(user_id=alice, project="secret", rule_id="nope", text="x")),
-        stub.PrepareRender(pb.PrepareRenderRequest(user_id=alice, project="secret", chain_id="nope")),
+        stub.ResolveRender(pb.ResolveRenderRequest(user_id=alice, project="secret", chain_id="nope")),
         stub.CreateProject(pb.CreateProjectRequest(user_id=str(uuid.uuid4()), slug="ghost", name="G")),
     ]
     for call in calls:
@@ -203,7 +200,7 @@ async def test_pages_hold_every_item_exactly_once(stub: MetadataServiceAsyncStub
     assert await _status(bad_call) == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_prepare_render_allocates_each_position_once_under_concurrency(
+async def test_resolve_render_reads_project_chain_and_active_rules_at_once(
     stub: MetadataServiceAsyncStub,
 ) -> None:
     alice = await _user(stub, "alice")
@@ -223,24 +220,28 @@ async def test_prepare_render_allocates_each_position_once_under_concurrency(
     await rule("paused for this chain", chain_id=chain.id, active=False)
     later = await rule("later project-wide")
 
-    request = pb.PrepareRenderRequest(user_id=alice, project="poster", chain_id=chain.id)
-    replies: list[metadata_pb2.PrepareRenderResponse] = await asyncio.gather(
-        *(stub.PrepareRender(request) for _ in range(200))
-    )
-    assert sorted(reply.first_position for reply in replies) == list(range(1, 201))
+    # By slug or by id; the change seq says how fresh the answer is (every change so far).
+    replies: list[metadata_pb2.ResolveRenderResponse] = [
+        await stub.ResolveRender(pb.ResolveRenderRequest(user_id=alice, project=ref, chain_id=chain.id))
+        for ref in ("poster", project.id)
+    ]
+    changes = stub.WatchChanges(pb.WatchChangesRequest(after_seq=0))
+    last_seq = 0
+    async for change in changes:
+        last_seq = change.seq
+        if change.entity == "rule" and change.entity_id == later:
+            break
+    changes.cancel()
     for reply in replies:
+        assert reply.change_seq == last_seq
         assert [(r.id, r.text) for r in reply.rules] == [
             (wide, "project-wide"),
             (own, "this chain"),
             (later, "later project-wide"),
         ]
         assert (reply.project.id, reply.chain.id) == (project.id, chain.id)
-    after = await stub.GetChain(pb.GetChainRequest(user_id=alice, project="poster", chain_id=chain.id))
-    assert after.length == 200
-
-    batch = await stub.PrepareRender(pb.PrepareRenderRequest(user_id=alice, project="poster", count=3))
-    assert (batch.chain.id, batch.first_position, batch.chain.length) == (project.default_chain_id, 1, 3)
-    following = await stub.PrepareRender(pb.PrepareRenderRequest(user_id=alice, project="poster"))
-    assert following.first_position == 4
-    with pytest.raises(NotFound), rpc_errors():
-        await stub.PrepareRender(pb.PrepareRenderRequest(user_id=alice, project="missing"))
+    default = await stub.ResolveRender(pb.ResolveRenderRequest(user_id=alice, project="poster"))
+    assert default.chain.id == project.default_chain_id
+    assert [r.text for r in default.rules] == ["project-wide", "another chain", "later project-wide"]
+    with pytest.raises(NotFound, match="no such project"), rpc_errors():
+        await stub.ResolveRender(pb.ResolveRenderRequest(user_id=alice, project="missing"))

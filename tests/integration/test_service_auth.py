@@ -9,7 +9,7 @@ import os
 import stat
 import sys
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from shared.grpc_client import create_channel
 from shared.rpc_errors import from_rpc_error
 from shared.service_auth import TOKEN_PREFIX, new_service_token
 from shared.settings import ConfigError, Env
-from tests.support.generation import spec
+from tests.support.generation import Accounts, spec
 from tests.support.origin import Origin
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,16 +48,25 @@ TOKEN = new_service_token()
 WRONG = new_service_token()
 
 
-def _serving(name: str, database_url: str, tmp_path: Path) -> AbstractAsyncContextManager[int]:
-    """Service `name` on a port of its own, requiring TOKEN; entered, it gives the port."""
+def _serving(
+    name: str, database_url: str, tmp_path: Path, metadata_addr: str = ""
+) -> AbstractAsyncContextManager[int]:
+    """Service `name` on a port of its own, requiring TOKEN (generation: with the metadata service
+    at `metadata_addr`); entered, it gives the port."""
     if name == "metadata":
         return metadata_running(
             MetadataSettings(listen="127.0.0.1:0", database_url=database_url, service_token=TOKEN)
         )
     if name == "generation":
-        artifacts = tmp_path / "artifacts"
         return generation_running(
-            GenerationSettings("127.0.0.1:0", database_url, artifacts, drain_grace_s=0.5, service_token=TOKEN)
+            GenerationSettings(
+                listen="127.0.0.1:0",
+                database_url=database_url,
+                artifact_dir=tmp_path / "artifacts",
+                metadata_addr=metadata_addr,
+                drain_grace_s=0.5,
+                service_token=TOKEN,
+            )
         )
     allow = parse_allow_list(["127.0.0.1"])
     return imagefetch_running(
@@ -72,8 +81,15 @@ async def metadata(database_url: str, tmp_path: Path) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def generation(database_url: str, tmp_path: Path) -> AsyncIterator[str]:
-    async with _serving("generation", database_url, tmp_path) as port:
+async def accounts(metadata: str) -> AsyncIterator[Accounts]:
+    """Users of `metadata`, with a project each, made over a trusted channel."""
+    async with create_channel(metadata, token=TOKEN) as channel:
+        yield Accounts(metadata_pb2_grpc.MetadataServiceStub(channel))
+
+
+@pytest.fixture
+async def generation(database_url: str, tmp_path: Path, metadata: str) -> AsyncIterator[str]:
+    async with _serving("generation", database_url, tmp_path, metadata) as port:
         yield f"127.0.0.1:{port}"
 
 
@@ -144,31 +160,40 @@ async def test_metadata_serves_callers_with_the_token(metadata: str) -> None:
 
 
 @TOKENS
-async def test_generation_refuses_callers_without_the_token(generation: str, token: str | None) -> None:
+async def test_generation_refuses_callers_without_the_token(
+    generation: str, accounts: Accounts, token: str | None
+) -> None:
+    alice = await accounts.user("alice")
     async with create_channel(generation, token=TOKEN) as trusted:
         service = generation_pb2_grpc.GenerationServiceStub(trusted)
-        render = await service.Submit(generation_pb2.SubmitRequest(user_id="alice", render=spec()))
+        render = await service.Submit(generation_pb2.SubmitRequest(user_id=alice, render=spec()))
     async with create_channel(generation, token=token) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         # Another user's render, by its owner's id: exactly what a caller without the token must not read.
-        get = generation_pb2.GetRenderRequest(user_id="alice", render_id=render.id)
+        get = generation_pb2.GetRenderRequest(user_id=alice, render_id=render.id)
         await _refused(stub.GetRender(get), token)
-        watch = generation_pb2.WatchRequest(user_id="alice", render_id=render.id)
+        watch = generation_pb2.WatchRequest(user_id=alice, render_id=render.id)
         await _refused(stub.Watch(watch), token)
-        await _refused(stub.Submit(generation_pb2.SubmitRequest(user_id="alice", render=spec())), token)
+        await _refused(stub.Submit(generation_pb2.SubmitRequest(user_id=alice, render=spec())), token)
+        lengths = generation_pb2.GetChainLengthsRequest(user_id=alice, chain_ids=[render.chain_id])
+        await _refused(stub.GetChainLengths(lengths), token)
     async with create_channel(generation, token=TOKEN) as trusted:
         service = generation_pb2_grpc.GenerationServiceStub(trusted)
-        listed = await service.ListRenders(generation_pb2.ListRendersRequest(user_id="alice"))
+        listed = await service.ListRenders(generation_pb2.ListRendersRequest(user_id=alice))
+        counted = await service.GetChainLengths(lengths)
     assert [r.id for r in listed.renders] == [render.id]  # the refused submit made nothing
+    assert dict(counted.lengths) == {render.chain_id: 1}  # nor took a position
 
 
-async def test_generation_serves_callers_with_the_token(generation: str) -> None:
+async def test_generation_serves_callers_with_the_token(generation: str, accounts: Accounts) -> None:
+    # Submit reads the project from metadata, which requires the token of generation too.
+    alice = await accounts.user("alice")
     async with create_channel(generation, token=TOKEN) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
-        render = await stub.Submit(generation_pb2.SubmitRequest(user_id="alice", render=spec()))
-        got = await stub.GetRender(generation_pb2.GetRenderRequest(user_id="alice", render_id=render.id))
-        assert got.id == render.id
-        events = stub.Watch(generation_pb2.WatchRequest(user_id="alice", render_id=render.id))
+        render = await stub.Submit(generation_pb2.SubmitRequest(user_id=alice, render=spec()))
+        got = await stub.GetRender(generation_pb2.GetRenderRequest(user_id=alice, render_id=render.id))
+        assert got.id == render.id and got.position == 1
+        events = stub.Watch(generation_pb2.WatchRequest(user_id=alice, render_id=render.id))
         first = await asyncio.wait_for(events.read(), 10)
         events.cancel()
     assert first.type == "queued"
@@ -201,10 +226,13 @@ async def test_health_and_reflection_answer_without_the_token(
     server: str, database_url: str, tmp_path: Path
 ) -> None:
     """Probes and the supervisor hold no token; reflection describes the schema and calls nothing."""
-    async with (
-        _serving(server, database_url, tmp_path) as port,
-        create_channel(f"127.0.0.1:{port}") as channel,
-    ):
+    async with AsyncExitStack() as exits:
+        metadata_addr = ""
+        if server == "generation":
+            metadata_port = await exits.enter_async_context(_serving("metadata", database_url, tmp_path))
+            metadata_addr = f"127.0.0.1:{metadata_port}"
+        port = await exits.enter_async_context(_serving(server, database_url, tmp_path, metadata_addr))
+        channel = await exits.enter_async_context(create_channel(f"127.0.0.1:{port}"))
         health = health_pb2_grpc.HealthStub(channel)
         reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -255,7 +283,8 @@ def test_the_token_never_shows_in_settings() -> None:
         Env({"DATABASE_URL": "postgresql://db/x", "RENDERFLOW_SERVICE_TOKEN": token})
     )
     assert settings.service_token == token and token not in repr(settings)
-    assert token not in repr(replace(GenerationSettings("x", "y", Path()), service_token=token))
+    generation = GenerationSettings(listen="x", database_url="y", artifact_dir=Path(), metadata_addr="z")
+    assert token not in repr(replace(generation, service_token=token))
 
 
 def test_renderflow_run_makes_a_token_and_keeps_it_for_people(tmp_path: Path) -> None:

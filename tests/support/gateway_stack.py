@@ -159,6 +159,7 @@ async def running_stack(
                     listen="127.0.0.1:0",
                     database_url=database_url,
                     artifact_dir=artifact_dir,
+                    metadata_addr=f"127.0.0.1:{metadata_port}",
                     drain_grace_s=0.5,
                 )
             )

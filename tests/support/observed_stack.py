@@ -167,6 +167,7 @@ async def observed_stack(
                     listen="127.0.0.1:0",
                     database_url=database_url,
                     artifact_dir=artifacts,
+                    metadata_addr=f"127.0.0.1:{metadata}",
                     queue_metrics_s=0.05,
                 )
             )

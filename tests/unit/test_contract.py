@@ -60,6 +60,11 @@ def _request(kind: str, **params: Any) -> dict[str, Any]:
     return {"project": "demo", "kind": kind, "prompt": "p", "params": params}
 
 
+def _spec(**fields: Any) -> RenderSpec:
+    """What generation is given for a render of project `demo` (as `_request`'s)."""
+    return RenderSpec(**{"project": "demo", **fields})
+
+
 def test_the_openapi_document_states_the_contract_s_parameters() -> None:
     properties = SCHEMAS["RenderParamsInput"]["properties"]
     for name, param in ALL_PARAMS.items():
@@ -77,7 +82,7 @@ def test_the_openapi_document_states_the_contract_s_parameters() -> None:
 def test_omitted_parameters_get_the_contract_s_defaults_over_http_and_grpc(kind: str) -> None:
     defaults = {name: param.default for name, param in PARAMS[kind].items()}
     over_http = render_params(kind, {})
-    over_grpc = normalized(RenderSpec(kind=kind, prompt="p")).params
+    over_grpc = normalized(_spec(kind=kind, prompt="p")).params
     assert {name: getattr(over_http, name) for name in defaults} == defaults
     assert {name: getattr(over_grpc, name) for name in defaults} == defaults
 
@@ -93,32 +98,36 @@ def test_http_and_grpc_refuse_and_accept_the_same_values(kind: str, name: str) -
     param = PARAMS[kind][name]
     for value in _outside(param):
         assert _http_fields(_request(kind, **{name: value})) == {f"params.{name}"}, value
-        assert _grpc_fields(RenderSpec(kind=kind, prompt="p", params=Params(**{name: value}))) == {
+        assert _grpc_fields(_spec(kind=kind, prompt="p", params=Params(**{name: value}))) == {
             f"params.{name}"
         }, value
     for value in (param.minimum, param.maximum):
         assert _http_fields(_request(kind, **{name: value})) == set(), value
-        assert _grpc_fields(RenderSpec(kind=kind, prompt="p", params=Params(**{name: value}))) == set()
+        assert _grpc_fields(_spec(kind=kind, prompt="p", params=Params(**{name: value}))) == set()
 
 
-def test_seeds_prompts_and_batches_have_the_same_limits_over_http_and_grpc() -> None:
+def test_seeds_prompts_projects_and_batches_have_the_same_limits_over_http_and_grpc() -> None:
     for seed in (-1, SEED_MAX + 1):
         assert _http_fields(_request("image", seed=seed)) == {"params.seed"}
-        assert _grpc_fields(RenderSpec(prompt="p", params=Params(seed=seed))) == {"params.seed"}
-    assert _grpc_fields(RenderSpec(prompt="p", params=Params(seed=SEED_MAX))) == set()
+        assert _grpc_fields(_spec(prompt="p", params=Params(seed=seed))) == {"params.seed"}
+    assert _grpc_fields(_spec(prompt="p", params=Params(seed=SEED_MAX))) == set()
     long = "x" * (contract.MAX_PROMPT + 1)
     for field, spec in [
-        ("prompt", RenderSpec(prompt=long)),
-        ("negative_prompt", RenderSpec(prompt="p", negative_prompt=long)),
+        ("prompt", _spec(prompt=long)),
+        ("negative_prompt", _spec(prompt="p", negative_prompt=long)),
     ]:
         assert _http_fields({**_request("image"), field: long}) == {field}
         assert _grpc_fields(spec) == {field}
+
+    for project in ("", "p" * 201):
+        assert _http_fields({**_request("image"), "project": project}) == {"project"}
+        assert _grpc_fields(_spec(prompt="p", project=project)) == {"project"}
 
     too_many = [_request("image")] * (contract.MAX_BATCH + 1)
     assert _http_fields({"items": too_many}, "BatchRequest") == {"items"}
     assert _http_fields({"items": too_many[1:]}, "BatchRequest") == set()
     with pytest.raises(ValidationFailed, match="items"):
-        normalized_batch([RenderSpec(prompt="p")] * (contract.MAX_BATCH + 1))
+        normalized_batch([_spec(prompt="p")] * (contract.MAX_BATCH + 1))
 
 
 def test_page_sizes_and_text_limits_are_the_contract_s() -> None:

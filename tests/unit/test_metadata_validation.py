@@ -70,14 +70,6 @@ def test_malformed_ids_are_not_found() -> None:
     assert validation.optional_id("", "chain") is None
 
 
-def test_count_zero_means_one() -> None:
-    assert validation.count(0) == 1
-    assert validation.count(64) == 64
-    for bad in (-1, validation.MAX_COUNT + 1):
-        with pytest.raises(ValidationFailed):
-            validation.count(bad)
-
-
 def test_keys_are_random_and_only_their_hash_and_prefix_are_kept() -> None:
     first, second = keys.new_secret(), keys.new_secret()
     assert first != second and first.startswith("rf_") and len(first) == 46
