@@ -59,6 +59,7 @@ SCENARIOS = (
     Scenario("procrastinate", "bench_procrastinate", ("--reps", "3"), ("--reps", "1", "--jobs", "256")),
     Scenario("imagefetch", "bench_imagefetch", ("--hits", "1000"), ("--hits", "200", "--hangs", "3")),
     Scenario("tracing", "bench_tracing", ("--windows", "4"), ("--windows", "1")),
+    Scenario("feed", "bench_feed", ("--changes", "200"), ("--changes", "50")),
 )
 BUDGET_S = 600.0
 
