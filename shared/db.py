@@ -8,8 +8,10 @@ several processes starting at once apply each migration exactly once.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import psycopg
 from opentelemetry import trace
@@ -31,7 +33,7 @@ async def open_pool(
     open_timeout: float = 30.0,
     reconnect_timeout: float = 5.0,
 ) -> AsyncConnectionPool:
-    """An opened pool whose connections are checked before use, so a restarted server heals.
+    """An opened pool whose idle connections are checked before use, so a restarted server heals.
 
     While the database is down a request waits at most `timeout` for a connection, then fails
     (psycopg_pool.PoolTimeout, an OperationalError: the storage edges make it `Unavailable`), so
@@ -48,16 +50,32 @@ async def open_pool(
         open=False,
         timeout=timeout,
         reconnect_timeout=reconnect_timeout,
-        check=_check_connection,
+        check=_check_if_idle,
+        reset=_note_returned,
         kwargs={"application_name": f"renderflow-{name}"},
     )
     await pool.open(wait=True, timeout=open_timeout)
     return pool
 
 
-async def _check_connection(conn: psycopg.AsyncConnection[Any]) -> None:
-    # The liveness probe on every checkout is plumbing, not work: keep it out of the traces.
-    with suppress_instrumentation():
+CHECK_IDLE_AFTER_S = 1.0
+"""A connection back in the pool for less than this is used without a liveness probe."""
+_returned_at: WeakKeyDictionary[psycopg.AsyncConnection[Any], float] = WeakKeyDictionary()
+
+
+async def _note_returned(conn: psycopg.AsyncConnection[Any]) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+async def _check_if_idle(conn: psycopg.AsyncConnection[Any]) -> None:
+    # A probe is a round trip: under load, on every checkout, it cost as much as the work. A
+    # connection that was fine a moment ago is taken as it is (should the server have died in
+    # that moment, the statement fails like any other in flight); one idle longer, perhaps
+    # across a restart of the server, is probed, so that the pool heals before it is used.
+    returned = _returned_at.get(conn)
+    if returned is not None and time.monotonic() - returned < CHECK_IDLE_AFTER_S:
+        return
+    with suppress_instrumentation():  # plumbing, not work: keep it out of the traces
         await AsyncConnectionPool.check_connection(conn)
 
 
