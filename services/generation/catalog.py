@@ -14,7 +14,6 @@ can change meanwhile); a miss is then `Unavailable`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from dataclasses import dataclass
@@ -117,6 +116,6 @@ class Catalog:
 
     async def close(self) -> None:
         """Empties the cache and cancels its expiry timers."""
-        with contextlib.suppress(Exception):
-            await self._cache.clear(namespace=_NAMESPACE)
+        # Only a clear by namespace cancels the timers; a plain clear leaves them pending.
+        await self._cache.clear(namespace=_NAMESPACE)
         await self._cache.close()
