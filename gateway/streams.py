@@ -48,10 +48,6 @@ class OpenStreams:
         self._max_per_key = max_per_key
         self._by_key: dict[str, list[_Stream]] = {}
 
-    def count(self, key_id: str) -> int:
-        """How many streams the API key `key_id` has open here."""
-        return len(self._by_key.get(key_id, ()))
-
     @contextlib.contextmanager
     def opened(self, caller: Principal, end: EndStream) -> Iterator[None]:
         """Holds a place for one stream of `caller` while the block runs; QuotaExceeded (429) when

@@ -33,13 +33,6 @@ from psycopg.rows import dict_row
 from services.generation.domain import NewEvent, RenderError
 from services.generation.records import record
 
-# The user's nearest earlier render of the chain (the newest, should a client have submitted one
-# position twice): what a chain render waits on when submitted.
-_PREDECESSOR = """
-SELECT id, status FROM renders
-WHERE user_id = %s AND chain_id = %s AND position < %s
-ORDER BY position DESC, created_at DESC LIMIT 1
-"""
 # The nearest earlier render of the chain that succeeded: by the time a chain render runs, the one
 # it was released after (if any).
 _CONTINUES_FROM = """
@@ -114,22 +107,11 @@ class Settled:
         return bool(self.released or self.failed)
 
 
-async def predecessor(
-    conn: AsyncConnection[Any], user_id: str, chain_id: str, position: int
-) -> Predecessor | None:
-    """The nearest render before `position` in the user's chain, if one has been submitted."""
-    return await _one_of(conn, _PREDECESSOR, [user_id, chain_id, position])
-
-
 async def continues_from(
     conn: AsyncConnection[Any], user_id: str, chain_id: str, position: int
 ) -> Predecessor | None:
     """The nearest render before `position` in the user's chain that succeeded, if any."""
-    return await _one_of(conn, _CONTINUES_FROM, [user_id, chain_id, position])
-
-
-async def _one_of(conn: AsyncConnection[Any], query: str, params: list[Any]) -> Predecessor | None:
-    cur = await conn.execute(query, params)
+    cur = await conn.execute(_CONTINUES_FROM, [user_id, chain_id, position])
     row = await cur.fetchone()
     return None if row is None else Predecessor(row[0], row[1])
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from opentelemetry import propagate, trace
 
@@ -28,6 +29,7 @@ from services.generation.validation import normalized, normalized_batch
 from shared.errors import FailedPrecondition, FieldError, NotFound, ValidationFailed
 
 tracer = trace.get_tracer(__name__)
+T = TypeVar("T")
 
 
 class Renders:
@@ -55,12 +57,10 @@ class Renders:
         """Queues one render (idempotently) in its project and chain, with the rules active there;
         returns it as stored. NotFound for a project or chain the user does not have."""
         valid = normalized(spec)
-        looked_up = time.perf_counter()
-        with tracer.start_as_current_span("db"):
-            placement = await self._catalog.place(
-                submission.user_id, valid.project, valid.chain_id, submission.min_change_seq
-            )
-        submission = _traced(_spent_in_db(submission, looked_up))
+        placement, submission = await _db_phase(
+            submission,
+            self._catalog.place(submission.user_id, valid.project, valid.chain_id, submission.min_change_seq),
+        )
         render = await self._store.submit(valid, placement, submission, time.perf_counter())
         self._prefetch_references([render])
         return self._derived(render)
@@ -69,10 +69,7 @@ class Renders:
         """Queues every render of a batch, or none of them when one is invalid, names a project or
         chain the user does not have (422 naming its first item), or is over the quota."""
         valid = normalized_batch(specs)
-        looked_up = time.perf_counter()
-        with tracer.start_as_current_span("db"):
-            placements = await self._placements(valid, submission)
-        submission = _traced(_spent_in_db(submission, looked_up))
+        placements, submission = await _db_phase(submission, self._placements(valid, submission))
         batch = await self._store.submit_batch(valid, placements, submission, time.perf_counter())
         self._prefetch_references(batch.renders)
         return replace(batch, renders=[self._derived(r) for r in batch.renders])
@@ -193,8 +190,11 @@ def _traced(submission: Submission) -> Submission:
     return replace(submission, traceparent=carrier.get("traceparent", ""))
 
 
-def _spent_in_db(submission: Submission, since: float) -> Submission:
-    """The submission with the time since `since` added to its `db` phase (looking up the render's
-    project, chain and rules: the catalog's cache, or metadata on a miss)."""
-    spent_ms = (time.perf_counter() - since) * 1000 + submission.timings.get("db_ms", 0.0)
-    return replace(submission, timings={**submission.timings, "db_ms": round(spent_ms, 3)})
+async def _db_phase(submission: Submission, lookup: Awaitable[T]) -> tuple[T, Submission]:
+    """What `lookup` finds (the render's project, chain and rules: the catalog's cache, or metadata
+    on a miss), timed as the render's `db` phase, and the submission with that time and its trace."""
+    started = time.perf_counter()
+    with tracer.start_as_current_span("db"):
+        found = await lookup
+    spent_ms = (time.perf_counter() - started) * 1000 + submission.timings.get("db_ms", 0.0)
+    return found, _traced(replace(submission, timings={**submission.timings, "db_ms": round(spent_ms, 3)}))
