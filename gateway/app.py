@@ -17,7 +17,7 @@ from gateway.limits import add_rate_limit_headers, rate_limit_middleware, rate_l
 from gateway.problems import add_common_headers, problem_middleware
 from gateway.routes import batches, events, health, metrics, output, projects, renders, rules
 from gateway.slow_clients import ConnectionCaps, body_deadline_middleware, quiet_accept_errors
-from gateway.state import CLIENTS, SETTINGS, TRACER
+from gateway.state import CLIENTS, SETTINGS
 from gateway.streams import OPEN_STREAMS, OpenStreams
 from gateway.tracing import tracing_middleware
 from gateway.watch_hub import end_watches, watch_hub_context
@@ -82,7 +82,6 @@ def create_app(
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
-    app[TRACER] = (tracer_provider or trace.get_tracer_provider()).get_tracer("gateway")
     app[OPEN_STREAMS] = OpenStreams(settings.max_streams_per_key)
     app.on_response_prepare.append(add_common_headers)
     app.on_response_prepare.append(add_rate_limit_headers)

@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.state import REQUEST_ID, SETTINGS, STARTED_RESPONSE, TIMER, TRACEPARENT, TRACER
+from gateway.state import REQUEST_ID, SETTINGS, STARTED_RESPONSE, TIMER, TRACEPARENT
 from gateway.timing import PhaseTimer
 from gateway.tracing import current_trace_id, current_traceparent
 from shared.errors import (
@@ -146,7 +146,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Gives the request its id and timer, and turns whatever the handler raises into a problem."""
     request[REQUEST_ID] = request_id_of(request.headers.get("X-Request-Id"))
     request[TRACEPARENT] = current_traceparent() or ""
-    request[TIMER] = PhaseTimer(request.app[TRACER], request.app[SETTINGS].budgets)
+    request[TIMER] = PhaseTimer(request.app[SETTINGS].budgets)
     try:
         return await handler(request)
     except web.HTTPException as exc:

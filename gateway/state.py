@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from aiohttp import web
-from opentelemetry.trace import Tracer
 
 from gateway.clients import Clients
 from gateway.config import Settings
@@ -11,7 +10,6 @@ from gateway.timing import PhaseTimer
 
 SETTINGS = web.AppKey("settings", Settings)
 CLIENTS = web.AppKey("clients", Clients)
-TRACER = web.AppKey("tracer", Tracer)
 
 REQUEST_ID = web.RequestKey("request_id", str)
 TRACEPARENT = web.RequestKey("traceparent", str)

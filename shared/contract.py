@@ -74,17 +74,28 @@ MAX_PAGE_SIZE: Final = 200
 
 Phase = Literal["auth", "validation", "db", "enqueue", "queue_wait", "image_fetch", "generation", "store"]
 PHASES: Final[tuple[Phase, ...]] = get_args(Phase)
-"""The phases of a render (DESIGN.md) in the order it goes through them. Each is a span, a
-`<phase>_ms` timing of the render, and a label of the phase histogram."""
+"""The phases of a render (DESIGN.md) in the order it goes through them. Each is a `<phase>_ms`
+timing of the render, a label of the phase histogram, and in traces a span (the worker's phases) or
+an attribute of the request's span (`phase_attribute`: the request phases, too short for a span)."""
 REQUEST_PHASES: Final = PHASES[:4]
 """The phases of the gateway's request (auth, validation, db, enqueue); the others are the worker's."""
 TIMINGS: Final[tuple[str, ...]] = (*PHASES, "total")
 """The render's `timings`, each as `<name>_ms`: its phases, then its whole time."""
 WAIT: Final = "wait"
-"""The gateway holding a submit's answer for `Prefer: wait`: timed like a phase (a span, a
-Server-Timing entry), but no phase of the render (no timing, no budget: the client chose its length)."""
+"""The gateway holding a submit's answer for `Prefer: wait`: timed like a phase (an attribute of
+the request's span, a Server-Timing entry), but no phase of the render (no timing, no budget: the
+client chose its length)."""
 Timed = Phase | Literal["wait"]
 """What the gateway and the workers time: the phases and the wait."""
+PHASE_ATTRIBUTE_PREFIX: Final = "renderflow.phases."
+
+
+def phase_attribute(phase: str) -> str:
+    """The attribute of a request's span that holds the milliseconds it spent in `phase`
+    (`renderflow.phases.auth_ms`)."""
+    return f"{PHASE_ATTRIBUTE_PREFIX}{phase}_ms"
+
+
 PHASE_BUDGETS_MS: Final[Mapping[str, float]] = MappingProxyType(
     {
         "auth": 100.0,  # API key to user (cached)

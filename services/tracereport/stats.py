@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from services.tracereport.model import AttributeValue, Span
-from shared.contract import PHASES, WAIT
+from shared.contract import PHASE_ATTRIBUTE_PREFIX, PHASES, WAIT
 from shared.spans import STREAM_ATTRIBUTE
 
 PER_KIND_PHASES = frozenset({"generation"})
@@ -235,6 +235,16 @@ def phase_of(span: Span, phases: Iterable[str]) -> str | None:
     return str(phase) if phase is not None else None
 
 
+def _phases_timed(span: Span, names: Iterable[str]) -> Iterator[tuple[str, float]]:
+    """The phases `span` times and their milliseconds: the span itself when it is a phase's, and
+    each phase recorded as an attribute of it (`renderflow.phases.<phase>_ms`: the request phases)."""
+    if (phase := phase_of(span, names)) is not None:
+        yield phase, span.duration_ms
+    for key, value in span.attributes.items():
+        if key.startswith(PHASE_ATTRIBUTE_PREFIX) and key.endswith("_ms") and isinstance(value, int | float):
+            yield key[len(PHASE_ATTRIBUTE_PREFIX) : -len("_ms")], float(value)
+
+
 def phase_stats(
     spans: Iterable[Span], budgets: Mapping[str, float], kind_of: Callable[[Span], str | None]
 ) -> list[PhaseStats]:
@@ -244,14 +254,12 @@ def phase_stats(
     names = (*known, *sorted(set(budgets) - set(known)))
     groups: dict[tuple[int, str, str], list[float]] = defaultdict(list)
     for span in spans:
-        phase = phase_of(span, names)
-        if phase is None:
-            continue
-        label = phase
-        if phase in PER_KIND_PHASES and (kind := kind_of(span)):
-            label = f"{phase} ({kind})"
-        rank = names.index(phase) if phase in names else len(names)
-        groups[rank, phase, label].append(span.duration_ms)
+        for phase, duration_ms in _phases_timed(span, names):
+            label = phase
+            if phase in PER_KIND_PHASES and (kind := kind_of(span)):
+                label = f"{phase} ({kind})"
+            rank = names.index(phase) if phase in names else len(names)
+            groups[rank, phase, label].append(duration_ms)
     result = []
     for (_, phase, label), durations in sorted(groups.items()):
         budget = budgets.get(phase)
