@@ -1,14 +1,21 @@
 """Request bodies and query strings, checked against the OpenAPI schemas; a failure names each field
-(`params.width`, `items[3].prompt`) and says what is wrong with it."""
+(`params.width`, `items[3].prompt`) and says what is wrong with it.
+
+A body is first checked by a validator that fastjsonschema compiled to Python (~10 us for a render
+request; jsonschema takes ~300 us, a tenth of the gateway's whole CPU per submit). Only a body it
+refuses goes through jsonschema, which names every fault (fastjsonschema stops at the first) and
+is the reference: a body jsonschema accepts is accepted whatever the fast check said.
+`tests/unit/test_validation_fast_path.py` holds the two to the same verdicts."""
 
 from __future__ import annotations
 
 import functools
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import fastjsonschema
 from aiohttp import web
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
@@ -102,8 +109,51 @@ def _schema_validator(name: str) -> Draft202012Validator:
     return Draft202012Validator({"$ref": f"{_SPEC_URI}#/components/schemas/{name}"}, registry=_REGISTRY)
 
 
+_ANNOTATIONS = frozenset({"description", "default", "format", "example", ERROR_MESSAGE})
+"""Keywords that do not constrain a value under jsonschema's defaults (no format checks): left out of
+the fast validator, which would fill in defaults or check formats."""
+
+
+def _inlined(node: Any, seen: tuple[str, ...] = ()) -> Any:
+    """A schema with its `$ref`s replaced by what they name, and without annotations."""
+    if isinstance(node, list):
+        return [_inlined(item, seen) for item in node]
+    if not isinstance(node, dict):
+        return node
+    inlined: dict[str, Any] = {}
+    for key, value in node.items():
+        if key == "properties":  # names of fields, not keywords
+            inlined[key] = {name: _inlined(schema, seen) for name, schema in value.items()}
+        elif key not in _ANNOTATIONS and key != "$ref":
+            inlined[key] = _inlined(value, seen)
+    if "$ref" not in node:
+        return inlined
+    name = node["$ref"].rsplit("/", 1)[1]
+    if name in seen:
+        raise ValueError(f"cannot inline the recursive {node['$ref']}")
+    target = _inlined(SPEC["components"]["schemas"][name], (*seen, name))
+    return {"allOf": [target, inlined]} if inlined else target
+
+
+@functools.cache
+def fast_check(schema_name: str) -> Callable[[Any], bool]:
+    """Whether `document` fits the component schema `schema_name`, by the compiled validator."""
+    compiled = fastjsonschema.compile(_inlined(SPEC["components"]["schemas"][schema_name]), use_default=False)
+
+    def fits(document: Any) -> bool:
+        try:
+            compiled(document)
+        except fastjsonschema.JsonSchemaException:
+            return False
+        return True
+
+    return fits
+
+
 def validate(document: Any, schema_name: str) -> None:
     """Raises ValidationFailed naming every field of `document` that does not fit `schema_name`."""
+    if fast_check(schema_name)(document):
+        return
     errors = _field_errors(_schema_validator(schema_name).iter_errors(document))
     if errors:
         raise _invalid(errors)
