@@ -10,7 +10,8 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,36 @@ def setup_logging(service: str, level: str = "INFO") -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+SLOW_LOGS_PER_S = 5.0
+"""`slow operation` warnings a process writes per phase per second at most (bursts of as many)."""
+
+
+class LogThrottle:
+    """A token bucket per key: whether to write one more line, and how many were dropped since the
+    last one written. Under overload every request is slow; a line for each would flood the logs and
+    spend on formatting the CPU that the requests lack (the phase histogram still counts them all)."""
+
+    def __init__(self, per_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._per_s = per_s
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float, int]] = {}
+        """key: (tokens, when they were counted, lines dropped since the last one written)."""
+
+    def admit(self, key: str) -> int | None:
+        """None to drop this line; else how many lines of `key` were dropped before it."""
+        now = self._clock()
+        tokens, then, dropped = self._buckets.get(key, (self._per_s, now, 0))
+        tokens = min(self._per_s, tokens + (now - then) * self._per_s)
+        if tokens < 1:
+            self._buckets[key] = (tokens, now, dropped + 1)
+            return None
+        self._buckets[key] = (tokens - 1, now, 0)
+        return dropped
+
+
+_slow_logs = LogThrottle(SLOW_LOGS_PER_S)
+
+
 def log_slow_operation(
     logger: logging.Logger,
     phase: str,
@@ -69,17 +100,23 @@ def log_slow_operation(
 ) -> None:
     """One `slow operation` warning: the phase over its budget, and the whole timing breakdown so far
     (`timings`, e.g. `{"auth_ms": 0.2, "db_ms": 250.1}`) so that the line alone says where the time
-    went; `fields` name what was slow (render_id, ...). The trace id comes with the current span."""
-    logger.warning(
-        "slow operation",
-        extra={
-            "phase": phase,
-            "duration_ms": round(duration_ms, 3),
-            "budget_ms": budget_ms,
-            "timings": {name: round(ms, 3) for name, ms in timings.items()},
-            **{key: value for key, value in fields.items() if value is not None},
-        },
-    )
+    went; `fields` name what was slow (render_id, ...). The trace id comes with the current span.
+
+    At most SLOW_LOGS_PER_S lines per phase per second are written; a line written after some were
+    dropped says how many (`suppressed`)."""
+    dropped = _slow_logs.admit(f"{logger.name}:{phase}")
+    if dropped is None:
+        return
+    extra: dict[str, Any] = {
+        "phase": phase,
+        "duration_ms": round(duration_ms, 3),
+        "budget_ms": budget_ms,
+        "timings": {name: round(ms, 3) for name, ms in timings.items()},
+        **{key: value for key, value in fields.items() if value is not None},
+    }
+    if dropped:
+        extra["suppressed"] = dropped
+    logger.warning("slow operation", extra=extra)
 
 
 class RotatingFile:

@@ -29,7 +29,7 @@ from yarl import URL
 from services.tracereport.cli import expand_paths
 from services.tracereport.model import ReadCounts, read_spans
 from shared.errors import NotFound, Unavailable
-from shared.logs import JsonFormatter, log_slow_operation
+from shared.logs import SLOW_LOGS_PER_S, JsonFormatter, LogThrottle, log_slow_operation
 from shared.metrics import build_meter_provider, exposition
 from shared.settings import ConfigError, Env
 from shared.telemetry import (
@@ -247,6 +247,28 @@ def test_a_slow_operation_is_one_json_line_with_the_breakdown_and_trace_ids() ->
     context = span.get_span_context()
     assert entry["trace_id"] == format(context.trace_id, "032x")
     assert entry["span_id"] == format(context.span_id, "016x")
+
+
+def test_slow_operation_warnings_are_throttled_per_phase_and_say_how_many_were_dropped() -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter("gateway"))
+    logger = logging.getLogger("tests.slow.throttled")
+    logger.addHandler(handler)
+    try:
+        for _ in range(50):  # an overloaded second: every request is slow
+            log_slow_operation(logger, "enqueue", 80.0, 50.0, {"enqueue_ms": 80.0})
+        log_slow_operation(logger, "auth", 150.0, 100.0, {"auth_ms": 150.0})  # another phase: its own budget
+    finally:
+        logger.removeHandler(handler)
+    phases = [json.loads(line)["phase"] for line in out.getvalue().splitlines()]
+    assert phases.count("enqueue") == SLOW_LOGS_PER_S and phases.count("auth") == 1
+
+    now = [0.0]
+    throttle = LogThrottle(2.0, clock=lambda: now[0])
+    assert [throttle.admit("db") for _ in range(5)] == [0, 0, None, None, None]
+    now[0] = 0.5  # one line's worth of budget again
+    assert throttle.admit("db") == 3 and throttle.admit("db") is None
 
 
 def test_server_faults_fail_a_span_and_the_callers_mistakes_only_mark_it() -> None:
