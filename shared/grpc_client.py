@@ -10,9 +10,8 @@ import json
 from typing import Any
 
 import grpc
-from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-from shared.service_auth import client_interceptors
+from shared.grpc_calls import ServiceChannel
 
 # Retry transient transport failures (peer restarting, connection reset) a few times with backoff.
 # gRPC only retries a call that has not yet reached the server's handler, so this is safe for
@@ -51,7 +50,4 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 def create_channel(target: str, *, token: str | None = None) -> grpc.aio.Channel:
     """An insecure channel to `target` (host:port) with tracing and the options above; every call
     carries `token` (RENDERFLOW_SERVICE_TOKEN) when given."""
-    interceptors = aio_client_interceptors()  # type: ignore[no-untyped-call]
-    if token is not None:
-        interceptors += client_interceptors(token)
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return ServiceChannel(grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS), token)

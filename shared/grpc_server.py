@@ -7,23 +7,16 @@ reflection, drain.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-from shared.call_interceptor import CallInterceptor
-from shared.errors import RenderflowError
-from shared.metrics import RpcMetricsInterceptor
-from shared.rpc_errors import to_status
-from shared.service_auth import ServiceAuthInterceptor
+from shared.grpc_calls import ServerInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -39,36 +32,6 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
-
-
-class ErrorInterceptor(CallInterceptor):
-    """Translates domain errors into gRPC statuses, and anything unexpected into a logged INTERNAL."""
-
-    @asynccontextmanager
-    async def around(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], *, streaming: bool
-    ) -> AsyncIterator[None]:
-        try:
-            yield
-        except Exception as exc:
-            await _abort(context, method, exc)
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:
-    if isinstance(exc, asyncio.CancelledError):
-        raise exc
-    if not isinstance(exc, RenderflowError):
-        if context.code() is not None or _is_abort(exc):
-            raise exc  # the handler aborted on purpose; keep its status
-        log.exception("unexpected error in %s", method)
-        exc = RenderflowError()
-    status = to_status(exc)
-    await context.abort(status.code, status.details, status.trailing_metadata)
-
-
-def _is_abort(exc: BaseException) -> bool:
-    # grpc.aio raises this private exception type from context.abort().
-    return type(exc).__name__ == "AbortError"
 
 
 @dataclass
@@ -93,16 +56,7 @@ def create_server(service_names: Sequence[str], *, token: str | None) -> ServerH
     With a `token`, every call but health and reflection must carry it (`shared.service_auth`);
     None (settings made in code, for tests) serves every caller. No default: a server is never
     left open by an argument forgotten."""
-    # Outermost first: the span and the duration metric see the status the errors were turned
-    # into, refusals of the token included.
-    interceptors: list[grpc.aio.ServerInterceptor] = [
-        aio_server_interceptor(),  # type: ignore[no-untyped-call]
-        RpcMetricsInterceptor(),
-        ErrorInterceptor(),
-    ]
-    if token is not None:
-        interceptors.append(ServiceAuthInterceptor(token))
-    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    server = grpc.aio.server(interceptors=[ServerInterceptor(token)], options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -15,16 +15,10 @@ them into `renderflow_phase_duration_seconds`, counters get `_total`. Queries an
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from threading import Thread
-from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-import grpc
 from opentelemetry import metrics
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
@@ -33,9 +27,7 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.exposition import choose_encoder
 
-from shared.call_interceptor import CallInterceptor
 from shared.contract import PHASES
-from shared.spans import mark_stream
 
 SCOPE = "renderflow"
 DURATION_BUCKETS_S = (
@@ -107,47 +99,3 @@ def phase_histogram(meter: metrics.Meter) -> metrics.Histogram:
         description=f"Duration of each phase of a render ({', '.join(PHASES)})",
         explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
     )
-
-
-class RpcMetricsInterceptor(CallInterceptor):
-    """`rpc.server.duration`: seconds per call served, by service, method and status code name; a
-    call answered with a stream is marked so on its span (`shared.spans.mark_stream`).
-
-    Placed outside the error interceptor, it sees the status that domain errors were turned into.
-    """
-
-    def __init__(self, meter_provider: metrics.MeterProvider | None = None) -> None:
-        meter = metrics.get_meter(SCOPE, meter_provider=meter_provider)
-        self._duration = meter.create_histogram(
-            "rpc.server.duration",
-            unit="s",
-            description="Duration of gRPC calls served (streams: until their end)",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
-        )
-
-    @asynccontextmanager
-    async def around(
-        self, method: str, context: grpc.aio.ServicerContext[Any, Any], *, streaming: bool
-    ) -> AsyncIterator[None]:
-        if streaming:
-            mark_stream()
-        service, _, name = method.lstrip("/").rpartition("/")
-        started = time.perf_counter()
-        code = "OK"
-        try:
-            yield
-        except BaseException as exc:
-            code = _code_name(context, exc)
-            raise
-        finally:
-            attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
-            self._duration.record(time.perf_counter() - started, {**attributes, "rpc.grpc.status": code})
-
-
-def _code_name(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> str:
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return "CANCELLED"
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    return "UNKNOWN"
