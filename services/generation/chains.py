@@ -24,66 +24,18 @@ interval. Every change is fenced on `state = 'waiting'`, so settling twice is ha
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
-from services.generation.domain import NewEvent, RenderError
+from services.generation.domain import Ended, NewEvent, RenderError
+from services.generation.queries import QUERIES
 from services.generation.records import record
 
-# The nearest earlier render of the chain that succeeded: by the time a chain render runs, the one
-# it was released after (if any).
-_CONTINUES_FROM = """
-SELECT id, status FROM renders
-WHERE user_id = %s AND chain_id = %s AND position < %s AND status = 'succeeded'
-ORDER BY position DESC, created_at DESC LIMIT 1
-"""
-
-# Waiting jobs with, as they stand now, `nearest`: the render at position - 1 (any earlier one once
-# the job is overdue), and `predecessor`: the nearest render at or before it that has not failed or
-# been cancelled (none while `nearest` is not known). `{which}` picks the dependents of given
-# renders, or every waiting job that needs something done (the rescuer's sweep).
-_DEPENDENTS = """
-SELECT j.render_id, j.depends_on, d.chain_id, d.position, o.overdue,
-    coalesce((d.reference->>'required')::boolean, false) AS required,
-    n.id AS nearest, n.status AS nearest_status, p.id AS predecessor, p.status
-FROM jobs j
-JOIN renders d ON d.id = j.render_id
-CROSS JOIN LATERAL (SELECT j.created_at < now() - make_interval(secs => %(wait_s)s) AS overdue) o
-LEFT JOIN LATERAL (
-    SELECT id, status, position FROM renders n
-    WHERE n.user_id = d.user_id AND n.chain_id = d.chain_id AND n.position < d.position
-        AND (n.position = d.position - 1 OR o.overdue)
-    ORDER BY n.position DESC, n.created_at DESC LIMIT 1
-) n ON true
-LEFT JOIN LATERAL (
-    SELECT id, status FROM renders p
-    WHERE p.user_id = d.user_id AND p.chain_id = d.chain_id AND p.position <= n.position
-        AND p.status NOT IN ('failed', 'cancelled')
-    ORDER BY p.position DESC, p.created_at DESC LIMIT 1
-) p ON true
-WHERE j.state = 'waiting' AND {which}
-ORDER BY j.created_at
-LIMIT 1000
-"""
-_OF_GIVEN = (
-    "(j.depends_on = ANY(%(ids)s) OR (j.depends_on IS NULL AND (n.id = ANY(%(ids)s) OR p.id = ANY(%(ids)s))))"
-)
-_NEEDING_WORK = (
-    "(p.status = 'succeeded' OR j.depends_on IS DISTINCT FROM p.id"
-    " OR (p.id IS NULL AND (n.id IS NOT NULL OR o.overdue)))"
-)
-
-# The job becomes claimable, continuing from `predecessor` (None: from nothing).
-_RELEASE = (
-    "UPDATE jobs SET state = 'queued', depends_on = %(predecessor)s, run_after = now()"
-    " WHERE render_id = %(id)s AND state = 'waiting' RETURNING render_id"
-)
-# It cannot run: the job leaves the claim table.
-_ABANDON = "DELETE FROM jobs WHERE render_id = %(id)s AND state = 'waiting' RETURNING render_id"
-_LINK = "UPDATE jobs SET depends_on = %s WHERE render_id = %s AND state = 'waiting'"
+_OF_GIVEN = QUERIES["waiting_dependents"].format(which=QUERIES["dependents_of_given"])
+_NEEDING_WORK = QUERIES["waiting_dependents"].format(which=QUERIES["dependents_needing_work"])
 _NO_WAIT = float(10**9)  # targeted settles never give up on a missing predecessor
 
 
@@ -97,10 +49,10 @@ class Predecessor:
 
 @dataclass
 class Settled:
-    """What `settle` did."""
+    """What `settle` did: how many renders it released, and those it failed."""
 
     released: int = 0
-    failed: int = 0
+    failed: list[Ended] = field(default_factory=list)
 
     @property
     def changed(self) -> bool:
@@ -111,7 +63,7 @@ async def continues_from(
     conn: AsyncConnection[Any], user_id: str, chain_id: str, position: int
 ) -> Predecessor | None:
     """The nearest render before `position` in the user's chain that succeeded, if any."""
-    cur = await conn.execute(_CONTINUES_FROM, [user_id, chain_id, position])
+    cur = await conn.execute(QUERIES["continues_from"], [user_id, chain_id, position])
     row = await cur.fetchone()
     return None if row is None else Predecessor(row[0], row[1])
 
@@ -128,29 +80,29 @@ async def settle(
     ids = list(ended or ())
     while which == _NEEDING_WORK or ids:
         cur = conn.cursor(row_factory=dict_row)
-        await cur.execute(_DEPENDENTS.format(which=which), {"ids": ids, "wait_s": missing_wait_s})
-        failed: list[str] = []
+        await cur.execute(which, {"ids": ids, "wait_s": missing_wait_s})
+        failed: list[Ended] = []
         for job in await cur.fetchall():
             outcome = await _settle_one(conn, job, missing_wait_s)
-            if outcome == "failed":
-                failed.append(job["render_id"])
+            if isinstance(outcome, Ended):
+                failed.append(outcome)
             done.released += outcome == "released"
-        done.failed += len(failed)
-        which, ids = _OF_GIVEN, failed
+        done.failed += failed
+        which, ids = _OF_GIVEN, [end.render_id for end in failed]
     if done.released:
-        await conn.execute("SELECT pg_notify('generation_jobs', 'released')")
+        await conn.execute(QUERIES["notify_jobs"], ["released"])
     return done
 
 
 async def _settle_one(
     conn: AsyncConnection[Any], job: dict[str, Any], missing_wait_s: float
-) -> Literal["released", "failed"] | None:
+) -> Literal["released"] | Ended | None:
     """Acts on one waiting job; says whether it released or failed it."""
     render_id, nearest, before = job["render_id"], job["nearest"], job["predecessor"]
     if before is not None and job["status"] != "succeeded":
         # Still queued or running: named, so that its end settles this job.
         if job["depends_on"] != before:
-            await conn.execute(_LINK, [before, render_id])
+            await conn.execute(QUERIES["link_predecessor"], [before, render_id])
         return None
     if before is not None:
         if before == nearest:
@@ -177,18 +129,13 @@ async def _settle_one(
 async def _release(
     conn: AsyncConnection[Any], render_id: str, predecessor: str | None, note: str
 ) -> Literal["released"] | None:
-    seq = await record(
-        conn,
-        render_id,
-        [NewEvent("queued", message=note)],
-        fence=_RELEASE,
-        fence_params={"predecessor": predecessor},
-    )
-    return None if seq is None else "released"
+    events = [NewEvent("queued", message=note)]
+    params = {"predecessor": predecessor}
+    done = await record(conn, render_id, events, fence="fence_release_waiting", fence_params=params)
+    return None if done is None else "released"
 
 
-async def _fail(conn: AsyncConnection[Any], render_id: str, error: RenderError) -> Literal["failed"] | None:
-    seq = await record(
-        conn, render_id, [NewEvent("failed", error=error)], fence=_ABANDON, status="failed", error=error
-    )
-    return None if seq is None else "failed"
+async def _fail(conn: AsyncConnection[Any], render_id: str, error: RenderError) -> Ended | None:
+    events = [NewEvent("failed", error=error)]
+    done = await record(conn, render_id, events, fence="fence_abandon_waiting", status="failed", error=error)
+    return None if done is None else done.ended

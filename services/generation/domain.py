@@ -203,6 +203,17 @@ class NewEvent:
 
 
 @dataclass(frozen=True)
+class Ended:
+    """A render that has just reached an end, by whichever path ended it (its worker, the
+    rescuer, a cancel, a failed chain predecessor): what the metrics count."""
+
+    render_id: str
+    kind: str
+    status: str
+    error: RenderError | None = None
+
+
+@dataclass(frozen=True)
 class Batch:
     """Renders submitted together, with how many are in each status."""
 

@@ -12,7 +12,7 @@ from opentelemetry import metrics
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics import _Gauge as Gauge  # the synchronous gauge, not yet public by name
 
-from services.generation.domain import RenderError
+from services.generation.domain import Ended
 from shared.contract import KINDS
 from shared.metrics import SCOPE, phase_histogram
 
@@ -63,10 +63,13 @@ _finished = metrics.get_meter(f"{SCOPE}.generation").create_counter(
 )
 
 
-def count_finished(kind: str, status: str, error: RenderError | None) -> None:
-    """Counts a render that has just ended; a failure by its error code and reason."""
-    labels = {"status": status, "render.kind": kind}
-    if error is not None and status == "failed":
+def count_finished(ended: Ended) -> None:
+    """Counts a render that has just ended; a failure by its error code and reason. The store
+    reports every end to this (see `store.Store`), inside a transaction that may still roll
+    back: a rare over-count, where counting after each commit would spread this everywhere."""
+    labels = {"status": ended.status, "render.kind": ended.kind}
+    error = ended.error
+    if error is not None and ended.status == "failed":
         labels |= {"error.code": error.code, "error.reason": error.reason}
     _finished.add(1, labels)
 

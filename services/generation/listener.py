@@ -16,6 +16,8 @@ import psycopg
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from psycopg import sql
 
+from services.generation.queries import QUERIES
+
 log = logging.getLogger(__name__)
 
 
@@ -62,11 +64,11 @@ class Listener:
         )
         async with conn:
             for channel in self._channels:
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                await conn.execute(sql.SQL(QUERIES["listen"]).format(channel=sql.Identifier(channel)))
             self.connected.set()
             self._on_connect()
             while True:
                 async for notify in conn.notifies(timeout=self._health_check_s):
                     self._on_notify(notify.channel, notify.payload)
                 # A quiet connection may be a dead one: prove it is alive.
-                await conn.execute("SELECT 1")
+                await conn.execute(QUERIES["ping"])

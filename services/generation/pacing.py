@@ -14,22 +14,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
-import psycopg
 from opentelemetry.instrumentation.utils import suppress_instrumentation
-from psycopg_pool import AsyncConnectionPool
 
-from shared.errors import Unavailable
+from services.generation.protocols import WorkerStore
 from shared.settings import ConfigError
-
-# Reserves the slot at max(next_at, now) and moves next_at one interval past it; returns the
-# seconds to wait for the reserved slot.
-_RESERVE = """
-INSERT INTO backend_pacing AS p (backend, next_at)
-VALUES (%(backend)s, clock_timestamp() + make_interval(secs => %(interval_s)s))
-ON CONFLICT (backend) DO UPDATE
-    SET next_at = greatest(p.next_at, clock_timestamp()) + make_interval(secs => %(interval_s)s)
-RETURNING greatest(0, extract(epoch FROM p.next_at - clock_timestamp()) - %(interval_s)s)::float8
-"""
 
 
 def parse_rates(items: list[str], variable: str) -> dict[str, float]:
@@ -50,8 +38,8 @@ def parse_rates(items: list[str], variable: str) -> dict[str, float]:
 class BackendPacing:
     """Spaces the calls to each rate-limited backend across all workers."""
 
-    def __init__(self, pool: AsyncConnectionPool, rates: Mapping[str, float]) -> None:
-        self._pool = pool
+    def __init__(self, store: WorkerStore, rates: Mapping[str, float]) -> None:
+        self._store = store
         self._intervals = {name: 1.0 / rate for name, rate in rates.items() if rate > 0}
 
     async def wait_turn(self, backend: str) -> float:
@@ -59,15 +47,8 @@ class BackendPacing:
         interval = self._intervals.get(backend)
         if interval is None:
             return 0.0
-        try:
-            with suppress_instrumentation():
-                async with self._pool.connection() as conn:
-                    await conn.set_autocommit(True)
-                    cur = await conn.execute(_RESERVE, {"backend": backend, "interval_s": interval})
-                    row = await cur.fetchone()
-        except psycopg.OperationalError as exc:
-            raise Unavailable("the database is unavailable") from exc
-        delay = float(row[0]) if row else 0.0
+        with suppress_instrumentation():
+            delay = await self._store.reserve_turn(backend, interval)
         if delay > 0:
             await asyncio.sleep(delay)
         return delay

@@ -1,21 +1,25 @@
-"""Rows of schema `generation` to domain values, and the one statement that appends events.
+"""Rows of schema `generation` to domain values, and the one statement that records a render's
+changes and appends its events.
 
 Every state change of a render and the events reporting it are written by `record`, in one
-statement: a *fence* (a CTE yielding the render id only if the caller still may write) gates the
-render update, the event inserts and the NOTIFY, so a worker that lost its lease changes nothing.
-Being the one place where renders end, it is also where they are counted for the metrics.
+statement: a *fence* (a statement yielding the render id only if the caller still may write) gates
+the render update, the event inserts and the NOTIFY, so a worker that lost its lease changes
+nothing. The statements are in `queries.sql`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from functools import cache
+from typing import Any, Literal
 
-from psycopg import AsyncConnection
-from psycopg.rows import tuple_row
+from psycopg import AsyncConnection, sql
+from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
 from services.generation.domain import (
+    Ended,
     Event,
     NewEvent,
     Output,
@@ -25,61 +29,31 @@ from services.generation.domain import (
     RenderError,
     Rule,
 )
-from services.generation.instruments import count_finished
+from services.generation.queries import QUERIES
 from shared.contract import TERMINAL
 
-# Fences: each selects `render_id` when the write may go ahead (and locks what must stay put).
-FENCE_NONE = "SELECT %(id)s::text AS render_id"
-# The worker still holds the job: lock it so the rescuer cannot requeue it under our feet.
-FENCE_HELD = (
-    "SELECT render_id FROM jobs WHERE render_id = %(id)s AND state = 'running'"
-    " AND lease_token = %(token)s::uuid FOR UPDATE"
-)
-# The worker ends the job: it leaves the claim table in the same statement.
-FENCE_END = (
-    "DELETE FROM jobs WHERE render_id = %(id)s AND state = 'running'"
-    " AND lease_token = %(token)s::uuid RETURNING render_id"
-)
-# The worker gives the job back to the queue (retry after a delay, or hand back on shutdown;
-# a hand-back refunds the attempt it did not get to finish).
-FENCE_REQUEUE = (
-    "UPDATE jobs SET state = 'queued', lease_token = NULL, lease_expires_at = NULL, worker_id = NULL,"
-    " run_after = now() + make_interval(secs => %(delay_s)s::float8), attempts = attempts - %(refund)s::int"
-    " WHERE render_id = %(id)s AND state = 'running' AND lease_token = %(token)s::uuid RETURNING render_id"
-)
+Fence = Literal[
+    "fence_none",
+    "fence_held",
+    "fence_end",
+    "fence_requeue",
+    "fence_release_waiting",
+    "fence_abandon_waiting",
+]
+"""The name of a fence of `queries.sql`: each selects `render_id` when the write may go ahead."""
 
-# A render row with `waiting_on`: while it waits for its chain predecessor, that render's id.
-SELECT_RENDER = """
-SELECT renders.*,
-    (SELECT j.depends_on FROM jobs j WHERE j.render_id = renders.id AND j.state = 'waiting') AS waiting_on
-FROM renders"""
 
-_RECORD = """
-WITH fence AS ({fence}),
-r AS (
-    UPDATE renders SET
-        last_seq = last_seq + cardinality(%(types)s::text[]),
-        status = coalesce(%(status)s::text, status),
-        progress = coalesce(%(progress)s::float8, progress),
-        last_progress_at = CASE WHEN %(progress)s::float8 IS NULL THEN last_progress_at
-                                ELSE clock_timestamp() END,
-        timings = timings || %(timings)s::jsonb,
-        output = coalesce(%(output)s::jsonb, output),
-        error = coalesce(%(error)s::jsonb, error),
-        attempts = coalesce(%(attempts)s::int, attempts),
-        started_at = CASE WHEN %(status)s::text = 'running' THEN clock_timestamp() ELSE started_at END,
-        finished_at = CASE WHEN %(status)s::text IN ('succeeded', 'failed', 'cancelled')
-                           THEN clock_timestamp() ELSE finished_at END
-    FROM fence WHERE renders.id = fence.render_id
-    RETURNING renders.id, renders.last_seq, renders.kind
-),
-e AS (
-    INSERT INTO events (render_id, seq, type, payload)
-    SELECT r.id, r.last_seq - cardinality(%(types)s::text[]) + x.ord, x.type, x.payload
-    FROM r, unnest(%(types)s::text[], %(payloads)s::jsonb[]) WITH ORDINALITY AS x(type, payload, ord)
-)
-SELECT r.last_seq, r.kind, pg_notify('generation_events', r.id || ':' || r.last_seq) FROM r
-"""
+@dataclass(frozen=True)
+class Recorded:
+    """What `record` wrote: the render's new last seq, and the render's end if it ended it."""
+
+    seq: int
+    ended: Ended | None = None
+
+
+@cache
+def _record_statement(fence: Fence) -> str:
+    return QUERIES["record_change"].format(fence=QUERIES[fence])
 
 
 async def record(
@@ -87,7 +61,7 @@ async def record(
     render_id: str,
     events: Sequence[NewEvent],
     *,
-    fence: str = FENCE_NONE,
+    fence: Fence = "fence_none",
     fence_params: dict[str, Any] | None = None,
     status: str | None = None,
     progress: float | None = None,
@@ -95,14 +69,9 @@ async def record(
     output: Output | None = None,
     error: RenderError | None = None,
     attempts: int | None = None,
-) -> int | None:
-    """Applies a render's state change and appends `events` if the fence lets it; returns the new
-    last seq, or None when the fence said no (the job was taken away or has ended).
-
-    A terminal `status` counts the render in `renderflow.renders.finished` (whichever path ended it:
-    its worker, the rescuer, a cancel, a failed chain predecessor). Inside a transaction that later
-    rolls back, the count stays: a rare over-count, where counting after each commit would spread
-    this over every caller."""
+) -> Recorded | None:
+    """Applies a render's state change and appends `events` if the fence lets it; None when the
+    fence said no (the job was taken away or has ended)."""
     params: dict[str, Any] = {
         "id": render_id,
         "types": [event.type for event in events],
@@ -116,13 +85,30 @@ async def record(
         **(fence_params or {}),
     }
     cur = conn.cursor(row_factory=tuple_row)
-    await cur.execute(_RECORD.format(fence=fence), params)
+    await cur.execute(_record_statement(fence), params)
     row = await cur.fetchone()
     if row is None:
         return None
-    if status in TERMINAL:
-        count_finished(row[1], status, error)
-    return int(row[0])
+    ended = Ended(render_id, row[1], status, error) if status is not None and status in TERMINAL else None
+    return Recorded(int(row[0]), ended)
+
+
+async def fetch_one(
+    conn: AsyncConnection[Any], query: str | sql.Composed, params: Any = None
+) -> dict[str, Any] | None:
+    """The first row of a statement, as a dict."""
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(query, params)
+    return await cur.fetchone()
+
+
+async def fetch_all(
+    conn: AsyncConnection[Any], query: str | sql.Composed, params: Any = None
+) -> list[dict[str, Any]]:
+    """Every row of a statement, as dicts."""
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(query, params)
+    return await cur.fetchall()
 
 
 def output_json(output: Output) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from services.generation.artifacts import ArtifactStore
 from services.generation.backends import BackendError
 from services.generation.backends.video import last_frame
 from services.generation.domain import Render
-from services.generation.storage import RenderStore
+from services.generation.protocols import RenderSource
 from shared.errors import NotFound, RenderflowError, Unavailable
 from shared.rpc_errors import rpc_errors
 
@@ -57,7 +57,7 @@ class References:
     def __init__(
         self,
         channel: grpc.aio.Channel,
-        renders: RenderStore,
+        renders: RenderSource,
         artifacts: ArtifactStore,
         timeout_s: float,
         outage_s: float = 0.0,

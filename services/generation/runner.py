@@ -27,10 +27,10 @@ from services.generation.artifacts import ArtifactStore
 from services.generation.backends import Backend, BackendError, GenerationInput
 from services.generation.domain import NewEvent, Output, Render, RenderError
 from services.generation.instruments import Instruments
-from services.generation.jobs import Claim, JobQueue
+from services.generation.jobs import Claim
 from services.generation.pacing import BackendPacing
+from services.generation.protocols import WorkerStore
 from services.generation.references import ReferenceFailed, References
-from services.generation.storage import RenderStore
 from shared.contract import Phase
 from shared.errors import Unavailable
 from shared.logs import log_slow_operation
@@ -79,7 +79,7 @@ class EventWriter:
     """Fenced event writes of one job, with progress coalesced to one event per `interval_s`.
     The last step's event is always written, in the same statement as the next phase's."""
 
-    def __init__(self, queue: JobQueue, claim: Claim, interval_s: float) -> None:
+    def __init__(self, queue: WorkerStore, claim: Claim, interval_s: float) -> None:
         self._queue = queue
         self._claim = claim
         self._interval_s = interval_s
@@ -110,8 +110,7 @@ class JobRunner:
 
     def __init__(
         self,
-        queue: JobQueue,
-        renders: RenderStore,
+        queue: WorkerStore,
         backends: Mapping[str, Backend],
         artifacts: ArtifactStore,
         references: References,
@@ -123,11 +122,10 @@ class JobRunner:
         instruments: Instruments | None = None,
         max_duration_s: Mapping[str, float] | None = None,
         pacing: BackendPacing | None = None,
-        backend_names: Mapping[str, str] | None = None,
     ) -> None:
         self._queue = queue
-        self._renders = renders
         self._backends = backends
+        """By name: a job's claim names the one that renders it."""
         self._artifacts = artifacts
         self._references = references
         self._retry = retry
@@ -139,8 +137,6 @@ class JobRunner:
         self._max_duration_s = max_duration_s or {}
         """The most a backend call may take, by kind."""
         self._pacing = pacing
-        self._backend_names = backend_names or {}
-        """Which backend renders each kind: the name its rate limit goes by."""
 
     async def run(self, claim: Claim, control: Control) -> None:
         """Runs the job; when the worker cancels it, records why (cancelled, handed back, dropped)."""
@@ -178,7 +174,7 @@ class JobRunner:
         # which decide whether it is sampled, are on it): that read is in its time, not a span.
         started_ns = time.time_ns()
         with suppress_instrumentation():
-            render = await self._renders.get_any(claim.render_id)
+            render = await self._queue.get_any(claim.render_id)
         attributes: dict[str, str | int] = {
             "render.id": render.id,
             "render.kind": render.kind,
@@ -229,7 +225,7 @@ class JobRunner:
             raise Failure(RenderError("internal", "unknown_backend", f"no backend {claim.backend!r}"), False)
         with self._phase("generation", render, timings):
             if self._pacing is not None:
-                await self._pacing.wait_turn(self._backend_names.get(render.kind, claim.backend))
+                await self._pacing.wait_turn(claim.backend)
             limit = self._max_duration_s.get(render.kind)
             deadline = asyncio.timeout(limit)
             try:

@@ -24,7 +24,7 @@ from services.generation.domain import (
     Submission,
 )
 from services.generation.events import EventHub, follow
-from services.generation.storage import RenderStore
+from services.generation.protocols import ApiStore
 from services.generation.validation import normalized, normalized_batch
 from shared.contract import phase_attribute
 from shared.errors import FailedPrecondition, FieldError, NotFound, ValidationFailed
@@ -37,7 +37,7 @@ class Renders:
 
     def __init__(
         self,
-        store: RenderStore,
+        store: ApiStore,
         catalog: Catalog,
         hub: EventHub,
         artifacts: ArtifactStore,

@@ -19,15 +19,16 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from services.generation.artifacts import ArtifactStore, LocalArtifactStore
 from services.generation.backends import Backend
 from services.generation.backends.selection import open_backends
+from services.generation.background import background
 from services.generation.config import WorkerSettings
-from services.generation.jobs import Claim, JobQueue
+from services.generation.instruments import count_finished
+from services.generation.jobs import Claim, JobPolicy
 from services.generation.listener import Listener
 from services.generation.pacing import BackendPacing
+from services.generation.protocols import WorkerStore
 from services.generation.references import References
 from services.generation.runner import Control, JobRunner, RetryPolicy, StopReason
-from services.generation.server import MIGRATIONS, SCHEMA, background, database_url
-from services.generation.storage import RenderStore
-from shared.db import migrate, open_pool
+from services.generation.store import Store, database_url
 from shared.grpc_client import create_channel
 from shared.lifecycle import run_process
 from shared.settings import Env
@@ -53,7 +54,7 @@ class RunningJob:
 class Worker:
     """The claim loop and the housekeeping loops of one worker process."""
 
-    def __init__(self, settings: WorkerSettings, queue: JobQueue, runner: JobRunner) -> None:
+    def __init__(self, settings: WorkerSettings, queue: WorkerStore, runner: JobRunner) -> None:
         self._settings = settings
         self._queue = queue
         self._runner = runner
@@ -175,21 +176,25 @@ async def running_worker(
     """A started worker (migrations applied, LISTEN and loops running); on exit it drains for
     `settings.shutdown_grace_s`, hands back what is left, and closes everything."""
     async with AsyncExitStack() as stack:
-        await migrate(settings.database_url, SCHEMA, MIGRATIONS)
-        url = database_url(settings.database_url)
-        pool = await open_pool(url, name="generation-worker", min_size=2, max_size=settings.concurrency + 4)
-        stack.push_async_callback(pool.close)
-        channel = create_channel(settings.imagefetch_addr, token=settings.service_token)
-        stack.push_async_callback(channel.close)
-        store = RenderStore(pool)
-        queue = JobQueue(
-            pool,
+        policy = JobPolicy(
             lease_s=settings.lease_s,
             max_attempts=settings.max_attempts,
             tenant_max_running=settings.tenant_max_running,
             chain_wait_s=settings.chain_wait_s,
             event_retention_s=settings.event_retention_s,
+            backends=settings.backend.by_kind(),
         )
+        store = await stack.enter_async_context(
+            Store.opened(
+                settings.database_url,
+                name="generation-worker",
+                max_size=settings.concurrency + 4,
+                policy=policy,
+                on_ended=count_finished,
+            )
+        )
+        channel = create_channel(settings.imagefetch_addr, token=settings.service_token)
+        stack.push_async_callback(channel.close)
         artifacts = artifacts or LocalArtifactStore(settings.artifact_dir)
         if backends is None:
             backends = await stack.enter_async_context(
@@ -200,7 +205,6 @@ async def running_worker(
         )
         retry = RetryPolicy(settings.retry_base_s, settings.retry_max_s)
         runner = JobRunner(
-            queue,
             store,
             backends,
             artifacts,
@@ -209,15 +213,15 @@ async def running_worker(
             progress_interval_s=settings.progress_interval_s,
             budgets=settings.budgets,
             max_duration_s={"image": settings.max_duration_image_s, "video": settings.max_duration_video_s},
-            pacing=BackendPacing(pool, settings.backend_rate_limits),
-            backend_names={"image": settings.backend.image, "video": settings.backend.video},
+            pacing=BackendPacing(store, settings.backend_rate_limits),
         )
-        worker = Worker(settings, queue, runner)
+        worker = Worker(settings, store, runner)
         runner.on_retry = worker.wake_later
         for loop, name in ((worker.heartbeat_loop(), "heartbeat"), (worker.rescue_loop(), "rescue")):
             await stack.enter_async_context(background(loop, f"worker-{name}"))
         if not settings.db_poll_only:
-            listener = Listener(url, ["generation_jobs", "generation_cancel"], worker.on_notify, worker.wake)
+            channels = ["generation_jobs", "generation_cancel"]
+            listener = Listener(database_url(settings.database_url), channels, worker.on_notify, worker.wake)
             await stack.enter_async_context(background(listener.run(), "worker-listen"))
         await stack.enter_async_context(background(worker.claim_loop(), "worker-claim"))
         stack.push_async_callback(worker.drain, settings.shutdown_grace_s)

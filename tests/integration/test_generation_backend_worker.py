@@ -3,9 +3,12 @@ in-process worker: the http backend against the fake provider, and procedural vi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
+import psycopg
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan
 from renderflow.v1 import generation_pb2 as pb
 
 from services.generation.backends.http import HttpBackendSettings
@@ -19,6 +22,7 @@ from tests.support.generation import (
     status_name,
     submit,
 )
+from tests.support.observed_stack import Recorder
 from tests.support.provider import Provider
 
 TOKEN = "worker-test-token"
@@ -81,3 +85,31 @@ async def test_a_video_render_is_a_procedural_mp4(
     assert (done.output.content_type, done.output.duration_s) == ("video/mp4", 1.0)
     assert (info.codec, info.width, info.height, info.frames) == ("h264", 64, 64, 12)
     assert provider.hits["create"] == 0  # videos stay with the procedural backend
+
+
+async def test_the_job_and_the_render_span_name_the_backend_that_runs_it(
+    stub: Stub, start_worker: WorkerFactory, provider: Provider, database_url: str, recorder: Recorder
+) -> None:
+    provider.polls_to_finish = 25  # running long enough to be seen
+    await start_worker(backend=_http_for_images(provider))
+    render = await submit(stub)
+
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        backend = None
+        while backend is None:
+            cur = await conn.execute(
+                "SELECT backend FROM generation.jobs WHERE render_id = %s AND state = 'running'", [render.id]
+            )
+            row = await cur.fetchone()
+            backend = row[0] if row else await asyncio.sleep(0.01)
+    done = await finished(stub, render.id)
+
+    assert status_name(done) == "succeeded", done.error
+    assert backend == "http"
+    await recorder.wait_for(lambda spans: any(_renders_of(spans, render.id)))
+    (span,) = _renders_of(recorder.spans, render.id)
+    assert span.attributes is not None and span.attributes["render.backend"] == "http"
+
+
+def _renders_of(spans: list[ReadableSpan], render_id: str) -> list[ReadableSpan]:
+    return [s for s in spans if s.name == "render" and (s.attributes or {}).get("render.id") == render_id]

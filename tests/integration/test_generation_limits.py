@@ -18,9 +18,7 @@ from PIL import Image
 from renderflow.v1 import generation_pb2 as pb
 
 from services.generation.backends import Artifact, GenerationInput, ProgressCallback
-from services.generation.server import database_url as with_schema
-from services.generation.storage import RenderStore
-from shared.db import open_pool
+from services.generation.store import Store
 from shared.errors import QuotaExceeded
 from shared.rpc_errors import rpc_errors
 from tests.support.generation import (
@@ -172,10 +170,7 @@ async def test_a_render_without_progress_is_flagged_and_counted_as_stalled(
     backend = Recorder()
     await start_worker(backends={"procedural": backend})
     render = await submit(stub, prompt="stall", steps=3)
-    pool = await open_pool(with_schema(database_url), name="test", max_size=2)
-    try:
-        store = RenderStore(pool)
-
+    async with Store.opened(database_url, name="test", max_size=2) as store:
         with rpc_errors():
             async for event in stub.Watch(pb.WatchRequest(user_id=alice, render_id=render.id)):
                 if event.type == "progress":
@@ -193,8 +188,6 @@ async def test_a_render_without_progress_is_flagged_and_counted_as_stalled(
         done = await finished(stub, render.id)
         assert status_name(done) == "succeeded" and not done.stalled
         assert await store.count_stalled(1.0) == 0
-    finally:
-        await pool.close()
 
 
 async def test_the_quota_refuses_submits_over_it_atomically(

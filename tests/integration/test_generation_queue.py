@@ -7,22 +7,21 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 
 from services.generation.catalog import Placement
-from services.generation.domain import Output, RenderSpec, Submission
-from services.generation.jobs import JobQueue
-from services.generation.server import MIGRATIONS, SCHEMA
-from services.generation.server import database_url as with_schema
-from services.generation.storage import RenderStore
+from services.generation.domain import Ended, Output, RenderError, RenderSpec, Submission
+from services.generation.instruments import count_finished
+from services.generation.jobs import JobPolicy
+from services.generation.store import Store
 from services.generation.validation import normalized
-from shared.db import migrate, open_pool
 from tests.support.observed_stack import install_global_providers
 
+POLICY = JobPolicy(lease_s=30, max_attempts=2)
 OUTPUT = Output("/v1/renders/x/output", "image/png", 3, 1, 1, "abc")
 
 
@@ -34,8 +33,12 @@ def _placement(tenant: str) -> Placement:
 @dataclass
 class Queue:
     pool: AsyncConnectionPool
-    store: RenderStore
-    jobs: JobQueue
+    store: Store
+    """The API side's operations."""
+    jobs: Store
+    """The worker side's: the same store."""
+    ended: list[Ended]
+    """Renders the store reported as ended, in order."""
 
     async def submit(self, count: int = 1) -> list[str]:
         renders = [
@@ -59,12 +62,11 @@ class Queue:
 
 @pytest.fixture
 async def queue(database_url: str) -> AsyncIterator[Queue]:
-    await migrate(database_url, SCHEMA, MIGRATIONS)
-    pool = await open_pool(with_schema(database_url), name="test", max_size=12)
-    try:
-        yield Queue(pool, RenderStore(pool), JobQueue(pool, lease_s=30, max_attempts=2))
-    finally:
-        await pool.close()
+    ended: list[Ended] = []
+    async with Store.opened(
+        database_url, name="test", max_size=12, policy=POLICY, on_ended=ended.append
+    ) as store:
+        yield Queue(store.pool, store, store, ended)
 
 
 async def test_concurrent_claims_never_share_a_job(queue: Queue) -> None:
@@ -118,7 +120,24 @@ async def test_expired_leases_out_of_attempts_fail_and_cancelled_ones_cancel(que
     assert (await queue.store.get("alice", cancelled)).status == "cancelled"
 
 
-async def test_renders_ended_by_the_rescuer_or_a_cancel_count_as_finished(queue: Queue) -> None:
+async def test_renders_ended_by_the_rescuer_or_a_cancel_are_reported_as_ended(queue: Queue) -> None:
+    exhausted, queued = await queue.submit(2)
+    await queue.store.cancel("alice", queued)  # queued: cancelled at once
+    for _ in range(2):  # both attempts lost with their worker
+        assert [c.render_id for c in await queue.jobs.claim("w", 1)] == [exhausted]
+        await queue.expire_leases()
+        await queue.jobs.rescue()
+
+    cancel, lost = queue.ended
+    assert (cancel.render_id, cancel.kind, cancel.status) == (queued, "image", "cancelled")
+    assert (lost.render_id, lost.kind, lost.status) == (exhausted, "image", "failed")
+    assert lost.error is not None and (lost.error.code, lost.error.reason) == (
+        "generation_failed",
+        "lease_expired",
+    )
+
+
+async def test_ended_renders_count_as_finished() -> None:
     install_global_providers()  # the counter is made on the process's meter provider
 
     def finished(**labels: str) -> float:
@@ -129,16 +148,12 @@ async def test_renders_ended_by_the_rescuer_or_a_cancel_count_as_finished(queue:
             if sample.name == "renderflow_renders_finished_total" and labels.items() <= sample.labels.items()
         )
 
-    lost = {"status": "failed", "render_kind": "image", "error_code": "generation_failed"}
+    lost = {"status": "failed", "render_kind": "video", "error_code": "generation_failed"}
     lost |= {"error_reason": "lease_expired"}
     cancelled = {"status": "cancelled", "render_kind": "image"}
     before = finished(**lost), finished(**cancelled)
-    exhausted, queued = await queue.submit(2)
-    await queue.store.cancel("alice", queued)  # queued: cancelled at once
-    for _ in range(2):  # both attempts lost with their worker
-        assert [c.render_id for c in await queue.jobs.claim("w", 1)] == [exhausted]
-        await queue.expire_leases()
-        await queue.jobs.rescue()
+    count_finished(Ended("r1", "video", "failed", RenderError("generation_failed", "lease_expired")))
+    count_finished(Ended("r2", "image", "cancelled", RenderError("cancelled")))
     assert (finished(**lost), finished(**cancelled)) == (before[0] + 1, before[1] + 1)
 
 
@@ -182,7 +197,7 @@ async def test_claims_take_tenants_in_turn_and_priority_within_each(queue: Queue
 
 
 async def test_the_tenant_cap_holds_and_counts_follow_the_jobs(queue: Queue) -> None:
-    capped = JobQueue(queue.pool, lease_s=30, max_attempts=2, tenant_max_running=2)
+    capped = Store(queue.pool, policy=replace(POLICY, tenant_max_running=2))
     await _submit_for(queue, "alice", 5)
     await _submit_for(queue, "bob", 1)
 

@@ -17,7 +17,6 @@ from services.generation.backends import (
     TransientBackendError,
 )
 from services.generation.backends.procedural import ProceduralBackend
-from services.generation.backends.selection import JOB_BACKEND
 from shared.metrics import serve_metrics
 from tests.support.observed_stack import ObservedStack
 
@@ -43,7 +42,7 @@ class FlakyBackend:
 
 @pytest.fixture
 def worker_backends() -> Mapping[str, Backend]:
-    return {JOB_BACKEND: FlakyBackend()}
+    return {"procedural": FlakyBackend()}
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
-from services.generation.server import MIGRATIONS, SCHEMA
+from services.generation.store import MIGRATIONS, SCHEMA
 from services.tracereport.model import ReadCounts
 from services.tracereport.report import build_report
 from services.tracereport.selection import Filters, load_spans

@@ -1,26 +1,20 @@
-"""Which backend renders which kind, as the settings choose, and the backends a worker opens."""
+"""Which backend renders which kind, as the settings choose, and the backends a worker opens.
+
+A worker stamps each job it claims with the backend its settings choose for the job's kind, and
+runs it with that backend: the job row and the render's span name the one really used."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
-from services.generation.backends import (
-    Artifact,
-    Backend,
-    GenerationInput,
-    PermanentBackendError,
-    ProgressCallback,
-)
+from services.generation.backends import Backend
 from services.generation.backends.http import HttpBackend, HttpBackendSettings
 from services.generation.backends.procedural import ProceduralBackend
 from shared.settings import ConfigError, Env
 
 NAMES = ("procedural", "http")
-# The backend name the generation store stamps on every job today. The worker resolves it per
-# kind, so that the choice is a worker setting.
-JOB_BACKEND = "procedural"
 
 
 @dataclass(frozen=True)
@@ -43,6 +37,10 @@ class BackendSettings:
         http = HttpBackendSettings.from_env(env) if "http" in (image, video) else None
         return cls(image=image, video=video, http=http)
 
+    def by_kind(self) -> dict[str, str]:
+        """{kind: the name of the backend that renders it}."""
+        return {"image": self.image, "video": self.video}
+
 
 def _name(env: Env, variable: str, default: str) -> str:
     name = env.str(variable, default).strip().lower()
@@ -51,31 +49,18 @@ def _name(env: Env, variable: str, default: str) -> str:
     return name
 
 
-class ByKind:
-    """Hands each render to the backend chosen for its kind."""
-
-    name = "by-kind"
-
-    def __init__(self, backends: Mapping[str, Backend]) -> None:
-        self._backends = backends
-
-    async def generate(self, job: GenerationInput, on_progress: ProgressCallback) -> Artifact:
-        backend = self._backends.get(job.kind)
-        if backend is None:
-            raise PermanentBackendError(f"no backend renders {job.kind}", "unsupported_kind")
-        return await backend.generate(job, on_progress)
-
-
 @asynccontextmanager
 async def open_backends(
     settings: BackendSettings, procedural_step_ms: float = 0.0
 ) -> AsyncIterator[dict[str, Backend]]:
-    """The worker's backends by the name jobs carry; the http backend's session is closed on exit."""
+    """The worker's backends by name (those its kinds use); the http backend's session is closed on
+    exit."""
     async with AsyncExitStack() as stack:
         available: dict[str, Backend] = {"procedural": ProceduralBackend(procedural_step_ms)}
         if settings.http is not None:
             available["http"] = await stack.enter_async_context(HttpBackend.open(settings.http))
-        missing = {settings.image, settings.video} - available.keys()
+        used = set(settings.by_kind().values())
+        missing = used - available.keys()
         if missing:
             raise ConfigError(f"the {', '.join(sorted(missing))} backend needs RENDERFLOW_HTTP_BACKEND_URL")
-        yield {JOB_BACKEND: ByKind({"image": available[settings.image], "video": available[settings.video]})}
+        yield {name: available[name] for name in used}

@@ -1,0 +1,427 @@
+"""The one store of generation: the connection pool, schema `generation` and its migrations, every
+statement the service and its workers run (by name, from `queries.sql`), and the one edge where
+driver errors become domain errors.
+
+The API side uses it through `protocols.ApiStore`, the worker side through `protocols.WorkerStore`.
+Connections are in autocommit mode from the start: a single statement commits on its own (one
+round trip instead of three), and operations of several statements open `conn.transaction()`.
+Renders that end, by whichever path, are reported to `on_ended`: what to count is the caller's
+business.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager, nullcontext
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import AsyncConnectionPool
+
+from services.generation import chains, housekeeping
+from services.generation.catalog import Placement
+from services.generation.domain import (
+    Batch,
+    Ended,
+    Event,
+    NewEvent,
+    Output,
+    Page,
+    Render,
+    RenderError,
+    RenderFilter,
+    RenderSpec,
+    Submission,
+)
+from services.generation.jobs import Claim, JobPolicy, Rescued, rescue_expired
+from services.generation.pages import page_of, page_query, page_size
+from services.generation.queries import QUERIES
+from services.generation.records import event_from_row, fetch_all, fetch_one, record, render_from_row
+from services.generation.submissions import insert_batch, insert_render, lock_key
+from shared.contract import STATUSES
+from shared.db import _check_if_idle, _note_returned, migrate
+from shared.errors import Conflict, FailedPrecondition, NotFound, Unavailable, ValidationFailed
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "generation"
+MIGRATIONS = Path(__file__).parent / "migrations"
+_CANCELLED = RenderError("cancelled", message="cancelled at the user's request")
+
+
+def database_url(url: str) -> str:
+    """`url` (a URL or key=value conninfo) with the search path set to the service's schema."""
+    options = conninfo_to_dict(url).get("options") or ""
+    return make_conninfo(url, options=f"{options} -c search_path={SCHEMA}".strip())
+
+
+@asynccontextmanager
+async def translated() -> AsyncIterator[None]:
+    """Turns driver errors into domain errors, once, at this edge."""
+    try:
+        yield
+    except psycopg.errors.UniqueViolation as exc:
+        raise Conflict("it exists already") from exc
+    except psycopg.DataError as exc:
+        # A value PostgreSQL cannot store (validation should have caught it): bad input, not a fault.
+        raise ValidationFailed("a value cannot be stored") from exc
+    except psycopg.OperationalError as exc:
+        raise Unavailable("the database is unavailable") from exc
+
+
+async def open_autocommit_pool(url: str, *, name: str, min_size: int, max_size: int) -> AsyncConnectionPool:
+    """An opened pool of autocommit connections to schema `generation`, healing as the services'
+    pools do (see `shared.db.open_pool`, whose timeouts these are)."""
+    pool = AsyncConnectionPool(
+        database_url(url),
+        min_size=min_size,
+        max_size=max_size,
+        name=name,
+        open=False,
+        timeout=3.0,
+        reconnect_timeout=5.0,
+        check=_check_if_idle,
+        reset=_note_returned,
+        kwargs={"application_name": f"renderflow-{name}", "autocommit": True},
+    )
+    await pool.open(wait=True, timeout=30.0)
+    return pool
+
+
+class Store:
+    """Renders, events, batches and the job queue in schema `generation`."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        max_active: int = 0,
+        policy: JobPolicy | None = None,
+        on_ended: Callable[[Ended], None] = lambda ended: None,
+    ) -> None:
+        self.pool = pool
+        """Autocommit connections (see `open_autocommit_pool`)."""
+        self._max_active = max_active
+        """The most renders a user may have queued or running at once (0: no limit)."""
+        self._policy = policy or JobPolicy()
+        self._on_ended = on_ended
+        self._next_recount = time.monotonic() + self._policy.recount_interval_s
+
+    @classmethod
+    @asynccontextmanager
+    async def opened(
+        cls,
+        url: str,
+        *,
+        name: str,
+        max_size: int,
+        min_size: int = 2,
+        max_active: int = 0,
+        policy: JobPolicy | None = None,
+        on_ended: Callable[[Ended], None] = lambda ended: None,
+    ) -> AsyncIterator[Store]:
+        """The store on the database at `url`, migrated, with its pool open until the block ends."""
+        await migrate(url, SCHEMA, MIGRATIONS)
+        pool = await open_autocommit_pool(url, name=name, min_size=min_size, max_size=max_size)
+        try:
+            yield cls(pool, max_active=max_active, policy=policy, on_ended=on_ended)
+        finally:
+            await pool.close()
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[AsyncConnection[Any]]:
+        async with translated(), self.pool.connection() as conn:
+            yield conn
+
+    def _report(self, ended: Iterable[Ended | None]) -> None:
+        for end in ended:
+            if end is not None:
+                self._on_ended(end)
+
+    async def _settle(self, conn: AsyncConnection[Any], ended: Iterable[str]) -> chains.Settled:
+        """Releases or fails the chain dependents of the renders `ended` (see `chains.settle`)."""
+        settled = await chains.settle(conn, ended)
+        self._report(settled.failed)
+        return settled
+
+    # The API side ------------------------------------------------------------------------------
+
+    async def submit(
+        self, spec: RenderSpec, placement: Placement, submission: Submission, started: float
+    ) -> Render:
+        """Queues a validated render, or returns the one a repeat of this submit already queued."""
+        async with self._conn() as conn:
+            key = submission.idempotency_key
+            async with conn.transaction() if key else nullcontext():
+                if key:
+                    await lock_key(conn, submission.user_id, key)
+                render = await insert_render(
+                    conn, spec, placement, submission, started, None, self._max_active
+                )
+            if render.waiting_on and (await self._settle(conn, [render.waiting_on])).changed:
+                return await self.get(submission.user_id, render.id)
+            return render
+
+    async def submit_batch(
+        self, specs: list[RenderSpec], placements: list[Placement], submission: Submission, started: float
+    ) -> Batch:
+        """Queues every render of a batch in one transaction (or returns the batch a repeat made):
+        all of them, or none when one is refused (QuotaExceeded)."""
+        async with self._conn() as conn:
+            async with conn.transaction():
+                batch = await insert_batch(conn, specs, placements, submission, started, self._max_active)
+            if batch.waits_on:
+                await self._settle(conn, batch.waits_on)
+        return replace(await self.get_batch(submission.user_id, batch.id), replayed=batch.replayed)
+
+    async def chain_lengths(self, user_id: str, chain_ids: list[str]) -> dict[str, int]:
+        """How many positions each of the user's chains has allocated (those with none left out)."""
+        async with self._conn() as conn:
+            cur = await conn.execute(QUERIES["chain_lengths"], [user_id, chain_ids])
+            return {str(chain_id): int(last) for chain_id, last in await cur.fetchall()}
+
+    async def get(self, user_id: str, render_id: str) -> Render:
+        """The user's render; NotFound when it does not exist or is someone else's."""
+        async with self._conn() as conn:
+            row = await fetch_one(conn, QUERIES["user_render"], [render_id, user_id])
+        if row is None:
+            raise NotFound(f"render {render_id} not found")
+        return render_from_row(row)
+
+    async def get_any(self, render_id: str) -> Render:
+        """A render whoever owns it (for workers)."""
+        async with self._conn() as conn:
+            row = await fetch_one(conn, QUERIES["any_render"], [render_id])
+        if row is None:
+            raise NotFound(f"render {render_id} not found")
+        return render_from_row(row)
+
+    async def queue_figures(self, render_id: str) -> tuple[int, int, float | None] | None:
+        """For a queued render: jobs claimed before it, jobs running, and the mean run time of
+        recent renders (seconds); None when it is not queued."""
+        async with self._conn() as conn:
+            row = await fetch_one(conn, QUERIES["queue_figures"], [render_id])
+        if row is None:
+            return None
+        avg = row["avg_run_s"]
+        return int(row["ahead"]), int(row["running"]), None if avg is None else float(avg)
+
+    async def queue_depth(self) -> dict[tuple[str, str], int]:
+        """Jobs by (kind, state): queued (retries in backoff included) and running, right now."""
+        async with self._conn() as conn:
+            rows = await fetch_all(conn, QUERIES["queue_depth"])
+        return {(row["kind"], row["state"]): int(row["jobs"]) for row in rows}
+
+    async def list_page(self, user_id: str, where: RenderFilter, size: int, page_token: str) -> Page:
+        """The user's renders matching `where`, newest first (or by chain position), one page."""
+        size = page_size(size)
+        query, params = page_query(user_id, where, size, page_token)
+        async with self._conn() as conn:
+            rows = await fetch_all(conn, query, params)
+        return page_of([render_from_row(row) for row in rows], size, where.by_position)
+
+    async def cancel(self, user_id: str, render_id: str) -> bool:
+        """Cancels a queued (or waiting) render at once (True), or flags a running one for its
+        worker (False). FailedPrecondition when it has ended; NotFound when it is not the user's."""
+        async with self._conn() as conn:
+            cancelled = await self._cancel(conn, user_id, render_id)
+            if cancelled:
+                await self._settle(conn, [render_id])  # its chain dependents go on without it
+            return cancelled
+
+    async def _cancel(self, conn: AsyncConnection[Any], user_id: str, render_id: str) -> bool:
+        async with conn.transaction():
+            job = await fetch_one(conn, QUERIES["lock_user_job"], [render_id, user_id])
+            if job is None:
+                render = await fetch_one(conn, QUERIES["user_render_status"], [render_id, user_id])
+                if render is None:
+                    raise NotFound(f"render {render_id} not found")
+                raise FailedPrecondition(f"render {render_id} has already ended ({render['status']})")
+            if job["state"] != "running":
+                await conn.execute(QUERIES["delete_job"], [render_id])
+                events = [NewEvent("cancelled", error=_CANCELLED)]
+                done = await record(conn, render_id, events, status="cancelled", error=_CANCELLED)
+                self._report([done.ended if done else None])
+                return True
+            await conn.execute(QUERIES["request_cancel"], [render_id])
+            await conn.execute(QUERIES["notify_cancel"], [render_id])
+            return False
+
+    async def continues_from(self, user_id: str, chain_id: str, position: int) -> Render | None:
+        """The user's nearest render before `position` in the chain that succeeded, if any: what
+        a chain render at `position` continues from."""
+        async with self._conn() as conn:
+            before = await chains.continues_from(conn, user_id, chain_id, position)
+        return None if before is None else await self.get(user_id, before.id)
+
+    async def count_stalled(self, stall_after_s: float) -> int:
+        """Running renders without progress for longer than `stall_after_s`."""
+        async with self._conn() as conn:
+            cur = await conn.execute(QUERIES["count_stalled"], [stall_after_s])
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def events_after(self, render_id: str, after_seq: int) -> list[Event]:
+        """A render's events with seq above `after_seq`, in order."""
+        return await self.events_after_many({render_id: after_seq})
+
+    async def events_after_many(self, cursors: Mapping[str, int], limit: int = 10_000) -> list[Event]:
+        """The events of several renders, each above its own seq, ordered by render then seq."""
+        if not cursors:
+            return []
+        async with self._conn() as conn:
+            params = [list(cursors), list(cursors.values()), limit]
+            rows = await fetch_all(conn, QUERIES["events_after_many"], params)
+        return [event_from_row(row) for row in rows]
+
+    async def get_batch(self, user_id: str, batch_id: str) -> Batch:
+        """The user's batch with its renders (in submission order) and counts by status."""
+        async with self._conn() as conn:
+            row = await fetch_one(conn, QUERIES["user_batch"], [batch_id, user_id])
+            if row is None:
+                raise NotFound(f"batch {batch_id} not found")
+            rows = await fetch_all(conn, QUERIES["batch_renders"], [row["id"]])
+        renders = [render_from_row(r) for r in rows]
+        counts: dict[str, int] = {status: 0 for status in STATUSES}
+        for render in renders:
+            counts[render.status] += 1
+        return Batch(str(row["id"]), row["user_id"], row["created_at"], counts, renders)
+
+    # The worker side ---------------------------------------------------------------------------
+
+    async def claim(self, worker_id: str, limit: int) -> list[Claim]:
+        """Takes up to `limit` runnable jobs, from the tenants in turn (see `claim_jobs`), each
+        stamped with the backend the policy names for its kind."""
+        async with self._conn() as conn:
+            rows = await fetch_all(conn, QUERIES["claim_jobs"], self._policy.claim_params(worker_id, limit))
+        return sorted((Claim(**row) for row in rows), key=lambda c: c.created_at)
+
+    async def heartbeat(self, claims: Sequence[Claim]) -> dict[str, bool]:
+        """Renews the leases of `claims`; returns, for each job still held, whether its cancel
+        was requested. A job missing from the answer has been taken away."""
+        if not claims:
+            return {}
+        params = [self._policy.lease_s, [c.render_id for c in claims], [c.lease_token for c in claims]]
+        async with self._conn() as conn:
+            cur = await conn.execute(QUERIES["heartbeat"], params)
+            return {row[0]: row[1] for row in await cur.fetchall()}
+
+    async def progress(self, claim: Claim, events: Sequence[NewEvent], **changes: Any) -> bool:
+        """Records events (and render changes) of a job still held; False when it is not."""
+        async with self._conn() as conn:
+            done = await record(
+                conn, claim.render_id, events, fence="fence_held", fence_params=claim.fence(), **changes
+            )
+        return done is not None
+
+    async def finish(
+        self,
+        claim: Claim,
+        status: str,
+        *,
+        output: Output | None = None,
+        error: RenderError | None = None,
+        timings: dict[str, float] | None = None,
+        message: str = "",
+    ) -> bool:
+        """Ends a held job (succeeded, failed or cancelled) with its terminal event, then releases
+        or fails the chain renders waiting for it; False when the job was no longer this worker's,
+        and then nothing changed."""
+        progress = 1.0 if status == "succeeded" else None
+        event = NewEvent(status, progress=progress, message=message, error=error)
+        async with self._conn() as conn:
+            done = await record(
+                conn,
+                claim.render_id,
+                [event],
+                fence="fence_end",
+                fence_params=claim.fence(),
+                status=status,
+                progress=progress,
+                output=output,
+                error=error,
+                timings=timings,
+            )
+            if done is None:
+                return False
+            self._report([done.ended])
+            # Not in the same transaction: should this fail or the worker die right here, the
+            # rescuer's sweep settles the dependents instead.
+            try:
+                await self._settle(conn, [claim.render_id])
+            except psycopg.Error:
+                log.warning("cannot settle chain dependents", extra={"render_id": claim.render_id})
+        return True
+
+    async def requeue(self, claim: Claim, delay_s: float, message: str, *, refund: bool = False) -> bool:
+        """Puts a held job back in the queue, runnable after `delay_s` (a retry), or at once with
+        its attempt refunded (`refund`: a hand-back by a stopping worker)."""
+        async with self._conn() as conn:
+            done = await record(
+                conn,
+                claim.render_id,
+                [NewEvent("queued", message=message)],
+                fence="fence_requeue",
+                fence_params={**claim.fence(), "delay_s": delay_s, "refund": int(refund)},
+                status="queued",
+                progress=0.0,
+            )
+            if done is not None:
+                await conn.execute(QUERIES["notify_jobs"], [claim.render_id])
+        return done is not None
+
+    async def rescue(self) -> Rescued:
+        """One pass of housekeeping: requeues the jobs whose lease expired (their worker died or
+        hung), failing those out of attempts and cancelling those whose cancel was requested;
+        settles chain renders whose predecessor ended (or never came); prunes old events; now and
+        then checks the tenant counts."""
+        async with self._conn() as conn:
+            async with conn.transaction():
+                expired = await rescue_expired(conn, self._policy.max_attempts)
+            self._report(expired.ended)
+            ended = [end.render_id for end in expired.ended]
+            chained = await self._settle(conn, ended) if ended else chains.Settled()
+            swept = await chains.settle(conn, None, self._policy.chain_wait_s)
+            self._report(swept.failed)
+            pruned = await housekeeping.prune_events(conn, self._policy.event_retention_s)
+        recounted = 0
+        if time.monotonic() >= self._next_recount:
+            self._next_recount = time.monotonic() + self._policy.recount_interval_s
+            recounted = await self.recount()
+        return Rescued(
+            requeued=expired.requeued,
+            failed=expired.count("failed"),
+            cancelled=expired.count("cancelled"),
+            released=swept.released + chained.released,
+            dependency_failed=len(swept.failed) + len(chained.failed),
+            pruned=pruned,
+            recounted=recounted,
+        )
+
+    async def recount(self) -> int:
+        """Corrects tenant counts that differ from the jobs and forgets idle tenants; returns how
+        many counts it corrected (see `housekeeping.recount_tenants`)."""
+        async with self._conn() as conn:
+            return await housekeeping.recount_tenants(conn)
+
+    async def counts(self) -> dict[str, int]:
+        """Jobs by state (for scaling decisions and reports)."""
+        async with self._conn() as conn:
+            cur = await conn.execute(QUERIES["job_counts"])
+            return {row[0]: int(row[1]) for row in await cur.fetchall()}
+
+    async def reserve_turn(self, backend: str, interval_s: float) -> float:
+        """Reserves the next call to `backend`, calls being `interval_s` apart across all workers;
+        returns the seconds to wait for it."""
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                QUERIES["reserve_backend_turn"], {"backend": backend, "interval_s": interval_s}
+            )
+            row = await cur.fetchone()
+        return float(row[0]) if row else 0.0
