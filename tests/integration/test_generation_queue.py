@@ -240,3 +240,8 @@ async def _tenants(queue: Queue) -> dict[str, tuple[int, int, int]]:
     async with queue.pool.connection() as conn:
         cur = await conn.execute("SELECT tenant, queued, running, waiting FROM tenants")
         return {row[0]: (row[1], row[2], row[3]) for row in await cur.fetchall()}
+
+
+async def test_the_stores_connections_are_in_autocommit_mode_from_the_start(queue: Queue) -> None:
+    async with queue.pool.connection() as first, queue.pool.connection() as second:
+        assert first.autocommit and second.autocommit
