@@ -19,6 +19,8 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
+from shared.statements import TracedCursor
+
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 
@@ -32,6 +34,7 @@ async def open_pool(
     timeout: float = 3.0,
     open_timeout: float = 30.0,
     reconnect_timeout: float = 5.0,
+    autocommit: bool = False,
 ) -> AsyncConnectionPool:
     """An opened pool whose idle connections are checked before use, so a restarted server heals.
 
@@ -41,6 +44,9 @@ async def open_pool(
     with a delay that doubles without bound; giving up after `reconnect_timeout` lets the next
     request start a fresh attempt, so recovery after the database returns does not grow with the
     length of the outage.
+
+    With `autocommit`, each statement commits on its own (one round trip instead of three);
+    operations of several statements open `conn.transaction()` themselves.
     """
     pool = AsyncConnectionPool(
         url,
@@ -52,10 +58,16 @@ async def open_pool(
         reconnect_timeout=reconnect_timeout,
         check=_check_if_idle,
         reset=_note_returned,
-        kwargs={"application_name": f"renderflow-{name}"},
+        kwargs={**connection_kwargs(name), "autocommit": autocommit},
     )
     await pool.open(wait=True, timeout=open_timeout)
     return pool
+
+
+def connection_kwargs(name: str) -> dict[str, Any]:
+    """How a service's connections are made: named after it (in pg_stat_activity) and with a cursor
+    that traces each statement (`shared.statements`)."""
+    return {"application_name": f"renderflow-{name}", "cursor_factory": TracedCursor}
 
 
 CHECK_IDLE_AFTER_S = 1.0
@@ -90,7 +102,8 @@ async def migrate(url: str, schema: str, migrations_dir: Path) -> list[str]:
 
 async def _migrate(url: str, schema: str, migrations_dir: Path) -> list[str]:
     applied: list[str] = []
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+    connect = psycopg.AsyncConnection.connect
+    async with await connect(url, autocommit=True, cursor_factory=TracedCursor) as conn:
         await conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [f"migrate:{schema}"])
         try:
             await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))

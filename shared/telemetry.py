@@ -23,7 +23,6 @@ from aiohttp import web
 from opentelemetry import metrics, trace
 from opentelemetry.context import Context
 from opentelemetry.instrumentation.aiohttp_client import create_trace_config
-from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider, sampling
@@ -200,19 +199,16 @@ class Telemetry:
 
 
 def setup_telemetry(service: str, env: Env, run_dir: Path, *, metrics_port: int = 0) -> Telemetry:
-    """Installs this process's global tracer and meter providers and the psycopg instrumentation,
-    and serves `/metrics` on RENDERFLOW_METRICS_PORT (default `metrics_port`; 0: not served, as for
-    the gateway, which serves it on its own port) at RENDERFLOW_METRICS_HOST (default 127.0.0.1).
-    Call once, in the entry point."""
+    """Installs this process's global tracer and meter providers (SQL is traced by the connections'
+    cursors: `shared.statements`), and serves `/metrics` on RENDERFLOW_METRICS_PORT (default
+    `metrics_port`; 0: not served, as for the gateway, which serves it on its own port) at
+    RENDERFLOW_METRICS_HOST (default 127.0.0.1). Call once, in the entry point."""
     if env.bool("OTEL_SDK_DISABLED", False):
         return Telemetry(None, None)
     resource = build_resource(service, env)
     tracer_provider = build_tracer_provider(resource, env, run_dir)
     if tracer_provider is not None:
         trace.set_tracer_provider(tracer_provider)
-        instrumentor = PsycopgInstrumentor()
-        if not instrumentor.is_instrumented_by_opentelemetry:
-            instrumentor.instrument(enable_commenter=False, skip_dep_check=True)
     meter_provider = build_meter_provider(resource)
     metrics.set_meter_provider(meter_provider)
     telemetry = Telemetry(tracer_provider, meter_provider)

@@ -33,9 +33,13 @@ from psycopg.rows import dict_row
 from services.generation.domain import Ended, NewEvent, RenderError
 from services.generation.queries import QUERIES
 from services.generation.records import record
+from shared.statements import name_statements
 
 _OF_GIVEN = QUERIES["waiting_dependents"].format(which=QUERIES["dependents_of_given"])
 _NEEDING_WORK = QUERIES["waiting_dependents"].format(which=QUERIES["dependents_needing_work"])
+name_statements(
+    [("waiting_dependents.of_given", _OF_GIVEN), ("waiting_dependents.needing_work", _NEEDING_WORK)]
+)
 _NO_WAIT = float(10**9)  # targeted settles never give up on a missing predecessor
 
 

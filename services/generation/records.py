@@ -31,6 +31,7 @@ from services.generation.domain import (
 )
 from services.generation.queries import QUERIES
 from shared.contract import TERMINAL
+from shared.statements import name_statements
 
 Fence = Literal[
     "fence_none",
@@ -53,7 +54,9 @@ class Recorded:
 
 @cache
 def _record_statement(fence: Fence) -> str:
-    return QUERIES["record_change"].format(fence=QUERIES[fence])
+    statement = QUERIES["record_change"].format(fence=QUERIES[fence])
+    name_statements([(f"record_change.{fence}", statement)])
+    return statement
 
 
 async def record(

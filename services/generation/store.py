@@ -45,7 +45,7 @@ from services.generation.queries import QUERIES
 from services.generation.records import event_from_row, fetch_all, fetch_one, record, render_from_row
 from services.generation.submissions import insert_batch, insert_render, lock_key
 from shared.contract import STATUSES
-from shared.db import _check_if_idle, _note_returned, migrate
+from shared.db import migrate, open_pool
 from shared.errors import Conflict, FailedPrecondition, NotFound, Unavailable, ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -75,25 +75,6 @@ async def translated() -> AsyncIterator[None]:
         raise Unavailable("the database is unavailable") from exc
 
 
-async def open_autocommit_pool(url: str, *, name: str, min_size: int, max_size: int) -> AsyncConnectionPool:
-    """An opened pool of autocommit connections to schema `generation`, healing as the services'
-    pools do (see `shared.db.open_pool`, whose timeouts these are)."""
-    pool = AsyncConnectionPool(
-        database_url(url),
-        min_size=min_size,
-        max_size=max_size,
-        name=name,
-        open=False,
-        timeout=3.0,
-        reconnect_timeout=5.0,
-        check=_check_if_idle,
-        reset=_note_returned,
-        kwargs={"application_name": f"renderflow-{name}", "autocommit": True},
-    )
-    await pool.open(wait=True, timeout=30.0)
-    return pool
-
-
 class Store:
     """Renders, events, batches and the job queue in schema `generation`."""
 
@@ -106,7 +87,8 @@ class Store:
         on_ended: Callable[[Ended], None] = lambda ended: None,
     ) -> None:
         self.pool = pool
-        """Autocommit connections (see `open_autocommit_pool`)."""
+        """Autocommit connections: each statement commits on its own, operations of several open a
+        transaction."""
         self._max_active = max_active
         """The most renders a user may have queued or running at once (0: no limit)."""
         self._policy = policy or JobPolicy()
@@ -128,7 +110,9 @@ class Store:
     ) -> AsyncIterator[Store]:
         """The store on the database at `url`, migrated, with its pool open until the block ends."""
         await migrate(url, SCHEMA, MIGRATIONS)
-        pool = await open_autocommit_pool(url, name=name, min_size=min_size, max_size=max_size)
+        pool = await open_pool(
+            database_url(url), name=name, min_size=min_size, max_size=max_size, autocommit=True
+        )
         try:
             yield cls(pool, max_active=max_active, policy=policy, on_ended=on_ended)
         finally:

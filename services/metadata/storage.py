@@ -3,7 +3,6 @@ writes that go with each mutation, and the one place where psycopg errors become
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager, nullcontext
 from contextvars import ContextVar
@@ -19,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from shared.db import migrate
 from shared.errors import Conflict, DeadlineExceeded, NotFound, Unavailable, ValidationFailed
+from shared.statements import load_queries
 
 from .models import ApiKey, Chain, Change, Cursor, Project, Resolved, Rule, RuleSnapshot, User
 
@@ -34,18 +34,7 @@ ConnectionSource = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnect
 ChangeRow = tuple[str, str, UUID, UUID]
 
 
-def _load_queries(path: Path) -> dict[str, str]:
-    blocks = re.split(r"^-- name: (\w+)\n", path.read_text(), flags=re.MULTILINE)
-    return {name: _without_comment_lines(body) for name, body in zip(blocks[1::2], blocks[2::2], strict=True)}
-
-
-def _without_comment_lines(body: str) -> str:
-    # The comments are for readers of queries.sql; a statement that starts with one would also
-    # give its trace span the name `--` instead of its verb.
-    return "\n".join(line for line in body.strip().splitlines() if not line.lstrip().startswith("--"))
-
-
-Q = _load_queries(Path(__file__).with_name("queries.sql"))
+Q = load_queries(Path(__file__).with_name("queries.sql"))
 
 _CONFLICTS = {
     "users_name_key": "a user with this name exists",

@@ -22,10 +22,10 @@ from services.tracereport.selection import Filters, load_spans
 from shared.contract import phase_attribute
 from shared.db import migrate
 from shared.spans import STREAM_ATTRIBUTE
+from shared.statements import SCOPE as SQL_SCOPE
 from shared.telemetry import JsonLinesSpanExporter
 from tests.support.observed_stack import TINY_MS, ObservedStack, Recorder, job_id
 
-PSYCOPG = "opentelemetry.instrumentation.psycopg"
 JOB_PHASES = ("queue_wait", "image_fetch", "generation", "store")
 
 
@@ -109,7 +109,7 @@ async def test_a_submission_is_one_trace_down_to_sql_and_its_job_a_linked_trace(
     spans = list(observed.recorder.spans)
     # No statement is a trace of its own: polls, pings and housekeeping are not worth one each.
     roots = [s for s in spans if s.parent is None]
-    lone = [s.name for s in roots if getattr(s.instrumentation_scope, "name", "") == PSYCOPG]
+    lone = [s.name for s in roots if getattr(s.instrumentation_scope, "name", "") == SQL_SCOPE]
     assert not lone, lone
 
     resolved = 0
@@ -126,7 +126,7 @@ async def test_a_submission_is_one_trace_down_to_sql_and_its_job_a_linked_trace(
             name: attrs(request).get(phase_attribute(name)) for name in ("auth", "validation", "enqueue")
         }
         assert all(isinstance(ms, float) and 0 <= ms <= duration_ms(request) for ms in timed.values()), timed
-        sql = [s for s in submission if s.instrumentation_scope and s.instrumentation_scope.name == PSYCOPG]
+        sql = [s for s in submission if s.instrumentation_scope and s.instrumentation_scope.name == SQL_SCOPE]
         calls = [s for s in submission if s.name.endswith("GenerationService/Submit")]
         assert {s.kind for s in calls} == {SpanKind.CLIENT, SpanKind.SERVER}
         client, submit = (
@@ -159,7 +159,7 @@ async def test_a_submission_is_one_trace_down_to_sql_and_its_job_a_linked_trace(
         edges = [times(steps[name]) for name in order]
         assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(edges))
         assert times(steps["queue_wait"])[0] >= times(request)[0]  # created during the submit
-        assert any(s.instrumentation_scope and s.instrumentation_scope.name == PSYCOPG for s in work)
+        assert any(s.instrumentation_scope and s.instrumentation_scope.name == SQL_SCOPE for s in work)
 
     assert resolved >= 1  # the first submit, at least, found nothing cached
 

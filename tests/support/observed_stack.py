@@ -16,7 +16,6 @@ from typing import Any
 
 import aiohttp
 from opentelemetry import metrics, trace
-from opentelemetry.instrumentation.psycopg import PsycopgInstrumentor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
@@ -91,19 +90,13 @@ def install_global_providers() -> Recorder:
 @contextmanager
 def recording() -> Iterator[Recorder]:
     """Spans of everything this process does meanwhile, down to SQL."""
-    recorder = install_global_providers()
-    instrumentor = PsycopgInstrumentor()
-    instrumented_here = not instrumentor.is_instrumented_by_opentelemetry
-    if instrumented_here:
-        instrumentor.instrument(enable_commenter=False, skip_dep_check=True)
+    recorder = install_global_providers()  # the pools' cursors trace each statement (shared.statements)
     recorder.recording = True
     try:
         yield recorder
     finally:
         recorder.recording = False
         recorder.spans.clear()
-        if instrumented_here:
-            instrumentor.uninstrument()
 
 
 @dataclass
