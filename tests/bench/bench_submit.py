@@ -5,9 +5,11 @@ processes, as `renderflow run` starts them), in this order:
   through `Prefer: wait=60`;
 - submit -> first SSE event of the render (p50/p99 over 100 renders), and SSE connect -> first event;
 - submits per second, p50/p99 latency and errors at 1, 16 and 64 concurrent clients (300, 1000
-  and 2000 submits, or fewer if a level takes longer than `--max-level-s`; the workers keep
-  running the renders meanwhile, on the same cores). The server-side phases come from each
-  answer's Server-Timing.
+  and 2000 submits, or fewer if a level takes longer than `--max-level-s`), twice: on a stack
+  without workers (`submit`: the submit path alone, as the bare chain it is compared with does no
+  render either), then on the stack as shipped (`submit_with_workers`: the workers run the renders
+  meanwhile, on the same two cores, as they would not in a cluster). The server-side phases come
+  from each answer's Server-Timing.
 
     .venv/bin/python -m tests.bench.bench_submit [--json OUT] [--scale 0.5] [--max-level-s 20]
 
@@ -22,6 +24,7 @@ import argparse
 import asyncio
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -149,8 +152,21 @@ async def large_renders(http: aiohttp.ClientSession, renders: int) -> dict[str, 
     return _summary(samples)
 
 
+async def _levels(target: Target, scale: float, max_level_s: float) -> list[dict[str, Any]]:
+    return [await submit_level(target, c, max(c, round(n * scale)), max_level_s) for c, n in LEVELS]
+
+
 async def bench(scale: float, max_level_s: float, json_path: Path | None) -> None:
     config = StackConfig.product_defaults(step_ms=0.0)
+    external = bool(os.environ.get("RENDERFLOW_BENCH_URL"))
+    alone: list[dict[str, Any]] = []
+    if not external:  # a stack of ours: the same stack without workers first
+        async with renderflow(replace(config, workers=0)) as target:
+            async with session(target) as http:
+                await ensure_project(http, PROJECT)
+                for n in range(WARM_UP):
+                    await submit(http, render_body(PROJECT, n, steps=1, size=64))
+            alone = await _levels(target, scale, max_level_s)
     async with renderflow(config) as target:
         async with session(target) as http:
             await ensure_project(http, PROJECT)
@@ -159,7 +175,7 @@ async def bench(scale: float, max_level_s: float, json_path: Path | None) -> Non
             await wait_terminal(http, last)  # the queue is idle again
             large = await large_renders(http, LARGE_RENDERS)
             first = await first_events(http, max(10, round(FIRST_EVENT_RENDERS * scale)))
-        levels = [await submit_level(target, c, max(c, round(n * scale)), max_level_s) for c, n in LEVELS]
+        with_workers = await _levels(target, scale, max_level_s)
     results = {
         "target": "external" if target.external else "local stack (separate processes)",
         "cpus": os.cpu_count(),
@@ -167,7 +183,8 @@ async def bench(scale: float, max_level_s: float, json_path: Path | None) -> Non
         "stack": {"workers": config.workers, "worker_concurrency": config.worker_concurrency, "step_ms": 0},
         "to_succeeded_512": large,
         **first,
-        "submit": levels,
+        "submit": alone or with_workers,
+        "submit_with_workers": with_workers,
     }
     _print(results)
     write_json(json_path, results)
@@ -188,9 +205,15 @@ def _print(results: dict[str, Any]) -> None:
         figures = results[key]
         n, p50, p99 = figures["n"], figures["p50_ms"], figures["p99_ms"]
         print(f"  {label:<36} n={n:<4} p50 {p50:8.2f} ms   p99 {p99:8.2f} ms")
+    for key, title in (("submit", "without workers"), ("submit_with_workers", "with the workers running")):
+        print(f"  submits, {title}:")
+        _print_levels(results[key])
+
+
+def _print_levels(levels: list[dict[str, Any]]) -> None:
     head = ("clients", "submits", "errors", "req/s", "p50 ms", "p99 ms")
     print("  " + " ".join(f"{name:>8}" for name in head) + "   server-side p50 ms")
-    for level in results["submit"]:
+    for level in levels:
         inside = " ".join(f"{name} {ms:.2f}" for name, ms in level["server_timing_p50_ms"].items())
         print(
             f"  {level['clients']:>8} {level['submits']:>8} {level['errors']:>8} {level['per_s']:>8.1f} "

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from shared.contract import phase_attribute
 from tests.bench.figures import json_argument, write_json
 from tests.bench.loadgen import closed_loop
 from tests.bench.rfclient import ensure_project, render_body
@@ -77,6 +78,17 @@ def _spans(traces: Path) -> list[dict[str, Any]]:
     return spans
 
 
+def _phases(request: dict[str, Any]) -> dict[str, float]:
+    """The request's phases and their milliseconds, from the attributes of its span."""
+    timed = {a["key"]: a["value"] for a in request.get("attributes", [])}
+    found = {}
+    for phase in PHASES:
+        value = timed.get(phase_attribute(phase), {})
+        if "doubleValue" in value or "intValue" in value:
+            found[phase] = float(value.get("doubleValue", value.get("intValue")))
+    return found
+
+
 def shares(spans: list[dict[str, Any]], window_ns: tuple[int, int] = (0, 2**63)) -> dict[str, Any]:
     """Each part of the request with its mean milliseconds and share of the request's mean: the
     gateway's phases; inside enqueue, the SQL in the callee, its calls to metadata, the rest of
@@ -102,7 +114,7 @@ def shares(spans: list[dict[str, Any]], window_ns: tuple[int, int] = (0, 2**63))
     totals = []
     for root, trace in requests:
         totals.append(root["ms"])
-        phases = {s["name"]: s["ms"] for s in trace if s["service"] == "gateway" and s["name"] in PHASES}
+        phases = _phases(root)
         for phase in ("auth", "validation"):
             add(phase, phases.get(phase, 0.0))
         for phase, (service, rpc) in RPCS.items():

@@ -48,10 +48,14 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     chain = {int(k): v["rps"] for k, v in results.get("ceilings", {}).get("bare_chain", {}).items()}
     bare = {int(k): v["rps"] for k, v in results.get("ceilings", {}).get("bare_http", {}).items()}
-    submit = rates_by(results.get("submit", {}), "clients")
-    for clients, rps in sorted(submit.items()):
-        if clients in chain:
-            out[f"submit_vs_bare_chain@{clients}"] = ratio(rps, chain[clients])
+    chain_p99 = {int(k): v["p99_ms"] for k, v in results.get("ceilings", {}).get("bare_chain", {}).items()}
+    for key in ("submit", "submit_with_workers"):
+        levels = {level["clients"]: level for level in results.get("submit", {}).get(key, [])}
+        for clients, level in sorted(levels.items()):
+            if clients in chain:
+                out[f"{key}_vs_bare_chain@{clients}"] = ratio(level["per_s"], chain[clients])
+            if key == "submit" and clients in chain_p99:
+                out[f"submit_p99_vs_bare_chain_p99@{clients}"] = ratio(level["p99_ms"], chain_p99[clients])
     for clients, rps in sorted(chain.items()):
         if clients in bare:
             out[f"bare_chain_vs_bare_http@{clients}"] = ratio(rps, bare[clients])
