@@ -7,8 +7,9 @@ is cached for that user (by moving the user to a new cache generation: entries o
 never read again, and expire). A caller that has just been told a change succeeded passes that
 change's seq (`min_seq`); until the feed has reported it here, that caller's reads go to metadata,
 so a change acknowledged to a client applies to every render it submits afterwards. Everyone else
-sees a change within the feed's lag. While metadata is down, cached answers keep serving (nothing
-can change meanwhile); a miss is then `Unavailable`.
+sees a change within the feed's lag. While metadata cannot be asked, cached answers keep serving
+(nothing can change meanwhile), past their time to live by up to STALE_IF_ERROR_S, as the gateway's
+API keys do; a miss is then `Unavailable`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -23,13 +26,15 @@ from aiocache import SimpleMemoryCache
 from renderflow.v1 import metadata_pb2, metadata_pb2_grpc
 
 from services.generation.domain import Rule
-from shared.errors import RenderflowError
+from shared.errors import RenderflowError, Unavailable
 from shared.rpc_errors import rpc_errors
 
 log = logging.getLogger(__name__)
 
 _NAMESPACE = "catalog:"
 _CATALOG_ENTITIES = frozenset({"project", "chain", "rule", "user"})
+STALE_IF_ERROR_S = 600.0
+"""How long past its time to live a cached placement still serves while metadata cannot be asked."""
 
 
 @dataclass(frozen=True)
@@ -42,16 +47,31 @@ class Placement:
     rules: tuple[Rule, ...]
 
 
+@dataclass(frozen=True)
+class _Cached:
+    placement: Placement
+    fresh_until: float
+    """When (by the catalog's clock) the placement should be asked for again."""
+
+
 class Catalog:
     """Projects, chains and active rules per user, read through to metadata on a miss."""
 
-    def __init__(self, channel: grpc.aio.Channel, timeout_s: float, ttl_s: float) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        timeout_s: float,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._stub = metadata_pb2_grpc.MetadataServiceStub(channel)
         self._timeout_s = timeout_s
         self._ttl_s = ttl_s
+        self._clock = clock
         self._cache = SimpleMemoryCache(namespace=_NAMESPACE)
         self._generations: dict[str, int] = {}
-        self._watching = False
+        self.following = asyncio.Event()
+        """Set while the change feed is followed (answers are cached only then)."""
         self.applied_seq = 0
         """The last change of the feed applied here: every change up to it is reflected."""
 
@@ -60,13 +80,19 @@ class Catalog:
         active rules; NotFound for an unknown project or chain, Unavailable when metadata cannot
         be asked and nothing is cached."""
         key = f"{user_id}:{self._generations.get(user_id, 0)}:{project}:{chain_id}"
-        if self.applied_seq >= min_seq:
-            cached = await self._cache.get(key)
-            if isinstance(cached, Placement):
-                return cached
+        cached = await self._cache.get(key) if self.applied_seq >= min_seq else None
+        if isinstance(cached, _Cached) and self._clock() < cached.fresh_until:
+            return cached.placement
         request = metadata_pb2.ResolveRenderRequest(user_id=user_id, project=project, chain_id=chain_id)
-        with rpc_errors():
-            answer = await self._stub.ResolveRender(request, timeout=self._timeout_s)
+        try:
+            with rpc_errors():
+                answer = await self._stub.ResolveRender(request, timeout=self._timeout_s)
+        except Unavailable:  # a deadline too
+            # Nothing can change while metadata is down (changes go through it, and the feed drops
+            # what they touch), so a recent answer is still the answer.
+            if isinstance(cached, _Cached) and self._clock() < cached.fresh_until + STALE_IF_ERROR_S:
+                return cached.placement
+            raise
         placement = Placement(
             project_id=answer.project.id,
             project=answer.project.slug,
@@ -76,8 +102,9 @@ class Catalog:
         # Only while the feed is followed: a change it would have reported may be missed otherwise.
         # A change reported while this read was in flight moved the user to a new generation, so
         # that this answer lands under a key nobody reads.
-        if self._watching and self._ttl_s > 0:
-            await self._cache.set(key, placement, ttl=self._ttl_s)
+        if self.following.is_set() and self._ttl_s > 0:
+            fresh = _Cached(placement, self._clock() + self._ttl_s)
+            await self._cache.set(key, fresh, ttl=self._ttl_s + STALE_IF_ERROR_S)
         return placement
 
     def forget(self, user_id: str) -> None:
@@ -94,7 +121,7 @@ class Catalog:
             try:
                 with rpc_errors():
                     await call.initial_metadata()  # subscribed: from here nothing is missed
-                    self._watching = True
+                    self.following.set()
                     async for change in call:
                         backoff = min_backoff_s
                         if change.entity in _CATALOG_ENTITIES and change.user_id:
@@ -109,7 +136,7 @@ class Catalog:
                 # A bug here must not silently freeze the cache for the life of the process.
                 log.exception("change feed follower failed", extra={"after_seq": self.applied_seq})
             finally:
-                self._watching = False
+                self.following.clear()
                 call.cancel()
             await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, max_backoff_s)
