@@ -1,14 +1,15 @@
-"""What every gRPC call between Renderflow's processes goes through, on each side, in one interceptor:
-the service token, a span continuing the caller's trace, the server's duration metric, and the
-translation of domain errors into statuses.
+"""What every gRPC call between Renderflow's processes goes through, on each side: the service
+token, the caller's trace continued, a span, the server's duration metric, and the translation of
+domain errors into statuses.
 
 The server has one interceptor instead of the four each concern had (each costs an await and a
-wrapper per call); the client none (`ServiceChannel`). OpenTelemetry's gRPC instrumentation, which
-this replaces, cost ~550 us of CPU per call between client and server, measured with 16 concurrent
-calls in one process against an echo server taking ~660 us without any; these cost ~230 us, most of
-it the two spans.
-The spans keep the instrumentation's shape: named by the full method (`/package.Service/Method`),
-kind CLIENT or SERVER, `rpc.system`, `rpc.service`, `rpc.method`, `rpc.grpc.status_code`.
+wrapper per call); the client none (`ServiceChannel`: grpc.aio runs an intercepted call through five
+tasks where a plain one takes one). OpenTelemetry's gRPC instrumentation, which this replaces, cost
+~550 us of CPU per call between client and server (16 concurrent calls in one process, against an
+echo server taking ~660 us without any).
+A SERVER span for every call, a CLIENT span for a call that failed (see `_Calls`), both in the
+instrumentation's shape: named by the full method (`/package.Service/Method`), `rpc.system`,
+`rpc.service`, `rpc.method`, `rpc.grpc.status_code`.
 """
 
 from __future__ import annotations
@@ -199,40 +200,53 @@ def _refusing(handler: grpc.RpcMethodHandler[Any, Any], error: RenderflowError) 
 
 
 class _Calls:
-    """Starts a call's CLIENT span and gives the call the token and the span's `traceparent`."""
+    """Gives each call the token and the caller's `traceparent`; records a CLIENT span for a call
+    that failed.
+
+    A call that succeeded is its server's SERVER span, a child of the caller's span, and its time
+    on the caller's side is that span's (the gateway's `enqueue`, `renderflow.phases.enqueue_ms`):
+    a CLIENT span would say the same again at the cost of a span (~80 us of CPU) per call. A call
+    that failed may have reached no server at all, so it gets its CLIENT span (backdated to its
+    start), with its status."""
 
     def __init__(self, token: str | None) -> None:
         self._authorization = bearer(token) if token is not None else None
 
-    def start(self, method: str, metadata: Any, *, stream: bool) -> tuple[Span, grpc.aio.Metadata]:
-        span = _tracer.start_span(method, kind=SpanKind.CLIENT, attributes=_attributes(method))
-        if stream:
-            span.set_attribute(STREAM_ATTRIBUTE, True)
+    def metadata(self, metadata: Any) -> grpc.aio.Metadata:
         sent = grpc.aio.Metadata(*(metadata or ()))
         if self._authorization is not None:
             sent[METADATA_KEY] = self._authorization
-        propagate.inject(sent, context=trace.set_span_in_context(span))
-        return span, sent
+        propagate.inject(sent)
+        return sent
+
+
+def _failed(method: str, started_ns: int, code: grpc.StatusCode) -> None:
+    """The CLIENT span of a call that ended with `code`, when that is not OK."""
+    if code is grpc.StatusCode.OK:
+        return
+    span = _tracer.start_span(
+        method, kind=SpanKind.CLIENT, attributes=_attributes(method), start_time=started_ns
+    )
+    _end(span, code, server=False)
 
 
 class _TracedUnaryCall(grpc.aio.UnaryUnaryCall[Any, Any]):
-    """A unary call whose span ends with the answer it was awaited for."""
+    """A unary call that records its failure when it is awaited."""
 
-    def __init__(self, call: grpc.aio.UnaryUnaryCall[Any, Any], span: Span) -> None:
+    def __init__(self, call: grpc.aio.UnaryUnaryCall[Any, Any], method: str, started_ns: int) -> None:
         self._call = call
-        self._span = span
+        self._method = method
+        self._started_ns = started_ns
 
     def __await__(self) -> Generator[Any, None, Any]:
         try:
-            response = yield from self._call.__await__()
+            return (yield from self._call.__await__())
         except grpc.aio.AioRpcError as error:
-            _end(self._span, error.code(), server=False)
+            _failed(self._method, self._started_ns, error.code())
             raise
         except BaseException:
-            _end(self._span, grpc.StatusCode.CANCELLED, server=False)
+            _failed(self._method, self._started_ns, grpc.StatusCode.CANCELLED)
             raise
-        _end(self._span, grpc.StatusCode.OK, server=False)
-        return response
 
     def cancel(self) -> bool:
         return self._call.cancel()
@@ -270,39 +284,40 @@ class _UnaryUnary(grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
         self._inner, self._method, self._calls = inner, method, calls
 
     def __call__(self, request: Any, *, metadata: Any = None, **options: Any) -> _TracedUnaryCall:
-        span, sent = self._calls.start(self._method, metadata, stream=False)
-        return _TracedUnaryCall(self._inner(request, metadata=sent, **options), span)
+        started_ns = time.time_ns()
+        call = self._inner(request, metadata=self._calls.metadata(metadata), **options)
+        return _TracedUnaryCall(call, self._method, started_ns)
 
 
 class _Streaming:
-    """A call of a stream ends when its stream is read to the end (or left): its span then."""
+    """A call of a stream ends when its stream is read to the end (or left): its failure then."""
 
     _ending: set[asyncio.Task[None]] = set()
 
-    def __init__(self, inner: Any, method: str, calls: _Calls, *, stream: bool) -> None:
-        self._inner, self._method, self._calls, self._stream = inner, method, calls, stream
+    def __init__(self, inner: Any, method: str, calls: _Calls) -> None:
+        self._inner, self._method, self._calls = inner, method, calls
 
     def __call__(self, request: Any = None, *, metadata: Any = None, **options: Any) -> Any:
-        span, sent = self._calls.start(self._method, metadata, stream=self._stream)
-        call = self._inner(request, metadata=sent, **options)
-        call.add_done_callback(lambda done: self._end_later(span, done))
+        started_ns = time.time_ns()
+        call = self._inner(request, metadata=self._calls.metadata(metadata), **options)
+        call.add_done_callback(lambda done: self._end_later(started_ns, done))
         return call
 
-    def _end_later(self, span: Span, call: grpc.aio.Call) -> None:
+    def _end_later(self, started_ns: int, call: grpc.aio.Call) -> None:
         async def end() -> None:
-            _end(span, await call.code(), server=False)
+            _failed(self._method, started_ns, await call.code())
 
         try:
             task = asyncio.get_running_loop().create_task(end())
-        except RuntimeError:  # the loop is gone (a channel closed at exit): the status with it
-            _end(span, grpc.StatusCode.UNKNOWN, server=False)
+        except RuntimeError:  # the loop is gone (a channel closed at exit), and its status with it
             return
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
 
 
 class ServiceChannel(grpc.aio.Channel):
-    """A channel whose every call is traced and, with a token, carries it.
+    """A channel whose every call continues the caller's trace, records its failure, and with a
+    token carries it.
 
     Not client interceptors: grpc.aio runs an intercepted call through five tasks and some twenty
     event-loop callbacks, where a plain call takes one task; that alone was ~130 us of CPU per call.
@@ -316,19 +331,13 @@ class ServiceChannel(grpc.aio.Channel):
         return _UnaryUnary(self._channel.unary_unary(method, *args, **kwargs), method, self._calls)
 
     def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return _Streaming(
-            self._channel.unary_stream(method, *args, **kwargs), method, self._calls, stream=True
-        )
+        return _Streaming(self._channel.unary_stream(method, *args, **kwargs), method, self._calls)
 
     def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return _Streaming(
-            self._channel.stream_unary(method, *args, **kwargs), method, self._calls, stream=False
-        )
+        return _Streaming(self._channel.stream_unary(method, *args, **kwargs), method, self._calls)
 
     def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return _Streaming(
-            self._channel.stream_stream(method, *args, **kwargs), method, self._calls, stream=True
-        )
+        return _Streaming(self._channel.stream_stream(method, *args, **kwargs), method, self._calls)
 
     async def __aenter__(self) -> ServiceChannel:
         return self

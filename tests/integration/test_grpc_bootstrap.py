@@ -8,11 +8,13 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.trace import SpanKind
 
 from shared.errors import NotFound, RateLimited, RenderflowError, ValidationFailed
 from shared.grpc_client import create_channel
 from shared.grpc_server import create_server, start
 from shared.rpc_errors import rpc_errors
+from tests.support.observed_stack import Recorder
 
 _RAISES: dict[str, Exception] = {
     "not_found": NotFound("no such render"),
@@ -91,3 +93,28 @@ async def test_health_reports_serving(target: str) -> None:
         stub = health_pb2_grpc.HealthStub(channel)
         reply = await stub.Check(health_pb2.HealthCheckRequest(service="test.Errors"))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_failed_call_has_a_client_span_and_a_successful_one_only_its_servers(
+    target: str, recorder: Recorder
+) -> None:
+    recorder.spans.clear()
+    with pytest.raises(NotFound):
+        await _call_unary(target, "not_found")
+    async with create_channel(target) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        assert (await check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+    async with create_channel("127.0.0.1:1") as channel:  # nothing listens there
+        with pytest.raises(grpc.aio.AioRpcError):
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+    finished = [(s.name, s.kind, (s.attributes or {}).get("rpc.grpc.status_code")) for s in recorder.spans]
+    not_found, unavailable = grpc.StatusCode.NOT_FOUND.value[0], grpc.StatusCode.UNAVAILABLE.value[0]
+    assert sorted(finished, key=str) == sorted(
+        [
+            ("/test.Errors/Unary", SpanKind.SERVER, not_found),
+            ("/test.Errors/Unary", SpanKind.CLIENT, not_found),
+            ("/grpc.health.v1.Health/Check", SpanKind.SERVER, 0),
+            ("/grpc.health.v1.Health/Check", SpanKind.CLIENT, unavailable),
+        ],
+        key=str,
+    )
