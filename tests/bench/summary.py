@@ -80,6 +80,8 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for _path, node in walk(results.get("tracing", {})):
         if isinstance(node, dict) and isinstance(node.get("on"), dict) and isinstance(node.get("off"), dict):
             out["tracing_on_vs_off"] = ratio(_rate(node["on"]), _rate(node["off"]))
+            if isinstance(node.get("metrics"), dict):  # what the spans alone cost
+                out["tracing_on_vs_metrics_only"] = ratio(_rate(node["on"]), _rate(node["metrics"]))
     return out
 
 
