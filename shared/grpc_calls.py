@@ -140,7 +140,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 yield
             except Exception as exc:
-                record_failure(span, exc)
+                if not _is_abort(exc):  # an abort is an answer: its status says it (see `_end`)
+                    record_failure(span, exc)
                 await _abort(context, method, exc)
         except BaseException as exc:
             code = _code(context, exc)
@@ -241,11 +242,8 @@ class _TracedUnaryCall(grpc.aio.UnaryUnaryCall[Any, Any]):
     def __await__(self) -> Generator[Any, None, Any]:
         try:
             return (yield from self._call.__await__())
-        except grpc.aio.AioRpcError as error:
+        except grpc.aio.AioRpcError as error:  # not a caller who gave up (CancelledError)
             _failed(self._method, self._started_ns, error.code())
-            raise
-        except BaseException:
-            _failed(self._method, self._started_ns, grpc.StatusCode.CANCELLED)
             raise
 
     def cancel(self) -> bool:
@@ -304,6 +302,9 @@ class _Streaming:
         return call
 
     def _end_later(self, started_ns: int, call: grpc.aio.Call) -> None:
+        if call.cancelled():  # the caller left (a client closing its event stream): no failure
+            return
+
         async def end() -> None:
             _failed(self._method, started_ns, await call.code())
 
