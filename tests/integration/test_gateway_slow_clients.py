@@ -18,7 +18,7 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -246,22 +246,27 @@ def open_files_raised_to(wanted: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def _open_files_limited_to(limit: int) -> Callable[[], None]:
-    def limit_open_files() -> None:  # runs in the child, before exec
-        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-
-    return limit_open_files
+_GATEWAY_WITH_OPEN_FILES = """
+import resource, runpy, sys
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), hard))
+runpy.run_module("gateway", run_name="__main__", alter_sys=True)
+"""
+"""`python -m gateway` with its open-file limit lowered to argv[1], by the child itself once it runs:
+not in a `preexec_fn`, which runs between fork and exec and can deadlock there on a lock another
+thread of this process held at the fork (gRPC's threads, which the suite has running)."""
 
 
 @asynccontextmanager
 async def gateway_process(tmp_path: Path, open_files: int, **env: str) -> AsyncIterator[tuple[int, Path]]:
     """`python -m gateway` with its open-file limit lowered to `open_files` and no service behind it;
-    yields its port and the file its log (stderr) goes to, complete once the block has exited."""
-    port = free_port()
+    yields its port and the file its log (stderr) goes to, complete once the block has exited.
+
+    It listens on a port of its choosing (which its log says): a port picked here and released
+    for it to take may meanwhile be taken by another test's server."""
     environ = {
         **os.environ,
-        "RENDERFLOW_GATEWAY_PORT": str(port),
+        "RENDERFLOW_GATEWAY_PORT": "0",
         "RENDERFLOW_RUN_DIR": str(tmp_path / "run"),
         "RENDERFLOW_METADATA_ADDR": f"127.0.0.1:{free_port()}",
         "RENDERFLOW_GENERATION_ADDR": f"127.0.0.1:{free_port()}",
@@ -271,20 +276,21 @@ async def gateway_process(tmp_path: Path, open_files: int, **env: str) -> AsyncI
     log_path = tmp_path / "gateway.log"
     with log_path.open("wb") as log:  # a file, not a pipe: a flood must not block the process
         process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            cwd=REPO,
-            env=environ,
-            stderr=log,
-            preexec_fn=_open_files_limited_to(open_files),
+            sys.executable, "-c", _GATEWAY_WITH_OPEN_FILES, str(open_files), cwd=REPO, env=environ, stderr=log
         )
     try:
+        port = 0
 
-        async def healthy() -> bool:
-            return await healthz_from(port, "127.0.0.1", timeout_s=1) == 200
+        async def listening() -> bool:
+            nonlocal port
+            if process.returncode is not None:
+                raise AssertionError(f"the gateway exited ({process.returncode}):\n{log_path.read_text()}")
+            for line in log_path.read_text().splitlines():
+                if '"gateway listening"' in line:
+                    port = URL(json.loads(line)["url"]).port or 0
+            return bool(port) and await healthz_from(port, "127.0.0.1", timeout_s=1) == 200
 
-        await eventually(healthy, timeout_s=20)
+        await eventually(listening, timeout_s=20)
         yield port, log_path
     finally:
         if process.returncode is None:
