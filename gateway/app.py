@@ -20,6 +20,7 @@ from gateway.slow_clients import ConnectionCaps, body_deadline_middleware, quiet
 from gateway.state import CLIENTS, SETTINGS
 from gateway.streams import OPEN_STREAMS, OpenStreams
 from gateway.tracing import tracing_middleware
+from gateway.validation import prepare_validators
 from gateway.watch_hub import end_watches, watch_hub_context
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ def create_app(
     app[OPEN_STREAMS] = OpenStreams(settings.max_streams_per_key)
     app.on_response_prepare.append(add_common_headers)
     app.on_response_prepare.append(add_rate_limit_headers)
+    prepare_validators()
     app.on_shutdown.append(_end_event_streams)
     app.on_shutdown.append(end_watches)
     app.cleanup_ctx.append(_clients_context(clients))

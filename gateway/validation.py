@@ -159,6 +159,14 @@ def validate(document: Any, schema_name: str) -> None:
         raise _invalid(errors)
 
 
+def prepare_validators() -> None:
+    """Builds the validators of every request body now (~25 ms), not in the first request of each."""
+    for name in SPEC["components"]["schemas"]:
+        if name.endswith("Request"):
+            fast_check(name)
+            _schema_validator(name).is_valid({})  # resolves its references
+
+
 _JSON_BODY = web.RequestKey("json_body", object)
 
 
