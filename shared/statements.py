@@ -12,7 +12,8 @@ in a few bytes. `suppress_instrumentation()` keeps a statement out of the traces
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -78,30 +79,29 @@ class TracedCursor(psycopg.AsyncCursor[Any]):
     """A cursor whose every statement is a CLIENT span of the current trace."""
 
     async def execute(self, query: Any, params: Any = None, **kwargs: Any) -> TracedCursor:
-        if not is_instrumentation_enabled():
+        with _statement_span(query):
             await super().execute(query, params, **kwargs)
-            return self
-        span = _tracer.start_span(
-            statement_name(query),
-            kind=SpanKind.CLIENT,
-            attributes={"db.system": "postgresql", "db.system.name": "postgresql"},
-        )
-        try:
-            await super().execute(query, params, **kwargs)
-        except BaseException as exc:
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            raise
-        finally:
-            span.end()
         return self
 
     async def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:
-        if not is_instrumentation_enabled():
+        with _statement_span(query):
             await super().executemany(query, params_seq, returning=returning)
-            return
-        with _tracer.start_as_current_span(
-            statement_name(query),
-            kind=SpanKind.CLIENT,
-            attributes={"db.system": "postgresql", "db.system.name": "postgresql"},
-        ):
-            await super().executemany(query, params_seq, returning=returning)
+
+
+@contextmanager
+def _statement_span(query: Any) -> Iterator[None]:
+    if not is_instrumentation_enabled():
+        yield
+        return
+    span = _tracer.start_span(statement_name(query), kind=SpanKind.CLIENT, attributes=_ATTRIBUTES)
+    try:
+        yield
+    except BaseException as exc:
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        raise
+    finally:
+        span.end()
+
+
+_ATTRIBUTES = {"db.system": "postgresql", "db.system.name": "postgresql"}
+"""The database, by the older and the current conventions' names."""
