@@ -18,6 +18,8 @@ SUBMIT_ROUTES = frozenset(
     }
 )
 """(method, route) of every route that queues renders: the ones the rate limits guard."""
+CLIENT_CLOSED = 499
+"""The status recorded when the client went away before the answer (nginx's convention)."""
 BATCH_ROUTES = frozenset({("POST", "/v1/renders:batch")})
 """Submit routes whose body is `{items: [...]}`: each item costs a token."""
 

@@ -3,6 +3,7 @@ of the current span for responses."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from typing import Any
 
@@ -17,6 +18,7 @@ from opentelemetry.util.http import (
 )
 from yarl import URL
 
+from gateway.conventions import CLIENT_CLOSED
 from gateway.openapi import PATHS, query_parameters
 
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -64,6 +66,9 @@ def tracing_middleware(tracer_provider: trace.TracerProvider | None = None) -> A
                 return response
             except web.HTTPException as exc:
                 status = exc.status
+                raise
+            except asyncio.CancelledError:
+                status = CLIENT_CLOSED  # the client left: no fault of ours
                 raise
             finally:
                 span.set_attribute("http.response.status_code", status)

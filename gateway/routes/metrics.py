@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from opentelemetry import metrics, trace
 
+from gateway.conventions import CLIENT_CLOSED
 from gateway.state import TIMER
 from shared.errors import RenderflowError
 from shared.metrics import DURATION_BUCKETS_S, SCOPE, exposition
@@ -31,8 +32,6 @@ _requests = _meter.create_counter(
 )
 UNMATCHED = "unmatched"
 """The route label of requests no route matched (their paths would make unbounded label values)."""
-CLIENT_CLOSED = 499
-"""The status recorded when the client went away before the answer (nginx's convention)."""
 
 
 @routes.get("/metrics")

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from services.metadata import admin
 from tests.integration.test_gateway_renders import read_events
@@ -155,3 +156,25 @@ async def test_query_strings_reach_traces_only_through_the_allow_list(
     recorded = str(dict(span.attributes or {}))
     assert key not in recorded
     assert "project=art" in recorded and "api_key=REDACTED" in recorded
+
+
+async def test_a_client_leaving_a_held_submit_is_no_fault_of_the_servers(
+    stack: LiveStack, spans: InMemorySpanExporter
+) -> None:
+    alice, _ = await _user_with_render(stack, "alice")
+    held = {**alice, "Prefer": "wait=30"}  # no worker: the render stays queued and the answer held
+    with pytest.raises(TimeoutError):
+        await stack.call("POST", "/v1/renders", held, json=REQUEST, timeout=aiohttp.ClientTimeout(total=0.5))
+
+    def left() -> list[ReadableSpan]:
+        return [
+            s
+            for s in spans.get_finished_spans()
+            if s.name == "POST /v1/renders" and (s.attributes or {}).get("http.response.status_code") == 499
+        ]
+
+    async def ended() -> bool:
+        return bool(left())
+
+    await eventually(ended)
+    assert [s.status.status_code for s in left()] == [StatusCode.UNSET]
