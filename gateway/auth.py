@@ -3,12 +3,9 @@ briefly, with cached entries dropped as soon as the change feed reports a key re
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import hashlib
-import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,9 +16,8 @@ from aiohttp.typedefs import Handler
 
 from gateway.clients import MetadataClient
 from gateway.state import TIMER
-from shared.errors import RenderflowError, Unauthenticated, Unavailable
-
-log = logging.getLogger(__name__)
+from shared.change_feed import follow_for_ever
+from shared.errors import Unauthenticated, Unavailable
 
 MAX_KEY_LENGTH = 512
 # Paths under this prefix need a key; health, readiness and the spec do not.
@@ -141,34 +137,27 @@ class Authenticator:
         Until a change has been seen there is no seq to resume from. A watch then starts from now
         on while nothing is cached (history concerns no cached answer), else from the oldest
         change retained (a key cached before any watch began may have been revoked since)."""
-        backoff = min_backoff_s
-        while True:
-            after = self.last_seq
-            if after == FROM_NOW and self._index:
-                after = 0
-            started = functools.partial(self._watch_started, after)
-            try:
-                async with contextlib.aclosing(self._metadata.watch_changes(after, started)) as changes:
-                    async for change in changes:
-                        backoff = min_backoff_s
-                        self.last_seq = change.seq
-                        if change.entity == "api_key" and change.action in {"revoked", "deleted"}:
-                            await self.forget(key_id=change.entity_id)
-                        elif change.entity == "user" and change.action == "deleted":
-                            await self.forget(user_id=change.entity_id)
-                log.info("change feed ended; reconnecting", extra={"after_seq": self.last_seq})
-            except _CatchUp:
-                continue
-            except RenderflowError as exc:
-                log.warning(
-                    "change feed interrupted",
-                    extra={"after_seq": self.last_seq, "code": exc.code, "error": exc.message},
-                )
-            except Exception:
-                # A bug here must not silently end revocations for the life of the process.
-                log.exception("change feed follower failed", extra={"after_seq": self.last_seq})
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, max_backoff_s)
+        await follow_for_ever(
+            self._follow,
+            lambda: self.last_seq,
+            min_backoff_s=min_backoff_s,
+            max_backoff_s=max_backoff_s,
+            again_at_once=(_CatchUp,),
+        )
+
+    async def _follow(self, progressed: Callable[[], None]) -> None:
+        after = self.last_seq
+        if after == FROM_NOW and self._index:
+            after = 0
+        started = functools.partial(self._watch_started, after)
+        async with contextlib.aclosing(self._metadata.watch_changes(after, started)) as changes:
+            async for change in changes:
+                progressed()
+                self.last_seq = change.seq
+                if change.entity == "api_key" and change.action in {"revoked", "deleted"}:
+                    await self.forget(key_id=change.entity_id)
+                elif change.entity == "user" and change.action == "deleted":
+                    await self.forget(user_id=change.entity_id)
 
     async def _watch_started(self, after_seq: int) -> None:
         if after_seq == FROM_NOW and self._index:

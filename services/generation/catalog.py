@@ -15,8 +15,6 @@ API keys do; a miss is then `Unavailable`.
 from __future__ import annotations
 
 import asyncio
-import logging
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +24,9 @@ from aiocache import SimpleMemoryCache
 from renderflow.v1 import metadata_pb2, metadata_pb2_grpc
 
 from services.generation.domain import Rule
-from shared.errors import RenderflowError, Unavailable
+from shared.change_feed import follow_for_ever
+from shared.errors import Unavailable
 from shared.rpc_errors import rpc_errors
-
-log = logging.getLogger(__name__)
 
 _NAMESPACE = "catalog:"
 _CATALOG_ENTITIES = frozenset({"project", "chain", "rule", "user"})
@@ -115,31 +112,27 @@ class Catalog:
         """Follows the change feed for ever from its retained history (which tells where it
         stands), forgetting users whose catalog changed; reconnects with capped, jittered backoff
         and resumes after the last change seen, so that nothing is missed."""
-        backoff = min_backoff_s
-        while True:
-            call = self._stub.WatchChanges(metadata_pb2.WatchChangesRequest(after_seq=self.applied_seq))
-            try:
-                with rpc_errors():
-                    await call.initial_metadata()  # subscribed: from here nothing is missed
-                    self.following.set()
-                    async for change in call:
-                        backoff = min_backoff_s
-                        if change.entity in _CATALOG_ENTITIES and change.user_id:
-                            self.forget(change.user_id)
-                        self.applied_seq = max(self.applied_seq, change.seq)
-            except RenderflowError as exc:
-                log.warning(
-                    "change feed interrupted",
-                    extra={"after_seq": self.applied_seq, "code": exc.code, "error": exc.message},
-                )
-            except Exception:
-                # A bug here must not silently freeze the cache for the life of the process.
-                log.exception("change feed follower failed", extra={"after_seq": self.applied_seq})
-            finally:
-                self.following.clear()
-                call.cancel()
-            await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, max_backoff_s)
+        await follow_for_ever(
+            self._follow,
+            lambda: self.applied_seq,
+            min_backoff_s=min_backoff_s,
+            max_backoff_s=max_backoff_s,
+        )
+
+    async def _follow(self, progressed: Callable[[], None]) -> None:
+        call = self._stub.WatchChanges(metadata_pb2.WatchChangesRequest(after_seq=self.applied_seq))
+        try:
+            with rpc_errors():
+                await call.initial_metadata()  # subscribed: from here nothing is missed
+                self.following.set()
+                async for change in call:
+                    progressed()
+                    if change.entity in _CATALOG_ENTITIES and change.user_id:
+                        self.forget(change.user_id)
+                    self.applied_seq = max(self.applied_seq, change.seq)
+        finally:
+            self.following.clear()
+            call.cancel()
 
     async def close(self) -> None:
         """Empties the cache and cancels its expiry timers."""
