@@ -72,7 +72,9 @@ class Authenticator:
     def __init__(self, metadata: MetadataClient, ttl_s: float) -> None:
         self._metadata = metadata
         self._ttl_s = ttl_s
-        self._cache = SimpleMemoryCache(namespace=_NAMESPACE)
+        # timeout=None: a memory cache never waits, and aiocache's default (5 s) would run every
+        # lookup through asyncio.wait_for, a task of its own each time.
+        self._cache = SimpleMemoryCache(namespace=_NAMESPACE, timeout=None)
         self._index: dict[str, _Indexed] = {}
         self._invalidations = 0
         self._revocation_listeners: list[Callable[[str | None, str | None], object]] = []

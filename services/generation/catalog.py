@@ -65,7 +65,9 @@ class Catalog:
         self._timeout_s = timeout_s
         self._ttl_s = ttl_s
         self._clock = clock
-        self._cache = SimpleMemoryCache(namespace=_NAMESPACE)
+        # timeout=None: a memory cache never waits, and aiocache's default (5 s) would run every
+        # lookup through asyncio.wait_for, a task of its own each time.
+        self._cache = SimpleMemoryCache(namespace=_NAMESPACE, timeout=None)
         self._generations: dict[str, int] = {}
         self.following = asyncio.Event()
         """Set while the change feed is followed (answers are cached only then)."""

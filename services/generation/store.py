@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager, nullcontext
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from services.generation.pages import page_of, page_query, page_size
 from services.generation.queries import QUERIES
 from services.generation.records import event_from_row, fetch_all, fetch_one, record, render_from_row
 from services.generation.submissions import insert_batch, insert_render, lock_key
+from services.generation.submit_groups import SubmitGroups
 from shared.contract import STATUSES
 from shared.db import migrate, open_pool
 from shared.errors import Conflict, FailedPrecondition, NotFound, Unavailable, ValidationFailed
@@ -94,6 +95,7 @@ class Store:
         self._policy = policy or JobPolicy()
         self._on_ended = on_ended
         self._next_recount = time.monotonic() + self._policy.recount_interval_s
+        self._submits: SubmitGroups[Render] = SubmitGroups(self._conn)
 
     @classmethod
     @asynccontextmanager
@@ -113,9 +115,11 @@ class Store:
         pool = await open_pool(
             database_url(url), name=name, min_size=min_size, max_size=max_size, autocommit=True
         )
+        store = cls(pool, max_active=max_active, policy=policy, on_ended=on_ended)
         try:
-            yield cls(pool, max_active=max_active, policy=policy, on_ended=on_ended)
+            yield store
         finally:
+            await store._submits.close()
             await pool.close()
 
     @asynccontextmanager
@@ -139,18 +143,25 @@ class Store:
     async def submit(
         self, spec: RenderSpec, placement: Placement, submission: Submission, started: float
     ) -> Render:
-        """Queues a validated render, or returns the one a repeat of this submit already queued."""
-        async with self._conn() as conn:
-            key = submission.idempotency_key
-            async with conn.transaction() if key else nullcontext():
-                if key:
-                    await lock_key(conn, submission.user_id, key)
-                render = await insert_render(
-                    conn, spec, placement, submission, started, None, self._max_active
-                )
-            if render.waiting_on and (await self._settle(conn, [render.waiting_on])).changed:
+        """Queues a validated render, or returns the one a repeat of this submit already queued.
+        Unkeyed submits of a user that arrive together commit together (see `submit_groups`)."""
+
+        def insert(conn: AsyncConnection[Any]) -> Awaitable[Render]:
+            return insert_render(conn, spec, placement, submission, started, None, self._max_active)
+
+        key = submission.idempotency_key
+        if key:
+            async with self._conn() as conn, conn.transaction():
+                await lock_key(conn, submission.user_id, key)
+                render = await insert(conn)
+        else:
+            render = await self._submits.run(submission.user_id, insert)
+        if render.waiting_on:
+            async with self._conn() as conn:
+                settled = await self._settle(conn, [render.waiting_on])
+            if settled.changed:
                 return await self.get(submission.user_id, render.id)
-            return render
+        return render
 
     async def submit_batch(
         self, specs: list[RenderSpec], placements: list[Placement], submission: Submission, started: float

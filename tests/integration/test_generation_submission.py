@@ -130,6 +130,9 @@ async def test_racing_submits_take_distinct_positions_without_gaps(stub: Stub, a
     chain = await accounts.chain()
     renders = await asyncio.gather(*(submit(stub, chain_id=chain) for _ in range(30)))
     assert sorted(r.position for r in renders) == list(range(1, 31))
+    # Racing submits of one user commit in groups: every answer is a render that is really there.
+    stored = await _renders(stub, await accounts.user("alice"))
+    assert {(r.id, r.position) for r in stored} == {(r.id, r.position) for r in renders}
     assert await _lengths(stub, await accounts.user("alice"), chain) == {chain: 30}
 
 
