@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -146,7 +146,7 @@ class Store:
         """Queues a validated render, or returns the one a repeat of this submit already queued.
         Unkeyed submits of a user that arrive together commit together (see `submit_groups`)."""
 
-        def insert(conn: AsyncConnection[Any]) -> Awaitable[Render]:
+        def insert(conn: AsyncConnection[Any]) -> Coroutine[Any, Any, Render]:
             return insert_render(conn, spec, placement, submission, started, None, self._max_active)
 
         key = submission.idempotency_key

@@ -21,8 +21,9 @@ A submit arriving when none of its user's is being written runs at once, alone.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Generic, TypeVar
 
@@ -32,8 +33,11 @@ from psycopg import AsyncConnection
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Work = Callable[[AsyncConnection[Any]], Awaitable[T]]
+Work = Callable[[AsyncConnection[Any]], Coroutine[Any, Any, T]]
 """One submit's statements, run on the connection it is given (in a transaction when grouped)."""
+
+_Queued = tuple[Work[T], "asyncio.Future[T]", contextvars.Context]
+"""A submit waiting for a group: its work, its caller's future and its caller's context."""
 
 MAX_GROUP = 64
 """The most submits written in one transaction (a group's locks are held until it commits)."""
@@ -46,7 +50,7 @@ class SubmitGroups(Generic[T]):
     def __init__(self, connection: Callable[[], AbstractAsyncContextManager[AsyncConnection[Any]]]) -> None:
         self._connection = connection
         """An autocommit connection, for as long as the block lasts (with its errors translated)."""
-        self._waiting: dict[str, list[tuple[Work[T], asyncio.Future[T]]]] = {}
+        self._waiting: dict[str, list[_Queued[T]]] = {}
         """Per user being written: the submits waiting for the next group."""
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -55,7 +59,7 @@ class SubmitGroups(Generic[T]):
         waiting = self._waiting.get(user_id)
         if waiting is not None:  # one of the user's is being written: join the next group
             future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-            waiting.append((work, future))
+            waiting.append((work, future, contextvars.copy_context()))
             return await future
         self._waiting[user_id] = []
         try:
@@ -68,7 +72,10 @@ class SubmitGroups(Generic[T]):
         """After a write of the user's: the submits that queued meanwhile go on in a task of their
         own (not in the caller's, whose cancellation must not cancel them)."""
         if self._waiting[user_id]:
-            task = asyncio.create_task(self._write_groups(user_id), name=f"submit-group-{user_id}")
+            # A context of its own: the caller's trace is not the group's.
+            task = asyncio.create_task(
+                self._write_groups(user_id), name=f"submit-group-{user_id}", context=contextvars.Context()
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
@@ -82,33 +89,39 @@ class SubmitGroups(Generic[T]):
                 del waiting[:MAX_GROUP]
                 await self._write(group)
         finally:
-            for _, future in self._waiting.pop(user_id):
+            for _, future, _ in self._waiting.pop(user_id):
                 future.cancel()
 
-    async def _write(self, group: list[tuple[Work[T], asyncio.Future[T]]]) -> None:
+    async def _write(self, group: list[_Queued[T]]) -> None:
         try:
             await self._write_group(group)
         except BaseException:  # cancelled (the service is stopping): so are the submits waiting on it
-            for _, future in group:
+            for _, future, _ in group:
                 future.cancel()
             raise
 
-    async def _write_group(self, group: list[tuple[Work[T], asyncio.Future[T]]]) -> None:
+    async def _write_group(self, group: list[_Queued[T]]) -> None:
         outcomes: list[tuple[T | None, BaseException | None]] = []
         try:
             async with self._connection() as conn, conn.transaction():
-                for work, _ in group:
+                for work, _, context in group:
                     try:
-                        outcomes.append((await work(conn), None))
+                        # In its caller's context, so that its statements' spans are in its caller's trace.
+                        outcomes.append((await asyncio.create_task(work(conn), context=context), None))
                     except psycopg.Error:
                         raise  # the transaction is lost: every submit of the group goes again
                     except Exception as exc:  # this submit's own answer (a quota refusal, a conflict)
                         outcomes.append((None, exc))
         except Exception:
             log.warning("a group of submits failed; writing each on its own", exc_info=True)
-            await asyncio.gather(*(self._write_alone(work, future) for work, future in group))
+            await asyncio.gather(
+                *(
+                    asyncio.create_task(self._write_alone(work, future), context=context)
+                    for work, future, context in group
+                )
+            )
             return
-        for (_, future), (result, error) in zip(group, outcomes, strict=True):
+        for (_, future, _), (result, error) in zip(group, outcomes, strict=True):
             if future.done():  # its caller has gone (what it wrote stays written)
                 continue
             if error is not None:

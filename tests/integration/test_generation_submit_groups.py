@@ -5,7 +5,8 @@ costs the others nothing but time, and another user's submits never wait for the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextvars
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
@@ -13,7 +14,7 @@ import psycopg
 import pytest
 from psycopg import AsyncConnection
 
-from services.generation.submit_groups import SubmitGroups
+from services.generation.submit_groups import SubmitGroups, Work
 from shared.errors import QuotaExceeded
 
 Row = tuple[str, int]
@@ -36,7 +37,7 @@ def connections(url: str) -> Callable[[], AbstractAsyncContextManager[AsyncConne
     return connection
 
 
-def write(label: str, held: asyncio.Event | None = None) -> Callable[[AsyncConnection[Any]], Awaitable[Row]]:
+def write(label: str, held: asyncio.Event | None = None) -> Work[Row]:
     async def work(conn: AsyncConnection[Any]) -> Row:
         if held is not None:
             await held.wait()
@@ -59,19 +60,17 @@ async def written(url: str) -> dict[str, int]:
 async def queue_behind(
     groups: SubmitGroups[Row],
     user: str,
-    first: Callable[[AsyncConnection[Any]], Awaitable[Row]],
-    works: list[Any],
+    first: Work[Row],
+    works: list[Work[Row]],
 ) -> tuple[asyncio.Task[Row], list[asyncio.Task[Row]]]:
     """Starts `first` (which holds until released) and then `works`, all of `user`; returns once
     every one of `works` waits for the group after `first`."""
     leader = asyncio.create_task(groups.run(user, first))
-    async with asyncio.timeout(5):
-        while groups.queued(user) is None:
-            await asyncio.sleep(0)
+    await asyncio.sleep(0)  # a task's first step runs in the loop's next turn: it is being written
+    assert groups.queued(user) == 0
     followers = [asyncio.create_task(groups.run(user, work)) for work in works]
-    async with asyncio.timeout(5):
-        while groups.queued(user) != len(works):
-            await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert groups.queued(user) == len(works)
     return leader, followers
 
 
@@ -152,3 +151,34 @@ async def test_a_cancelled_leader_does_not_strand_the_queued_submits(table: str)
         assert (await followers[0])[0] == "a"
     assert set(await written(table)) == {"a"}
     await groups.close()
+
+
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller", default="nobody")
+
+
+async def test_each_grouped_submit_runs_in_its_callers_context(table: str) -> None:
+    """What a submit's statements record (their spans) belongs to the request that made it, not to
+    the one whose write its group followed."""
+    groups: SubmitGroups[Row] = SubmitGroups(connections(table))
+
+    def as_caller(label: str, held: asyncio.Event | None = None) -> Work[Row]:
+        async def work(conn: AsyncConnection[Any]) -> Row:
+            if held is not None:
+                await held.wait()
+            return CALLER.get(), 0
+
+        return work
+
+    async def call(label: str, work: Work[Row]) -> Row:
+        CALLER.set(label)
+        return await groups.run("alice", work)
+
+    held = asyncio.Event()
+    leader = asyncio.create_task(call("first", as_caller("first", held)))
+    await asyncio.sleep(0)
+    followers = [asyncio.create_task(call(f"r{n}", as_caller(f"r{n}"))) for n in range(3)]
+    await asyncio.sleep(0)
+    assert groups.queued("alice") == 3
+    held.set()
+    assert (await leader)[0] == "first"
+    assert [caller for caller, _ in await asyncio.gather(*followers)] == ["r0", "r1", "r2"]
