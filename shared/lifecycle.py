@@ -17,9 +17,10 @@ log = logging.getLogger(__name__)
 
 GC_THRESHOLDS = (20_000, 50, 100)
 """The collector's thresholds while serving (CPython's are 700, 10, 10). A request allocates a few
-thousand container objects, nearly all freed by reference counting; at the default the young
-generation was collected every few requests and the whole heap (startup's objects included) every
-few seconds, each full collection holding every request in flight for tens of milliseconds."""
+thousand container objects, nearly all freed by reference counting. Measured under 64 submitting
+clients (about 8,000 submits): at the default, the gateway and generation each collected about 900
+times, 7 or 8 of them over the whole heap, 0.6-0.75 s in all; tuned and with start-up's objects
+frozen, 7-15 times and 0.08-0.19 s."""
 
 
 def tune_gc() -> None:
