@@ -405,6 +405,8 @@ class Supervisor:
             raise await self._failure(child, f"could not start: {error}") from error
         finally:
             os.close(write_end)  # the child has its own: end of file once it and its children are gone
+        if self._setpriv:
+            await _past_setpriv(child.proc.pid, self._setpriv)
         log = child.log
         pipe = os.fdopen(read_end, "rb", buffering=0)
         _, child.reader = await asyncio.get_running_loop().connect_read_pipe(lambda: _PipeReader(log), pipe)
@@ -506,3 +508,20 @@ def tail(path: Path, lines: int = 20) -> str:
             return "\n".join(file.read().decode(errors="replace").splitlines()[-lines:])
     except OSError as error:
         return f"(no log: {error})"
+
+
+async def _past_setpriv(pid: int, setpriv: str, timeout_s: float = 2.0) -> None:
+    """Waits until `setpriv` has set the child's parent-death signal and exec'd the child itself.
+
+    The signal is set by setpriv once it runs, some time after the spawn returns: a supervisor
+    killed in between would leave the child running for good (setpriv does not check whether its
+    parent is still there). Once the process runs another program, the signal is set."""
+    own = os.path.realpath(setpriv)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if os.readlink(f"/proc/{pid}/exe") != own:
+                return
+        except OSError:
+            return  # gone already (or not ours to read): nothing to wait for
+        await asyncio.sleep(0.001)
