@@ -145,6 +145,9 @@ class WorkerSettings:
     tenant_max_running: int = 8
     """RENDERFLOW_TENANT_MAX_RUNNING: the most renders of one user running at once, across all
     workers (0: no limit)."""
+    tenant_reserved_slots: int = 1
+    """RENDERFLOW_TENANT_RESERVED_SLOTS: slots of the live workers that no one user's renders may
+    hold, kept for whoever submits next (0: a user may take every slot)."""
     backend_rate_limits: Mapping[str, float] = field(default_factory=dict)
     """RENDERFLOW_BACKEND_RATE_LIMITS: calls per second each backend may start, across all workers,
     e.g. `procedural=0,http=5` (0 or absent: unlimited)."""
@@ -194,6 +197,7 @@ class WorkerSettings:
             backend=BackendSettings.from_env(env),
             budgets=Budgets.from_env(env),
             tenant_max_running=env.int("RENDERFLOW_TENANT_MAX_RUNNING", 8, minimum=0),
+            tenant_reserved_slots=env.int("RENDERFLOW_TENANT_RESERVED_SLOTS", 1, minimum=0),
             backend_rate_limits=parse_rates(
                 env.list("RENDERFLOW_BACKEND_RATE_LIMITS"), "RENDERFLOW_BACKEND_RATE_LIMITS"
             ),

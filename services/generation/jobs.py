@@ -5,9 +5,11 @@ Every write after the claim is fenced by the job's lease token (see `records`): 
 touches no row means the job was taken away, and the caller drops its work.
 
 Fairness: tenants (users) with runnable jobs are served in turn, least recently served first, and
-none has more than `tenant_max_running` jobs running; within a tenant, higher priority then older
-first. The per-tenant state (counts by state, when last served) is one small `tenants` row each,
-kept by a trigger on `jobs` (migration 0002), so the claim never scans the queue.
+none has more than `tenant_max_running` jobs running, nor all but `reserved_slots` of the live
+workers' slots (so a tenant submitting while another's long renders fill the queue starts at once);
+within a tenant, higher priority then older first. The per-tenant state (counts by state, when
+last served) is one small `tenants` row each, kept by a trigger on `jobs` (migration 0002), so the
+claim never scans the queue. The live workers' slots are the `workers` rows (migration 0005).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class JobPolicy:
     max_attempts: int = 3
     tenant_max_running: int = 0
     """0: no cap."""
+    reserved_slots: int = 0
+    """Slots of the live workers that no one tenant may hold (see `claim_jobs`)."""
     chain_wait_s: float = 60.0
     event_retention_s: float = 7 * 86400.0
     recount_interval_s: float = 60.0
@@ -50,6 +54,8 @@ class JobPolicy:
             "max_attempts": self.max_attempts,
             # The claim compares with an int4.
             "cap": self.tenant_max_running or 2**31 - 1,
+            "reserved": self.reserved_slots,
+            "live_s": self.lease_s,
             "backends": Jsonb(dict(self.backends)),
         }
 

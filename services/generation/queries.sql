@@ -336,12 +336,25 @@ UPDATE jobs SET depends_on = %s WHERE render_id = %s AND state = 'waiting'
 -- 3. picked: each tenant's next jobs, up to its room (index scan of `jobs_tenant_queue` in the
 --    tenant's order; SKIP LOCKED passes over rows another claimer or a cancel holds).
 -- 4. chosen: round-robin — every tenant's 1st job, then every tenant's 2nd, ... up to `limit`.
+-- The cap is the lesser of `cap` (the configured most per tenant) and the live workers' slots less
+-- `reserved`: however long its renders, one tenant never holds the last `reserved` slots, which
+-- stay free for the next tenant to submit (`workers`: rows refreshed within `live_s`; with no
+-- more slots than `reserved`, nothing is held back).
 -- The trigger on `jobs` moves the tenant's counts and stamps `last_claimed_at` in this statement.
 -- Planned cost: O(limit) index probes, whatever the number of queued jobs (EXPLAIN ANALYZE with
 -- 20,000 queued, over 50 tenants or nearly all of one: 0.4-0.7 ms of server time).
-WITH candidates AS (
+WITH live AS (
+    SELECT coalesce(sum(slots), 0) AS slots FROM workers
+    WHERE seen_at > now() - make_interval(secs => %(live_s)s)
+),
+cap AS (
+    SELECT CASE WHEN live.slots > %(reserved)s THEN least(%(cap)s, live.slots - %(reserved)s)
+                ELSE %(cap)s END AS n
+    FROM live
+),
+candidates AS (
     SELECT t.tenant FROM tenants t
-    WHERE t.queued > 0 AND t.running < %(cap)s
+    WHERE t.queued > 0 AND t.running < (SELECT n FROM cap)
       AND EXISTS (SELECT FROM jobs q
                   WHERE q.tenant = t.tenant AND q.state = 'queued' AND q.run_after <= now())
     ORDER BY t.last_claimed_at NULLS FIRST, t.tenant
@@ -349,7 +362,7 @@ WITH candidates AS (
 ),
 locked AS (
     SELECT t.tenant, t.running, t.last_claimed_at FROM tenants t
-    WHERE t.tenant IN (SELECT tenant FROM candidates) AND t.running < %(cap)s
+    WHERE t.tenant IN (SELECT tenant FROM candidates) AND t.running < (SELECT n FROM cap)
     ORDER BY t.tenant
     FOR UPDATE
 ),
@@ -360,7 +373,7 @@ picked AS (
         SELECT render_id, priority, created_at FROM jobs
         WHERE jobs.tenant = l.tenant AND jobs.state = 'queued' AND jobs.run_after <= now()
         ORDER BY jobs.priority DESC, jobs.created_at, jobs.render_id
-        LIMIT least(%(cap)s - l.running, %(limit)s)
+        LIMIT least((SELECT n FROM cap) - l.running, %(limit)s)
         FOR UPDATE SKIP LOCKED
     ) j
 ),
@@ -374,6 +387,14 @@ WHERE render_id IN (SELECT render_id FROM chosen)
 RETURNING render_id, lease_token::text, worker_id, attempts,
     coalesce(max_attempts, %(max_attempts)s) AS max_attempts, tenant, kind, backend, created_at, claimed_at,
     cancel_requested
+
+-- name: worker_seen
+-- A worker's slots, counted by the claim until the row is older than a lease.
+INSERT INTO workers (worker_id, slots, seen_at) VALUES (%s, %s, now())
+ON CONFLICT (worker_id) DO UPDATE SET slots = excluded.slots, seen_at = excluded.seen_at
+
+-- name: worker_gone
+DELETE FROM workers WHERE worker_id = %s
 
 -- name: heartbeat
 -- Renews the leases of the given jobs still held; says, for each, whether its cancel was requested.

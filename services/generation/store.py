@@ -297,6 +297,16 @@ class Store:
             rows = await fetch_all(conn, QUERIES["claim_jobs"], self._policy.claim_params(worker_id, limit))
         return sorted((Claim(**row) for row in rows), key=lambda c: c.created_at)
 
+    async def worker_seen(self, worker_id: str, slots: int) -> None:
+        """Counts the worker's slots in the capacity the claim shares out, for a lease from now."""
+        async with self._conn() as conn:
+            await conn.execute(QUERIES["worker_seen"], [worker_id, slots])
+
+    async def worker_gone(self, worker_id: str) -> None:
+        """The worker's slots no longer count (it is stopping)."""
+        async with self._conn() as conn:
+            await conn.execute(QUERIES["worker_gone"], [worker_id])
+
     async def heartbeat(self, claims: Sequence[Claim]) -> dict[str, bool]:
         """Renews the leases of `claims`; returns, for each job still held, whether its cancel
         was requested. A job missing from the answer has been taken away."""

@@ -119,12 +119,14 @@ class Worker:
             log.error("job ended abnormally", exc_info=task.exception(), extra={"render_id": render_id})
 
     async def heartbeat_loop(self) -> None:
-        """Renews the leases of running jobs; stops those taken away or asked to cancel."""
+        """Renews the leases of running jobs; stops those taken away or asked to cancel. Says the
+        worker's slots are alive, too (the claim shares them out)."""
         while True:
             await asyncio.sleep(self._settings.heartbeat_s)
             jobs = list(self._active.values())
             try:
                 with suppress_instrumentation():
+                    await self._queue.worker_seen(self._settings.worker_id, self._settings.concurrency)
                     held = await self._queue.heartbeat([job.claim for job in jobs])
             except Exception:
                 log.exception("heartbeat failed; leases may expire")
@@ -180,6 +182,7 @@ async def running_worker(
             lease_s=settings.lease_s,
             max_attempts=settings.max_attempts,
             tenant_max_running=settings.tenant_max_running,
+            reserved_slots=settings.tenant_reserved_slots,
             chain_wait_s=settings.chain_wait_s,
             event_retention_s=settings.event_retention_s,
             backends=settings.backend.by_kind(),
@@ -217,6 +220,8 @@ async def running_worker(
         )
         worker = Worker(settings, store, runner)
         runner.on_retry = worker.wake_later
+        await store.worker_seen(settings.worker_id, settings.concurrency)
+        stack.push_async_callback(_gone, store, settings.worker_id)
         for loop, name in ((worker.heartbeat_loop(), "heartbeat"), (worker.rescue_loop(), "rescue")):
             await stack.enter_async_context(background(loop, f"worker-{name}"))
         if not settings.db_poll_only:
@@ -229,6 +234,14 @@ async def running_worker(
             "worker started", extra={"worker_id": settings.worker_id, "concurrency": settings.concurrency}
         )
         yield worker
+
+
+async def _gone(store: Store, worker_id: str) -> None:
+    """After the drain: the worker's slots stop counting at once (else at its row's expiry)."""
+    try:
+        await store.worker_gone(worker_id)
+    except Exception:  # the database is gone: the row expires after a lease
+        log.warning("cannot remove the worker's row", exc_info=True)
 
 
 def main() -> None:

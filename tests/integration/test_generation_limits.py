@@ -121,6 +121,37 @@ async def test_the_tenant_cap_holds_across_workers(
     assert peaks == {alice: 2, bob: 2}
 
 
+async def test_a_tenant_submitting_while_anothers_long_renders_fill_the_queue_starts_at_once(
+    stub: Stub, start_worker: WorkerFactory, database_url: str, accounts: Accounts
+) -> None:
+    alice, bob = await accounts.user("alice"), await accounts.user("bob")
+    for name in ("w1", "w2"):  # 4 slots in all; one is kept from any one tenant
+        await start_worker(worker_id=name, concurrency=2, tenant_reserved_slots=1, procedural_step_ms=300)
+    longs = await _batch(stub, "alice", 6, steps=100)  # 30 s each: more than every slot
+    with rpc_errors():
+        started = 0
+        async with asyncio.timeout(10):
+            async for event in stub.WatchBatch(pb.WatchBatchRequest(user_id=alice, batch_id=longs.id)):
+                started += event.type == "started"
+                if started == 3:
+                    break
+
+        short = (await _batch(stub, "bob", 1, steps=1)).renders[0]
+        async with asyncio.timeout(10):
+            async for event in stub.Watch(pb.WatchRequest(user_id=bob, render_id=short.id)):
+                if event.type == "started":
+                    break
+        waited_s = (event.at.ToDatetime() - short.created_at.ToDatetime()).total_seconds()
+        assert waited_s < 2.0  # not after one of alice's 30 s renders
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FROM generation.jobs WHERE state = 'running' AND tenant = %s", [alice]
+            )
+            assert await cur.fetchone() == (3,)  # the cost: alone, alice runs on 3 of the 4 slots
+        for render in longs.renders:
+            await stub.Cancel(pb.CancelRequest(user_id=alice, render_id=render.id))
+
+
 async def test_a_backend_rate_limit_holds_across_workers(stub: Stub, start_worker: WorkerFactory) -> None:
     starts: list[tuple[float, str]] = []
     for name in ("w1", "w2"):
