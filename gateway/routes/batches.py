@@ -10,7 +10,7 @@ from renderflow.v1 import generation_pb2
 from gateway.auth import principal
 from gateway.batch_cursor import BatchCursor
 from gateway.idempotency import idempotency_key, request_hash
-from gateway.resources import batch_json, render_json
+from gateway.resources import batch_json, json_response, render_json
 from gateway.routes import ID, clients, phase
 from gateway.routes.events import resume_point, stream_events
 from gateway.state import TRACEPARENT
@@ -48,7 +48,7 @@ def _accepted(batch: generation_pb2.Batch, replayed: bool = False) -> web.Respon
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     answer = {"batch_id": batch.id, "renders": [render_json(r) for r in batch.renders]}
-    return web.json_response(answer, status=202, headers=headers)
+    return json_response(answer, status=202, headers=headers)
 
 
 @routes.get(f"/v1/batches/{ID}")
@@ -56,7 +56,7 @@ async def get_batch(request: web.Request) -> web.Response:
     user = principal(request)
     with phase(request, "db"):
         batch = await clients(request).generation.get_batch(user.user_id, request.match_info["id"])
-    return web.json_response(batch_json(batch))
+    return json_response(batch_json(batch))
 
 
 @routes.get(f"/v1/batches/{ID}/events", allow_head=False)

@@ -8,6 +8,7 @@ import json
 from aiohttp import web
 
 from gateway.openapi import SPEC
+from gateway.resources import json_response
 from gateway.routes import clients
 from shared.errors import Unavailable
 
@@ -19,7 +20,7 @@ _SPEC_BODY = json.dumps(SPEC).encode()
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 @routes.get("/readyz")
@@ -31,7 +32,7 @@ async def readyz(request: web.Request) -> web.Response:
     if not all(answers):
         down = ", ".join(name for name, ok in zip(names, answers, strict=True) if not ok)
         raise Unavailable(f"Not ready: {down} not serving.", retry_after=READY_RETRY_AFTER_S)
-    return web.json_response({"status": "ok", "checks": checks})
+    return json_response({"status": "ok", "checks": checks})
 
 
 @routes.get("/openapi.json")

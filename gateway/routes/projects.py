@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.auth import principal
-from gateway.resources import chain_json, page, project_json
+from gateway.resources import chain_json, json_response, page, project_json
 from gateway.routes import body, clients, page_args, phase, query
 
 routes = web.RouteTableDef()
@@ -17,7 +17,7 @@ async def create_project(request: web.Request) -> web.Response:
     fields = await body(request, "CreateProjectRequest")
     with phase(request, "db"):
         project = await clients(request).metadata.create_project(user.user_id, fields["slug"], fields["name"])
-    return web.json_response(
+    return json_response(
         project_json(project), status=201, headers={"Location": f"/v1/projects/{project.slug}"}
     )
 
@@ -28,9 +28,7 @@ async def list_projects(request: web.Request) -> web.Response:
     page_size, page_token = page_args(query(request, "listProjects"))
     with phase(request, "db"):
         answer = await clients(request).metadata.list_projects(user.user_id, page_size, page_token)
-    return web.json_response(
-        page("projects", [project_json(p) for p in answer.projects], answer.next_page_token)
-    )
+    return json_response(page("projects", [project_json(p) for p in answer.projects], answer.next_page_token))
 
 
 @routes.get("/v1/projects/{slug}")
@@ -38,7 +36,7 @@ async def get_project(request: web.Request) -> web.Response:
     user = principal(request)
     with phase(request, "db"):
         project = await clients(request).metadata.get_project(user.user_id, request.match_info["slug"])
-    return web.json_response(project_json(project))
+    return json_response(project_json(project))
 
 
 @routes.post("/v1/projects/{slug}/chains")
@@ -48,7 +46,7 @@ async def create_chain(request: web.Request) -> web.Response:
     fields = await body(request, "CreateChainRequest")
     with phase(request, "db"):
         chain = await clients(request).metadata.create_chain(user.user_id, slug, fields["name"])
-    return web.json_response(
+    return json_response(
         chain_json(chain, 0), status=201, headers={"Location": f"/v1/projects/{slug}/chains/{chain.id}"}
     )
 
@@ -64,7 +62,7 @@ async def list_chains(request: web.Request) -> web.Response:
         )
         lengths = await services.generation.chain_lengths(user.user_id, [c.id for c in answer.chains])
     chains = [chain_json(c, lengths[c.id]) for c in answer.chains]
-    return web.json_response(page("chains", chains, answer.next_page_token))
+    return json_response(page("chains", chains, answer.next_page_token))
 
 
 @routes.get("/v1/projects/{slug}/chains/{chain_id}")
@@ -76,4 +74,4 @@ async def get_chain(request: web.Request) -> web.Response:
             user.user_id, request.match_info["slug"], request.match_info["chain_id"]
         )
         lengths = await services.generation.chain_lengths(user.user_id, [chain.id])
-    return web.json_response(chain_json(chain, lengths[chain.id]))
+    return json_response(chain_json(chain, lengths[chain.id]))

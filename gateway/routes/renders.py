@@ -11,7 +11,7 @@ from renderflow.v1 import generation_pb2
 
 from gateway.auth import Principal, authenticated, principal
 from gateway.idempotency import idempotency_key, request_hash
-from gateway.resources import STATUSES, TERMINAL_STATUSES, page, render_json
+from gateway.resources import STATUSES, TERMINAL_STATUSES, json_response, page, render_json
 from gateway.routes import ID, clients, page_args, phase, query
 from gateway.state import SETTINGS, TIMER, TRACEPARENT
 from gateway.submission import prefer_wait, render_spec, spent_so_far
@@ -106,7 +106,7 @@ async def _answer(
                 if await request.app[WATCH_HUB].wait_for_end(user.user_id, render.id, wait_s):
                     render = await clients(request).generation.get_render(user.user_id, render.id)
     status = 200 if wait_s is not None and render.status in TERMINAL_STATUSES else 202
-    return web.json_response(render_json(render), status=status, headers=headers)
+    return json_response(render_json(render), status=status, headers=headers)
 
 
 @routes.get(f"/v1/renders/{ID}")
@@ -114,7 +114,7 @@ async def get_render(request: web.Request) -> web.Response:
     user = principal(request)
     with phase(request, "db"):
         render = await clients(request).generation.get_render(user.user_id, request.match_info["id"])
-    return web.json_response(render_json(render))
+    return json_response(render_json(render))
 
 
 @routes.get("/v1/renders")
@@ -135,9 +135,7 @@ async def list_renders(request: web.Request) -> web.Response:
             page_size=page_size,
             page_token=page_token,
         )
-    return web.json_response(
-        page("renders", [render_json(r) for r in answer.renders], answer.next_page_token)
-    )
+    return json_response(page("renders", [render_json(r) for r in answer.renders], answer.next_page_token))
 
 
 @routes.get("/v1/projects/{slug}/chains/{chain_id}/renders")
@@ -157,9 +155,7 @@ async def list_chain_renders(request: web.Request) -> web.Response:
             page_token=page_token,
             by_position=True,
         )
-    return web.json_response(
-        page("renders", [render_json(r) for r in answer.renders], answer.next_page_token)
-    )
+    return json_response(page("renders", [render_json(r) for r in answer.renders], answer.next_page_token))
 
 
 @routes.post(f"/v1/renders/{ID}:cancel")
@@ -167,4 +163,4 @@ async def cancel_render(request: web.Request) -> web.Response:
     user = principal(request)
     with phase(request, "db"):
         render = await clients(request).generation.cancel(user.user_id, request.match_info["id"])
-    return web.json_response(render_json(render), status=202)
+    return json_response(render_json(render), status=202)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.auth import principal
-from gateway.resources import page, rule_json
+from gateway.resources import json_response, page, rule_json
 from gateway.routes import body, clients, page_args, phase, query
 
 routes = web.RouteTableDef()
@@ -20,7 +20,7 @@ async def create_rule(request: web.Request) -> web.Response:
         rule = await clients(request).metadata.create_rule(
             user.user_id, slug, fields["text"], fields.get("chain_id"), fields.get("active")
         )
-    return web.json_response(
+    return json_response(
         rule_json(rule), status=201, headers={"Location": f"/v1/projects/{slug}/rules/{rule.id}"}
     )
 
@@ -33,7 +33,7 @@ async def list_rules(request: web.Request) -> web.Response:
         answer = await clients(request).metadata.list_rules(
             user.user_id, request.match_info["slug"], page_size, page_token
         )
-    return web.json_response(page("rules", [rule_json(r) for r in answer.rules], answer.next_page_token))
+    return json_response(page("rules", [rule_json(r) for r in answer.rules], answer.next_page_token))
 
 
 @routes.patch("/v1/projects/{slug}/rules/{rule_id}")
@@ -48,7 +48,7 @@ async def update_rule(request: web.Request) -> web.Response:
             fields.get("text"),
             fields.get("active"),
         )
-    return web.json_response(rule_json(rule))
+    return json_response(rule_json(rule))
 
 
 @routes.delete("/v1/projects/{slug}/rules/{rule_id}")
