@@ -47,6 +47,8 @@ LEVELS = ((1, 300), (16, 1000), (64, 2000))
 FIRST_EVENT_RENDERS = 100
 LARGE_RENDERS = 10
 WARM_UP = 50
+LEVEL_WARMUP_S = 0.5
+"""Each level's first half second is not counted, as in the ceilings' runs (tests.bench.loadgen)."""
 
 
 def _summary(samples_ms: list[float]) -> dict[str, Any]:
@@ -84,28 +86,36 @@ async def _timed_submit(
     return (time.perf_counter() - started) * 1000
 
 
-async def submit_level(target: Target, clients: int, count: int, max_s: float) -> dict[str, Any]:
-    """`count` submits from `clients` concurrent clients, each on its own keep-alive connection;
-    fewer when `max_s` seconds pass first (a machine busy with other work)."""
+async def submit_level(
+    target: Target, clients: int, count: int, max_s: float, warmup_s: float = LEVEL_WARMUP_S
+) -> dict[str, Any]:
+    """`count` submits from `clients` concurrent clients, each on its own keep-alive connection,
+    after `warmup_s` of submits that are not counted (the level's connections opened, the load
+    steady: the ceilings are measured the same way); fewer when `max_s` seconds pass first (a
+    machine busy with other work)."""
     latencies: list[float] = []
     phases: dict[str, list[float]] = {}
     numbers = iter(range(count))
+    warm_up = iter(range(count, 10**9))
     sent = 0
 
-    async def client(http: aiohttp.ClientSession, deadline: float) -> None:
+    async def client(http: aiohttp.ClientSession, measure_from: float, deadline: float) -> None:
         nonlocal sent
+        while (now := time.perf_counter()) < measure_from:
+            await _timed_submit(http, render_body(PROJECT, next(warm_up), steps=1, size=64), {})
         for n in numbers:  # shared: each submit is taken by whichever client is free
-            if time.perf_counter() > deadline:
+            if now > deadline:
                 return
             sent += 1
             elapsed = await _timed_submit(http, render_body(PROJECT, n, steps=1, size=64), phases)
             if elapsed is not None:
                 latencies.append(elapsed)
+            now = time.perf_counter()
 
     async with session(target, limit=clients) as http:
-        started = time.perf_counter()
-        await asyncio.gather(*(client(http, started + max_s) for _ in range(clients)))
-        wall_s = time.perf_counter() - started
+        measure_from = time.perf_counter() + warmup_s
+        await asyncio.gather(*(client(http, measure_from, measure_from + max_s) for _ in range(clients)))
+        wall_s = time.perf_counter() - measure_from
     return {
         "clients": clients,
         "submits": sent,
