@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -118,11 +119,19 @@ class EmbeddedPostgres:
     """
 
     def __init__(
-        self, data_dir: Path, port: int = 0, *, fast: bool = False, bin_dir: Path | None = None
+        self,
+        data_dir: Path,
+        port: int = 0,
+        *,
+        fast: bool = False,
+        bin_dir: Path | None = None,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         self._requested = Path(data_dir).absolute()
         self._port = port
         self._fast = fast
+        self._settings = dict(settings or {})
+        """Server settings beyond ours (`-c name=value`), e.g. a benchmark's extension."""
         self._bin_dir = bin_dir
         self._data: Path | None = None
         self._url: str | None = None
@@ -292,6 +301,7 @@ class EmbeddedPostgres:
         }
         if self._fast:
             settings |= {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+        settings |= self._settings
         argv = [str(bin_dir / "postgres"), "-D", str(data)]
         for name, value in settings.items():
             argv += ["-c", f"{name}={value}"]

@@ -77,6 +77,9 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             out[f"queue_renderflow_vs_procrastinate@{workers}w"] = ratio(rate, theirs[workers])
     if ours:
         out["queue_source"] = source
+    for fewer, more in ((1, 2), (2, 4)):
+        if fewer in ours and more in ours:
+            out[f"queue_{more}w_vs_{fewer}w"] = ratio(ours[more], ours[fewer])
     for _path, node in walk(results.get("tracing", {})):
         if isinstance(node, dict) and isinstance(node.get("on"), dict) and isinstance(node.get("off"), dict):
             out["tracing_on_vs_off"] = ratio(_rate(node["on"]), _rate(node["off"]))
@@ -129,6 +132,8 @@ def _known(name: str, result: dict[str, Any]) -> list[str]:
                 )
             lines.append(line)
         return lines
+    if name == "queue":
+        return _queue_lines(result)
     if name == "breakdown":
         lines = []
         for clients, v in result["by_clients"].items():
@@ -227,3 +232,26 @@ def chart_series(results: dict[str, dict[str, Any]]) -> list[Series]:
                     Series(label, percentiles={"p50": node["p50_ms"], "p99": node["p99_ms"]}, group=name)
                 )
     return series
+
+
+def _queue_lines(result: dict[str, Any]) -> list[str]:
+    s = result["settings"]
+    lines = [f"no-op renders, {s['jobs']} in batches of {s['batch']}, followed on their event streams:"]
+    costs: dict[str, Any] = {}
+    for workers, v in result["workers"].items():
+        lines.append(f"  {workers} worker(s): {v['renders_per_s']:.0f} renders/s")
+        costs = v.get("costs", costs)
+    if costs:
+        cpu = ", ".join(f"{name} {ms:.2f}" for name, ms in costs["cpu_ms_per_render"].items() if ms >= 0.05)
+        notifies = sum(costs["notifies_per_render"].values())
+        lines += [
+            f"  per render: CPU ms {cpu}",
+            f"  per render: {costs['statements_per_render']} statements, "
+            f"{costs['writing_commits_per_render']} writing commits, "
+            f"{costs['wal_fsyncs_per_render']} WAL fsyncs, {costs['wal_bytes_per_render']} WAL bytes, "
+            f"{notifies:g} NOTIFYs",
+        ]
+        parts = costs.get("worker_cpu_share_by_part")
+        if parts:
+            lines.append("  worker CPU by part: " + ", ".join(f"{k} {v:.0%}" for k, v in parts.items()))
+    return lines

@@ -45,6 +45,8 @@ class StackConfig:
     pg_fast: bool = True
     """fsync off: a chaos run measures recovery, not disk flushes."""
     log_level: str = "WARNING"
+    pg_settings: Mapping[str, str] = field(default_factory=dict)
+    """PostgreSQL server settings beyond the stack's (a benchmark's pg_stat_statements)."""
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -105,7 +107,9 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
         }
         self.url = gateway_url(Env(self.env))
-        self.postgres = EmbeddedPostgres(workdir / "pg", port=free_port(), fast=config.pg_fast)
+        self.postgres = EmbeddedPostgres(
+            workdir / "pg", port=free_port(), fast=config.pg_fast, settings=config.pg_settings
+        )
         self.database_url = ""
         self.origin = Origin()
         self.child_events: list[ChildEvent] = []
