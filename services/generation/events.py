@@ -1,10 +1,12 @@
 """Live render events for every watcher of a server process, from one LISTEN connection.
 
-The hub keeps, per render, the set of subscriptions watching it and the highest seq it has read.
-A notification (`<render_id>:<seq>`) marks the render dirty; one pump task reads the new events of
-all dirty renders in one query and pushes them to every subscription in memory. `follow` turns a
-subscription into a gapless, duplicate-free stream: subscribe first, replay the log, then go live,
-and re-read the log whenever the push stream skips (overflow, reconnect, out-of-order delivery).
+The hub keeps, per render, the set of subscriptions watching it and the highest seq it has pushed.
+A notification (`<render_id>:<seq>`) mostly carries the new events (see `records.notified_events`):
+when they follow on from what was pushed, they go to every subscription in memory at once. Any
+other notification marks the render dirty, and one pump task reads the new events of all dirty
+renders in one query. `follow` turns a subscription into a gapless, duplicate-free stream:
+subscribe first, replay the log, then go live, and re-read the log whenever the push stream skips
+(overflow, reconnect, out-of-order delivery).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Protocol
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from services.generation.domain import Event
+from services.generation.records import notified_events
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,33 @@ class EventHub:
         self._wake = asyncio.Event()
 
     def on_notify(self, channel: str, payload: str) -> None:
-        """A NOTIFY on `generation_events`: the render's log has grown (at least) to that seq."""
-        render_id, _, seq = payload.rpartition(":")
-        if render_id in self._subscriptions and (not seq.isdigit() or int(seq) > self._cursors[render_id]):
-            self._dirty.add(render_id)
-            self._wake.set()
+        """A NOTIFY on `generation_events`: `<render_id>:<seq>`, the render's log has grown (at
+        least) to that seq, often followed by a newline and the new events themselves. Events that
+        follow on from what the hub has pushed are pushed at once; otherwise the log is read."""
+        head, _, carried = payload.partition("\n")
+        render_id, _, seq = head.rpartition(":")
+        if render_id not in self._subscriptions:
+            return
+        if seq.isdigit() and int(seq) <= self._cursors[render_id]:
+            return
+        if carried:
+            try:
+                events = notified_events(render_id, carried)
+            except ValueError:
+                log.warning("unreadable events in a notification", extra={"render_id": render_id})
+                events = []
+            if events and events[0].seq == self._cursors[render_id] + 1:
+                self._push(events)
+                return
+        self._dirty.add(render_id)
+        self._wake.set()
+
+    def replayed(self, subscription: Subscription, last: Mapping[str, int]) -> None:
+        """`subscription` has read the log up to `last` (render id -> seq): for a render it alone
+        watches, the hub's pushes go on from there (the next notification needs no read)."""
+        for render_id, seq in last.items():
+            if self._subscriptions.get(render_id) == {subscription} and seq > self._cursors[render_id]:
+                self._cursors[render_id] = seq
 
     def resync(self) -> None:
         """Re-read every watched render (after a reconnect, notifications may have been missed)."""
@@ -134,13 +159,17 @@ class EventHub:
             if len(events) >= _FETCH_LIMIT:
                 self._dirty.update(dirty)
                 self._wake.set()
-            for event in events:
-                watchers = self._subscriptions.get(event.render_id)
-                if watchers is None or event.seq <= self._cursors[event.render_id]:
-                    continue
-                self._cursors[event.render_id] = event.seq
-                for subscription in watchers:
-                    subscription.push(event)
+            self._push(events)
+
+    def _push(self, events: Iterable[Event]) -> None:
+        """Pushes events past each render's cursor to its watchers, moving the cursor."""
+        for event in events:
+            watchers = self._subscriptions.get(event.render_id)
+            if watchers is None or event.seq <= self._cursors[event.render_id]:
+                continue
+            self._cursors[event.render_id] = event.seq
+            for subscription in watchers:
+                subscription.push(event)
 
 
 async def follow(hub: EventHub, source: EventSource, cursors: Mapping[str, int]) -> AsyncIterator[Event]:
@@ -150,6 +179,7 @@ async def follow(hub: EventHub, source: EventSource, cursors: Mapping[str, int])
     open_ids = set(cursors)
     with hub.subscribe(cursors) as subscription:
         pending = await source.events_after_many(last)
+        hub.replayed(subscription, _last_seqs(pending))
         from_log = True
         while open_ids:
             resync = False
@@ -172,3 +202,7 @@ async def follow(hub: EventHub, source: EventSource, cursors: Mapping[str, int])
                 pending, from_log = [item], False
             else:
                 pending, from_log = await source.events_after_many({r: last[r] for r in open_ids}), True
+
+
+def _last_seqs(events: Iterable[Event]) -> dict[str, int]:
+    return {event.render_id: event.seq for event in events}  # each render's are in seq order

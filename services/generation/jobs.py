@@ -15,16 +15,20 @@ claim never scans the queue. The live workers' slots are the `workers` rows (mig
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
-from services.generation.domain import Ended, NewEvent, RenderError
+from services.generation.domain import Ended, NewEvent, Render, RenderError
 from services.generation.queries import QUERIES
-from services.generation.records import fetch_all, record
+from services.generation.records import carried_events, fetch_all, record, render_from_row
+from shared.statements import name_statements
+
+CLAIM_JOBS = QUERIES["claim_jobs"].format(carried=carried_events("s.id"))
+name_statements([("claim_jobs", CLAIM_JOBS)])
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,21 @@ class Claim:
     claimed_at: datetime
     cancel_requested: bool
     """Set when a cancel raced with a retry or hand-back: the claimer cancels it at once."""
+    render: Render | None = field(default=None, compare=False, repr=False)
+    """The render as the claim started it (`running`, its first events written); None when the
+    claim is only to cancel it."""
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Claim:
+        """A claim from a row of `claim_jobs`: the job's columns and the started render's."""
+        fields = {name: row[name] for name in _CLAIM_COLUMNS}
+        return cls(**fields, render=render_from_row(row) if row["id"] is not None else None)
 
     def fence(self) -> dict[str, Any]:
         return {"token": self.lease_token}
+
+
+_CLAIM_COLUMNS = [f.name for f in fields(Claim) if f.name != "render"]
 
 
 @dataclass(frozen=True)

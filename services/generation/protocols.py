@@ -52,11 +52,10 @@ class ApiStore(Protocol):
 
 
 class RenderSource(Protocol):
-    """The renders a worker reads: the one it runs, and those it takes references from."""
+    """The renders a worker reads: those it takes references from (the one it runs comes with its
+    claim)."""
 
     async def get(self, user_id: str, render_id: str) -> Render: ...
-
-    async def get_any(self, render_id: str) -> Render: ...
 
     async def continues_from(self, user_id: str, chain_id: str, position: int) -> Render | None: ...
 
@@ -84,6 +83,7 @@ class WorkerStore(RenderSource, Protocol):
         error: RenderError | None = None,
         timings: dict[str, float] | None = None,
         message: str = "",
+        before: Sequence[NewEvent] = (),
     ) -> bool: ...
 
     async def requeue(self, claim: Claim, delay_s: float, message: str, *, refund: bool = False) -> bool: ...

@@ -146,11 +146,15 @@ SELECT renders.*,
 FROM renders WHERE batch_id = %s ORDER BY created_at, id
 
 -- name: events_after_many
--- The events of several renders, each above its own seq, ordered by render then seq.
-SELECT e.* FROM unnest(%s::text[], %s::int[]) AS c(render_id, after)
-JOIN events e ON e.render_id = c.render_id AND e.seq > c.after
+-- The events of several renders, each above its own seq, ordered by render then seq: one probe of
+-- the primary key per render (a plain join let the planner scan the whole table, which grows with
+-- every render of the retention period).
+SELECT e.* FROM unnest(%(ids)s::text[], %(after)s::int[]) AS c(render_id, after)
+CROSS JOIN LATERAL (
+    SELECT * FROM events e WHERE e.render_id = c.render_id AND e.seq > c.after ORDER BY e.seq LIMIT %(limit)s
+) e
 ORDER BY e.render_id, e.seq
-LIMIT %s
+LIMIT %(limit)s
 
 -- name: queue_figures
 -- For a queued render: jobs claimed before it, jobs running, and the mean run time of recent
@@ -216,8 +220,9 @@ SELECT pg_notify('generation_jobs', %s)
 
 -- name: record_change
 -- Applies a render's state change and appends its events, in one statement, if `{fence}` (a
--- statement selecting `render_id` when the write may go ahead) lets it; returns the new last seq
--- and the render's kind.
+-- statement selecting `render_id` when the write may go ahead) lets it; returns the new last seq,
+-- the render's kind and `{chained}` (see tenant_has_waiting; NULL when not asked). Its NOTIFY
+-- carries the events (`{carried}`: see carried_events).
 WITH fence AS ({fence}),
 r AS (
     UPDATE renders SET
@@ -234,14 +239,34 @@ r AS (
         finished_at = CASE WHEN %(status)s::text IN ('succeeded', 'failed', 'cancelled')
                            THEN clock_timestamp() ELSE finished_at END
     FROM fence WHERE renders.id = fence.render_id
-    RETURNING renders.id, renders.last_seq, renders.kind
+    RETURNING renders.id, renders.last_seq, renders.kind, renders.user_id
 ),
 e AS (
     INSERT INTO events (render_id, seq, type, payload)
     SELECT r.id, r.last_seq - cardinality(%(types)s::text[]) + x.ord, x.type, x.payload
     FROM r, unnest(%(types)s::text[], %(payloads)s::jsonb[]) WITH ORDINALITY AS x(type, payload, ord)
+    RETURNING render_id, seq, type, at, payload
 )
-SELECT r.last_seq, r.kind, pg_notify('generation_events', r.id || ':' || r.last_seq) FROM r
+SELECT r.last_seq, r.kind, pg_notify('generation_events', r.id || ':' || r.last_seq || {carried}), {chained}
+FROM r
+
+-- name: carried_events
+-- The events the statement appended (CTE `e`) for the render `{render}`, for its NOTIFY to carry: a
+-- newline and a JSON array of [seq, type, at, payload], or nothing when that would not fit in a
+-- notification (8,000 bytes): the listeners then read them from the log.
+coalesce((
+    SELECT E'\n' || x.events FROM (
+        SELECT json_agg(json_build_array(e.seq, e.type, e.at, e.payload) ORDER BY e.seq)::text AS events
+        FROM e WHERE e.render_id = {render}
+    ) x WHERE octet_length(x.events) < 7000
+), '')
+
+-- name: tenant_has_waiting
+-- Whether the render's owner has chain renders waiting, as of the newest committed state: the row
+-- is locked (a submit of a waiting render locks it too), so a submit that committed while this
+-- statement ran is seen, and one that commits after it settles its render itself. Without waiting
+-- renders, the end of a render has no dependents to settle.
+(SELECT t.waiting > 0 FROM tenants t WHERE t.tenant = r.user_id FOR UPDATE)
 
 -- name: fence_none
 -- Fence of a write that may always go ahead.
@@ -326,7 +351,10 @@ UPDATE jobs SET depends_on = %s WHERE render_id = %s AND state = 'waiting'
 
 -- name: claim_jobs
 -- Up to `limit` jobs, taken from the tenants in turn, stamped with the backend this worker runs
--- each kind with (`backends`: {kind: backend}).
+-- each kind with (`backends`: {kind: backend}), and started: each claimed render is `running`
+-- with its `started` event and the event of its first phase (image_fetch with a reference, else
+-- generation), and comes back whole with its job, so that a claim is the only round trip before
+-- the work. A job whose cancel was requested is claimed only to be cancelled: it is not started.
 -- 1. candidates: tenants with a runnable job and room under the cap, least recently served first
 --    (an index scan of `tenants_ready`, one probe of `jobs_tenant_queue` each, stopping at `limit`).
 -- 2. locked: those tenant rows, locked in name order (claimers never deadlock on each other, and
@@ -379,14 +407,39 @@ picked AS (
 ),
 chosen AS (
     SELECT render_id FROM picked ORDER BY turn, last_claimed_at NULLS FIRST, tenant LIMIT %(limit)s
+),
+claimed AS (
+    UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = %(worker)s,
+        lease_token = gen_random_uuid(), lease_expires_at = now() + make_interval(secs => %(lease_s)s),
+        claimed_at = clock_timestamp(), backend = %(backends)s::jsonb ->> kind
+    WHERE render_id IN (SELECT render_id FROM chosen)
+    RETURNING render_id, lease_token::text, worker_id, attempts,
+        coalesce(max_attempts, %(max_attempts)s) AS max_attempts, tenant, kind, backend, created_at,
+        claimed_at, cancel_requested
+),
+started AS (
+    UPDATE renders r SET status = 'running', attempts = c.attempts, progress = 0,
+        last_progress_at = clock_timestamp(), started_at = clock_timestamp(), last_seq = r.last_seq + 2,
+        timings = r.timings || jsonb_build_object(
+            'queue_wait_ms', round(extract(epoch FROM c.claimed_at - c.created_at)::numeric * 1000, 3))
+    FROM claimed c WHERE r.id = c.render_id AND NOT c.cancel_requested
+    RETURNING r.*
+),
+e AS (
+    INSERT INTO events (render_id, seq, type, payload)
+    SELECT s.id, s.last_seq - 2 + x.n, x.type, x.payload
+    FROM started s JOIN claimed c ON c.render_id = s.id CROSS JOIN LATERAL (VALUES
+        (1, 'started', jsonb_build_object(
+            'message', format('attempt %%s of %%s on %%s', c.attempts, c.max_attempts, c.worker_id))),
+        (2, 'phase', jsonb_build_object(
+            'phase', CASE WHEN s.reference IS NULL THEN 'generation' ELSE 'image_fetch' END))
+    ) AS x(n, type, payload)
+    RETURNING render_id, seq, type, at, payload
 )
-UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = %(worker)s,
-    lease_token = gen_random_uuid(), lease_expires_at = now() + make_interval(secs => %(lease_s)s),
-    claimed_at = clock_timestamp(), backend = %(backends)s::jsonb ->> kind
-WHERE render_id IN (SELECT render_id FROM chosen)
-RETURNING render_id, lease_token::text, worker_id, attempts,
-    coalesce(max_attempts, %(max_attempts)s) AS max_attempts, tenant, kind, backend, created_at, claimed_at,
-    cancel_requested
+SELECT s.*, NULL AS waiting_on, c.*,
+    CASE WHEN s.id IS NOT NULL
+         THEN pg_notify('generation_events', s.id || ':' || s.last_seq || {carried}) END AS _events
+FROM claimed c LEFT JOIN started s ON s.id = c.render_id
 
 -- name: worker_seen
 -- A worker's slots, counted by the claim until the row is older than a lease.

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from typing import Any, Literal
 
+import orjson
 from psycopg import AsyncConnection, sql
 from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb
@@ -46,15 +48,27 @@ Fence = Literal[
 
 @dataclass(frozen=True)
 class Recorded:
-    """What `record` wrote: the render's new last seq, and the render's end if it ended it."""
+    """What `record` wrote: the render's new last seq, the render's end if it ended it, and for a
+    worker's end of a job, whether its owner has chain renders waiting (that it may release)."""
 
     seq: int
     ended: Ended | None = None
+    chained: bool = False
+
+
+def carried_events(render: str) -> str:
+    """The expression of a NOTIFY's carried events for the render whose id is `render` (see
+    `queries.sql`, carried_events; read by `notified_events`)."""
+    return QUERIES["carried_events"].format(render=render)
 
 
 @cache
 def _record_statement(fence: Fence) -> str:
-    statement = QUERIES["record_change"].format(fence=QUERIES[fence])
+    # Only a worker's end of a job asks for waiting chain renders: the other ends settle anyway.
+    chained = QUERIES["tenant_has_waiting"] if fence == "fence_end" else "NULL::boolean"
+    statement = QUERIES["record_change"].format(
+        fence=QUERIES[fence], chained=chained, carried=carried_events("r.id")
+    )
     name_statements([(f"record_change.{fence}", statement)])
     return statement
 
@@ -93,7 +107,7 @@ async def record(
     if row is None:
         return None
     ended = Ended(render_id, row[1], status, error) if status is not None and status in TERMINAL else None
-    return Recorded(int(row[0]), ended)
+    return Recorded(int(row[0]), ended, bool(row[3]))
 
 
 async def fetch_one(
@@ -177,3 +191,20 @@ def event_from_row(row: dict[str, Any]) -> Event:
         message=payload.get("message", ""),
         error=RenderError.from_json(error) if error else None,
     )
+
+
+def notified_events(render_id: str, carried: str) -> list[Event]:
+    """The events a notification carried (`carried_events`: a JSON array of [seq, type, at,
+    payload]), as read from the log."""
+    return [
+        event_from_row(
+            {
+                "render_id": render_id,
+                "seq": seq,
+                "type": kind,
+                "at": datetime.fromisoformat(at),
+                "payload": payload,
+            }
+        )
+        for seq, kind, at, payload in orjson.loads(carried)
+    ]

@@ -12,14 +12,13 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from opentelemetry import trace
-from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -40,6 +39,7 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("renderflow.generation.worker")
 
 StopReason = Literal["cancel", "shutdown", "lease_lost"]
+T = TypeVar("T")
 _CANCELLED = RenderError("cancelled", message="cancelled at the user's request")
 
 
@@ -76,33 +76,55 @@ class RetryPolicy:
 
 
 class EventWriter:
-    """Fenced event writes of one job, with progress coalesced to one event per `interval_s`.
-    The last step's event is always written, in the same statement as the next phase's."""
+    """Fenced event writes of one job, coalesced: progress to one event per `interval_s`, and a
+    phase that ends within `interval_s` reported with the next write rather than on its own. The
+    last step's event and a short phase's are held, never dropped: the next write (or the job's
+    end, see `held`) carries them first."""
 
     def __init__(self, queue: WorkerStore, claim: Claim, interval_s: float) -> None:
         self._queue = queue
         self._claim = claim
         self._interval_s = interval_s
         self._last_progress = -float("inf")
-        self._held: NewEvent | None = None
+        self._held: list[NewEvent] = []
 
     async def write(self, events: Sequence[NewEvent], **changes: Any) -> None:
-        if self._held is not None:
-            events = [self._held, *events]
-            changes.setdefault("progress", self._held.progress)
-            self._held = None
-        if not await self._queue.progress(self._claim, events, **changes):
+        held = self.held()
+        progress = [event.progress for event in held if event.progress is not None]
+        if progress:
+            changes.setdefault("progress", progress[-1])
+        if not await self._queue.progress(self._claim, [*held, *events], **changes):
             raise LeaseLost(self._claim.render_id)
+
+    def held(self) -> list[NewEvent]:
+        """The events held back so far (the caller writes them); none are held afterwards."""
+        held, self._held = self._held, []
+        return held
 
     async def progress(self, step: int, total: int) -> None:
         event = NewEvent("progress", progress=round(step / total, 4))
         if step >= total:
-            self._held = event
+            self._held.append(event)
             return
         now = time.monotonic()
         if now - self._last_progress >= self._interval_s:
             self._last_progress = now
             await self.write([event], progress=event.progress)
+
+    async def phase(self, event: NewEvent, work: Awaitable[T]) -> T:
+        """`work`, in the phase `event` announces: written as soon as the phase has lasted
+        `interval_s`, or held for the next write when it ended sooner (a watcher learns of a phase
+        as late as of progress, and a short one costs no statement of its own)."""
+        task = asyncio.ensure_future(work)
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self._interval_s)
+            if done:
+                self._held.append(event)
+            else:
+                await self.write([event])
+            return await task
+        finally:
+            task.cancel()  # only when the phase did not end: it is abandoned (lease lost, cancelled)
 
 
 class JobRunner:
@@ -142,10 +164,11 @@ class JobRunner:
         """Runs the job; when the worker cancels it, records why (cancelled, handed back, dropped)."""
         extra = {"render_id": claim.render_id, "attempt": claim.attempts}
         try:
-            if claim.cancel_requested:
+            render = claim.render
+            if claim.cancel_requested or render is None:  # claimed only to be cancelled
                 await self._queue.finish(claim, "cancelled", error=_CANCELLED)
                 return
-            await self._attempt(claim)
+            await self._attempt(claim, render)
         except asyncio.CancelledError:
             reason = control.stop_reason
             if reason is None:
@@ -169,12 +192,9 @@ class JobRunner:
             error = RenderError("internal", type(exc).__name__, "an unexpected error stopped the render")
             await self._queue.finish(claim, "failed", error=error)
 
-    async def _attempt(self, claim: Claim) -> None:
-        # The render's span begins here, but can only start once the render is read (its links,
-        # which decide whether it is sampled, are on it): that read is in its time, not a span.
-        started_ns = time.time_ns()
-        with suppress_instrumentation():
-            render = await self._queue.get_any(claim.render_id)
+    async def _attempt(self, claim: Claim, render: Render) -> None:
+        # The claim started the render (`running`, its `started` and first phase events): the
+        # render's span begins when the claim did.
         attributes: dict[str, str | int] = {
             "render.id": render.id,
             "render.kind": render.kind,
@@ -188,7 +208,7 @@ class JobRunner:
             kind=SpanKind.CONSUMER,
             links=_links(render.traceparent),
             attributes=attributes,
-            start_time=started_ns,
+            start_time=_ns(claim.claimed_at),
         ) as span:
             queue_wait = tracer.start_span("queue_wait", start_time=_ns(claim.created_at))
             queue_wait.end(end_time=_ns(claim.claimed_at))
@@ -199,22 +219,11 @@ class JobRunner:
                 await self._work(claim, render, writer, timings)
             except Failure as failure:
                 _mark_failed(span, failure.error)
-                await self._failed(claim, failure, timings)
+                await self._failed(claim, failure, timings, writer.held())
 
     async def _work(
         self, claim: Claim, render: Render, writer: EventWriter, timings: dict[str, float]
     ) -> None:
-        first = "image_fetch" if render.reference else "generation"
-        started = NewEvent(
-            "started", message=f"attempt {claim.attempts} of {claim.max_attempts} on {claim.worker_id}"
-        )
-        await writer.write(
-            [started, NewEvent("phase", phase=first)],
-            status="running",
-            attempts=claim.attempts,
-            progress=0.0,
-            timings=timings,
-        )
         reference = None
         if render.reference is not None:
             with self._phase("image_fetch", render, timings):
@@ -239,10 +248,11 @@ class JobRunner:
                     raise
                 message = f"the {render.kind} took longer than {limit:g} s, the most one may take"
                 raise Failure(RenderError("timeout", "max_duration", message), False) from exc
-        await writer.write([NewEvent("phase", phase="store")], timings=timings)
         with self._phase("store", render, timings):
             try:
-                stored = await self._artifacts.put(render.id, artifact.data)
+                stored = await writer.phase(
+                    NewEvent("phase", phase="store"), self._artifacts.put(render.id, artifact.data)
+                )
             except OSError as exc:
                 raise Failure(
                     RenderError("internal", "store_failed", str(exc), retryable=True), True
@@ -257,7 +267,10 @@ class JobRunner:
             sha256=stored.sha256,
             duration_s=artifact.duration_s,
         )
-        if not await self._queue.finish(claim, "succeeded", output=output, timings=timings):
+        succeeded = await self._queue.finish(
+            claim, "succeeded", output=output, timings=timings, before=writer.held()
+        )
+        if not succeeded:
             raise LeaseLost(claim.render_id)
 
     async def _reference(self, render: Render) -> tuple[bytes | None, str]:
@@ -272,7 +285,9 @@ class JobRunner:
                 return None, f"going on without the reference: {exc.reason} ({exc})"
             raise Failure(error, exc.transient) from exc
 
-    async def _failed(self, claim: Claim, failure: Failure, timings: dict[str, float]) -> None:
+    async def _failed(
+        self, claim: Claim, failure: Failure, timings: dict[str, float], held: Sequence[NewEvent]
+    ) -> None:
         error = failure.error
         if failure.transient and claim.attempts < claim.max_attempts:
             delay = self._retry.delay(claim.attempts)
@@ -293,7 +308,7 @@ class JobRunner:
                 f"{error.message} (after {claim.attempts} attempts)",
                 error.retryable,
             )
-        if not await self._queue.finish(claim, "failed", error=error, timings=timings):
+        if not await self._queue.finish(claim, "failed", error=error, timings=timings, before=held):
             raise LeaseLost(claim.render_id)
 
     @contextmanager

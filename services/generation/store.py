@@ -39,7 +39,7 @@ from services.generation.domain import (
     RenderSpec,
     Submission,
 )
-from services.generation.jobs import Claim, JobPolicy, Rescued, rescue_expired
+from services.generation.jobs import CLAIM_JOBS, Claim, JobPolicy, Rescued, rescue_expired
 from services.generation.pages import page_of, page_query, page_size
 from services.generation.queries import QUERIES
 from services.generation.records import event_from_row, fetch_all, fetch_one, record, render_from_row
@@ -189,14 +189,6 @@ class Store:
             raise NotFound(f"render {render_id} not found")
         return render_from_row(row)
 
-    async def get_any(self, render_id: str) -> Render:
-        """A render whoever owns it (for workers)."""
-        async with self._conn() as conn:
-            row = await fetch_one(conn, QUERIES["any_render"], [render_id])
-        if row is None:
-            raise NotFound(f"render {render_id} not found")
-        return render_from_row(row)
-
     async def queue_figures(self, render_id: str) -> tuple[int, int, float | None] | None:
         """For a queued render: jobs claimed before it, jobs running, and the mean run time of
         recent renders (seconds); None when it is not queued."""
@@ -271,7 +263,7 @@ class Store:
         if not cursors:
             return []
         async with self._conn() as conn:
-            params = [list(cursors), list(cursors.values()), limit]
+            params = {"ids": list(cursors), "after": list(cursors.values()), "limit": limit}
             rows = await fetch_all(conn, QUERIES["events_after_many"], params)
         return [event_from_row(row) for row in rows]
 
@@ -291,11 +283,11 @@ class Store:
     # The worker side ---------------------------------------------------------------------------
 
     async def claim(self, worker_id: str, limit: int) -> list[Claim]:
-        """Takes up to `limit` runnable jobs, from the tenants in turn (see `claim_jobs`), each
-        stamped with the backend the policy names for its kind."""
+        """Takes up to `limit` runnable jobs, from the tenants in turn, each stamped with the backend
+        the policy names for its kind, and starts their renders (see `claim_jobs`)."""
         async with self._conn() as conn:
-            rows = await fetch_all(conn, QUERIES["claim_jobs"], self._policy.claim_params(worker_id, limit))
-        return sorted((Claim(**row) for row in rows), key=lambda c: c.created_at)
+            rows = await fetch_all(conn, CLAIM_JOBS, self._policy.claim_params(worker_id, limit))
+        return sorted((Claim.from_row(row) for row in rows), key=lambda c: c.created_at)
 
     async def worker_seen(self, worker_id: str, slots: int) -> None:
         """Counts the worker's slots in the capacity the claim shares out, for a lease from now."""
@@ -334,17 +326,19 @@ class Store:
         error: RenderError | None = None,
         timings: dict[str, float] | None = None,
         message: str = "",
+        before: Sequence[NewEvent] = (),
     ) -> bool:
-        """Ends a held job (succeeded, failed or cancelled) with its terminal event, then releases
-        or fails the chain renders waiting for it; False when the job was no longer this worker's,
-        and then nothing changed."""
+        """Ends a held job (succeeded, failed or cancelled) with its terminal event, after the
+        events `before` (held back by the worker), then releases or fails the chain renders waiting
+        for it, if its owner has any; False when the job was no longer this worker's, and then
+        nothing changed."""
         progress = 1.0 if status == "succeeded" else None
         event = NewEvent(status, progress=progress, message=message, error=error)
         async with self._conn() as conn:
             done = await record(
                 conn,
                 claim.render_id,
-                [event],
+                [*before, event],
                 fence="fence_end",
                 fence_params=claim.fence(),
                 status=status,
@@ -356,6 +350,8 @@ class Store:
             if done is None:
                 return False
             self._report([done.ended])
+            if not done.chained:
+                return True
             # Not in the same transaction: should this fail or the worker die right here, the
             # rescuer's sweep settles the dependents instead.
             try:

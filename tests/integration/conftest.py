@@ -139,12 +139,15 @@ async def start_server(
 
 @pytest.fixture
 async def start_worker(worker_settings: WorkerSettings) -> AsyncIterator[WorkerFactory]:
-    """Starts in-process workers (`start_worker(backends=..., **settings)`); stops them after."""
+    """Starts in-process workers (`start_worker(backends=..., artifacts=..., **settings)`); stops
+    them after."""
     async with AsyncExitStack() as stack:
 
-        async def start(backends: Any = None, **changes: Any) -> Worker:
+        async def start(backends: Any = None, artifacts: Any = None, **changes: Any) -> Worker:
             settings = replace(worker_settings, **changes)
-            return await stack.enter_async_context(running_worker(settings, backends=backends))
+            return await stack.enter_async_context(
+                running_worker(settings, backends=backends, artifacts=artifacts)
+            )
 
         yield start
 

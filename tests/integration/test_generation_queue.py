@@ -9,14 +9,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
+import psycopg
 import pytest
 from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 
 from services.generation.catalog import Placement
-from services.generation.domain import Ended, Output, RenderError, RenderSpec, Submission
+from services.generation.domain import Ended, Event, NewEvent, Output, RenderError, RenderSpec, Submission
 from services.generation.instruments import count_finished
 from services.generation.jobs import JobPolicy
+from services.generation.records import notified_events
 from services.generation.store import Store
 from services.generation.validation import normalized
 from tests.support.observed_stack import install_global_providers
@@ -167,7 +169,8 @@ async def test_a_hand_back_refunds_the_attempt_and_a_retry_waits(queue: Queue) -
     assert await queue.jobs.claim("w", 1) == []
     render = await queue.store.get("alice", render_id)
     assert render.status == "queued"
-    assert await queue.event_types(render_id) == ["queued", "queued", "queued"]
+    started = ["started", "phase"]  # each claim starts the render
+    assert await queue.event_types(render_id) == ["queued", *started, "queued", *started, "queued"]
 
 
 async def _submit_for(queue: Queue, tenant: str, count: int, priority: int = 0) -> list[str]:
@@ -245,3 +248,26 @@ async def _tenants(queue: Queue) -> dict[str, tuple[int, int, int]]:
 async def test_the_stores_connections_are_in_autocommit_mode_from_the_start(queue: Queue) -> None:
     async with queue.pool.connection() as first, queue.pool.connection() as second:
         assert first.autocommit and second.autocommit
+
+
+async def test_notifications_carry_the_events_they_announce(queue: Queue, database_url: str) -> None:
+    """A watcher needs no read of the log: the claim's, a progress write's and the finish's
+    notifications carry exactly the events the log holds."""
+    listener = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
+    async with listener:
+        await listener.execute("LISTEN generation_events")
+        (render_id,) = await queue.submit()
+        (claim,) = await queue.jobs.claim("w", 1)
+        assert await queue.jobs.progress(claim, [NewEvent("phase", phase="store")], progress=0.5)
+        assert await queue.jobs.finish(claim, "succeeded", output=OUTPUT)
+        carried: list[Event] = []
+        async with asyncio.timeout(5):
+            async for note in listener.notifies():
+                head, _, body = note.payload.partition("\n")
+                if head.startswith(f"{render_id}:") and body:
+                    carried += notified_events(render_id, body)
+                if any(event.terminal for event in carried):
+                    break
+    logged = await queue.store.events_after(render_id, 1)  # after `queued`, which its submit announced
+    assert carried == logged
+    assert [e.type for e in carried] == ["started", "phase", "phase", "succeeded"]

@@ -14,6 +14,7 @@ import psycopg
 from PIL import Image
 from renderflow.v1 import generation_pb2 as pb
 
+from services.generation.artifacts import LocalArtifactStore, StoredArtifact
 from services.generation.backends import (
     Artifact,
     GenerationInput,
@@ -37,12 +38,12 @@ from tests.support.generation import (
 )
 
 
-async def _first(stub: Stub, render_id: str, event_type: str) -> pb.RenderEvent:
+async def _first(stub: Stub, render_id: str, event_type: str, phase: str = "") -> pb.RenderEvent:
     with rpc_errors():
         async for event in stub.Watch(pb.WatchRequest(user_id=await user_id(stub), render_id=render_id)):
-            if event.type == event_type:
+            if event.type == event_type and (not phase or event.phase == phase):
                 return event
-    raise AssertionError(f"no {event_type} event")
+    raise AssertionError(f"no {event_type} {phase} event")
 
 
 async def _exited(process: subprocess.Popen[bytes], timeout: float) -> int:
@@ -226,3 +227,42 @@ async def test_a_worker_whose_job_was_taken_drops_its_work(
 async def _watch_batch(stub: Stub, batch_id: str) -> list[pb.RenderEvent]:
     call = stub.WatchBatch(pb.WatchBatchRequest(user_id=await user_id(stub), batch_id=batch_id))
     return [event async for event in call]
+
+
+class GatedArtifacts(LocalArtifactStore):
+    """Artifacts on disk whose writes wait for the test to open the gate."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = asyncio.Event()
+
+    async def put(self, render_id: str, data: bytes) -> StoredArtifact:
+        await self.gate.wait()
+        return await super().put(render_id, data)
+
+
+async def test_a_long_store_phase_is_announced_while_it_lasts(
+    stub: Stub, start_worker: WorkerFactory, artifact_dir: Path
+) -> None:
+    artifacts = GatedArtifacts(artifact_dir)
+    await start_worker(artifacts=artifacts, progress_interval_s=0.1)
+    render = await submit(stub)
+    storing = await asyncio.wait_for(_first(stub, render.id, "phase", "store"), 10)
+    assert status_name(await get(stub, render.id)) == "running"  # announced before the render ended
+    artifacts.gate.set()
+    done = await finished(stub, render.id)
+    assert status_name(done) == "succeeded"
+    log = [(e.type, e.phase) for e in await events(stub, render.id)]
+    assert log.count(("phase", "store")) == 1 and log.index(("phase", "store")) == storing.seq - 1
+    assert log[-1] == ("succeeded", "")
+
+
+async def test_a_short_store_phase_is_reported_with_the_end_not_dropped(
+    stub: Stub, start_worker: WorkerFactory
+) -> None:
+    await start_worker(progress_interval_s=5.0)
+    render = await submit(stub)
+    done = await finished(stub, render.id)
+    log = [(e.type, e.phase) for e in await events(stub, render.id)]
+    assert status_name(done) == "succeeded"
+    assert log[-2:] == [("phase", "store"), ("succeeded", "")]

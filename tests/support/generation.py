@@ -37,7 +37,7 @@ PROJECT = "art"
 ServerFactory = Callable[..., Awaitable[Stub]]
 """`start_server(**settings)`: a client of a new generation server."""
 WorkerFactory = Callable[..., Awaitable[Worker]]
-"""`start_worker(backends=..., **settings)`: a new in-process worker."""
+"""`start_worker(backends=..., artifacts=..., **settings)`: a new in-process worker."""
 ProcessFactory = Callable[..., subprocess.Popen[bytes]]
 """`spawn_worker(**env)`: a new worker process."""
 

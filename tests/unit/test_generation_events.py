@@ -4,6 +4,7 @@ until the terminal event — whatever the push stream does (repeats, skips, over
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 
@@ -131,6 +132,41 @@ async def test_one_read_serves_every_watcher_of_a_render(hub_and_log: tuple[Even
     results = await asyncio.wait_for(asyncio.gather(*watches), 5)
     assert all(r == [("r1", 2, "succeeded")] for r in results)
     assert log.reads == reads + 1
+
+
+def _carrying(*events: Event) -> str:
+    """A notification as the store sends it: `<id>:<seq>`, a newline, the events as JSON."""
+    carried = [[e.seq, e.type, e.at.isoformat(), {"message": f"m{e.seq}"}] for e in events]
+    return f"{events[-1].render_id}:{events[-1].seq}\n{json.dumps(carried)}"
+
+
+async def test_events_a_notification_carries_are_pushed_without_reading_the_log(
+    hub_and_log: tuple[EventHub, MemoryLog],
+) -> None:
+    hub, log = hub_and_log
+    log.add("r1", "queued")
+    watch = asyncio.create_task(_collect(follow(hub, log, {"r1": 0})))
+    await log.wait_reads(1)
+    started, phase = log.add("r1", "started"), log.add("r1", "phase")
+    hub.on_notify("generation_events", _carrying(started, phase))
+    hub.on_notify("generation_events", _carrying(log.add("r1", "succeeded")))
+    seen = await asyncio.wait_for(watch, 5)
+    assert [(s, t) for _, s, t in seen] == [(1, "queued"), (2, "started"), (3, "phase"), (4, "succeeded")]
+    assert log.reads == 1  # the replay only
+
+
+async def test_carried_events_past_a_gap_are_read_from_the_log(
+    hub_and_log: tuple[EventHub, MemoryLog],
+) -> None:
+    hub, log = hub_and_log
+    log.add("r1", "queued")
+    watch = asyncio.create_task(_collect(follow(hub, log, {"r1": 0})))
+    await log.wait_reads(1)
+    log.add("r1", "started")  # its notification was lost
+    hub.on_notify("generation_events", _carrying(log.add("r1", "succeeded")))
+    seen = await asyncio.wait_for(watch, 5)
+    assert [s for _, s, _ in seen] == [1, 2, 3]
+    assert log.reads == 2
 
 
 async def test_an_overflowing_subscription_asks_for_a_reread() -> None:
