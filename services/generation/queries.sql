@@ -252,13 +252,15 @@ FROM r
 
 -- name: carried_events
 -- The events the statement appended (CTE `e`) for the render `{render}`, for its NOTIFY to carry: a
--- newline and a JSON array of [seq, type, at, payload], or nothing when that would not fit in a
--- notification (8,000 bytes): the listeners then read them from the log.
+-- newline and a JSON array of [seq, type, at, payload] in base64, or nothing when that would not
+-- fit in a notification (8,000 bytes): the listeners then read them from the log. Base64 has no
+-- colon, so a listener that splits the payload at its last colon (as hubs did before the events
+-- were carried) still finds `<render_id>:<seq>...` and reads the log: the two mix during a rollout.
 coalesce((
-    SELECT E'\n' || x.events FROM (
+    SELECT E'\n' || translate(encode(convert_to(x.events, 'UTF8'), 'base64'), E'\n', '') FROM (
         SELECT json_agg(json_build_array(e.seq, e.type, e.at, e.payload) ORDER BY e.seq)::text AS events
         FROM e WHERE e.render_id = {render}
-    ) x WHERE octet_length(x.events) < 7000
+    ) x WHERE octet_length(x.events) < 5500
 ), '')
 
 -- name: tenant_has_waiting

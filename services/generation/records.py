@@ -9,6 +9,7 @@ nothing. The statements are in `queries.sql`.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -195,7 +196,7 @@ def event_from_row(row: dict[str, Any]) -> Event:
 
 def notified_events(render_id: str, carried: str) -> list[Event]:
     """The events a notification carried (`carried_events`: a JSON array of [seq, type, at,
-    payload]), as read from the log."""
+    payload], in base64), as read from the log; ValueError when they cannot be read."""
     return [
         event_from_row(
             {
@@ -206,5 +207,5 @@ def notified_events(render_id: str, carried: str) -> list[Event]:
                 "payload": payload,
             }
         )
-        for seq, kind, at, payload in orjson.loads(carried)
+        for seq, kind, at, payload in orjson.loads(base64.b64decode(carried, validate=True))
     ]

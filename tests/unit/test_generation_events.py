@@ -4,6 +4,7 @@ until the terminal event — whatever the push stream does (repeats, skips, over
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
@@ -135,9 +136,10 @@ async def test_one_read_serves_every_watcher_of_a_render(hub_and_log: tuple[Even
 
 
 def _carrying(*events: Event) -> str:
-    """A notification as the store sends it: `<id>:<seq>`, a newline, the events as JSON."""
+    """A notification as the store sends it: `<id>:<seq>`, a newline, the events as JSON in base64."""
     carried = [[e.seq, e.type, e.at.isoformat(), {"message": f"m{e.seq}"}] for e in events]
-    return f"{events[-1].render_id}:{events[-1].seq}\n{json.dumps(carried)}"
+    encoded = base64.b64encode(json.dumps(carried).encode()).decode()
+    return f"{events[-1].render_id}:{events[-1].seq}\n{encoded}"
 
 
 async def test_events_a_notification_carries_are_pushed_without_reading_the_log(
@@ -167,6 +169,18 @@ async def test_carried_events_past_a_gap_are_read_from_the_log(
     seen = await asyncio.wait_for(watch, 5)
     assert [s for _, s, _ in seen] == [1, 2, 3]
     assert log.reads == 2
+
+
+async def test_unreadable_carried_events_are_read_from_the_log(
+    hub_and_log: tuple[EventHub, MemoryLog],
+) -> None:
+    hub, log = hub_and_log
+    log.add("r1", "queued")
+    watch = asyncio.create_task(_collect(follow(hub, log, {"r1": 0})))
+    await log.wait_reads(1)
+    event = log.add("r1", "succeeded")
+    hub.on_notify("generation_events", f"r1:{event.seq}\nnot base64: [")
+    assert [s for _, s, _ in await asyncio.wait_for(watch, 5)] == [1, 2]
 
 
 async def test_an_overflowing_subscription_asks_for_a_reread() -> None:
