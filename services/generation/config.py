@@ -128,7 +128,8 @@ class WorkerSettings:
     """RENDERFLOW_WORKER_GRACE_S: on SIGTERM, how long renders in flight may finish before they
     are handed back to the queue."""
     progress_interval_s: float = 0.1
-    """RENDERFLOW_PROGRESS_INTERVAL_S: at most one progress event per render this often."""
+    """RENDERFLOW_PROGRESS_INTERVAL_S: at most one progress event per render this often; a phase
+    that ends sooner is reported with the next event rather than on its own."""
     image_fetch_timeout_s: float = 5.0
     """RENDERFLOW_IMAGE_FETCH_TIMEOUT_S: hard limit on fetching a reference image."""
     image_fetch_outage_s: float = 60.0

@@ -1,4 +1,5 @@
-"""The work path of one claimed job: started → image_fetch → generation → store → succeeded.
+"""The work path of one claimed job: image_fetch → generation → store → succeeded. The claim has
+already made the render `running`, with its `started` event and its first phase's (`claim_jobs`).
 
 Each phase is a span and a duration in the render's `timings`. Every write is fenced by the
 lease; when one touches nothing the job was taken away and its result is dropped. Failures are
