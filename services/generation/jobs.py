@@ -88,8 +88,8 @@ class Claim:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claim:
         """A claim from a row of `claim_jobs`: the job's columns and the started render's."""
-        fields = {name: row[name] for name in _CLAIM_COLUMNS}
-        return cls(**fields, render=render_from_row(row) if row["id"] is not None else None)
+        job = {name: row[name] for name in _CLAIM_COLUMNS}
+        return cls(**job, render=render_from_row(row) if row["id"] is not None else None)
 
     def fence(self) -> dict[str, Any]:
         return {"token": self.lease_token}
