@@ -38,7 +38,7 @@ import psycopg
 
 from shared.contract import MAX_BATCH
 from tests.bench.figures import json_argument, median, write_json
-from tests.bench.rfclient import TERMINAL, ensure_project, render_body
+from tests.bench.rfclient import TERMINAL, ensure_project, event_types, render_body
 from tests.chaos.stack import Stack, StackConfig, running_stack
 
 PROJECT = "queue"
@@ -76,19 +76,13 @@ async def _submit_batch(http: aiohttp.ClientSession, first: int, count: int) -> 
 async def _follow_batch(http: aiohttp.ClientSession, batch_id: str, count: int) -> None:
     """Reads the batch's event stream until each of its renders has succeeded."""
     ended = 0
-    async with http.get(f"/v1/batches/{batch_id}/events") as stream:
-        if stream.status != 200:
-            raise RuntimeError(f"GET batch events: {stream.status} {await stream.text()}")
-        async for raw in stream.content:
-            line = raw.decode().strip()
-            if line.startswith("event:"):
-                kind = line.partition(":")[2].strip()
-                if kind in TERMINAL:
-                    if kind != "succeeded":
-                        raise RuntimeError(f"a render of batch {batch_id} {kind}")
-                    ended += 1
-                    if ended == count:
-                        return
+    async for kind in event_types(http, f"/v1/batches/{batch_id}/events"):
+        if kind in TERMINAL:
+            if kind != "succeeded":
+                raise RuntimeError(f"a render of batch {batch_id} {kind}")
+            ended += 1
+            if ended == count:
+                return
     raise RuntimeError(f"the event stream of batch {batch_id} ended after {ended} of {count} renders")
 
 

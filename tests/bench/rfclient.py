@@ -85,15 +85,20 @@ async def submit(http: aiohttp.ClientSession, body: dict[str, Any]) -> tuple[str
     return str(payload["id"]), time.perf_counter() - started
 
 
-async def wait_terminal(http: aiohttp.ClientSession, render_id: str) -> tuple[str, float]:
-    """Follows the render's events until its terminal one; returns its type and perf_counter time."""
-    async with http.get(f"/v1/renders/{render_id}/events") as stream:
+async def event_types(http: aiohttp.ClientSession, path: str) -> AsyncIterator[str]:
+    """The type of each event of an SSE stream (`path`: a render's or a batch's events)."""
+    async with http.get(path) as stream:
         if stream.status != 200:
-            raise RuntimeError(f"GET events: {stream.status} {await stream.text()}")
+            raise RuntimeError(f"GET {path}: {stream.status} {await stream.text()}")
         async for raw in stream.content:
             line = raw.decode().strip()
             if line.startswith("event:"):
-                kind = line.partition(":")[2].strip()
-                if kind in TERMINAL:
-                    return kind, time.perf_counter()
+                yield line.partition(":")[2].strip()
+
+
+async def wait_terminal(http: aiohttp.ClientSession, render_id: str) -> tuple[str, float]:
+    """Follows the render's events until its terminal one; returns its type and perf_counter time."""
+    async for kind in event_types(http, f"/v1/renders/{render_id}/events"):
+        if kind in TERMINAL:
+            return kind, time.perf_counter()
     raise RuntimeError(f"the event stream of {render_id} ended without a terminal event")

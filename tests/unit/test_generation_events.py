@@ -142,13 +142,19 @@ def _carrying(*events: Event) -> str:
     return f"{events[-1].render_id}:{events[-1].seq}\n{encoded}"
 
 
+async def _watching_after_queued(hub: EventHub, log: MemoryLog) -> asyncio.Task[list[tuple[str, int, str]]]:
+    """A watch of render r1, whose log holds its `queued` event, once it has replayed the log."""
+    log.add("r1", "queued")
+    watch = asyncio.create_task(_collect(follow(hub, log, {"r1": 0})))
+    await log.wait_reads(1)
+    return watch
+
+
 async def test_events_a_notification_carries_are_pushed_without_reading_the_log(
     hub_and_log: tuple[EventHub, MemoryLog],
 ) -> None:
     hub, log = hub_and_log
-    log.add("r1", "queued")
-    watch = asyncio.create_task(_collect(follow(hub, log, {"r1": 0})))
-    await log.wait_reads(1)
+    watch = await _watching_after_queued(hub, log)
     started, phase = log.add("r1", "started"), log.add("r1", "phase")
     hub.on_notify("generation_events", _carrying(started, phase))
     hub.on_notify("generation_events", _carrying(log.add("r1", "succeeded")))
@@ -161,9 +167,7 @@ async def test_carried_events_past_a_gap_are_read_from_the_log(
     hub_and_log: tuple[EventHub, MemoryLog],
 ) -> None:
     hub, log = hub_and_log
-    log.add("r1", "queued")
-    watch = asyncio.create_task(_collect(follow(hub, log, {"r1": 0})))
-    await log.wait_reads(1)
+    watch = await _watching_after_queued(hub, log)
     log.add("r1", "started")  # its notification was lost
     hub.on_notify("generation_events", _carrying(log.add("r1", "succeeded")))
     seen = await asyncio.wait_for(watch, 5)
@@ -175,9 +179,7 @@ async def test_unreadable_carried_events_are_read_from_the_log(
     hub_and_log: tuple[EventHub, MemoryLog],
 ) -> None:
     hub, log = hub_and_log
-    log.add("r1", "queued")
-    watch = asyncio.create_task(_collect(follow(hub, log, {"r1": 0})))
-    await log.wait_reads(1)
+    watch = await _watching_after_queued(hub, log)
     event = log.add("r1", "succeeded")
     hub.on_notify("generation_events", f"r1:{event.seq}\nnot base64: [")
     assert [s for _, s, _ in await asyncio.wait_for(watch, 5)] == [1, 2]
