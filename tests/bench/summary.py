@@ -134,6 +134,16 @@ def _known(name: str, result: dict[str, Any]) -> list[str]:
         return lines
     if name == "queue":
         return _queue_lines(result)
+    if name == "streams":
+        n = result["settings"]["streams"]
+        return [
+            _p50_p99(f"SSE connect -> first event, {n} streams open ", result["connect_to_first_event"]),
+            _p50_p99(f"an event -> its client, {n} streams open     ", result["event_to_client"]),
+            _p50_p99(
+                f"SSE connect -> first event, {n} at one instant",
+                result["connect_to_first_event_all_at_once"],
+            ),
+        ]
     if name == "breakdown":
         lines = []
         for clients, v in result["by_clients"].items():
