@@ -9,6 +9,8 @@ With every worker count, one more run measures the cost of a render by part:
 - PostgreSQL's side: statements (pg_stat_statements, top level: one per round trip or pipelined
   statement), transactions that wrote, WAL bytes and WAL fsyncs per render, and the NOTIFYs sent
   (counted by a listener on every channel);
+- what PostgreSQL's active backends were waiting for (sampled every 5 ms: a row lock, the WAL's
+  flush, NOTIFY's commit lock, or running), by statement;
 - with py-spy installed, the first worker's CPU by part of the work path (claim, events, backend,
   artifact write, finish, the rest), from samples of its stacks.
 
@@ -38,6 +40,7 @@ import psycopg
 
 from shared.contract import MAX_BATCH
 from tests.bench.figures import json_argument, median, write_json
+from tests.bench.profile_submit import sampled_waits
 from tests.bench.rfclient import TERMINAL, ensure_project, event_types, render_body
 from tests.chaos.stack import Stack, StackConfig, running_stack
 
@@ -155,7 +158,8 @@ async def _statements(conn: psycopg.AsyncConnection[Any]) -> list[tuple[str, int
     cur = await conn.execute(
         "SELECT query, calls FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database"
         " WHERE datname = current_database()) AND query NOT LIKE '%pg_stat_statements%'"
-        " AND query NOT LIKE '%pg_stat_database%' ORDER BY calls DESC"
+        " AND query NOT LIKE '%pg_current_wal_lsn%' AND query NOT LIKE '%pg_stat_activity%'"
+        " ORDER BY calls DESC"
     )
     return [(" ".join(query.split())[:70], int(calls)) for query, calls in await cur.fetchall()]
 
@@ -180,6 +184,15 @@ async def _notifications(database_url: str) -> AsyncIterator[Counter[str]]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _shares(waits: Counter[tuple[str, str]]) -> list[dict[str, Any]]:
+    """The most frequent (wait, statement) pairs of PostgreSQL's active backends, as shares."""
+    total = sum(waits.values()) or 1
+    return [
+        {"wait": wait, "statement": statement, "share": round(count / total, 3)}
+        for (wait, statement), count in waits.most_common(6)
+    ]
 
 
 def _start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
@@ -236,7 +249,10 @@ async def measured_run(
             spy = _start_py_spy(pid, profile)
             await asyncio.sleep(0.5)  # py-spy attaches
         cpu_before = _process_cpu_s(stack)
-        async with _notifications(stack.database_url) as notifies:
+        async with (
+            _notifications(stack.database_url) as notifies,
+            sampled_waits(stack.database_url, True) as waits,
+        ):
             rate = await renders_per_second(http, jobs)
         cpu_after = _process_cpu_s(stack)
         _stop_py_spy(spy)
@@ -260,6 +276,7 @@ async def measured_run(
         "wal_fsyncs_per_render": round((fsyncs_after - fsyncs_before) * per, 2),
         "notifies_per_render": {channel: round(n * per, 2) for channel, n in sorted(notifies.items())},
         "artifact_fsyncs_per_render": 2,  # the file and its directory (LocalArtifactStore.put)
+        "database_waits": _shares(waits),
     }
     if profile is not None and profile.exists():
         figures["worker_cpu_share_by_part"] = parts_of_profile(profile)

@@ -64,7 +64,7 @@ def _thread_cpu_s(stack: Stack) -> dict[tuple[str, int, str], float]:
 
 
 @contextlib.asynccontextmanager
-async def _sampled_waits(database_url: str, enabled: bool) -> AsyncIterator[Counter[tuple[str, str]]]:
+async def sampled_waits(database_url: str, enabled: bool) -> AsyncIterator[Counter[tuple[str, str]]]:
     """What the active backends wait for, sampled every few milliseconds while the block runs."""
     waits: Counter[tuple[str, str]] = Counter()
     if not enabled:
@@ -122,7 +122,7 @@ async def profile(args: argparse.Namespace) -> None:
             await closed_loop(stack.url, _submit, args.clients, 2.0, headers=_auth(stack))  # warm
             spies = _py_spy(stack, args.py_spy, args.seconds, args.mode)
             threads_before, before = _thread_cpu_s(stack), _process_cpu_s(stack)
-            async with _sampled_waits(stack.database_url, args.waits) as waits:
+            async with sampled_waits(stack.database_url, args.waits) as waits:
                 result = await closed_loop(
                     stack.url, _submit, args.clients, args.seconds, warmup_s=0.0, headers=_auth(stack)
                 )

@@ -261,6 +261,12 @@ def _queue_lines(result: dict[str, Any]) -> list[str]:
             f"{costs['wal_fsyncs_per_render']} WAL fsyncs, {costs['wal_bytes_per_render']} WAL bytes, "
             f"{notifies:g} NOTIFYs",
         ]
+        waits = costs.get("database_waits")
+        if waits:
+            lines.append(
+                "  PostgreSQL's backends: "
+                + ", ".join(f"{w['wait']} on {w['statement'][:24]}… {w['share']:.0%}" for w in waits[:4])
+            )
         parts = costs.get("worker_cpu_share_by_part")
         if parts:
             lines.append("  worker CPU by part: " + ", ".join(f"{k} {v:.0%}" for k, v in parts.items()))
