@@ -106,7 +106,7 @@ async def _settle_one(
     if before is not None and job["status"] != "succeeded":
         # Still queued or running: named, so that its end settles this job.
         if job["depends_on"] != before:
-            await conn.execute(QUERIES["link_predecessor"], [before, render_id])
+            await conn.execute(QUERIES["link_predecessor"], {"predecessor": before, "id": render_id})
         return None
     if before is not None:
         if before == nearest:

@@ -7,9 +7,11 @@ touches no row means the job was taken away, and the caller drops its work.
 Fairness: tenants (users) with runnable jobs are served in turn, least recently served first, and
 none has more than `tenant_max_running` jobs running, nor all but `reserved_slots` of the live
 workers' slots (so a tenant submitting while another's long renders fill the queue starts at once);
-within a tenant, higher priority then older first. The per-tenant state (counts by state, when
-last served) is one small `tenants` row each, kept by a trigger on `jobs` (migration 0002), so the
-claim never scans the queue. The live workers' slots are the `workers` rows (migration 0005).
+within a tenant, higher priority then older first. The per-tenant state (jobs queued and waiting,
+claims made, when last served) is one small `tenants` row each, kept by a trigger on `jobs`
+(migrations 0002 and 0006), so the claim never scans the queue; running jobs are counted from their
+index, and the end of a job does not touch its tenant's row (migration 0006). The live workers'
+slots are the `workers` rows (migration 0005).
 """
 
 from __future__ import annotations

@@ -9,8 +9,11 @@
 -- One statement: the chain's next position, the render, its job (queued, or waiting for the
 -- render before it in its chain), its `queued` event and both wake-ups.
 -- - The upsert of the user's tenant row locks it until the statement commits, so the quota check
---   (`active`: the user's jobs before this one) is exact under concurrency; a render the quota
---   refuses is not inserted and `id` comes back NULL.
+--   (`active`: the user's jobs before this one) never lets one more in under concurrency (running
+--   jobs are counted as migration 0006 says); a render the quota refuses is not inserted and `id`
+--   comes back NULL.
+-- - A render left waiting marks the render it waits for (`dependents_waiting`), if that one has not
+--   ended: its end then settles this one (see migration 0006).
 -- - The position is taken only for a render that will be inserted (within the quota, not a repeat
 --   of an id or of a live idempotency key), so repeats leave no gap in the chain; the upsert of the
 --   chain's row serializes positions, which are never shared. (Racing repeats of one key are
@@ -23,7 +26,9 @@
 WITH t AS (
     INSERT INTO tenants AS t (tenant) VALUES (%(user_id)s)
     ON CONFLICT (tenant) DO UPDATE SET tenant = t.tenant
-    RETURNING queued + running + waiting AS active
+    RETURNING t.queued + t.waiting + t.claimed
+        - coalesce((SELECT s.claimed FROM tenants s WHERE s.tenant = %(user_id)s), 0)
+        + (SELECT count(*) FROM jobs r WHERE r.tenant = %(user_id)s AND r.state = 'running') AS active
 ),
 p AS (
     INSERT INTO chain_positions AS c (chain_id, user_id, last)
@@ -60,6 +65,12 @@ j AS (
         CASE WHEN %(chains)s AND position > 1 THEN 'waiting' ELSE 'queued' END,
         CASE WHEN %(chains)s THEN (SELECT id FROM previous) END
     FROM r
+    RETURNING state, depends_on
+),
+marked AS (
+    UPDATE renders SET dependents_waiting = true
+    WHERE id = (SELECT depends_on FROM j WHERE state = 'waiting')
+      AND status NOT IN ('succeeded', 'failed', 'cancelled')
 ),
 e AS (
     INSERT INTO events (render_id, seq, type, payload)
@@ -99,7 +110,7 @@ SELECT id, request_hash FROM batches WHERE user_id = %s AND idempotency_key = %s
 
 -- name: retry_after_figures
 -- How many of the user's renders run, and the mean run time of recent renders (seconds).
-SELECT (SELECT running FROM tenants WHERE tenant = %s) AS running,
+SELECT (SELECT count(*) FROM jobs WHERE tenant = %s AND state = 'running') AS running,
     (SELECT avg(extract(epoch FROM s.finished_at - s.started_at)) FROM
         (SELECT finished_at, started_at FROM renders WHERE status = 'succeeded'
          ORDER BY finished_at DESC LIMIT 20) s) AS mean_s
@@ -170,7 +181,7 @@ own AS (
 SELECT
     own.ahead + (SELECT coalesce(sum(least(t.queued, own.ahead)), 0) FROM tenants t
                  WHERE t.queued > 0 AND t.tenant <> me.tenant) AS ahead,
-    (SELECT coalesce(sum(running), 0) FROM tenants) AS running,
+    (SELECT count(*) FROM jobs WHERE state = 'running') AS running,
     (SELECT avg(extract(epoch FROM s.finished_at - s.started_at)) FROM
         (SELECT finished_at, started_at FROM renders WHERE status = 'succeeded'
          ORDER BY finished_at DESC LIMIT 20) s) AS avg_run_s
@@ -221,8 +232,8 @@ SELECT pg_notify('generation_jobs', %s)
 -- name: record_change
 -- Applies a render's state change and appends its events, in one statement, if `{fence}` (a
 -- statement selecting `render_id` when the write may go ahead) lets it; returns the new last seq,
--- the render's kind and `{chained}` (see tenant_has_waiting; NULL when not asked). Its NOTIFY
--- carries the events (`{carried}`: see carried_events).
+-- the render's kind and whether a chain render waits for it (`dependents_waiting`, read at its
+-- newest: see migration 0006). Its NOTIFY carries the events (`{carried}`: see carried_events).
 WITH fence AS ({fence}),
 r AS (
     UPDATE renders SET
@@ -239,7 +250,7 @@ r AS (
         finished_at = CASE WHEN %(status)s::text IN ('succeeded', 'failed', 'cancelled')
                            THEN clock_timestamp() ELSE finished_at END
     FROM fence WHERE renders.id = fence.render_id
-    RETURNING renders.id, renders.last_seq, renders.kind, renders.user_id
+    RETURNING renders.id, renders.last_seq, renders.kind, renders.dependents_waiting
 ),
 e AS (
     INSERT INTO events (render_id, seq, type, payload)
@@ -247,7 +258,8 @@ e AS (
     FROM r, unnest(%(types)s::text[], %(payloads)s::jsonb[]) WITH ORDINALITY AS x(type, payload, ord)
     RETURNING render_id, seq, type, at, payload
 )
-SELECT r.last_seq, r.kind, pg_notify('generation_events', r.id || ':' || r.last_seq || {carried}), {chained}
+SELECT r.last_seq, r.kind, pg_notify('generation_events', r.id || ':' || r.last_seq || {carried}),
+    r.dependents_waiting
 FROM r
 
 -- name: carried_events
@@ -262,13 +274,6 @@ coalesce((
         FROM e WHERE e.render_id = {render}
     ) x WHERE octet_length(x.events) < 5500
 ), '')
-
--- name: tenant_has_waiting
--- Whether the render's owner has chain renders waiting, as of the newest committed state: the row
--- is locked (a submit of a waiting render locks it too), so a submit that committed while this
--- statement ran is seen, and one that commits after it settles its render itself. Without waiting
--- renders, the end of a render has no dependents to settle.
-(SELECT t.waiting > 0 FROM tenants t WHERE t.tenant = r.user_id FOR UPDATE)
 
 -- name: fence_none
 -- Fence of a write that may always go ahead.
@@ -346,8 +351,13 @@ LIMIT 1000
  OR (p.id IS NULL AND (n.id IS NOT NULL OR o.overdue)))
 
 -- name: link_predecessor
--- Names the render a waiting job waits for, so that its end settles the job.
-UPDATE jobs SET depends_on = %s WHERE render_id = %s AND state = 'waiting'
+-- Names the render a waiting job waits for, and marks it, so that its end settles the job.
+WITH j AS (
+    UPDATE jobs SET depends_on = %(predecessor)s WHERE render_id = %(id)s AND state = 'waiting'
+    RETURNING depends_on
+)
+UPDATE renders SET dependents_waiting = true
+WHERE id = (SELECT depends_on FROM j) AND status NOT IN ('succeeded', 'failed', 'cancelled')
 
 -- The worker's queue ------------------------------------------------------------------------
 
@@ -384,15 +394,20 @@ cap AS (
 ),
 candidates AS (
     SELECT t.tenant FROM tenants t
-    WHERE t.queued > 0 AND t.running < (SELECT n FROM cap)
+    WHERE t.queued > 0
+      AND (SELECT count(*) FROM jobs r WHERE r.tenant = t.tenant AND r.state = 'running') < (SELECT n FROM cap)
       AND EXISTS (SELECT FROM jobs q
                   WHERE q.tenant = t.tenant AND q.state = 'queued' AND q.run_after <= now())
     ORDER BY t.last_claimed_at NULLS FIRST, t.tenant
     LIMIT %(limit)s
 ),
 locked AS (
-    SELECT t.tenant, t.running, t.last_claimed_at FROM tenants t
-    WHERE t.tenant IN (SELECT tenant FROM candidates) AND t.running < (SELECT n FROM cap)
+    SELECT t.tenant, t.last_claimed_at,
+        (SELECT count(*) FROM jobs r WHERE r.tenant = t.tenant AND r.state = 'running')
+            + t.claimed - coalesce((SELECT s.claimed FROM tenants s WHERE s.tenant = t.tenant), 0)
+            AS running
+    FROM tenants t
+    WHERE t.tenant IN (SELECT tenant FROM candidates)
     ORDER BY t.tenant
     FOR UPDATE
 ),
@@ -403,7 +418,7 @@ picked AS (
         SELECT render_id, priority, created_at FROM jobs
         WHERE jobs.tenant = l.tenant AND jobs.state = 'queued' AND jobs.run_after <= now()
         ORDER BY jobs.priority DESC, jobs.created_at, jobs.render_id
-        LIMIT least((SELECT n FROM cap) - l.running, %(limit)s)
+        LIMIT greatest(0, least((SELECT n FROM cap) - l.running, %(limit)s))
         FOR UPDATE SKIP LOCKED
     ) j
 ),
@@ -497,12 +512,10 @@ SELECT (SELECT count(*) FROM ended), (SELECT count(*) FROM gone)
 SELECT t.tenant FROM tenants t
 LEFT JOIN (
     SELECT tenant, count(*) FILTER (WHERE state = 'queued') AS queued,
-        count(*) FILTER (WHERE state = 'running') AS running,
         count(*) FILTER (WHERE state = 'waiting') AS waiting
     FROM jobs GROUP BY tenant
 ) c USING (tenant)
-WHERE (t.queued, t.running, t.waiting)
-    IS DISTINCT FROM (coalesce(c.queued, 0), coalesce(c.running, 0), coalesce(c.waiting, 0))
+WHERE (t.queued, t.waiting) IS DISTINCT FROM (coalesce(c.queued, 0), coalesce(c.waiting, 0))
 
 -- name: lock_tenants
 -- Every change of the counts needs the tenant row's lock: with it held, a fresh count is exact.
@@ -512,7 +525,6 @@ SELECT FROM tenants WHERE tenant = ANY(%s) ORDER BY tenant FOR UPDATE
 -- The tenants' counts, counted again from the jobs.
 UPDATE tenants t SET
     queued = (SELECT count(*) FROM jobs WHERE tenant = t.tenant AND state = 'queued'),
-    running = (SELECT count(*) FROM jobs WHERE tenant = t.tenant AND state = 'running'),
     waiting = (SELECT count(*) FROM jobs WHERE tenant = t.tenant AND state = 'waiting')
 WHERE t.tenant = ANY(%s)
 
@@ -520,7 +532,8 @@ WHERE t.tenant = ANY(%s)
 -- Tenants idle for a day leave the table (a later job brings them back); rows in use are skipped.
 DELETE FROM tenants WHERE tenant IN (
     SELECT tenant FROM tenants
-    WHERE queued = 0 AND running = 0 AND waiting = 0
+    WHERE queued = 0 AND waiting = 0
+      AND NOT EXISTS (SELECT FROM jobs r WHERE r.tenant = tenants.tenant AND r.state = 'running')
       AND coalesce(last_claimed_at, '-infinity') < now() - interval '1 day'
     LIMIT 1000 FOR UPDATE SKIP LOCKED
 )

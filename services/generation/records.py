@@ -49,8 +49,8 @@ Fence = Literal[
 
 @dataclass(frozen=True)
 class Recorded:
-    """What `record` wrote: the render's new last seq, the render's end if it ended it, and for a
-    worker's end of a job, whether its owner has chain renders waiting (that it may release)."""
+    """What `record` wrote: the render's new last seq, the render's end if it ended it, and whether
+    a chain render waits for this one (as of the write: see migration 0006)."""
 
     seq: int
     ended: Ended | None = None
@@ -65,11 +65,7 @@ def carried_events(render: str) -> str:
 
 @cache
 def _record_statement(fence: Fence) -> str:
-    # Only a worker's end of a job asks for waiting chain renders: the other ends settle anyway.
-    chained = QUERIES["tenant_has_waiting"] if fence == "fence_end" else "NULL::boolean"
-    statement = QUERIES["record_change"].format(
-        fence=QUERIES[fence], chained=chained, carried=carried_events("r.id")
-    )
+    statement = QUERIES["record_change"].format(fence=QUERIES[fence], carried=carried_events("r.id"))
     name_statements([(f"record_change.{fence}", statement)])
     return statement
 

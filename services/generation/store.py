@@ -330,8 +330,7 @@ class Store:
     ) -> bool:
         """Ends a held job (succeeded, failed or cancelled) with its terminal event, after the
         events `before` (held back by the worker), then releases or fails the chain renders waiting
-        for it, if its owner has any; False when the job was no longer this worker's, and then
-        nothing changed."""
+        for it, if any; False when the job was no longer this worker's, and then nothing changed."""
         progress = 1.0 if status == "succeeded" else None
         event = NewEvent(status, progress=progress, message=message, error=error)
         async with self._conn() as conn:

@@ -15,11 +15,21 @@ from prometheus_client import REGISTRY
 from psycopg_pool import AsyncConnectionPool
 
 from services.generation.catalog import Placement
-from services.generation.domain import Ended, Event, NewEvent, Output, RenderError, RenderSpec, Submission
+from services.generation.domain import (
+    Ended,
+    Event,
+    NewEvent,
+    Output,
+    Reference,
+    RenderError,
+    RenderSpec,
+    Submission,
+)
 from services.generation.instruments import count_finished
 from services.generation.jobs import JobPolicy
 from services.generation.records import notified_events
 from services.generation.store import Store
+from services.generation.submissions import insert_render
 from services.generation.validation import normalized
 from tests.support.observed_stack import install_global_providers
 
@@ -219,7 +229,7 @@ async def test_tenant_counts_are_recounted_when_they_drift(queue: Queue) -> None
     await _submit_for(queue, "alice", 3)
     await queue.jobs.claim("w", 1)
     async with queue.pool.connection() as conn:
-        await conn.execute("UPDATE tenants SET running = 7, queued = 0")  # as if corrupted
+        await conn.execute("UPDATE tenants SET waiting = 7, queued = 0")  # as if corrupted
     assert await queue.jobs.recount() == 1
     assert await _tenants(queue) == {"alice": (2, 1, 0)}
 
@@ -241,7 +251,10 @@ async def test_events_of_renders_ended_long_ago_are_pruned(queue: Queue) -> None
 
 async def _tenants(queue: Queue) -> dict[str, tuple[int, int, int]]:
     async with queue.pool.connection() as conn:
-        cur = await conn.execute("SELECT tenant, queued, running, waiting FROM tenants")
+        cur = await conn.execute(
+            "SELECT tenant, queued, (SELECT count(*) FROM jobs j WHERE j.tenant = t.tenant"
+            " AND j.state = 'running'), waiting FROM tenants t"
+        )
         return {row[0]: (row[1], row[2], row[3]) for row in await cur.fetchall()}
 
 
@@ -271,3 +284,38 @@ async def test_notifications_carry_the_events_they_announce(queue: Queue, databa
     logged = await queue.store.events_after(render_id, 1)  # after `queued`, which its submit announced
     assert carried == logged
     assert [e.type for e in carried] == ["started", "phase", "phase", "succeeded"]
+
+
+async def test_the_end_of_a_job_does_not_wait_for_its_tenants_row(queue: Queue) -> None:
+    """Claims and submits lock a tenant's row through their commit; the end of one of its jobs
+    goes ahead while they hold it."""
+    await queue.submit()
+    (claim,) = await queue.jobs.claim("w", 1)
+    async with queue.pool.connection() as holder, holder.transaction():
+        await holder.execute("SELECT FROM tenants WHERE tenant = 'alice' FOR UPDATE")
+        async with asyncio.timeout(5):
+            assert await queue.jobs.finish(claim, "succeeded", output=OUTPUT)
+
+
+async def test_a_chain_render_submitted_while_its_predecessor_ends_is_released(queue: Queue) -> None:
+    """The race the end's check must not lose: the next render of a chain commits while the end of
+    the render it waits for is being written, and its own settle ran before that end committed.
+    The end sees it (the submit marked the render it waits for), and releases it."""
+    (first,) = await queue.submit()
+    (claim,) = await queue.jobs.claim("w", 1)
+    spec = normalized(RenderSpec(project="art", prompt="next", reference=Reference(chain_previous=True)))
+    async with queue.pool.connection() as submitting:
+        async with submitting.transaction():
+            waiting = await insert_render(
+                submitting, spec, _placement("alice"), Submission("alice"), time.perf_counter(), None, 0
+            )
+            assert waiting.waiting_on == first
+            # The end starts now, and waits for the submit's lock on the render it ends.
+            ending = asyncio.create_task(queue.jobs.finish(claim, "succeeded", output=OUTPUT))
+            await asyncio.sleep(0.2)
+            assert not ending.done()
+        async with asyncio.timeout(5):
+            assert await ending
+    released = await queue.store.get("alice", waiting.id)
+    assert released.status == "queued" and not released.waiting_on
+    assert [c.render_id for c in await queue.jobs.claim("w", 1)] == [waiting.id]
