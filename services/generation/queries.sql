@@ -371,8 +371,10 @@ WHERE id = (SELECT depends_on FROM j) AND status NOT IN ('succeeded', 'failed', 
 --    (an index scan of `tenants_ready`, one probe of `jobs_tenant_queue` each, stopping at `limit`).
 -- 2. locked: those tenant rows, locked in name order (claimers never deadlock on each other, and
 --    everything else that locks several tenant rows locks them in that order too). The lock
---    serializes claims per tenant, and a row locked after a wait is re-read at its newest, so
---    `running` is exact and the cap holds however many workers claim at once.
+--    serializes claims per tenant, and a row locked after a wait is re-read at its newest: its
+--    `claimed` count then includes the claims committed since this statement's snapshot, and
+--    `running` (the running jobs of that snapshot, plus those claims) is never below the truth, so
+--    the cap holds however many workers claim at once (an end it did not see holds one back).
 -- 3. picked: each tenant's next jobs, up to its room (index scan of `jobs_tenant_queue` in the
 --    tenant's order; SKIP LOCKED passes over rows another claimer or a cancel holds).
 -- 4. chosen: round-robin — every tenant's 1st job, then every tenant's 2nd, ... up to `limit`.
@@ -380,7 +382,8 @@ WHERE id = (SELECT depends_on FROM j) AND status NOT IN ('succeeded', 'failed', 
 -- `reserved`: however long its renders, one tenant never holds the last `reserved` slots, which
 -- stay free for the next tenant to submit (`workers`: rows refreshed within `live_s`; with no
 -- more slots than `reserved`, nothing is held back).
--- The trigger on `jobs` moves the tenant's counts and stamps `last_claimed_at` in this statement.
+-- The trigger on `jobs` moves the tenant's counts (`claimed` among them) and stamps
+-- `last_claimed_at` in this statement.
 -- Planned cost: O(limit) index probes, whatever the number of queued jobs (EXPLAIN ANALYZE with
 -- 20,000 queued, over 50 tenants or nearly all of one: 0.4-0.7 ms of server time).
 WITH live AS (
