@@ -35,12 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 import psycopg
 
 from shared.contract import MAX_BATCH
+from tests.bench.costs import process_cpu_s, sampled_waits
 from tests.bench.figures import json_argument, median, write_json
-from tests.bench.profile_submit import sampled_waits
 from tests.bench.rfclient import TERMINAL, ensure_project, event_types, render_body
 from tests.chaos.stack import Stack, StackConfig, running_stack
 
@@ -103,28 +102,6 @@ async def renders_per_second(http: aiohttp.ClientSession, jobs: int) -> float:
 
 
 # Costs by part ---------------------------------------------------------------------------------
-
-
-def _process_cpu_s(stack: Stack) -> dict[str, float]:
-    """CPU seconds so far of each part of the stack (PostgreSQL's backends, live and exited)."""
-    spent: Counter[str] = Counter()
-    for name, pid in stack.supervisor.pids().items():
-        with contextlib.suppress(psutil.Error):
-            times = psutil.Process(pid).cpu_times()
-            spent["workers" if name.startswith("worker") else name] += times.user + times.system
-    with contextlib.suppress(psutil.Error, OSError, ValueError):
-        postmaster = int((stack.postgres.data_dir / "postmaster.pid").read_text().split()[0])
-        server = psutil.Process(postmaster)
-        own = server.cpu_times()
-        spent["postgresql"] = own.user + own.system + own.children_user + own.children_system
-        for child in server.children():
-            with contextlib.suppress(psutil.Error):
-                times = child.cpu_times()
-                spent["postgresql"] += times.user + times.system
-    machine = psutil.cpu_times()
-    spent["whole machine"] = machine.user + machine.system + machine.nice + machine.irq + machine.softirq
-    spent["load generator"] = sum(psutil.Process().cpu_times()[:2])
-    return dict(spent)
 
 
 async def _database_figures(conn: psycopg.AsyncConnection[Any]) -> dict[str, float]:
@@ -248,13 +225,13 @@ async def measured_run(
             profile = spy_dir / "worker-1.raw"
             spy = _start_py_spy(pid, profile)
             await asyncio.sleep(0.5)  # py-spy attaches
-        cpu_before = _process_cpu_s(stack)
+        cpu_before = process_cpu_s(stack)
         async with (
             _notifications(stack.database_url) as notifies,
             sampled_waits(stack.database_url, True) as waits,
         ):
             rate = await renders_per_second(http, jobs)
-        cpu_after = _process_cpu_s(stack)
+        cpu_after = process_cpu_s(stack)
         _stop_py_spy(spy)
         db_after = await _database_figures(conn)
         statements = await _statements(conn)

@@ -1,7 +1,7 @@
 """Where a submit's time goes, under load: the stack without workers (real processes, as
 `bench_tracing` starts it), closed-loop clients submitting, and while they do:
 
-- CPU per submit of the gateway, generation, the other services and the whole machine (psutil),
+- CPU per submit of the gateway, generation, the other services, PostgreSQL and the whole machine (psutil),
   and of each of the gateway's and generation's threads (an exporter thread shows apart);
 - with `--waits`, what PostgreSQL's backends were doing, sampled from pg_stat_activity every 5 ms
   (`Lock/transactionid`: waiting for a row lock; `IO/WALSync`: flushing a commit; `CPU`: running);
@@ -16,38 +16,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import psutil
-import psycopg
 
 from tests.bench.bench_tracing import MODES, PROJECT, _auth, _config, _submit
+from tests.bench.costs import process_cpu_s, sampled_waits
 from tests.bench.figures import percentile
 from tests.bench.loadgen import closed_loop
 from tests.bench.rfclient import ensure_project
 from tests.chaos.stack import Stack, running_stack
 
 PROFILED = ("gateway", "generation")
-WAIT_SAMPLE_S = 0.005
-
-
-def _process_cpu_s(stack: Stack) -> dict[str, float]:
-    times = {name: psutil.Process(pid).cpu_times() for name, pid in stack.supervisor.pids().items()}
-    machine = psutil.cpu_times()
-    return {
-        **{name: t.user + t.system for name, t in times.items()},
-        "whole machine": machine.user + machine.system + machine.nice + machine.irq + machine.softirq,
-        "load generator": sum(psutil.Process().cpu_times()[:2]),
-    }
 
 
 def _thread_cpu_s(stack: Stack) -> dict[tuple[str, int, str], float]:
@@ -61,36 +47,6 @@ def _thread_cpu_s(stack: Stack) -> dict[tuple[str, int, str], float]:
                 label = "?"
             found[(name, thread.id, label)] = thread.user_time + thread.system_time
     return found
-
-
-@contextlib.asynccontextmanager
-async def sampled_waits(database_url: str, enabled: bool) -> AsyncIterator[Counter[tuple[str, str]]]:
-    """What the active backends wait for, sampled every few milliseconds while the block runs."""
-    waits: Counter[tuple[str, str]] = Counter()
-    if not enabled:
-        yield waits
-        return
-    query = (
-        "SELECT coalesce(wait_event_type, 'CPU'), coalesce(wait_event, ''), left(query, 40)"
-        " FROM pg_stat_activity WHERE backend_type = 'client backend' AND state = 'active'"
-        " AND pid <> pg_backend_pid()"
-    )
-
-    async def sample() -> None:
-        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-            while True:
-                cur = await conn.execute(query)
-                for kind, event, statement in await cur.fetchall():
-                    waits[(f"{kind}/{event}".rstrip("/"), " ".join(statement.split()))] += 1
-                await asyncio.sleep(WAIT_SAMPLE_S)
-
-    task = asyncio.create_task(sample())
-    try:
-        yield waits
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def _py_spy(stack: Stack, out: Path | None, seconds: float, mode: str) -> list[subprocess.Popen[bytes]]:
@@ -121,12 +77,12 @@ async def profile(args: argparse.Namespace) -> None:
                 await ensure_project(http, PROJECT)
             await closed_loop(stack.url, _submit, args.clients, 2.0, headers=_auth(stack))  # warm
             spies = _py_spy(stack, args.py_spy, args.seconds, args.mode)
-            threads_before, before = _thread_cpu_s(stack), _process_cpu_s(stack)
+            threads_before, before = _thread_cpu_s(stack), process_cpu_s(stack)
             async with sampled_waits(stack.database_url, args.waits) as waits:
                 result = await closed_loop(
                     stack.url, _submit, args.clients, args.seconds, warmup_s=0.0, headers=_auth(stack)
                 )
-            threads_after, after = _thread_cpu_s(stack), _process_cpu_s(stack)
+            threads_after, after = _thread_cpu_s(stack), process_cpu_s(stack)
             for spy in spies:
                 spy.wait()
     submits = max(len(result.latencies_ms), 1)
