@@ -27,12 +27,15 @@ RUN /opt/protoc/bin/python -m grpc_tools.protoc -I protos \
         --python_out=protos --grpc_python_out=protos protos/renderflow/v1/*.proto \
     && touch protos/renderflow/__init__.py protos/renderflow/v1/__init__.py
 
+# The services and what they share; tools/ (the local stack's command, trace-report, the embedded
+# PostgreSQL) runs on a developer's or an SRE's machine, not here: its entry point goes too.
 COPY shared shared
 COPY services services
 COPY gateway gateway
 RUN --mount=type=cache,target=/root/.cache/pip \
     python -m venv /opt/renderflow \
-    && /opt/renderflow/bin/pip install .
+    && /opt/renderflow/bin/pip install . \
+    && rm /opt/renderflow/bin/renderflow
 
 # Fail the build, not the pod: every data file of the packages (migrations, specs) must have been
 # installed, and the generated contract must import from the installed copy.

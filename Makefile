@@ -15,7 +15,7 @@ install: $(INSTALL_STAMP) $(PROTO_STAMP)
 $(INSTALL_STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[local,dev]'
 	touch $@
 
 proto: $(INSTALL_STAMP)

@@ -14,9 +14,9 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from shared.embedded_pg import EmbeddedPostgres
 from shared.settings import Env
 from tests.support.leaks import KeyLeakWatch, leaks_in_files
+from tools.embedded_pg.server import EmbeddedPostgres
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -29,10 +29,10 @@ import psycopg
 from aiohttp import web
 from psycopg_pool import AsyncConnectionPool
 
-from shared.embedded_pg import EmbeddedPostgres
 from shared.lifecycle import wait_for_shutdown_signal
 from tests.bench.figures import json_argument, median, write_json
 from tests.bench.loadgen import closed_loop
+from tools.embedded_pg.server import EmbeddedPostgres
 
 METHOD = "/bench.Chain/Insert"
 BODY = json.dumps(

@@ -184,7 +184,7 @@ async def scenario(renders: int, workdir: Path) -> dict[str, Any]:
     for labels, count in sorted(finished.items()):
         print(f"  {{{labels}}} {count:g}")
     print(f"spans in {stack.run_dir / 'traces.jsonl'}\n", flush=True)
-    command = (sys.executable, "-m", "services.cli", "trace-report", str(stack.run_dir / "traces.jsonl"))
+    command = (sys.executable, "-m", "tools.cli.main", "trace-report", str(stack.run_dir / "traces.jsonl"))
     process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.PIPE)
     report = (await process.communicate())[0].decode()
     print(report)

@@ -17,14 +17,14 @@ from typing import Any
 
 import psycopg
 
-from services.cli import gateway_url, renderflow_stages
 from services.metadata.admin import ensure_dev_user
-from services.supervisor import ChildEvent, GrpcHealth, HttpHealth, Supervisor
-from shared.embedded_pg import EmbeddedPostgres
 from shared.service_auth import new_service_token
 from shared.settings import Addresses, Env
 from tests.conftest import free_port
 from tests.support.origin import Origin
+from tools.cli.main import gateway_url, renderflow_stages
+from tools.cli.supervisor import ChildEvent, GrpcHealth, HttpHealth, Supervisor
+from tools.embedded_pg.server import EmbeddedPostgres
 
 DEV_KEY = "rf_chaos_development_key_0123456789abcdef"
 GRPC_SERVICES = ("metadata", "imagefetch", "generation")

@@ -54,7 +54,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "services.cli",
+        "tools.cli.main",
         "run",
         env=env,
         stdout=asyncio.subprocess.PIPE,

@@ -14,11 +14,11 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from services.cli import postgres_spec
-from services.supervisor import Backoff, ChildEvent, Supervisor
-from shared.embedded_pg import EmbeddedPostgres, ServerCommand, find_pg_bin
 from shared.settings import Env
 from tests.conftest import free_port
+from tools.cli.main import postgres_spec
+from tools.cli.supervisor import Backoff, ChildEvent, Supervisor
+from tools.embedded_pg.server import EmbeddedPostgres, ServerCommand, find_pg_bin
 
 
 def server_pid(pg: EmbeddedPostgres) -> int:
@@ -77,7 +77,7 @@ def test_recovers_after_the_server_was_killed(tmp_path: Path) -> None:
 def test_adopts_a_server_left_running_and_others_attach_without_owning(tmp_path: Path) -> None:
     # An owner that dies without stopping its server, as a crashed `renderflow run` would.
     crashed_owner = (
-        "import os, sys; from pathlib import Path; from shared.embedded_pg import EmbeddedPostgres; "
+        "import os, sys; from pathlib import Path; from tools.embedded_pg.server import EmbeddedPostgres; "
         "print(EmbeddedPostgres(Path(sys.argv[1]), fast=True).start(), flush=True); os._exit(0)"
     )
     argv = [sys.executable, "-c", crashed_owner, str(tmp_path / "pg")]
@@ -172,7 +172,7 @@ async def test_a_supervised_server_is_restarted_when_it_dies_and_stopped_on_exit
 def test_a_server_running_before_is_used_and_left_running(tmp_path: Path) -> None:
     # Started before `renderflow run`, by someone else (here: an owner that went away).
     crashed_owner = (
-        "import os, sys; from pathlib import Path; from shared.embedded_pg import EmbeddedPostgres; "
+        "import os, sys; from pathlib import Path; from tools.embedded_pg.server import EmbeddedPostgres; "
         "print(EmbeddedPostgres(Path(sys.argv[1]), fast=True).start(), flush=True); os._exit(0)"
     )
     argv = [sys.executable, "-c", crashed_owner, str(tmp_path / "pg")]

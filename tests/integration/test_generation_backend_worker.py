@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import psycopg
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from renderflow.v1 import generation_pb2 as pb
 
+from services.generation.backends import GenerationInput
 from services.generation.backends.http import HttpBackendSettings
-from services.generation.backends.selection import BackendSettings
+from services.generation.backends.selection import BackendSettings, open_backends
 from services.generation.backends.video import probe
 from tests.support.generation import (
     Stub,
@@ -113,3 +115,26 @@ async def test_the_job_and_the_render_span_name_the_backend_that_runs_it(
 
 def _renders_of(spans: list[ReadableSpan], render_id: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == "render" and (s.attributes or {}).get("render.id") == render_id]
+
+
+async def test_the_worker_opens_the_backends_its_kinds_use_by_name() -> None:
+    job = GenerationInput("r1", "image", "a red fox", "", 64, 64, 2, 1)
+
+    async def progress(step: int, total: int) -> None:
+        return None
+
+    settings = BackendSettings()
+    assert settings.by_kind() == {"image": "procedural", "video": "procedural"}
+    async with open_backends(settings) as backends:
+        assert list(backends) == ["procedural"]
+        image = await backends["procedural"].generate(job, progress)
+        video = await backends["procedural"].generate(
+            replace(job, kind="video", duration_s=0.5, fps=4), progress
+        )
+    assert (image.content_type, video.content_type) == ("image/png", "video/mp4")
+
+    http = HttpBackendSettings(url="https://api.example.com/v1", token="t")
+    settings = BackendSettings(image="http", video="procedural", http=http)
+    assert settings.by_kind() == {"image": "http", "video": "procedural"}
+    async with open_backends(settings) as backends:
+        assert sorted(backends) == ["http", "procedural"]

@@ -16,15 +16,15 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
 from services.generation.store import MIGRATIONS, SCHEMA
-from services.tracereport.model import ReadCounts
-from services.tracereport.report import build_report
-from services.tracereport.selection import Filters, load_spans
 from shared.contract import phase_attribute
 from shared.db import migrate
 from shared.spans import STREAM_ATTRIBUTE
 from shared.statements import SCOPE as SQL_SCOPE
 from shared.telemetry import JsonLinesSpanExporter
 from tests.support.observed_stack import TINY_MS, ObservedStack, Recorder, job_id
+from tools.tracereport.model import ReadCounts
+from tools.tracereport.report import build_report
+from tools.tracereport.selection import Filters, load_spans
 
 JOB_PHASES = ("queue_wait", "image_fetch", "generation", "store")
 

@@ -27,7 +27,6 @@ from renderflow.v1 import (
     metadata_pb2_grpc,
 )
 
-from services.cli import run_service_token
 from services.generation.config import Settings as GenerationSettings
 from services.generation.server import running as generation_running
 from services.imagefetch.config import Settings as ImageFetchSettings
@@ -42,6 +41,7 @@ from shared.service_auth import TOKEN_PREFIX, new_service_token
 from shared.settings import ConfigError, Env
 from tests.support.generation import Accounts, spec
 from tests.support.origin import Origin
+from tools.cli.main import run_service_token
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = new_service_token()

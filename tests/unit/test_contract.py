@@ -17,8 +17,6 @@ from gateway.validation import validate
 from services.generation.domain import TIMING_NAMES, Params, RenderSpec
 from services.generation.validation import normalized, normalized_batch
 from services.metadata import validation as metadata_validation
-from services.tracereport.model import ReadCounts, Span
-from services.tracereport.report import build_report
 from shared import contract
 from shared.contract import (
     KINDS,
@@ -34,6 +32,8 @@ from shared.contract import (
 from shared.errors import ValidationFailed
 from shared.settings import Env
 from shared.telemetry import Budgets
+from tools.tracereport.model import ReadCounts, Span
+from tools.tracereport.report import build_report
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMAS = SPEC["components"]["schemas"]

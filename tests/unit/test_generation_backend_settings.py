@@ -3,15 +3,13 @@ that name the variable, and a token that never shows."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
 
-from services.generation.backends import GenerationInput
 from services.generation.backends.http import HttpBackendSettings
-from services.generation.backends.selection import BackendSettings, open_backends
+from services.generation.backends.selection import BackendSettings
 from services.generation.config import WorkerSettings
 from shared.http_headers import parse_retry_after
 from shared.settings import ConfigError, Env
@@ -85,26 +83,3 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
     later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     assert 25 < (parse_retry_after(later) or 0) <= 30
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
-
-
-async def test_the_worker_opens_the_backends_its_kinds_use_by_name() -> None:
-    job = GenerationInput("r1", "image", "a red fox", "", 64, 64, 2, 1)
-
-    async def progress(step: int, total: int) -> None:
-        return None
-
-    settings = BackendSettings()
-    assert settings.by_kind() == {"image": "procedural", "video": "procedural"}
-    async with open_backends(settings) as backends:
-        assert list(backends) == ["procedural"]
-        image = await backends["procedural"].generate(job, progress)
-        video = await backends["procedural"].generate(
-            replace(job, kind="video", duration_s=0.5, fps=4), progress
-        )
-    assert (image.content_type, video.content_type) == ("image/png", "video/mp4")
-
-    http = HttpBackendSettings(url=URL, token="t")
-    settings = BackendSettings(image="http", video="procedural", http=http)
-    assert settings.by_kind() == {"image": "http", "video": "procedural"}
-    async with open_backends(settings) as backends:
-        assert sorted(backends) == ["http", "procedural"]

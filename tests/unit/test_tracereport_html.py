@@ -5,10 +5,10 @@ from __future__ import annotations
 from html.parser import HTMLParser
 from pathlib import Path
 
-from services.tracereport.html import render_html
-from services.tracereport.model import ReadCounts, read_spans
-from services.tracereport.report import build_report
 from tests.unit.test_tracereport_otlp import renders_scenario
+from tools.tracereport.html import render_html
+from tools.tracereport.model import ReadCounts, read_spans
+from tools.tracereport.report import build_report
 
 _VOID = {"meta", "br"}
 _ALLOWED = {

@@ -14,11 +14,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.trace import Link as OtelLink
 from opentelemetry.trace import SpanKind
 
-from services.tracereport.model import Link, ReadCounts, read_spans
-from services.tracereport.report import build_report
-from services.tracereport.text import render_text
 from shared.telemetry import JsonLinesSpanExporter
 from tests.unit.test_tracereport_otlp import T0_NS, renders_scenario
+from tools.tracereport.model import Link, ReadCounts, read_spans
+from tools.tracereport.report import build_report
+from tools.tracereport.text import render_text
 
 
 def b64(raw: bytes) -> str:

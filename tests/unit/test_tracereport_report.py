@@ -4,22 +4,20 @@ causes, filters; and the text report and command line that show them."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from services.tracereport.cli import main
-from services.tracereport.model import ReadCounts
-from services.tracereport.report import Report, build_report
-from services.tracereport.selection import Filters, load_spans, parse_since
-from services.tracereport.stats import percentile
-from services.tracereport.text import render_text
 from shared.contract import PHASE_BUDGETS_MS
 from shared.spans import STREAM_ATTRIBUTE
 from tests.unit.test_tracereport_otlp import T0, Otlp, renders_scenario
+from tools.tracereport.cli import main
+from tools.tracereport.model import ReadCounts
+from tools.tracereport.report import Report, build_report
+from tools.tracereport.selection import Filters, load_spans, parse_since
+from tools.tracereport.stats import percentile
+from tools.tracereport.text import render_text
 
 
 @pytest.fixture
@@ -277,17 +275,6 @@ def test_command_line_refuses_bad_arguments(tmp_path: Path, capsys: pytest.Captu
             main(argv)
         assert exit_.value.code == 2
     assert "missing.jsonl" in capsys.readouterr().err
-
-
-def test_runs_as_a_module(scenario: tuple[Otlp, Path]) -> None:
-    root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(
-        [sys.executable, "-m", "services.tracereport", str(scenario[1]), "--top", "0"],
-        cwd=root, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-
-    assert done.returncode == 0, done.stderr
-    assert "PHASES (ms)" in done.stdout and "SLOWEST TRACES" not in done.stdout
 
 
 def test_spans_in_a_parent_cycle_are_each_shown_once(tmp_path: Path) -> None:

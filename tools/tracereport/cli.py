@@ -1,5 +1,5 @@
 """Command line of the trace report: `renderflow trace-report FILE...` (or `python -m
-services.tracereport`)."""
+tools.tracereport`)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from services.tracereport.html import render_html
-from services.tracereport.model import ReadCounts
-from services.tracereport.report import build_report, report_dict
-from services.tracereport.selection import Filters, load_spans, parse_since
-from services.tracereport.text import render_text
 from shared.contract import PHASE_BUDGETS_MS
+from tools.tracereport.html import render_html
+from tools.tracereport.model import ReadCounts
+from tools.tracereport.report import build_report, report_dict
+from tools.tracereport.selection import Filters, load_spans, parse_since
+from tools.tracereport.text import render_text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

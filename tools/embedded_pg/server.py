@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-from shared.pg_root import (
+from shared.settings import ConfigError, Env
+from tools.embedded_pg.as_root import (
     SERVER_ENV,
     Account,
     PlacementError,
@@ -26,7 +27,6 @@ from shared.pg_root import (
     reachable_bin,
     server_account,
 )
-from shared.settings import ConfigError, Env
 
 USER = "renderflow"
 """The superuser role created by initdb; clients connect as it (trust auth, 127.0.0.1 only)."""

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from services.tracereport.model import ReadCounts, Span
-from services.tracereport.selection import Filters
-from services.tracereport.stats import (
+from shared.contract import PHASE_BUDGETS_MS
+from tools.tracereport.model import ReadCounts, Span
+from tools.tracereport.selection import Filters
+from tools.tracereport.stats import (
     EndpointStats,
     ErrorCause,
     PhaseStats,
@@ -19,8 +20,7 @@ from services.tracereport.stats import (
     error_causes,
     phase_stats,
 )
-from services.tracereport.traces import TraceSet, Waterfall
-from shared.contract import PHASE_BUDGETS_MS
+from tools.tracereport.traces import TraceSet, Waterfall
 
 MAX_WATERFALL_ROWS = 60
 

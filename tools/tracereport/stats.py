@@ -8,9 +8,9 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from services.tracereport.model import AttributeValue, Span
 from shared.contract import PHASE_ATTRIBUTE_PREFIX, PHASES, WAIT
 from shared.spans import STREAM_ATTRIBUTE
+from tools.tracereport.model import AttributeValue, Span
 
 PER_KIND_PHASES = frozenset({"generation"})
 """Phases reported per `render.kind` (an image and a video take very different times)."""

@@ -11,7 +11,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from services.supervisor import (
+from shared.errors import RenderflowError
+from shared.service_auth import new_service_token
+from shared.settings import SERVICE_TOKEN, Addresses, ConfigError, Env, run_dir, service_token
+from tools.cli.supervisor import (
     LOG_BACKUPS,
     LOG_MAX_BYTES,
     ChildEvent,
@@ -21,10 +24,7 @@ from services.supervisor import (
     StartupError,
     Supervisor,
 )
-from shared.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError, ServerCommand
-from shared.errors import RenderflowError
-from shared.service_auth import new_service_token
-from shared.settings import SERVICE_TOKEN, Addresses, ConfigError, Env, run_dir, service_token
+from tools.embedded_pg.server import EmbeddedPostgres, EmbeddedPostgresError, ServerCommand
 
 DEFAULT_PG_PORT = 54329
 METRICS_BASE_PORT = 9100
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["trace-report"]:
         # The report tool has its own options; hand it the rest of the command line.
-        from services.tracereport.cli import main as trace_report
+        from tools.tracereport.cli import main as trace_report
 
         return trace_report(argv[1:])
     args = _parser().parse_args(argv)

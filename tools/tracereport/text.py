@@ -5,10 +5,10 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Sequence
 
-from services.tracereport.model import ReadCounts
-from services.tracereport.report import Report
-from services.tracereport.stats import EndpointStats, Summary
-from services.tracereport.traces import Waterfall, WaterfallRow
+from tools.tracereport.model import ReadCounts
+from tools.tracereport.report import Report
+from tools.tracereport.stats import EndpointStats, Summary
+from tools.tracereport.traces import Waterfall, WaterfallRow
 
 WIDTH = 100
 _BAR = 32

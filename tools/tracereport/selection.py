@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from services.tracereport.model import ReadCounts, Span, read_spans
-from services.tracereport.stats import endpoint_of
-from services.tracereport.traces import linked_closure
+from tools.tracereport.model import ReadCounts, Span, read_spans
+from tools.tracereport.stats import endpoint_of
+from tools.tracereport.traces import linked_closure
 
 _PART = r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)"
 _UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

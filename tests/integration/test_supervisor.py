@@ -12,7 +12,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from services.supervisor import (
+from shared.logs import RotatingFile
+from tests.conftest import free_port
+from tests.support import eventually
+from tools.cli.supervisor import (
     Backoff,
     ChildEvent,
     GrpcHealth,
@@ -21,9 +24,6 @@ from services.supervisor import (
     StartupError,
     Supervisor,
 )
-from shared.logs import RotatingFile
-from tests.conftest import free_port
-from tests.support import eventually
 
 # Serves GET /healthz on argv[1]; with argv[2], first starts a grandchild (sleep, in the child's
 # process group) and writes the grandchild's pid to argv[2].
@@ -203,7 +203,7 @@ async def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
     # A supervisor in a process of its own, SIGKILLed: it cannot stop its children itself.
     script = (
         "import asyncio, sys; from pathlib import Path; "
-        "from services.supervisor import ProcessSpec, Supervisor\n"
+        "from tools.cli.supervisor import ProcessSpec, Supervisor\n"
         "async def main():\n"
         "    sleeper = ProcessSpec('sleeper', [sys.executable, '-c', 'import time; time.sleep(60)'])\n"
         "    supervisor = Supervisor([[sleeper]], Path(sys.argv[1]))\n"

@@ -7,9 +7,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from services.tracereport.model import AttributeValue, Span
-from services.tracereport.stats import endpoint_of, is_error
 from shared.spans import STREAM_ATTRIBUTE
+from tools.tracereport.model import AttributeValue, Span
+from tools.tracereport.stats import endpoint_of, is_error
 
 _Key = tuple[str, str]
 

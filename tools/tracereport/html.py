@@ -7,10 +7,10 @@ import math
 from collections.abc import Iterable, Sequence
 from html import escape
 
-from services.tracereport.report import Report
-from services.tracereport.stats import EndpointStats, PhaseStats, Summary
-from services.tracereport.text import inputs_note, ms, streams_note
-from services.tracereport.traces import Waterfall
+from tools.tracereport.report import Report
+from tools.tracereport.stats import EndpointStats, PhaseStats, Summary
+from tools.tracereport.text import inputs_note, ms, streams_note
+from tools.tracereport.traces import Waterfall
 
 _PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#bab0ac", "#ff9da7",
             "#86bcb6")  # fmt: skip
