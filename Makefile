@@ -8,7 +8,7 @@ PROTO_SRC := $(wildcard protos/renderflow/v1/*.proto)
 PROTO_STAMP := protos/renderflow/v1/.generated
 INSTALL_STAMP := $(VENV)/.installed
 
-.PHONY: install proto run test lint format bench chaos clean
+.PHONY: install proto run test test-stress lint format bench chaos clean
 
 install: $(INSTALL_STAMP) $(PROTO_STAMP)
 
@@ -36,6 +36,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole suite five times in a row beside a busy process per core: no test may fail under load.
+test-stress: install
+	$(BIN)/python -m tests.stress --runs $(or $(RUNS),5) -- $(PYTEST_ARGS)
 
 # Benchmarks side by side (ceilings, the seed design, procrastinate); results in bench-results/.
 bench: install

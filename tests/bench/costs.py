@@ -18,11 +18,12 @@ WAIT_SAMPLE_S = 0.005
 
 def process_cpu_s(stack: Stack) -> dict[str, float]:
     """CPU seconds so far of each part of the stack (PostgreSQL's backends, live and exited)."""
-    spent: Counter[str] = Counter()
+    spent: dict[str, float] = {}
     for name, pid in stack.supervisor.pids().items():
         with contextlib.suppress(psutil.Error):
             times = psutil.Process(pid).cpu_times()
-            spent["workers" if name.startswith("worker") else name] += times.user + times.system
+            part = "workers" if name.startswith("worker") else name
+            spent[part] = spent.get(part, 0.0) + times.user + times.system
     with contextlib.suppress(psutil.Error, OSError, ValueError):
         postmaster = int((stack.postgres.data_dir / "postmaster.pid").read_text().split()[0])
         server = psutil.Process(postmaster)
@@ -34,8 +35,9 @@ def process_cpu_s(stack: Stack) -> dict[str, float]:
                 spent["postgresql"] += times.user + times.system
     machine = psutil.cpu_times()
     spent["whole machine"] = machine.user + machine.system + machine.nice + machine.irq + machine.softirq
-    spent["load generator"] = sum(psutil.Process().cpu_times()[:2])
-    return dict(spent)
+    own_times = psutil.Process().cpu_times()
+    spent["load generator"] = own_times.user + own_times.system
+    return spent
 
 
 @contextlib.asynccontextmanager

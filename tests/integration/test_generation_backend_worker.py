@@ -3,7 +3,6 @@ in-process worker: the http backend against the fake provider, and procedural vi
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -16,6 +15,7 @@ from services.generation.backends import GenerationInput
 from services.generation.backends.http import HttpBackendSettings
 from services.generation.backends.selection import BackendSettings, open_backends
 from services.generation.backends.video import probe
+from tests.support.gateway_stack import eventually
 from tests.support.generation import (
     Stub,
     WorkerFactory,
@@ -96,14 +96,19 @@ async def test_the_job_and_the_render_span_name_the_backend_that_runs_it(
     await start_worker(backend=_http_for_images(provider))
     render = await submit(stub)
 
+    seen: list[str] = []
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        backend = None
-        while backend is None:
+
+        async def running() -> bool:
             cur = await conn.execute(
                 "SELECT backend FROM generation.jobs WHERE render_id = %s AND state = 'running'", [render.id]
             )
             row = await cur.fetchone()
-            backend = row[0] if row else await asyncio.sleep(0.01)
+            seen.extend(row or ())
+            return row is not None
+
+        await eventually(running, timeout_s=10)
+    backend = seen[0]
     done = await finished(stub, render.id)
 
     assert status_name(done) == "succeeded", done.error

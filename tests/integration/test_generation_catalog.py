@@ -52,6 +52,7 @@ async def test_cached_placements_outlive_their_ttl_while_metadata_is_down(databa
     clock = Clock()
     metadata = metadata_running(settings)
     port = await metadata.__aenter__()
+    metadata_up = True
     try:
         async with create_channel(f"127.0.0.1:{port}") as channel:
             accounts = Accounts(MetadataServiceStub(channel))
@@ -71,7 +72,7 @@ async def test_cached_placements_outlive_their_ttl_while_metadata_is_down(databa
                 assert [rule.text for rule in warm.rules] == ["warm light"]
 
                 await metadata.__aexit__(None, None, None)
-                metadata = None
+                metadata_up = False
                 clock.now += TTL_S + 1  # past its time to live: it would be asked for again
                 assert await catalog.place(alice, PROJECT, "") == warm
                 with pytest.raises(Unavailable):
@@ -81,5 +82,5 @@ async def test_cached_placements_outlive_their_ttl_while_metadata_is_down(databa
                     await catalog.place(alice, PROJECT, "")
             await catalog.close()
     finally:
-        if metadata is not None:
+        if metadata_up:
             await metadata.__aexit__(None, None, None)

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import psycopg
 import pytest
 from PIL import Image
+from renderflow.v1 import common_pb2
 from renderflow.v1 import generation_pb2 as pb
 
 from services.generation.backends import Artifact, GenerationInput, ProgressCallback
@@ -86,7 +87,9 @@ async def test_a_small_tenant_is_not_starved_by_a_big_one(
                 first_start = event.at.ToDatetime()
                 break
         done = await stub.ListRenders(
-            pb.ListRendersRequest(user_id=alice, status=pb.RENDER_STATUS_SUCCEEDED, page={"page_size": 200})
+            pb.ListRendersRequest(
+                user_id=alice, status=pb.RENDER_STATUS_SUCCEEDED, page=common_pb2.PageRequest(page_size=200)
+            )
         )
     finished_before = [r for r in done.renders if r.finished_at.ToDatetime() <= first_start]
     assert len(finished_before) < 20  # first come, first served would have been all 200

@@ -63,6 +63,19 @@ class StandInImageFetch(imagefetch_pb2_grpc.ImageFetchServiceServicer):
         )
         return imagefetch_pb2.FetchResult(url=request.url, image=image)
 
+    # The worker fetches one reference at a time (Fetch); the streaming calls are not its.
+    async def FetchWithProgress(
+        self, request: imagefetch_pb2.FetchRequest, context: Any
+    ) -> AsyncIterator[imagefetch_pb2.FetchProgress]:
+        raise NotImplementedError
+        yield
+
+    async def FetchMany(
+        self, request: imagefetch_pb2.FetchManyRequest, context: Any
+    ) -> AsyncIterator[imagefetch_pb2.FetchResult]:
+        raise NotImplementedError
+        yield
+
 
 @contextlib.asynccontextmanager
 async def serving_imagefetch(address: str) -> AsyncIterator[tuple[str, StandInImageFetch]]:

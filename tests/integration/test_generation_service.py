@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import io
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Awaitable
 
 import pytest
 from PIL import Image
@@ -46,7 +46,7 @@ async def test_submit_runs_to_a_png_of_the_requested_size(stub: Stub, start_work
     assert [t for t, _ in kinds[3:-2]] == ["progress"] * 5
     timings = done.timings
     for name in ("enqueue_ms", "queue_wait_ms", "generation_ms", "store_ms", "total_ms"):
-        assert timings.HasField(name), name  # type: ignore[arg-type]
+        assert timings.HasField(name), name
     assert not timings.HasField("image_fetch_ms")
     chunks = await output(stub, render.id)
     data = b"".join(c.data for c in chunks)
@@ -205,7 +205,7 @@ async def test_another_users_render_is_not_found(
     await start_worker()
     render = await submit(stub, user="alice")
     await finished(stub, render.id, user="alice")
-    calls = [
+    calls: list[Awaitable[object]] = [
         stub.GetRender(pb.GetRenderRequest(user_id=bob, render_id=render.id)),
         events(stub, render.id, user="bob"),
         output(stub, render.id, user="bob"),

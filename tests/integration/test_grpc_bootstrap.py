@@ -55,7 +55,7 @@ async def target() -> AsyncIterator[str]:
 
 async def _call_unary(target: str, what: str) -> None:
     async with create_channel(target) as channel:
-        method = channel.unary_unary("/test.Errors/Unary")
+        method: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/test.Errors/Unary")
         with rpc_errors():
             await method(what.encode())
 
@@ -81,7 +81,7 @@ async def test_unexpected_error_is_internal_without_details(target: str) -> None
 async def test_stream_error_after_items(target: str) -> None:
     received: list[bytes] = []
     async with create_channel(target) as channel:
-        method = channel.unary_stream("/test.Errors/Stream")
+        method: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream("/test.Errors/Stream")
         with pytest.raises(NotFound), rpc_errors():
             async for item in method(b"not_found"):
                 received.append(item)

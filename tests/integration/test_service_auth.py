@@ -155,6 +155,7 @@ async def test_metadata_serves_callers_with_the_token(metadata: str) -> None:
         assert key.api_key and key.key.id
         changes = stub.WatchChanges(metadata_pb2.WatchChangesRequest(after_seq=0))
         first = await asyncio.wait_for(changes.read(), 10)
+        assert isinstance(first, metadata_pb2.Change)
         changes.cancel()
     assert (first.entity, first.action, first.user_id) == ("user", "created", user.user.id)
 
@@ -195,6 +196,7 @@ async def test_generation_serves_callers_with_the_token(generation: str, account
         assert got.id == render.id and got.position == 1
         events = stub.Watch(generation_pb2.WatchRequest(user_id=alice, render_id=render.id))
         first = await asyncio.wait_for(events.read(), 10)
+        assert isinstance(first, generation_pb2.RenderEvent)
         events.cancel()
     assert first.type == "queued"
 

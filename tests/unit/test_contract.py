@@ -93,17 +93,23 @@ def _outside(param: Param[int] | Param[float]) -> tuple[float, float]:
     return param.minimum - step or -step, param.maximum + step
 
 
+def _params(name: str, value: float) -> Params:
+    """gRPC params with `name` set to `value` (of the field's type or not: the point is to refuse it)."""
+    fields: dict[str, Any] = {name: value}
+    return Params(**fields)
+
+
 @pytest.mark.parametrize(("kind", "name"), [(k, n) for k in KINDS for n in PARAMS[k]])
 def test_http_and_grpc_refuse_and_accept_the_same_values(kind: str, name: str) -> None:
     param = PARAMS[kind][name]
     for value in _outside(param):
         assert _http_fields(_request(kind, **{name: value})) == {f"params.{name}"}, value
-        assert _grpc_fields(_spec(kind=kind, prompt="p", params=Params(**{name: value}))) == {
+        assert _grpc_fields(_spec(kind=kind, prompt="p", params=_params(name, value))) == {
             f"params.{name}"
         }, value
     for value in (param.minimum, param.maximum):
         assert _http_fields(_request(kind, **{name: value})) == set(), value
-        assert _grpc_fields(_spec(kind=kind, prompt="p", params=Params(**{name: value}))) == set()
+        assert _grpc_fields(_spec(kind=kind, prompt="p", params=_params(name, value))) == set()
 
 
 def test_seeds_prompts_projects_and_batches_have_the_same_limits_over_http_and_grpc() -> None:

@@ -126,7 +126,8 @@ def test_slowest_traces_are_waterfalls_that_follow_links_to_the_job(scenario: tu
 
 def test_streams_are_left_out_of_the_slowest_traces(tmp_path: Path) -> None:
     otlp = renders_scenario()
-    server, client, stream = "SPAN_KIND_SERVER", "SPAN_KIND_CLIENT", {STREAM_ATTRIBUTE: True}
+    server, client = "SPAN_KIND_SERVER", "SPAN_KIND_CLIENT"
+    stream: dict[str, object] = {STREAM_ATTRIBUTE: True}
     sse = otlp.new_trace("sse")  # a client listening to a render's events for a minute
     http = {"http.method": "GET", "http.route": "/v1/renders/{id}/events", **stream}
     root = otlp.span("gateway", sse, "GET /v1/renders/{id}/events", 0, 60_000, kind=server, attrs=http)
