@@ -53,15 +53,15 @@ class Settings:
     output_timeout_s: float = 300.0
     """RENDERFLOW_GATEWAY_OUTPUT_TIMEOUT_S: deadline of one output download from generation."""
     shutdown_grace_s: float = 10.0
-    """RENDERFLOW_GATEWAY_SHUTDOWN_GRACE_S: how long requests in flight may finish on SIGTERM."""
+    """RENDERFLOW_GATEWAY_DRAIN_GRACE_S: how long requests in flight may finish on SIGTERM."""
     log_level: str = "INFO"
     """RENDERFLOW_LOG_LEVEL: the logging level."""
     budgets: Budgets = field(default_factory=Budgets)
     """RENDERFLOW_BUDGET_*_MS: phase budgets (see `Budgets`)."""
     rate_limit_per_s: float = 20.0
-    """RENDERFLOW_RATE_LIMIT_PER_S: submits per second each API key may sustain (0 = no limit)."""
+    """RENDERFLOW_GATEWAY_RATE_LIMIT_PER_S: submits per second each API key may sustain (0 = no limit)."""
     rate_limit_burst: int = 40
-    """RENDERFLOW_RATE_LIMIT_BURST: submits an API key may make at once, after a quiet spell (0 =
+    """RENDERFLOW_GATEWAY_RATE_LIMIT_BURST: submits an API key may make at once, after a quiet spell (0 =
     no limit); a batch of n renders counts n, and a batch larger than the burst is refused."""
     cache_url: str | None = None
     """RENDERFLOW_CACHE_URL: `redis://[:password@]host:port/db` to share rate-limit state between
@@ -106,13 +106,13 @@ class Settings:
             output_timeout_s=env.float(
                 "RENDERFLOW_GATEWAY_OUTPUT_TIMEOUT_S", cls.output_timeout_s, minimum=0.01
             ),
-            shutdown_grace_s=env.float(
-                "RENDERFLOW_GATEWAY_SHUTDOWN_GRACE_S", cls.shutdown_grace_s, minimum=0
-            ),
+            shutdown_grace_s=env.float("RENDERFLOW_GATEWAY_DRAIN_GRACE_S", cls.shutdown_grace_s, minimum=0),
             log_level=env.str("RENDERFLOW_LOG_LEVEL", cls.log_level),
             budgets=Budgets.from_env(env),
-            rate_limit_per_s=env.float("RENDERFLOW_RATE_LIMIT_PER_S", cls.rate_limit_per_s, minimum=0),
-            rate_limit_burst=env.int("RENDERFLOW_RATE_LIMIT_BURST", cls.rate_limit_burst, minimum=0),
+            rate_limit_per_s=env.float(
+                "RENDERFLOW_GATEWAY_RATE_LIMIT_PER_S", cls.rate_limit_per_s, minimum=0
+            ),
+            rate_limit_burst=env.int("RENDERFLOW_GATEWAY_RATE_LIMIT_BURST", cls.rate_limit_burst, minimum=0),
             cache_url=_cache_url(env.optional("RENDERFLOW_CACHE_URL")),
             cache_timeout_s=env.float("RENDERFLOW_CACHE_TIMEOUT_S", cls.cache_timeout_s, minimum=0.001),
             header_timeout_s=env.float(

@@ -48,7 +48,29 @@ TRACES_MAX_BYTES = 50 * 1024 * 1024
 TRACES_BACKUPS = 3
 """RENDERFLOW_TRACES_BACKUPS: rotated span files kept (`traces.jsonl.1` is the newest)."""
 EXPORT_BATCH_SPANS = 64
-"""OTEL_BSP_MAX_EXPORT_BATCH_SIZE's default here (the SDK's is 512): spans exported at a time."""
+"""OTEL_BSP_MAX_EXPORT_BATCH_SIZE: spans exported at a time; 64 here (the SDK's default is 512), so
+that the export thread holds the interpreter only briefly."""
+
+# The standard variables read here, named and meant as the OpenTelemetry specification says.
+SDK_DISABLED = "OTEL_SDK_DISABLED"
+"""OTEL_SDK_DISABLED: `true` turns traces and metrics off (default `false`)."""
+SERVICE_NAME = "OTEL_SERVICE_NAME"
+"""OTEL_SERVICE_NAME: the `service.name` of the process's spans and metrics (default: the component's,
+e.g. `gateway`, `worker`); OTEL_RESOURCE_ATTRIBUTES adds attributes."""
+TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
+"""OTEL_TRACES_EXPORTER: `none` turns tracing off; `otlp` sends spans to a collector (the default when
+an endpoint is set); unset and without an endpoint, spans go to `<run dir>/traces.jsonl`."""
+OTLP_ENDPOINTS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+"""OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT: the collector to send spans to
+(the first wins); the exporters also read their headers, timeout and compression variables."""
+OTLP_PROTOCOLS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+"""OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL: `grpc` (the default) or
+`http/protobuf` (the first wins)."""
+METRICS_PORT = "RENDERFLOW_METRICS_PORT"
+"""RENDERFLOW_METRICS_PORT: the port of this process's Prometheus `/metrics` (0: not served; the
+gateway serves it on its own port; `renderflow run` gives each process one)."""
+METRICS_HOST = "RENDERFLOW_METRICS_HOST"
+"""RENDERFLOW_METRICS_HOST: the address `/metrics` is served on (default `127.0.0.1`)."""
 
 
 class JsonLinesSpanExporter(SpanExporter):
@@ -205,7 +227,7 @@ def setup_telemetry(service: str, env: Env, run_dir: Path, *, metrics_port: int 
     cursors: `shared.statements`), and serves `/metrics` on RENDERFLOW_METRICS_PORT (default
     `metrics_port`; 0: not served, as for the gateway, which serves it on its own port) at
     RENDERFLOW_METRICS_HOST (default 127.0.0.1). Call once, in the entry point."""
-    if env.bool("OTEL_SDK_DISABLED", False):
+    if env.bool(SDK_DISABLED, False):
         return Telemetry(None, None)
     resource = build_resource(service, env)
     tracer_provider = build_tracer_provider(resource, env, run_dir)
@@ -214,9 +236,9 @@ def setup_telemetry(service: str, env: Env, run_dir: Path, *, metrics_port: int 
     meter_provider = build_meter_provider(resource)
     metrics.set_meter_provider(meter_provider)
     telemetry = Telemetry(tracer_provider, meter_provider)
-    port = env.int("RENDERFLOW_METRICS_PORT", metrics_port, minimum=0)
+    port = env.int(METRICS_PORT, metrics_port, minimum=0)
     if port:
-        host = env.str("RENDERFLOW_METRICS_HOST", "127.0.0.1")
+        host = env.str(METRICS_HOST, "127.0.0.1")
         try:
             telemetry.metrics_server = serve_metrics(host, port)
         except OSError as exc:
@@ -228,7 +250,7 @@ def setup_telemetry(service: str, env: Env, run_dir: Path, *, metrics_port: int 
 def build_resource(service: str, env: Env) -> Resource:
     """The resource of this process's spans and metrics (OTEL_SERVICE_NAME overrides `service`;
     OTEL_RESOURCE_ATTRIBUTES adds attributes)."""
-    return Resource.create({"service.name": env.str("OTEL_SERVICE_NAME", service)})
+    return Resource.create({"service.name": env.str(SERVICE_NAME, service)})
 
 
 def build_tracer_provider(resource: Resource, env: Env, run_dir: Path) -> TracerProvider | None:
@@ -282,14 +304,12 @@ class FollowLinks(Sampler):
 def span_exporter(env: Env, run_dir: Path) -> SpanExporter | None:
     """OTLP when an endpoint is set (or OTEL_TRACES_EXPORTER=otlp), None for OTEL_TRACES_EXPORTER=none,
     else the OTLP-JSON lines file under `run_dir`, rotated at RENDERFLOW_TRACES_MAX_BYTES."""
-    chosen = env.str("OTEL_TRACES_EXPORTER", "").strip().lower()
+    chosen = env.str(TRACES_EXPORTER, "").strip().lower()
     if chosen == "none":
         return None
     if chosen not in ("", "otlp"):
         raise ConfigError(f"OTEL_TRACES_EXPORTER must be otlp or none, got {chosen!r}")
-    endpoint = env.optional("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.optional(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
+    endpoint = next(filter(None, map(env.optional, OTLP_ENDPOINTS)), None)
     if endpoint is None and chosen != "otlp":
         return JsonLinesSpanExporter(
             run_dir / TRACES_FILE,
@@ -297,9 +317,7 @@ def span_exporter(env: Env, run_dir: Path) -> SpanExporter | None:
             backups=env.int("RENDERFLOW_TRACES_BACKUPS", TRACES_BACKUPS, minimum=1),
         )
     # The exporters read their endpoint, headers, timeout and compression from the same variables.
-    protocol = env.optional("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.str(
-        "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"
-    )
+    protocol = next(filter(None, map(env.optional, OTLP_PROTOCOLS)), "grpc")
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
 

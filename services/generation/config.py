@@ -39,33 +39,34 @@ class Settings:
     """RENDERFLOW_METADATA_ADDR: the metadata service, which says what a submit's project, chain and
     rules are (cached here, kept current by its change feed)."""
     metadata_timeout_s: float = 2.0
-    """RENDERFLOW_METADATA_TIMEOUT_S: deadline of one read from metadata on a cache miss."""
+    """RENDERFLOW_GENERATION_METADATA_TIMEOUT_S: deadline of one read from metadata on a cache miss."""
     catalog_ttl_s: float = 300.0
-    """RENDERFLOW_CATALOG_TTL_S: how long a project, chain and rules stay cached without a change
+    """RENDERFLOW_GENERATION_CATALOG_TTL_S: how long a project, chain and rules stay cached without a change
     (changes drop them at once; 0: no cache)."""
     db_poll_only: bool = False
     """RENDERFLOW_DB_POLL_ONLY: never LISTEN (for poolers in transaction mode); poll instead."""
     poll_interval_s: float = 5.0
-    """RENDERFLOW_WATCH_POLL_S: how often watchers re-read the event log as a safety net
+    """RENDERFLOW_GENERATION_WATCH_POLL_S: how often watchers re-read the event log as a safety net
     (the only source of live events when poll-only)."""
     stall_after_s: float = 60.0
-    """RENDERFLOW_STALL_AFTER_S: a running render without progress for this long is `stalled`."""
+    """RENDERFLOW_GENERATION_STALL_AFTER_S: a running render without progress for this long is `stalled`."""
     drain_grace_s: float = 5.0
-    """RENDERFLOW_DRAIN_GRACE_S: how long calls in flight may finish on shutdown."""
+    """RENDERFLOW_GENERATION_DRAIN_GRACE_S: how long calls in flight may finish on shutdown."""
     pool_max: int = 10
     """RENDERFLOW_GENERATION_POOL_MAX: most database connections of the server."""
     queue_metrics_s: float = 5.0
-    """RENDERFLOW_QUEUE_METRICS_S: how often the queue depth and running gauges are refreshed."""
+    """RENDERFLOW_GENERATION_QUEUE_METRICS_S: how often the queue depth and running gauges are refreshed."""
     max_active_renders: int = 200
-    """RENDERFLOW_MAX_ACTIVE_RENDERS: the most renders one user may have queued or running; a submit
-    beyond it is refused with `quota_exceeded` (0: no limit)."""
+    """RENDERFLOW_GENERATION_MAX_ACTIVE_RENDERS: the most renders one user may have queued or running;
+    a submit beyond it is refused with `quota_exceeded` (0: no limit)."""
     prefetch_addr: str = ""
-    """RENDERFLOW_IMAGEFETCH_ADDR: the image-fetch service Submit asks to prefetch reference URLs
-    into its cache; empty (RENDERFLOW_PREFETCH=false): no prefetch."""
+    """RENDERFLOW_GENERATION_PREFETCH: whether Submit asks the image-fetch service
+    (RENDERFLOW_IMAGEFETCH_ADDR) to prefetch reference URLs into its cache, so that the worker finds
+    them there (default `true`); the address, empty when off."""
     prefetch_timeout_s: float = 5.0
-    """RENDERFLOW_PREFETCH_TIMEOUT_S: deadline of one prefetch."""
+    """RENDERFLOW_GENERATION_PREFETCH_TIMEOUT_S: deadline of one prefetch."""
     prefetch_concurrency: int = 8
-    """RENDERFLOW_PREFETCH_CONCURRENCY: prefetches in flight at once."""
+    """RENDERFLOW_GENERATION_PREFETCH_CONCURRENCY: prefetches in flight at once."""
     service_token: str | None = field(default=None, repr=False)
     """RENDERFLOW_SERVICE_TOKEN: required of every caller, and carried on prefetches (`from_env`
     insists on it); None, for settings made in code, serves every caller and calls without it."""
@@ -78,18 +79,22 @@ class Settings:
             database_url=_database_url(env),
             artifact_dir=_artifact_dir(env),
             metadata_addr=Addresses.from_env(env).metadata,
-            metadata_timeout_s=env.float("RENDERFLOW_METADATA_TIMEOUT_S", 2.0, minimum=0.01),
-            catalog_ttl_s=env.float("RENDERFLOW_CATALOG_TTL_S", 300.0, minimum=0),
+            metadata_timeout_s=env.float("RENDERFLOW_GENERATION_METADATA_TIMEOUT_S", 2.0, minimum=0.01),
+            catalog_ttl_s=env.float("RENDERFLOW_GENERATION_CATALOG_TTL_S", 300.0, minimum=0),
             db_poll_only=poll_only,
-            poll_interval_s=env.float("RENDERFLOW_WATCH_POLL_S", 1.0 if poll_only else 5.0, minimum=0.05),
-            stall_after_s=env.float("RENDERFLOW_STALL_AFTER_S", 60.0, minimum=1.0),
-            drain_grace_s=env.float("RENDERFLOW_DRAIN_GRACE_S", 5.0, minimum=0.0),
+            poll_interval_s=env.float(
+                "RENDERFLOW_GENERATION_WATCH_POLL_S", 1.0 if poll_only else 5.0, minimum=0.05
+            ),
+            stall_after_s=env.float("RENDERFLOW_GENERATION_STALL_AFTER_S", 60.0, minimum=1.0),
+            drain_grace_s=env.float("RENDERFLOW_GENERATION_DRAIN_GRACE_S", 5.0, minimum=0.0),
             pool_max=env.int("RENDERFLOW_GENERATION_POOL_MAX", 10, minimum=2),
-            queue_metrics_s=env.float("RENDERFLOW_QUEUE_METRICS_S", 5.0, minimum=0.05),
-            max_active_renders=env.int("RENDERFLOW_MAX_ACTIVE_RENDERS", 200, minimum=0),
-            prefetch_addr=Addresses.from_env(env).imagefetch if env.bool("RENDERFLOW_PREFETCH", True) else "",
-            prefetch_timeout_s=env.float("RENDERFLOW_PREFETCH_TIMEOUT_S", 5.0, minimum=0.1),
-            prefetch_concurrency=env.int("RENDERFLOW_PREFETCH_CONCURRENCY", 8, minimum=1),
+            queue_metrics_s=env.float("RENDERFLOW_GENERATION_QUEUE_METRICS_S", 5.0, minimum=0.05),
+            max_active_renders=env.int("RENDERFLOW_GENERATION_MAX_ACTIVE_RENDERS", 200, minimum=0),
+            prefetch_addr=Addresses.from_env(env).imagefetch
+            if env.bool("RENDERFLOW_GENERATION_PREFETCH", True)
+            else "",
+            prefetch_timeout_s=env.float("RENDERFLOW_GENERATION_PREFETCH_TIMEOUT_S", 5.0, minimum=0.1),
+            prefetch_concurrency=env.int("RENDERFLOW_GENERATION_PREFETCH_CONCURRENCY", 8, minimum=1),
             service_token=service_token(env),
         )
 
@@ -115,55 +120,55 @@ class WorkerSettings:
     rescue_interval_s: float = 5.0
     """RENDERFLOW_WORKER_RESCUE_S: how often expired leases are requeued (or failed)."""
     max_attempts: int = 3
-    """RENDERFLOW_MAX_ATTEMPTS: attempts per render before it fails."""
+    """RENDERFLOW_WORKER_MAX_ATTEMPTS: attempts per render before it fails."""
     retry_base_s: float = 1.0
-    """RENDERFLOW_RETRY_BASE_S: backoff before the 2nd attempt; doubles after each (with jitter)."""
+    """RENDERFLOW_WORKER_RETRY_BASE_S: backoff before the 2nd attempt; doubles after each (with jitter)."""
     retry_max_s: float = 60.0
-    """RENDERFLOW_RETRY_MAX_S: the cap of that backoff."""
+    """RENDERFLOW_WORKER_RETRY_MAX_S: the cap of that backoff."""
     poll_interval_s: float = 5.0
     """RENDERFLOW_WORKER_POLL_S: how often the queue is polled when no NOTIFY wakes the worker."""
     db_poll_only: bool = False
     """RENDERFLOW_DB_POLL_ONLY: never LISTEN (for poolers in transaction mode); poll instead."""
     shutdown_grace_s: float = 20.0
-    """RENDERFLOW_WORKER_GRACE_S: on SIGTERM, how long renders in flight may finish before they
+    """RENDERFLOW_WORKER_DRAIN_GRACE_S: on SIGTERM, how long renders in flight may finish before they
     are handed back to the queue."""
     progress_interval_s: float = 0.1
-    """RENDERFLOW_PROGRESS_INTERVAL_S: at most one progress event per render this often; a phase
+    """RENDERFLOW_WORKER_PROGRESS_INTERVAL_S: at most one progress event per render this often; a phase
     that ends sooner is reported with the next event rather than on its own."""
     image_fetch_timeout_s: float = 5.0
-    """RENDERFLOW_IMAGE_FETCH_TIMEOUT_S: hard limit on fetching a reference image."""
+    """RENDERFLOW_WORKER_IMAGEFETCH_TIMEOUT_S: hard limit on fetching a reference image."""
     image_fetch_outage_s: float = 60.0
-    """RENDERFLOW_IMAGE_FETCH_OUTAGE_S: how long a render waits for the image-fetch service to
+    """RENDERFLOW_WORKER_IMAGEFETCH_OUTAGE_S: how long a render waits for the image-fetch service to
     answer again (it is down, restarting) before that counts as a failed attempt: an outage of our
     own plumbing should not spend the attempts of a user's render."""
     procedural_step_ms: float = 0.0
-    """RENDERFLOW_PROCEDURAL_STEP_MS: latency the procedural backend adds to each step."""
+    """RENDERFLOW_BACKEND_PROCEDURAL_STEP_MS: latency the procedural backend adds to each step."""
     backend: BackendSettings = field(default_factory=BackendSettings)
     """RENDERFLOW_BACKEND (or per kind RENDERFLOW_BACKEND_IMAGE / _VIDEO): `procedural` or `http`;
-    with `http`, RENDERFLOW_HTTP_BACKEND_URL and the other RENDERFLOW_HTTP_BACKEND_* settings."""
+    with `http`, RENDERFLOW_BACKEND_HTTP_URL and the other RENDERFLOW_HTTP_BACKEND_* settings."""
     budgets: Budgets = field(default_factory=Budgets)
     """RENDERFLOW_BUDGET_<PHASE>_MS: a phase over its budget logs a `slow operation` warning."""
     tenant_max_running: int = 8
-    """RENDERFLOW_TENANT_MAX_RUNNING: the most renders of one user running at once, across all
+    """RENDERFLOW_WORKER_TENANT_MAX_RUNNING: the most renders of one user running at once, across all
     workers (0: no limit)."""
     tenant_reserved_slots: int = 1
-    """RENDERFLOW_TENANT_RESERVED_SLOTS: slots of the live workers that no one user's renders may
+    """RENDERFLOW_WORKER_TENANT_RESERVED_SLOTS: slots of the live workers that no one user's renders may
     hold, kept for whoever submits next (0: a user may take every slot)."""
     backend_rate_limits: Mapping[str, float] = field(default_factory=dict)
     """RENDERFLOW_BACKEND_RATE_LIMITS: calls per second each backend may start, across all workers,
     e.g. `procedural=0,http=5` (0 or absent: unlimited)."""
     max_duration_image_s: float = 300.0
-    """RENDERFLOW_MAX_DURATION_IMAGE_S: the most an image's generation may take; past it the render
+    """RENDERFLOW_WORKER_MAX_DURATION_IMAGE_S: the most an image's generation may take; past it the render
     fails with `timeout` (not retried)."""
     max_duration_video_s: float = 1800.0
-    """RENDERFLOW_MAX_DURATION_VIDEO_S: the same for a video."""
+    """RENDERFLOW_WORKER_MAX_DURATION_VIDEO_S: the same for a video."""
     chain_wait_s: float = 60.0
-    """RENDERFLOW_CHAIN_WAIT_S: how long a chain render waits for its predecessor to be submitted
+    """RENDERFLOW_WORKER_CHAIN_WAIT_S: how long a chain render waits for its predecessor to be submitted
     at all (its position was allocated, but the submit may have been lost) before earlier renders
     stand in for it (with none, it runs without a reference, or fails with `dependency_failed` if
     the reference is required); once the predecessor exists it waits as long as that one takes."""
     event_retention_s: float = 7 * 86400.0
-    """RENDERFLOW_EVENT_RETENTION_S: events of renders that ended longer ago are deleted."""
+    """RENDERFLOW_WORKER_EVENT_RETENTION_S: events of renders that ended longer ago are deleted."""
     service_token: str | None = field(default=None, repr=False)
     """RENDERFLOW_SERVICE_TOKEN: carried on every call to image-fetch (`from_env` insists on it);
     None, for settings made in code, calls without it."""
@@ -185,26 +190,26 @@ class WorkerSettings:
             lease_s=lease_s,
             heartbeat_s=heartbeat_s,
             rescue_interval_s=env.float("RENDERFLOW_WORKER_RESCUE_S", min(5.0, lease_s), minimum=0.05),
-            max_attempts=env.int("RENDERFLOW_MAX_ATTEMPTS", 3, minimum=1),
-            retry_base_s=env.float("RENDERFLOW_RETRY_BASE_S", 1.0, minimum=0.0),
-            retry_max_s=env.float("RENDERFLOW_RETRY_MAX_S", 60.0, minimum=0.0),
+            max_attempts=env.int("RENDERFLOW_WORKER_MAX_ATTEMPTS", 3, minimum=1),
+            retry_base_s=env.float("RENDERFLOW_WORKER_RETRY_BASE_S", 1.0, minimum=0.0),
+            retry_max_s=env.float("RENDERFLOW_WORKER_RETRY_MAX_S", 60.0, minimum=0.0),
             poll_interval_s=env.float("RENDERFLOW_WORKER_POLL_S", 5.0, minimum=0.05),
             db_poll_only=env.bool("RENDERFLOW_DB_POLL_ONLY", False),
-            shutdown_grace_s=env.float("RENDERFLOW_WORKER_GRACE_S", 20.0, minimum=0.0),
-            progress_interval_s=env.float("RENDERFLOW_PROGRESS_INTERVAL_S", 0.1, minimum=0.0),
-            image_fetch_timeout_s=env.float("RENDERFLOW_IMAGE_FETCH_TIMEOUT_S", 5.0, minimum=0.1),
-            image_fetch_outage_s=env.float("RENDERFLOW_IMAGE_FETCH_OUTAGE_S", 60.0, minimum=0.0),
-            procedural_step_ms=env.float("RENDERFLOW_PROCEDURAL_STEP_MS", 0.0, minimum=0.0),
+            shutdown_grace_s=env.float("RENDERFLOW_WORKER_DRAIN_GRACE_S", 20.0, minimum=0.0),
+            progress_interval_s=env.float("RENDERFLOW_WORKER_PROGRESS_INTERVAL_S", 0.1, minimum=0.0),
+            image_fetch_timeout_s=env.float("RENDERFLOW_WORKER_IMAGEFETCH_TIMEOUT_S", 5.0, minimum=0.1),
+            image_fetch_outage_s=env.float("RENDERFLOW_WORKER_IMAGEFETCH_OUTAGE_S", 60.0, minimum=0.0),
+            procedural_step_ms=env.float("RENDERFLOW_BACKEND_PROCEDURAL_STEP_MS", 0.0, minimum=0.0),
             backend=BackendSettings.from_env(env),
             budgets=Budgets.from_env(env),
-            tenant_max_running=env.int("RENDERFLOW_TENANT_MAX_RUNNING", 8, minimum=0),
-            tenant_reserved_slots=env.int("RENDERFLOW_TENANT_RESERVED_SLOTS", 1, minimum=0),
+            tenant_max_running=env.int("RENDERFLOW_WORKER_TENANT_MAX_RUNNING", 8, minimum=0),
+            tenant_reserved_slots=env.int("RENDERFLOW_WORKER_TENANT_RESERVED_SLOTS", 1, minimum=0),
             backend_rate_limits=parse_rates(
                 env.list("RENDERFLOW_BACKEND_RATE_LIMITS"), "RENDERFLOW_BACKEND_RATE_LIMITS"
             ),
-            max_duration_image_s=env.float("RENDERFLOW_MAX_DURATION_IMAGE_S", 300.0, minimum=0.1),
-            max_duration_video_s=env.float("RENDERFLOW_MAX_DURATION_VIDEO_S", 1800.0, minimum=0.1),
-            chain_wait_s=env.float("RENDERFLOW_CHAIN_WAIT_S", 60.0, minimum=0.0),
-            event_retention_s=env.float("RENDERFLOW_EVENT_RETENTION_S", 7 * 86400.0, minimum=60.0),
+            max_duration_image_s=env.float("RENDERFLOW_WORKER_MAX_DURATION_IMAGE_S", 300.0, minimum=0.1),
+            max_duration_video_s=env.float("RENDERFLOW_WORKER_MAX_DURATION_VIDEO_S", 1800.0, minimum=0.1),
+            chain_wait_s=env.float("RENDERFLOW_WORKER_CHAIN_WAIT_S", 60.0, minimum=0.0),
+            event_retention_s=env.float("RENDERFLOW_WORKER_EVENT_RETENTION_S", 7 * 86400.0, minimum=60.0),
             service_token=service_token(env),
         )

@@ -31,7 +31,7 @@ def stalled_gauge(meter_provider: metrics.MeterProvider | None = None) -> Gauge:
     return meter.create_gauge(
         "renderflow.renders.stalled",
         unit="{render}",
-        description="Renders running without progress for longer than RENDERFLOW_STALL_AFTER_S",
+        description="Renders running without progress for longer than RENDERFLOW_GENERATION_STALL_AFTER_S",
     )
 
 

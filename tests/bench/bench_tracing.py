@@ -53,7 +53,7 @@ MODES = {
 def _config(workers: int, step_ms: float, env: dict[str, str]) -> StackConfig:
     # Product settings but fsync off: with a durable commit per submit, a slow disk hides every other
     # cost. Each process's /metrics is off but the gateway's (ports 9100+ may be taken here).
-    extra_env = {"RENDERFLOW_METRICS_BASE_PORT": "0", **env}
+    extra_env = {"RENDERFLOW_LOCAL_METRICS_BASE_PORT": "0", **env}
     config = StackConfig.product_defaults(step_ms, workers=workers, log_level="WARNING", extra_env=extra_env)
     return dataclasses.replace(config, pg_fast=True)
 
@@ -156,7 +156,7 @@ async def scenario(renders: int, workdir: Path) -> dict[str, Any]:
     10 with one at a closed port, 1 in 10 with an optional one that 404s, 1 in 5 with a good one.
     Then the trace report of the run, and the renders finished as the workers' `/metrics` count them."""
     metrics_base = _free_port_range(13)
-    env = {"RENDERFLOW_METRICS_BASE_PORT": str(metrics_base)}
+    env = {"RENDERFLOW_LOCAL_METRICS_BASE_PORT": str(metrics_base)}
     async with (
         running_stack(workdir, _config(2, 20.0, env)) as stack,
         aiohttp.ClientSession(stack.url, headers=_auth(stack)) as http,

@@ -15,7 +15,7 @@ EXPLAINED: dict[str, frozenset[tuple[str, str]]] = {
     # Only when the same render lost all its attempts to kills.
     "worker_kill": frozenset({("generation_failed", "lease_expired")}),
     "pg_restart": frozenset({("generation_failed", "lease_expired")}),
-    # Renders wait for a restarting image-fetch service (RENDERFLOW_IMAGE_FETCH_OUTAGE_S): none fails.
+    # Renders wait for a restarting image-fetch service (RENDERFLOW_WORKER_IMAGEFETCH_OUTAGE_S): none fails.
     "imagefetch_kill": frozenset(),
     "metadata_kill": frozenset(),
     # A required reference from an origin that never answers: the fetch deadline ends it.

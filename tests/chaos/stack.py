@@ -55,9 +55,9 @@ class StackConfig:
         without the per-key submit rate limit, active-render quota and open-stream cap (a benchmark
         is one key sending, and following its renders, as fast as it can)."""
         no_per_key_limits = {
-            "RENDERFLOW_RATE_LIMIT_PER_S": "0",
-            "RENDERFLOW_RATE_LIMIT_BURST": "0",
-            "RENDERFLOW_MAX_ACTIVE_RENDERS": "0",
+            "RENDERFLOW_GATEWAY_RATE_LIMIT_PER_S": "0",
+            "RENDERFLOW_GATEWAY_RATE_LIMIT_BURST": "0",
+            "RENDERFLOW_GENERATION_MAX_ACTIVE_RENDERS": "0",
             "RENDERFLOW_GATEWAY_MAX_STREAMS_PER_KEY": "1000000",
         }
         return cls(
@@ -68,12 +68,12 @@ class StackConfig:
     def environment(self) -> dict[str, str]:
         """The RENDERFLOW_* settings of this configuration (ports are added by the stack)."""
         env = {
-            "RENDERFLOW_WORKERS": str(self.workers),
+            "RENDERFLOW_LOCAL_WORKERS": str(self.workers),
             "RENDERFLOW_WORKER_CONCURRENCY": str(self.worker_concurrency),
-            "RENDERFLOW_PROCEDURAL_STEP_MS": f"{self.step_ms:g}",
-            "RENDERFLOW_IMAGE_FETCH_TIMEOUT_S": f"{self.fetch_timeout_s:g}",
-            "RENDERFLOW_FETCH_DEADLINE_S": f"{self.fetch_timeout_s:g}",
-            "RENDERFLOW_FETCH_ALLOW": "127.0.0.1",
+            "RENDERFLOW_BACKEND_PROCEDURAL_STEP_MS": f"{self.step_ms:g}",
+            "RENDERFLOW_WORKER_IMAGEFETCH_TIMEOUT_S": f"{self.fetch_timeout_s:g}",
+            "RENDERFLOW_IMAGEFETCH_DEADLINE_S": f"{self.fetch_timeout_s:g}",
+            "RENDERFLOW_IMAGEFETCH_ALLOW": "127.0.0.1",
             "RENDERFLOW_LOG_LEVEL": self.log_level,
         }
         for name, value in (

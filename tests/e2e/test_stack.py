@@ -43,12 +43,12 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         **os.environ,
         "RENDERFLOW_RUN_DIR": str(tmp_path / "run"),
         "RENDERFLOW_GATEWAY_PORT": str(gateway_port),
-        "RENDERFLOW_PG_PORT": str(free_port()),
+        "RENDERFLOW_LOCAL_PG_PORT": str(free_port()),
         "RENDERFLOW_METADATA_ADDR": f"127.0.0.1:{free_port()}",
         "RENDERFLOW_IMAGEFETCH_ADDR": f"127.0.0.1:{free_port()}",
         "RENDERFLOW_GENERATION_ADDR": f"127.0.0.1:{free_port()}",
-        "RENDERFLOW_DEV_API_KEY": DEV_KEY,
-        "RENDERFLOW_WORKERS": "2",
+        "RENDERFLOW_LOCAL_API_KEY": DEV_KEY,
+        "RENDERFLOW_LOCAL_WORKERS": "2",
     }
     env.pop("DATABASE_URL", None)
     process = await asyncio.create_subprocess_exec(

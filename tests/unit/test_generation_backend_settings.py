@@ -27,10 +27,10 @@ def test_http_per_kind_with_its_settings() -> None:
         {
             "RENDERFLOW_BACKEND": "http",
             "RENDERFLOW_BACKEND_VIDEO": "procedural",
-            "RENDERFLOW_HTTP_BACKEND_URL": URL,
-            "RENDERFLOW_HTTP_BACKEND_TOKEN": "t0ken",
-            "RENDERFLOW_HTTP_BACKEND_POLL_S": "0.25",
-            "RENDERFLOW_HTTP_BACKEND_MAX_WAIT_S": "120",
+            "RENDERFLOW_BACKEND_HTTP_URL": URL,
+            "RENDERFLOW_BACKEND_HTTP_TOKEN": "t0ken",
+            "RENDERFLOW_BACKEND_HTTP_POLL_S": "0.25",
+            "RENDERFLOW_BACKEND_HTTP_MAX_WAIT_S": "120",
         }
     )
     settings = BackendSettings.from_env(env)
@@ -38,16 +38,16 @@ def test_http_per_kind_with_its_settings() -> None:
     assert settings.http == HttpBackendSettings(url=URL, token="t0ken", poll_s=0.25, max_wait_s=120)
 
 
-HTTP = {"RENDERFLOW_BACKEND": "http", "RENDERFLOW_HTTP_BACKEND_URL": URL}
+HTTP = {"RENDERFLOW_BACKEND": "http", "RENDERFLOW_BACKEND_HTTP_URL": URL}
 
 
 @pytest.mark.parametrize(
     ("environ", "named"),
     [
         ({"RENDERFLOW_BACKEND": "replicate"}, "RENDERFLOW_BACKEND"),
-        ({"RENDERFLOW_BACKEND_IMAGE": "http"}, "RENDERFLOW_HTTP_BACKEND_URL"),
-        ({**HTTP, "RENDERFLOW_HTTP_BACKEND_URL": "ftp://x"}, "RENDERFLOW_HTTP_BACKEND_URL"),
-        ({**HTTP, "RENDERFLOW_HTTP_BACKEND_POLL_S": "0"}, "RENDERFLOW_HTTP_BACKEND_POLL_S"),
+        ({"RENDERFLOW_BACKEND_IMAGE": "http"}, "RENDERFLOW_BACKEND_HTTP_URL"),
+        ({**HTTP, "RENDERFLOW_BACKEND_HTTP_URL": "ftp://x"}, "RENDERFLOW_BACKEND_HTTP_URL"),
+        ({**HTTP, "RENDERFLOW_BACKEND_HTTP_POLL_S": "0"}, "RENDERFLOW_BACKEND_HTTP_POLL_S"),
     ],
 )
 def test_bad_settings_name_their_variable(environ: dict[str, str], named: str) -> None:
@@ -57,9 +57,9 @@ def test_bad_settings_name_their_variable(environ: dict[str, str], named: str) -
 
 def test_credentials_in_the_url_are_refused_without_being_echoed() -> None:
     env = Env(
-        {"RENDERFLOW_BACKEND": "http", "RENDERFLOW_HTTP_BACKEND_URL": "https://u:hunter2@api.example.com"}
+        {"RENDERFLOW_BACKEND": "http", "RENDERFLOW_BACKEND_HTTP_URL": "https://u:hunter2@api.example.com"}
     )
-    with pytest.raises(ConfigError, match="RENDERFLOW_HTTP_BACKEND_TOKEN") as caught:
+    with pytest.raises(ConfigError, match="RENDERFLOW_BACKEND_HTTP_TOKEN") as caught:
         BackendSettings.from_env(env)
     assert "hunter2" not in str(caught.value)
 
@@ -69,7 +69,7 @@ def test_the_token_never_shows_in_the_worker_settings() -> None:
         {
             **HTTP,
             "DATABASE_URL": "postgresql://localhost/x",
-            "RENDERFLOW_HTTP_BACKEND_TOKEN": "t0ken-s3cret",
+            "RENDERFLOW_BACKEND_HTTP_TOKEN": "t0ken-s3cret",
             **TOKEN_ENV,
         }
     )

@@ -22,14 +22,14 @@ def test_limits_have_defaults_and_read_their_variables() -> None:
         Env(
             {
                 **base,
-                "RENDERFLOW_TENANT_MAX_RUNNING": "2",
+                "RENDERFLOW_WORKER_TENANT_MAX_RUNNING": "2",
                 "RENDERFLOW_BACKEND_RATE_LIMITS": "procedural=0, http=2.5",
-                "RENDERFLOW_MAX_DURATION_IMAGE_S": "30",
+                "RENDERFLOW_WORKER_MAX_DURATION_IMAGE_S": "30",
             }
         )
     )
     server = Settings.from_env(
-        Env({**base, "RENDERFLOW_MAX_ACTIVE_RENDERS": "0", "RENDERFLOW_PREFETCH": "no"})
+        Env({**base, "RENDERFLOW_GENERATION_MAX_ACTIVE_RENDERS": "0", "RENDERFLOW_GENERATION_PREFETCH": "no"})
     )
     assert worker.tenant_max_running == 2 and worker.max_duration_image_s == 30.0
     assert worker.backend_rate_limits == {"procedural": 0.0, "http": 2.5}

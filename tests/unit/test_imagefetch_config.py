@@ -25,9 +25,9 @@ def test_the_allow_list_and_cache_come_from_the_environment() -> None:
     settings = Settings.from_env(
         Env(
             {
-                "RENDERFLOW_FETCH_ALLOW": "127.0.0.1, 10.0.0.0/8,::1",
+                "RENDERFLOW_IMAGEFETCH_ALLOW": "127.0.0.1, 10.0.0.0/8,::1",
                 "RENDERFLOW_CACHE_URL": "redis://:pw@cache:6380/2",
-                "RENDERFLOW_FETCH_DEADLINE_S": "2.5",
+                "RENDERFLOW_IMAGEFETCH_DEADLINE_S": "2.5",
                 "RENDERFLOW_IMAGEFETCH_ADDR": "0.0.0.0:6000",
                 **TOKEN_ENV,
             }
@@ -40,8 +40,8 @@ def test_the_allow_list_and_cache_come_from_the_environment() -> None:
 
 
 def test_a_bad_allow_list_names_the_variable() -> None:
-    with pytest.raises(ConfigError, match=r"RENDERFLOW_FETCH_ALLOW.*localhost"):
-        Settings.from_env(Env({"RENDERFLOW_FETCH_ALLOW": "localhost"}))
+    with pytest.raises(ConfigError, match=r"RENDERFLOW_IMAGEFETCH_ALLOW.*localhost"):
+        Settings.from_env(Env({"RENDERFLOW_IMAGEFETCH_ALLOW": "localhost"}))
 
 
 def test_a_bad_cache_url_is_named_without_its_password() -> None:

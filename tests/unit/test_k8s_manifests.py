@@ -399,7 +399,7 @@ def test_workers_have_time_to_drain_and_leave_one_at_a_time(cluster: Cluster) ->
     assert period >= 60
     # Renders get most of the period; what is left hands back jobs, closes the pool, flushes traces.
     env = {e["name"]: e for e in _container(worker)["env"]}
-    assert 0 < float(env["RENDERFLOW_WORKER_GRACE_S"]["value"]) <= period - 10
+    assert 0 < float(env["RENDERFLOW_WORKER_DRAIN_GRACE_S"]["value"]) <= period - 10
     assert "replicas" not in worker["spec"], "KEDA (or kubectl scale) owns the worker count"
     assert [port["name"] for port in _container(worker)["ports"]] == ["metrics"], "it serves nothing else"
     pdb = cluster.get("PodDisruptionBudget", "worker")

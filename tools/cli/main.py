@@ -27,9 +27,12 @@ from tools.cli.supervisor import (
 from tools.embedded_pg.server import EmbeddedPostgres, EmbeddedPostgresError, ServerCommand
 
 DEFAULT_PG_PORT = 54329
+"""RENDERFLOW_LOCAL_PG_PORT: the port of the embedded PostgreSQL (when DATABASE_URL is not set)."""
 METRICS_BASE_PORT = 9100
-"""`/metrics` of metadata, imagefetch, generation on base+1..3, of worker n on base+10+n (the
-gateway serves it on its own port); RENDERFLOW_METRICS_BASE_PORT moves them, 0 turns them off."""
+"""RENDERFLOW_LOCAL_METRICS_BASE_PORT: `/metrics` of metadata, imagefetch, generation on base+1..3, of
+worker n on base+10+n (the gateway serves it on its own port); 0 turns them off."""
+WORKERS = 2
+"""RENDERFLOW_LOCAL_WORKERS: the worker processes `renderflow run` starts."""
 STOP_TIMEOUT = 9.0
 """Seconds for every process to stop; PostgreSQL, last, has what the services leave (and at least
 the half second the supervisor keeps for each stage after the first to stop)."""
@@ -87,8 +90,8 @@ def renderflow_stages(env: Env, python: str = sys.executable) -> list[list[Proce
     """Renderflow's processes, in start order: each service once the one before it is healthy,
     then the workers and the gateway (which stop first, in reverse)."""
     addresses = Addresses.from_env(env)
-    workers = env.int("RENDERFLOW_WORKERS", 2, minimum=0)
-    metrics_base = env.int("RENDERFLOW_METRICS_BASE_PORT", METRICS_BASE_PORT, minimum=0)
+    workers = env.int("RENDERFLOW_LOCAL_WORKERS", WORKERS, minimum=0)
+    metrics_base = env.int("RENDERFLOW_LOCAL_METRICS_BASE_PORT", METRICS_BASE_PORT, minimum=0)
 
     def module(
         name: str, module: str, health: GrpcHealth | HttpHealth | None, metrics_offset: int = 0
@@ -126,7 +129,7 @@ def postgres_spec(server: ServerCommand) -> ProcessSpec:
 
 
 def _service_metrics(env: Env) -> str:
-    base = env.int("RENDERFLOW_METRICS_BASE_PORT", METRICS_BASE_PORT, minimum=0)
+    base = env.int("RENDERFLOW_LOCAL_METRICS_BASE_PORT", METRICS_BASE_PORT, minimum=0)
     return f"; services on ports {base + 1}-{base + 3}, worker n on {base + 10}+n" if base else ""
 
 
@@ -155,12 +158,12 @@ async def _run(env: Env) -> int:
     # Settings errors surface before anything starts.
     stages = renderflow_stages(env)
     token = run_service_token(env, directory)
-    log_max_bytes = env.int("RENDERFLOW_LOG_MAX_BYTES", LOG_MAX_BYTES, minimum=0)
-    log_backups = env.int("RENDERFLOW_LOG_BACKUPS", LOG_BACKUPS, minimum=1)
+    log_max_bytes = env.int("RENDERFLOW_LOCAL_LOG_MAX_BYTES", LOG_MAX_BYTES, minimum=0)
+    log_backups = env.int("RENDERFLOW_LOCAL_LOG_BACKUPS", LOG_BACKUPS, minimum=1)
     database_url = env.optional("DATABASE_URL")
     postgres: EmbeddedPostgres | None = None
     if database_url is None:
-        port = env.int("RENDERFLOW_PG_PORT", DEFAULT_PG_PORT, minimum=1)
+        port = env.int("RENDERFLOW_LOCAL_PG_PORT", DEFAULT_PG_PORT, minimum=1)
         postgres = EmbeddedPostgres(directory / "pg", port=port)
         print(f"Starting PostgreSQL in {directory / 'pg'} on port {port} ...", flush=True)
     try:
@@ -229,12 +232,15 @@ async def _serve(
 
 
 async def _dev_api_key(env: Env, database_url: str, directory: Path) -> str:
-    """Ensure the development user; its key is RENDERFLOW_DEV_API_KEY, else the one kept in
+    """RENDERFLOW_LOCAL_API_KEY: the development user's API key (default: one made at the first run and
+    kept in `<run dir>/dev-api-key`).
+
+    Ensure the development user; its key is RENDERFLOW_LOCAL_API_KEY, else the one kept in
     `<run_dir>/dev-api-key` by an earlier run, else a new one (kept there, mode 600)."""
     from services.metadata.admin import ensure_dev_user
 
     key_file = directory / "dev-api-key"
-    wanted = env.optional("RENDERFLOW_DEV_API_KEY")
+    wanted = env.optional("RENDERFLOW_LOCAL_API_KEY")
     if wanted is None and key_file.exists():
         wanted = key_file.read_text().strip() or None
     api_key = await ensure_dev_user(database_url, wanted)
@@ -270,7 +276,7 @@ async def _admin(args: argparse.Namespace, env: Env) -> int:
     database_url = env.optional("DATABASE_URL")
     postgres: EmbeddedPostgres | None = None
     if database_url is None:
-        port = env.int("RENDERFLOW_PG_PORT", DEFAULT_PG_PORT, minimum=1)
+        port = env.int("RENDERFLOW_LOCAL_PG_PORT", DEFAULT_PG_PORT, minimum=1)
         postgres = EmbeddedPostgres(run_dir(env) / "pg", port=port)
         database_url = await asyncio.to_thread(postgres.ensure_running)
     try:

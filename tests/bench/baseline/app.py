@@ -31,7 +31,7 @@ SCHEMA_SQL = Path(__file__).with_name("schema.sql")
 
 @dataclass(frozen=True)
 class BaselineSettings:
-    """The baseline server; `step_ms` as Renderflow's RENDERFLOW_PROCEDURAL_STEP_MS."""
+    """The baseline server; `step_ms` as Renderflow's RENDERFLOW_BACKEND_PROCEDURAL_STEP_MS."""
 
     database_url: str
     artifact_dir: Path
