@@ -74,7 +74,7 @@ MAX_PAGE_SIZE: Final = 200
 
 Phase = Literal["auth", "validation", "db", "enqueue", "queue_wait", "image_fetch", "generation", "store"]
 PHASES: Final[tuple[Phase, ...]] = get_args(Phase)
-"""The phases of a render (DESIGN.md) in the order it goes through them. Each is a `<phase>_ms`
+"""The phases of a render (docs/architecture.md) in the order it goes through them. Each is a `<phase>_ms`
 timing of the render, a label of the phase histogram, and in traces a span (the worker's phases) or
 an attribute of the request's span (`phase_attribute`: the request phases, too short for a span)."""
 REQUEST_PHASES: Final = PHASES[:4]
@@ -106,5 +106,5 @@ PHASE_BUDGETS_MS: Final[Mapping[str, float]] = MappingProxyType(
         "store": 1000.0,  # writing the artifact
     }
 )
-"""Slow-operation budgets (DESIGN.md), the defaults of RENDERFLOW_BUDGET_<PHASE>_MS. queue_wait and
+"""Slow-operation budgets (docs/architecture.md), the defaults of RENDERFLOW_BUDGET_<PHASE>_MS. queue_wait and
 generation have none: they depend on the load and on the kind, and are only reported."""

@@ -20,7 +20,7 @@ from aiocache.serializers import BaseSerializer
 from yarl import URL
 
 from services.imagefetch.config import Settings
-from services.imagefetch.model import FetchFailure, Image
+from services.imagefetch.domain import FetchFailure, Image
 
 log = logging.getLogger(__name__)
 

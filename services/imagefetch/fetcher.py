@@ -21,9 +21,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 from yarl import URL
 
 from services.imagefetch.config import Settings
-from services.imagefetch.guard import check_address, normalize_url, parse_ip, refusal, refused_name
-from services.imagefetch.instruments import Instruments
-from services.imagefetch.model import (
+from services.imagefetch.domain import (
     CONNECTION_FAILED,
     INVALID_URL,
     TIMEOUT,
@@ -32,6 +30,8 @@ from services.imagefetch.model import (
     FetchFailure,
     Progress,
 )
+from services.imagefetch.guard import check_address, normalize_url, parse_ip, refusal, refused_name
+from services.imagefetch.instruments import Instruments
 from shared.http_headers import RetryAfterOrExponential, parse_retry_after
 from shared.telemetry import http_client_tracing
 

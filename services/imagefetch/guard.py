@@ -22,7 +22,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from yarl import URL
 
-from services.imagefetch.model import BLOCKED_ADDRESS, INVALID_URL, FetchFailure
+from services.imagefetch.domain import BLOCKED_ADDRESS, INVALID_URL, FetchFailure
 
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network

@@ -11,7 +11,7 @@ import io
 
 from PIL import Image as PilImage
 
-from services.imagefetch.model import NOT_AN_IMAGE, TOO_LARGE, FetchFailure, Image
+from services.imagefetch.domain import NOT_AN_IMAGE, TOO_LARGE, FetchFailure, Image
 
 # Signatures of the formats accepted, and the Pillow format each must then decode as.
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (

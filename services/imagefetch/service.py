@@ -21,11 +21,11 @@ from yarl import URL
 
 from services.imagefetch.cache import ImageCache, cache_key, ttl_for
 from services.imagefetch.config import Settings
+from services.imagefetch.domain import FetchFailure, FetchOrder, FetchOutcome, Image, Progress
 from services.imagefetch.fetcher import HttpFetcher, ProgressSink
 from services.imagefetch.guard import normalize_url
 from services.imagefetch.image import inspect_async
 from services.imagefetch.instruments import Instruments
-from services.imagefetch.model import FetchFailure, FetchOrder, FetchOutcome, Image, Progress
 from shared.errors import ValidationFailed
 
 log = logging.getLogger(__name__)

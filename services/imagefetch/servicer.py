@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
 
-from services.imagefetch.model import FetchOrder, FetchOutcome, Progress
+from services.imagefetch.domain import FetchOrder, FetchOutcome, Progress
 from services.imagefetch.service import ImageService
 from shared.errors import ValidationFailed
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from .domain import Metadata
-from .storage import Store, prepare_schema
+from services.metadata.service import Metadata
+from services.metadata.store import Store, prepare_schema
 
 
 @asynccontextmanager

@@ -4,7 +4,7 @@ The `changes` table is the source of truth; a notification only says "read the t
 keeps a high-water mark (the last seq it published) and, on every notification, on every
 reconnection of the LISTEN connection, and on a slow poll as a safety net, reads the changes
 above it and hands them to each subscriber. Because change-writing transactions commit in seq
-order (storage.py: `_record`), reading "everything above the mark" never skips a change.
+order (store.py: `_record`), reading "everything above the mark" never skips a change.
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ from datetime import timedelta
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
+from services.metadata.domain import Change
+from services.metadata.listener import ChangeListener
+from services.metadata.store import Store
 from shared.errors import Unavailable, ValidationFailed
-
-from .listener import ChangeListener
-from .models import Change
-from .storage import Store
 
 log = logging.getLogger(__name__)
 

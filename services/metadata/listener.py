@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 
-from .storage import Q, translated_errors
+from services.metadata.store import Q, translated_errors
 
 LISTENER_NAME = "renderflow-metadata-listen"
 # A ping of the LISTEN connection that takes longer than this means the connection is dead.

@@ -1,4 +1,4 @@
--- The metadata service's SQL, one named block per query (loaded by storage.py).
+-- The metadata service's SQL, one named block per query (loaded by store.py).
 -- Tables are schema-qualified: pooled connections keep the default search_path.
 
 -- name: insert_user

@@ -9,15 +9,14 @@ from datetime import timedelta
 
 from renderflow.v1 import metadata_pb2_grpc
 
+from services.metadata.changefeed import ChangeFeed
+from services.metadata.config import Settings
+from services.metadata.service import Metadata
+from services.metadata.servicer import SERVICE_NAME, MetadataServicer
+from services.metadata.store import Store, prepare_schema
 from shared.db import open_pool
 from shared.grpc_server import create_server, drain, start
 from shared.health import watching_database_health
-
-from .changefeed import ChangeFeed
-from .config import Settings
-from .domain import Metadata
-from .servicer import SERVICE_NAME, MetadataServicer
-from .storage import Store, prepare_schema
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from renderflow.v1 import metadata_pb2 as pb
 from renderflow.v1 import metadata_pb2_grpc
 
-from .changefeed import ChangeFeed
-from .domain import Metadata
-from .models import ApiKey, Chain, Change, Project, Rule, User
-from .storage import LAST_CHANGE_SEQ
+from services.metadata.changefeed import ChangeFeed
+from services.metadata.domain import ApiKey, Chain, Change, Project, Rule, User
+from services.metadata.service import Metadata
+from services.metadata.store import LAST_CHANGE_SEQ
 
 Context = grpc.aio.ServicerContext[Any, Any]
 

@@ -12,10 +12,9 @@ import re
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
+from services.metadata.domain import Cursor
 from shared.contract import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, SLUG_PATTERN
 from shared.errors import FieldError, NotFound, ValidationFailed
-
-from .models import Cursor
 
 USER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 SLUG = re.compile(SLUG_PATTERN)

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from services.imagefetch.config import Settings
+from services.imagefetch.domain import FetchOrder
 from services.imagefetch.guard import parse_allow_list
-from services.imagefetch.model import FetchOrder
 from services.imagefetch.service import ImageService, open_service
 from tests.conftest import free_port
 from tests.support import eventually

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from services.imagefetch.config import Settings
+from services.imagefetch.domain import FetchFailure, FetchOrder, FetchOutcome
 from services.imagefetch.guard import parse_allow_list
-from services.imagefetch.model import FetchFailure, FetchOrder, FetchOutcome
 from services.imagefetch.service import ImageService, open_service
 from tests.support.origin import Origin
 

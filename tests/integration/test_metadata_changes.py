@@ -22,7 +22,7 @@ from services.metadata import admin
 from services.metadata.config import Settings
 from services.metadata.listener import LISTENER_NAME
 from services.metadata.server import running
-from services.metadata.storage import Store, prepare_schema
+from services.metadata.store import Store, prepare_schema
 from shared.grpc_client import create_channel
 
 if TYPE_CHECKING:

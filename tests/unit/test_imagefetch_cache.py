@@ -7,7 +7,7 @@ from yarl import URL
 
 from services.imagefetch.cache import BoundedMemoryCache, EntrySerializer, ImageCache, cache_key, ttl_for
 from services.imagefetch.config import Settings
-from services.imagefetch.model import FetchFailure, Image
+from services.imagefetch.domain import FetchFailure, Image
 from shared.http_headers import parse_retry_after
 
 

@@ -6,6 +6,7 @@ from ipaddress import ip_address
 
 import pytest
 
+from services.imagefetch.domain import BLOCKED_ADDRESS, INVALID_URL, FetchFailure
 from services.imagefetch.guard import (
     check_address,
     normalize_url,
@@ -13,7 +14,6 @@ from services.imagefetch.guard import (
     refusal,
     refused_name,
 )
-from services.imagefetch.model import BLOCKED_ADDRESS, INVALID_URL, FetchFailure
 
 
 @pytest.mark.parametrize(

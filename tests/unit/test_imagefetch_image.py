@@ -9,8 +9,8 @@ import zlib
 import pytest
 from PIL import Image as PilImage
 
+from services.imagefetch.domain import NOT_AN_IMAGE, TOO_LARGE, FetchFailure
 from services.imagefetch.image import inspect, sniff
-from services.imagefetch.model import NOT_AN_IMAGE, TOO_LARGE, FetchFailure
 from tests.support.origin import png_bytes
 
 MAX_PIXELS = 10_000_000

@@ -1,4 +1,4 @@
-"""The import graph keeps the shape DESIGN.md gives the code: `services/` holds the three services
+"""The import graph keeps the shape docs/architecture.md gives the code: `services/` holds the three services
 and nothing else, a service imports neither another service nor the gateway, `shared/` serves the
 services and the gateway (no module of it that none of them uses), the tools stay out of
 production code, and no module imports itself round a circle."""
@@ -72,6 +72,21 @@ def _area(module: str) -> str:
 def test_services_holds_the_three_services_and_nothing_else() -> None:
     entries = {p.name for p in (ROOT / "services").iterdir() if p.name != "__pycache__"}
     assert entries == SERVICES | {"__init__.py"}
+
+
+SHAPE = {"__main__.py", "server.py", "servicer.py", "service.py", "domain.py", "config.py"}
+"""What every service has: its entry point, its gRPC server, the servicer (protobuf ⇄ domain), the
+service (what it does), its domain values and rules (no I/O), its settings."""
+WITH_DATABASE = {"store.py", "queries.sql", "migrations"}
+"""And a service with tables: its store (all its SQL, in queries.sql) and its migrations."""
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_every_service_has_the_same_shape(service: str) -> None:
+    entries = {p.name for p in (ROOT / "services" / service).iterdir()}
+    assert SHAPE <= entries, SHAPE - entries
+    if "queries.sql" in entries or "migrations" in entries:
+        assert WITH_DATABASE <= entries, WITH_DATABASE - entries
 
 
 @pytest.mark.parametrize("module", sorted(m for m in GRAPH if m.split(".")[0] in PRODUCTION))

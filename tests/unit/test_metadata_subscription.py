@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from services.metadata.changefeed import Subscription
-from services.metadata.models import Change
+from services.metadata.domain import Change
 from shared.errors import Unavailable
 
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from services.metadata import keys, validation
-from services.metadata.models import Cursor
+from services.metadata.domain import Cursor
 from shared.errors import NotFound, ValidationFailed
 
 

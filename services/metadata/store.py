@@ -16,11 +16,20 @@ from psycopg import errors
 from psycopg.rows import class_row, dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from services.metadata.domain import (
+    ApiKey,
+    Chain,
+    Change,
+    Cursor,
+    Project,
+    Resolved,
+    Rule,
+    RuleSnapshot,
+    User,
+)
 from shared.db import migrate
 from shared.errors import Conflict, DeadlineExceeded, NotFound, Unavailable, ValidationFailed
 from shared.statements import load_queries
-
-from .models import ApiKey, Chain, Change, Cursor, Project, Resolved, Rule, RuleSnapshot, User
 
 SCHEMA = "metadata"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
