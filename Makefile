@@ -37,7 +37,7 @@ run: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The whole suite five times in a row beside a busy process per core: no test may fail under load.
+# The whole suite five times in a row beside a busy process: no test may fail under load.
 test-stress: install
 	$(BIN)/python -m tests.stress --runs $(or $(RUNS),5) -- $(PYTEST_ARGS)
 

@@ -64,8 +64,9 @@ class Settings:
     """RENDERFLOW_GATEWAY_RATE_LIMIT_BURST: submits an API key may make at once, after a quiet spell (0 =
     no limit); a batch of n renders counts n, and a batch larger than the burst is refused."""
     cache_url: str | None = None
-    """RENDERFLOW_CACHE_URL: `redis://[:password@]host:port/db` to share rate-limit state between
-    gateway processes; unset or `memory://` for state inside the process."""
+    """RENDERFLOW_CACHE_URL: the shared cache, `redis://[:password@]host:port/db`: the gateways keep
+    their rate-limit state there, the image-fetch service the images it fetched; unset or
+    `memory://`, each process keeps its own."""
     cache_timeout_s: float = 0.5
     """RENDERFLOW_CACHE_TIMEOUT_S: longest wait for Redis; past it a submit is let through."""
     header_timeout_s: float = 10.0

@@ -56,7 +56,7 @@ SDK_DISABLED = "OTEL_SDK_DISABLED"
 """OTEL_SDK_DISABLED: `true` turns traces and metrics off (default `false`)."""
 SERVICE_NAME = "OTEL_SERVICE_NAME"
 """OTEL_SERVICE_NAME: the `service.name` of the process's spans and metrics (default: the component's,
-e.g. `gateway`, `worker`); OTEL_RESOURCE_ATTRIBUTES adds attributes."""
+e.g. `gateway`, `generation-worker`); OTEL_RESOURCE_ATTRIBUTES adds attributes."""
 TRACES_EXPORTER = "OTEL_TRACES_EXPORTER"
 """OTEL_TRACES_EXPORTER: `none` turns tracing off; `otlp` sends spans to a collector (the default when
 an endpoint is set); unset and without an endpoint, spans go to `<run dir>/traces.jsonl`."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import subprocess
 import sys
 import time
@@ -44,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--hogs",
         type=int,
-        default=os.cpu_count() or 1,
-        help="busy processes beside the suite (default: one a core)",
+        default=1,
+        help="processes keeping a core busy beside the suite (default 1: on 2 cores, half the machine)",
     )
     parser.add_argument("pytest_args", nargs="*", help="passed to pytest (after --)")
     args = parser.parse_args(argv)

