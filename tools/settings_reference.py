@@ -90,7 +90,6 @@ def collect(root: Path = ROOT) -> tuple[dict[str, Setting], list[str]]:
     """The settings defined and read in the code under `root`, and the names read that none defines."""
     settings: dict[str, Setting] = {}
     read: dict[str, set[str]] = defaultdict(set)
-    old_names = set(RENAMED)
     trees = {
         path: ast.parse(path.read_text(), str(path))
         for top in SOURCES
@@ -102,42 +101,8 @@ def collect(root: Path = ROOT) -> tuple[dict[str, Setting], list[str]]:
         for name, value in _known_values(tree).items():
             everywhere.setdefault(name, value)
     for path, tree in trees.items():
-        component = _component(path.relative_to(root))
-        skipped = {id(n) for n in _not_reads(tree)}
         known = {**everywhere, **_known_values(tree)}
-        for node in ast.walk(tree):
-            if id(node) in skipped:
-                continue
-            if isinstance(node, ast.Constant) and isinstance(node.value, str):
-                text = node.value.strip()
-                if NAME.match(text) and text not in old_names:
-                    read[text].add(component)
-                elif found := DEFINITION.match(text):
-                    names = [found[1], *re.findall(_NAME, found[2])]
-                    meaning = " ".join(found[3].split())
-                    for name in names:
-                        setting = settings.setdefault(name, Setting(name))
-                        setting.meaning = setting.meaning or meaning
-            elif isinstance(node, ast.JoinedStr) and node.values:
-                first = node.values[0]
-                if isinstance(first, ast.Constant) and str(first.value).startswith("RENDERFLOW_"):
-                    pattern = "".join(
-                        str(part.value) if isinstance(part, ast.Constant) else "<X>" for part in node.values
-                    )
-                    if " " not in pattern:  # a message that names a variable is not a read
-                        read[pattern].add(component)
-            if (
-                isinstance(node, ast.Call)
-                and isinstance(node.func, ast.Attribute)
-                and node.func.attr in READERS
-                and node.args
-                and isinstance(node.args[0], ast.Constant)
-                and isinstance(node.args[0].value, str)
-                and NAME.match(node.args[0].value)
-            ):
-                default = _default(node, known)
-                if default is not None:
-                    settings.setdefault(node.args[0].value, Setting(node.args[0].value)).defaults.add(default)
+        _scan(tree, _component(path.relative_to(root)), known, settings, read)
     undefined: list[str] = []
     for name, components in sorted(read.items()):
         match = settings.get(name) or next(
@@ -148,6 +113,49 @@ def collect(root: Path = ROOT) -> tuple[dict[str, Setting], list[str]]:
         else:
             match.read_by |= components
     return {n: s for n, s in settings.items() if s.meaning}, undefined
+
+
+def _scan(
+    tree: ast.Module,
+    component: str,
+    known: dict[str, ast.expr],
+    settings: dict[str, Setting],
+    read: dict[str, set[str]],
+) -> None:
+    """Adds the module's definitions (docstrings) and defaults to `settings`, its reads to `read`."""
+    skipped = {id(n) for n in _not_reads(tree)}
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value.strip()
+            if NAME.match(text) and text not in RENAMED:
+                read[text].add(component)
+            elif found := DEFINITION.match(text):
+                meaning = " ".join(found[3].split())
+                for name in [found[1], *re.findall(_NAME, found[2])]:
+                    setting = settings.setdefault(name, Setting(name))
+                    setting.meaning = setting.meaning or meaning
+        elif isinstance(node, ast.JoinedStr) and node.values:
+            first = node.values[0]
+            if isinstance(first, ast.Constant) and str(first.value).startswith("RENDERFLOW_"):
+                pattern = "".join(
+                    str(part.value) if isinstance(part, ast.Constant) else "<X>" for part in node.values
+                )
+                if " " not in pattern:  # a message that names a variable is not a read
+                    read[pattern].add(component)
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in READERS
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and NAME.match(node.args[0].value)
+        ):
+            default = _default(node, known)
+            if default is not None:
+                settings.setdefault(node.args[0].value, Setting(node.args[0].value)).defaults.add(default)
 
 
 def _not_reads(tree: ast.Module) -> list[ast.AST]:
