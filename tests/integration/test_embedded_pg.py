@@ -11,13 +11,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psycopg
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shared.settings import Env
 from tests.conftest import free_port
 from tools.cli.main import postgres_spec
 from tools.cli.supervisor import Backoff, ChildEvent, Supervisor
+from tools.embedded_pg.as_root import Account, as_account, server_account
 from tools.embedded_pg.server import EmbeddedPostgres, ServerCommand, find_pg_bin
 
 
@@ -220,3 +223,33 @@ async def test_a_server_someone_else_started_meanwhile_is_not_ours_to_stop(tmp_p
         if foreign is not None:
             foreign.send_signal(signal.SIGINT)
             await asyncio.wait_for(foreign.wait(), timeout=20)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the server runs under another account only when we are root")
+async def test_commands_as_the_server_account_start_while_the_process_is_busy_with_grpc() -> None:
+    """The supervisor of `renderflow run` (and this test process) uses gRPC, whose threads make a
+    fork unsafe: a child that dropped privileges between fork and exec died of SIGSEGV one time in
+    three. Every command run as the server's account must start, however busy gRPC is."""
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    account = server_account()
+    assert account is not None
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            async with asyncio.TaskGroup() as group:
+                spawning = group.create_task(asyncio.to_thread(_echo_as, account, 100))
+                while not spawning.done():
+                    await stub.Check(health_pb2.HealthCheckRequest())
+            outcomes = spawning.result()
+    finally:
+        await server.stop(None)
+    failed = [(run.returncode, run.stderr[-200:]) for run in outcomes if run.stdout != b"ok\n"]
+    assert not failed, f"{len(failed)} of {len(outcomes)} commands died before running: {failed[:3]}"
+
+
+def _echo_as(account: Account, times: int) -> list[subprocess.CompletedProcess[bytes]]:
+    command = as_account(account, ["/bin/echo", "ok"])
+    return [subprocess.run(command, capture_output=True, check=False) for _ in range(times)]

@@ -14,9 +14,9 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 SYSTEM_USER = "renderflow-pg"
 """The system account created to run the server when we are root and `postgres` is absent."""
@@ -38,12 +38,19 @@ class Account(NamedTuple):
     gid: int
 
 
-def as_account(account: Account | None) -> dict[str, Any]:
-    # Popen drops privileges in the child (setgid, setgroups, setuid) before exec: the same as
-    # `runuser -u` without PAM's cost or an extra parent process between us and postgres.
+def as_account(account: Account | None, argv: Sequence[str]) -> list[str]:
+    """`argv` run as `account` (None: as we are), by `setpriv`, which drops the privileges and
+    executes it: no extra process, no PAM.
+
+    Not Popen's `user`/`group`: dropping them in Python's child, between fork and exec, rules out
+    vfork, and a fork of a process whose gRPC threads are busy (the supervisor of `renderflow run`
+    checks health over gRPC) killed the child with SIGSEGV one time in three."""
     if account is None:
-        return {}
-    return {"user": account.uid, "group": account.gid, "extra_groups": []}
+        return list(argv)
+    setpriv = shutil.which("setpriv", path=SERVER_ENV["PATH"] + ":/usr/sbin:/sbin")
+    if setpriv is None:
+        raise PlacementError("running PostgreSQL as root needs setpriv (util-linux) to drop privileges")
+    return [setpriv, f"--reuid={account.uid}", f"--regid={account.gid}", "--clear-groups", "--", *argv]
 
 
 def server_account() -> Account | None:
@@ -71,7 +78,7 @@ def server_account() -> Account | None:
 def _can_reach(account: Account, path: Path) -> bool:
     """Whether `account` can reach and search/execute `path` (every parent included)."""
     probe = ["/bin/sh", "-c", 'test -x "$1"', "sh", str(path)]
-    result = subprocess.run(probe, cwd="/", env=SERVER_ENV, check=False, **as_account(account))
+    result = subprocess.run(as_account(account, probe), cwd="/", env=SERVER_ENV, check=False)
     return result.returncode == 0
 
 

@@ -314,8 +314,8 @@ class EmbeddedPostgres:
                 offset = log.tell()
                 # Its own session: Ctrl-C on the terminal must not reach it before the services.
                 self._proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, cwd=data, env=SERVER_ENV, **as_account(account),
+                    as_account(account, argv), stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True, cwd=data, env=SERVER_ENV,
                 )  # fmt: skip
             self._pid = self._proc.pid
             if _wait_ready(self._proc, data, timeout=30.0):
@@ -351,8 +351,8 @@ def _initdb(bin_dir: Path, data: Path, account: Account | None) -> None:
             # The OS flushes within seconds; syncing every template file costs ~0.4 s per cold start.
             "--no-sync"]  # fmt: skip
     result = subprocess.run(
-        argv, capture_output=True, text=True, timeout=120, cwd="/", env=SERVER_ENV,
-        check=False, **as_account(account),
+        as_account(account, argv), capture_output=True, text=True, timeout=120, cwd="/",
+        env=SERVER_ENV, check=False,
     )  # fmt: skip
     if result.returncode != 0:
         shutil.rmtree(scratch, ignore_errors=True)
