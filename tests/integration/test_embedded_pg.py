@@ -9,7 +9,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import grpc
 import psycopg
@@ -206,12 +205,10 @@ async def test_a_server_someone_else_started_meanwhile_is_not_ours_to_stop(tmp_p
         os.kill(ours, signal.SIGKILL)
         await next_exit(events)
         # Started by hand in our data directory while ours was down.
-        run_as: dict[str, Any] = (
-            {"user": server.run_as[0], "group": server.run_as[1]} if server.run_as else {}
-        )
+        account = Account("server", *server.run_as) if server.run_as else None
         foreign = started = await asyncio.create_subprocess_exec(
-            *server.argv, cwd=server.cwd, env=server.env, start_new_session=True,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **run_as,
+            *as_account(account, server.argv), cwd=server.cwd, env=server.env, start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         assert await serving(url, lambda: started.pid, ours) == foreign.pid
         await supervisor.stop()

@@ -384,10 +384,18 @@ class Supervisor:
         try:
             if shutil.which(spec.argv[0]) is None:  # setpriv would only exit 127
                 raise FileNotFoundError(f"no such program: {spec.argv[0]}")
-            # setpriv sets the parent-death signal, then execs the child: same pid, nothing in between.
-            prefix = [self._setpriv, "--pdeathsig", spec.stop_signal.name, "--"] if self._setpriv else []
+            # setpriv sets the parent-death signal and drops privileges, then execs the child: same
+            # pid, nothing in between. Not Popen's user/group: changing them in Python's child,
+            # between fork and exec, rules out vfork, and a fork of this process, whose gRPC
+            # threads check health, killed the child with SIGSEGV one time in three.
+            prefix: list[str] = []
             run_as: dict[str, Any] = {}
-            if spec.run_as is not None:
+            if self._setpriv:
+                prefix = [self._setpriv, "--pdeathsig", spec.stop_signal.name]
+                if spec.run_as is not None:
+                    prefix += [f"--reuid={spec.run_as[0]}", f"--regid={spec.run_as[1]}", "--clear-groups"]
+                prefix.append("--")
+            elif spec.run_as is not None:
                 run_as = {"user": spec.run_as[0], "group": spec.run_as[1], "extra_groups": []}
             child.proc = await asyncio.create_subprocess_exec(
                 *prefix,
