@@ -403,7 +403,10 @@ async def test_descriptors_run_out_the_accept_error_is_logged_rarely_and_the_gat
     uncapped = {
         "RENDERFLOW_GATEWAY_MAX_CONNECTIONS": "100000",
         "RENDERFLOW_GATEWAY_MAX_CONNECTIONS_PER_CLIENT": "100000",
-        "RENDERFLOW_GATEWAY_HEADER_TIMEOUT_S": "1",
+        # Long enough that the attacker's connections pile up past the descriptors however slowly a
+        # busy machine lets the gateway accept them (at 1 s, a gateway accepting fewer than ~230 a
+        # second closed the first before the last came, and never ran out); short enough to recover.
+        "RENDERFLOW_GATEWAY_HEADER_TIMEOUT_S": "5",
     }
     with open_files_raised_to(4096):
         async with gateway_process(tmp_path, open_files=256, **uncapped) as (port, log_path):
