@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 import grpc
@@ -389,14 +389,13 @@ class Supervisor:
             # between fork and exec, rules out vfork, and a fork of this process, whose gRPC
             # threads check health, killed the child with SIGSEGV one time in three.
             prefix: list[str] = []
-            run_as: dict[str, Any] = {}
             if self._setpriv:
                 prefix = [self._setpriv, "--pdeathsig", spec.stop_signal.name]
-                if spec.run_as is not None:
-                    prefix += [f"--reuid={spec.run_as[0]}", f"--regid={spec.run_as[1]}", "--clear-groups"]
+            if spec.run_as is not None:
+                prefix = prefix or [_setpriv_for(spec.name)]
+                prefix += [f"--reuid={spec.run_as[0]}", f"--regid={spec.run_as[1]}", "--clear-groups"]
+            if prefix:
                 prefix.append("--")
-            elif spec.run_as is not None:
-                run_as = {"user": spec.run_as[0], "group": spec.run_as[1], "extra_groups": []}
             child.proc = await asyncio.create_subprocess_exec(
                 *prefix,
                 *spec.argv,
@@ -406,7 +405,6 @@ class Supervisor:
                 env={**self._env, **spec.env} if spec.inherit_env else dict(spec.env),
                 cwd=spec.cwd,
                 start_new_session=True,  # its own group: Ctrl-C reaches us only; we order the stop
-                **run_as,
             )
         except OSError as error:
             os.close(read_end)
@@ -517,6 +515,13 @@ def tail(path: Path, lines: int = 20) -> str:
             return "\n".join(file.read().decode(errors="replace").splitlines()[-lines:])
     except OSError as error:
         return f"(no log: {error})"
+
+
+def _setpriv_for(name: str) -> str:
+    setpriv = shutil.which("setpriv", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if setpriv is None:
+        raise FileNotFoundError(f"running {name} as another account needs setpriv (util-linux)")
+    return setpriv
 
 
 async def _past_setpriv(pid: int, setpriv: str, timeout_s: float = 2.0) -> None:
