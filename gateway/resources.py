@@ -96,13 +96,22 @@ def error_json(error: generation_pb2.RenderError) -> JSON:
 
 
 def reference_json(reference: generation_pb2.Reference) -> JSON | None:
-    """`{url | render_id | previous: true, required}`, as requests name references."""
+    """`{url | render_id | previous: true, required}` as requests name references, and what became
+    of it: `used` (null until the render has run), `reason` and `message` when it was not used,
+    `source_render_id`: the render whose output served (a chain's: the one it continued from)."""
     source = reference.WhichOneof("source")
     if source is None:
         return None
-    if source == "chain_previous":
-        return {"previous": True, "required": reference.required}
-    return {source: getattr(reference, source), "required": reference.required}
+    body: JSON = {"previous": True} if source == "chain_previous" else {source: getattr(reference, source)}
+    used = reference.used if reference.HasField("used") else None
+    body.update(
+        required=reference.required,
+        used=used,
+        reason=reference.reason or None,
+        message=reference.message or None,
+        source_render_id=reference.source_render_id or None,
+    )
+    return body
 
 
 def render_json(render: generation_pb2.Render) -> JSON:
@@ -140,6 +149,7 @@ def render_json(render: generation_pb2.Render) -> JSON:
             "width": output.width,
             "height": output.height,
             "duration_s": output.duration_s if is_video else None,
+            "sha256": output.sha256,
         }
         if render.HasField("output")
         else None,
@@ -156,6 +166,8 @@ def render_json(render: generation_pb2.Render) -> JSON:
         "started_at": _maybe_time(render, "started_at"),
         "finished_at": _maybe_time(render, "finished_at"),
         "last_progress_at": _maybe_time(render, "last_progress_at"),
+        "stalled": render.stalled,
+        "waiting_on": render.waiting_on or None,
     }
 
 

@@ -250,6 +250,21 @@ SCHEMAS: dict[str, Schema] = {
                         "render_id": ID,
                         "previous": {"const": True},
                         "required": {"type": "boolean"},
+                        "used": {
+                            "type": ["boolean", "null"],
+                            "description": "whether the render used its reference; null until it has run",
+                        },
+                        "reason": {
+                            "type": ["string", "null"],
+                            "description": "why the reference was not used (timeout, blocked_address, "
+                            "http_404, not_found, nothing_to_continue, ...)",
+                        },
+                        "message": {"type": ["string", "null"], "description": "the details of `reason`"},
+                        "source_render_id": {
+                            "type": ["string", "null"],
+                            "description": "the render whose output served as the reference (for "
+                            "`previous`: the render this one continued from)",
+                        },
                     }
                 )
             ),
@@ -263,6 +278,7 @@ SCHEMAS: dict[str, Schema] = {
                         "width": {"type": "integer"},
                         "height": {"type": "integer"},
                         "duration_s": {"type": ["number", "null"]},
+                        "sha256": {"type": "string", "description": "the SHA-256 of the bytes, hex"},
                     }
                 )
             ),
@@ -283,6 +299,14 @@ SCHEMAS: dict[str, Schema] = {
             "started_at": _MAYBE_TIME,
             "finished_at": _MAYBE_TIME,
             "last_progress_at": _MAYBE_TIME,
+            "stalled": {
+                "type": "boolean",
+                "description": "running, but without progress for longer than the stall threshold",
+            },
+            "waiting_on": {
+                "type": ["string", "null"],
+                "description": "while queued behind its chain predecessor: that render's id",
+            },
         },
     ),
     "RenderEvent": _object(

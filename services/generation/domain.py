@@ -25,22 +25,57 @@ class Params:
 
 
 @dataclass(frozen=True)
+class ReferenceOutcome:
+    """What became of a render's reference once the render ran: used, or not and why (`reason` as
+    the fetch or the lookup names it: timeout, blocked_address, http_404, nothing_to_continue, ...)."""
+
+    used: bool
+    reason: str = ""
+    message: str = ""
+    source_render_id: str = ""
+    """The render whose output served as the reference (for a chain: the render it continued from)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "used": self.used,
+            "reason": self.reason,
+            "message": self.message,
+            "source_render_id": self.source_render_id,
+        }
+
+
+@dataclass(frozen=True)
 class Reference:
     """Where the reference image comes from: a URL, another render's output, or the output of the
-    previous render of the same chain (exactly one)."""
+    previous render of the same chain (exactly one); and, once the render has run, its outcome."""
 
     url: str = ""
     render_id: str = ""
     required: bool = False
     chain_previous: bool = False
+    outcome: ReferenceOutcome | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "url": self.url,
             "render_id": self.render_id,
             "required": self.required,
             "chain_previous": self.chain_previous,
         }
+        if self.outcome is not None:
+            data["outcome"] = self.outcome.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Reference:
+        outcome = data.get("outcome")
+        return cls(
+            url=data.get("url", ""),
+            render_id=data.get("render_id", ""),
+            required=data.get("required", False),
+            chain_previous=data.get("chain_previous", False),
+            outcome=ReferenceOutcome(**outcome) if outcome else None,
+        )
 
 
 @dataclass(frozen=True)

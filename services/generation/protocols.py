@@ -14,6 +14,7 @@ from services.generation.domain import (
     NewEvent,
     Output,
     Page,
+    ReferenceOutcome,
     Render,
     RenderError,
     RenderFilter,
@@ -84,6 +85,7 @@ class WorkerStore(RenderSource, Protocol):
         timings: dict[str, float] | None = None,
         message: str = "",
         before: Sequence[NewEvent] = (),
+        reference: ReferenceOutcome | None = None,
     ) -> bool: ...
 
     async def requeue(self, claim: Claim, delay_s: float, message: str, *, refund: bool = False) -> bool: ...

@@ -245,6 +245,7 @@ r AS (
         timings = timings || %(timings)s::jsonb,
         output = coalesce(%(output)s::jsonb, output),
         error = coalesce(%(error)s::jsonb, error),
+        reference = coalesce(reference || %(reference)s::jsonb, reference),
         attempts = coalesce(%(attempts)s::int, attempts),
         started_at = CASE WHEN %(status)s::text = 'running' THEN clock_timestamp() ELSE started_at END,
         finished_at = CASE WHEN %(status)s::text IN ('succeeded', 'failed', 'cancelled')

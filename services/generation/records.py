@@ -28,6 +28,7 @@ from services.generation.domain import (
     Output,
     Params,
     Reference,
+    ReferenceOutcome,
     Render,
     RenderError,
     Rule,
@@ -82,10 +83,12 @@ async def record(
     timings: dict[str, float] | None = None,
     output: Output | None = None,
     error: RenderError | None = None,
+    reference: ReferenceOutcome | None = None,
     attempts: int | None = None,
 ) -> Recorded | None:
     """Applies a render's state change and appends `events` if the fence lets it; None when the
-    fence said no (the job was taken away or has ended)."""
+    fence said no (the job was taken away or has ended). `reference`: what became of the render's
+    reference, kept with it."""
     params: dict[str, Any] = {
         "id": render_id,
         "types": [event.type for event in events],
@@ -95,6 +98,7 @@ async def record(
         "timings": Jsonb(timings or {}),
         "output": Jsonb(output_json(output)) if output else None,
         "error": Jsonb(error.to_json()) if error else None,
+        "reference": Jsonb({"outcome": reference.to_json()}) if reference else None,
         "attempts": attempts,
         **(fence_params or {}),
     }
@@ -157,7 +161,7 @@ def render_from_row(row: dict[str, Any]) -> Render:
         negative_prompt=row["negative_prompt"],
         params=Params(**row["params"]),
         rules=tuple(Rule(r["id"], r["text"]) for r in row["rules"]),
-        reference=Reference(**reference) if reference else None,
+        reference=Reference.from_json(reference) if reference else None,
         batch_id=str(row["batch_id"]) if row["batch_id"] else "",
         output=Output(**output) if output else None,
         error=RenderError.from_json(error) if error else None,

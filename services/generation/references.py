@@ -9,6 +9,7 @@ way. The frame is decoded by ffmpeg, which reads only the end of the file.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
@@ -40,15 +41,32 @@ def _log_outage(state: RetryCallState) -> None:
 
 class ReferenceFailed(Exception):
     """The reference could not be had. `reason` as imagefetch names it (timeout, http_404, ...);
-    `transient` when the cause is our own plumbing (imagefetch down), worth another attempt."""
+    `transient` when the cause is our own plumbing (imagefetch down), worth another attempt;
+    `source_render_id`: the render whose output it was to be, when known."""
 
     def __init__(
-        self, reason: str, message: str, *, retryable: bool = False, transient: bool = False
+        self,
+        reason: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        transient: bool = False,
+        source_render_id: str = "",
     ) -> None:
         super().__init__(message)
         self.reason = reason
         self.retryable = retryable
         self.transient = transient
+        self.source_render_id = source_render_id
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A reference image, the render it came from (none for a URL) and what is worth saying of it."""
+
+    data: bytes
+    source_render_id: str = ""
+    note: str = ""
 
 
 class References:
@@ -68,22 +86,23 @@ class References:
         self._timeout_s = timeout_s
         self._outage_s = outage_s
 
-    async def resolve(self, render: Render) -> tuple[bytes, str]:
-        """The reference image of `render` (which must have one) and a note on where it came from
-        when that is worth saying; ReferenceFailed when it cannot be had."""
+    async def resolve(self, render: Render) -> Resolved:
+        """The reference image of `render` (which must have one); ReferenceFailed when it cannot
+        be had."""
         reference = render.reference
         assert reference is not None
         if reference.url:
-            return await self._fetch(reference.url), ""
+            return Resolved(await self._fetch(reference.url))
         if reference.render_id:
             data, what = await self._output_of(render.user_id, reference.render_id)
-            return data, f"reference: {what} of {reference.render_id}"
+            return Resolved(data, reference.render_id, f"reference: {what} of {reference.render_id}")
         before = await self._renders.continues_from(render.user_id, render.chain_id, render.position)
         if before is None:
             message = f"no render before position {render.position} of chain {render.chain_id} has succeeded"
             raise ReferenceFailed("nothing_to_continue", message)
         data, what = await self._output_of(render.user_id, before.id)
-        return data, f"reference: {what} of {before.id}, position {before.position} of the chain"
+        note = f"reference: {what} of {before.id}, position {before.position} of the chain"
+        return Resolved(data, before.id, note)
 
     async def _fetch(self, url: str) -> bytes:
         request = imagefetch_pb2.FetchRequest(url=url, deadline_ms=int(self._timeout_s * 1000))
@@ -121,6 +140,13 @@ class References:
     async def _output_of(self, user_id: str, render_id: str) -> tuple[bytes, str]:
         """A render's output as a reference image, and what of it that is (the output, or the
         last frame of a video)."""
+        try:
+            return await self._read_output(user_id, render_id)
+        except ReferenceFailed as exc:
+            exc.source_render_id = render_id
+            raise
+
+    async def _read_output(self, user_id: str, render_id: str) -> tuple[bytes, str]:
         try:
             source = await self._renders.get(user_id, render_id)
         except NotFound:

@@ -22,10 +22,11 @@ from typing import Any, Literal, TypeVar
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from yarl import URL
 
 from services.generation.artifacts import ArtifactStore
 from services.generation.backends import Backend, BackendError, GenerationInput
-from services.generation.domain import NewEvent, Output, Render, RenderError
+from services.generation.domain import NewEvent, Output, ReferenceOutcome, Render, RenderError
 from services.generation.instruments import Instruments
 from services.generation.jobs import Claim
 from services.generation.pacing import BackendPacing
@@ -55,6 +56,13 @@ class Failure(Exception):
         super().__init__(error.message)
         self.error = error
         self.transient = transient
+
+
+@dataclass
+class Attempt:
+    """What one attempt has learnt that its end records, however it ends."""
+
+    reference: ReferenceOutcome | None = None
 
 
 @dataclass
@@ -216,19 +224,20 @@ class JobRunner:
             timings = {"queue_wait_ms": _ms_between(claim.created_at, claim.claimed_at)}
             self._observe("queue_wait", render, timings["queue_wait_ms"], timings)
             writer = EventWriter(self._queue, claim, self._progress_interval_s)
+            attempt = Attempt()
             try:
-                await self._work(claim, render, writer, timings)
+                await self._work(claim, render, writer, timings, attempt)
             except Failure as failure:
                 _mark_failed(span, failure.error)
-                await self._failed(claim, failure, timings, writer.held())
+                await self._failed(claim, failure, timings, writer.held(), attempt)
 
     async def _work(
-        self, claim: Claim, render: Render, writer: EventWriter, timings: dict[str, float]
+        self, claim: Claim, render: Render, writer: EventWriter, timings: dict[str, float], attempt: Attempt
     ) -> None:
         reference = None
         if render.reference is not None:
             with self._phase("image_fetch", render, timings):
-                reference, note = await self._reference(render)
+                reference, note = await self._reference(render, attempt)
             await writer.write([NewEvent("phase", phase="generation", message=note)], timings=timings)
         backend = self._backends.get(claim.backend)
         if backend is None:
@@ -269,25 +278,50 @@ class JobRunner:
             duration_s=artifact.duration_s,
         )
         succeeded = await self._queue.finish(
-            claim, "succeeded", output=output, timings=timings, before=writer.held()
+            claim,
+            "succeeded",
+            output=output,
+            timings=timings,
+            before=writer.held(),
+            reference=attempt.reference,
         )
         if not succeeded:
             raise LeaseLost(claim.render_id)
 
-    async def _reference(self, render: Render) -> tuple[bytes | None, str]:
-        """The reference bytes, or None and why the render goes on without them."""
-        assert render.reference is not None
+    async def _reference(self, render: Render, attempt: Attempt) -> tuple[bytes | None, str]:
+        """The reference bytes, or None and why the render goes on without them; what became of
+        the reference in `attempt`."""
+        reference = render.reference
+        assert reference is not None
         try:
-            return await self._references.resolve(render)
+            resolved = await self._references.resolve(render)
         except ReferenceFailed as exc:
             error = RenderError("reference_fetch_failed", exc.reason, str(exc), retryable=exc.retryable)
-            if not render.reference.required:
+            attempt.reference = ReferenceOutcome(False, exc.reason, str(exc), exc.source_render_id)
+            log.warning(
+                "reference failed; the render fails" if reference.required else "reference not used",
+                extra={
+                    "render_id": render.id,
+                    "host": URL(reference.url).host if reference.url else None,
+                    "source_render_id": exc.source_render_id or None,
+                    "reason": exc.reason,
+                    "error": str(exc),
+                },
+            )
+            if not reference.required:
                 _mark_failed(trace.get_current_span(), error)  # the image_fetch phase failed, not the render
                 return None, f"going on without the reference: {exc.reason} ({exc})"
             raise Failure(error, exc.transient) from exc
+        attempt.reference = ReferenceOutcome(True, source_render_id=resolved.source_render_id)
+        return resolved.data, resolved.note
 
     async def _failed(
-        self, claim: Claim, failure: Failure, timings: dict[str, float], held: Sequence[NewEvent]
+        self,
+        claim: Claim,
+        failure: Failure,
+        timings: dict[str, float],
+        held: Sequence[NewEvent],
+        attempt: Attempt,
     ) -> None:
         error = failure.error
         if failure.transient and claim.attempts < claim.max_attempts:
@@ -309,7 +343,10 @@ class JobRunner:
                 f"{error.message} (after {claim.attempts} attempts)",
                 error.retryable,
             )
-        if not await self._queue.finish(claim, "failed", error=error, timings=timings, before=held):
+        finished = await self._queue.finish(
+            claim, "failed", error=error, timings=timings, before=held, reference=attempt.reference
+        )
+        if not finished:
             raise LeaseLost(claim.render_id)
 
     @contextmanager

@@ -197,6 +197,11 @@ def render_pb(render: Render) -> pb.Render:
         else:
             message.reference.chain_previous = ref.chain_previous
         message.reference.required = ref.required
+        if ref.outcome is not None:
+            message.reference.used = ref.outcome.used
+            message.reference.reason = ref.outcome.reason
+            message.reference.message = ref.outcome.message
+            message.reference.source_render_id = ref.outcome.source_render_id
     if render.output is not None:
         message.output.CopyFrom(pb.RenderOutput(**render.output.__dict__))
     if render.error is not None:

@@ -33,6 +33,7 @@ from services.generation.domain import (
     NewEvent,
     Output,
     Page,
+    ReferenceOutcome,
     Render,
     RenderError,
     RenderFilter,
@@ -327,6 +328,7 @@ class Store:
         timings: dict[str, float] | None = None,
         message: str = "",
         before: Sequence[NewEvent] = (),
+        reference: ReferenceOutcome | None = None,
     ) -> bool:
         """Ends a held job (succeeded, failed or cancelled) with its terminal event, after the
         events `before` (held back by the worker), then releases or fails the chain renders waiting
@@ -345,6 +347,7 @@ class Store:
                 output=output,
                 error=error,
                 timings=timings,
+                reference=reference,
             )
             if done is None:
                 return False

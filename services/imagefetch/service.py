@@ -206,12 +206,11 @@ class ImageService:
                     image = await inspect_async(
                         download.data, str(download.final_url), self._settings.max_pixels
                     )
-            except TimeoutError:
-                flight.result.set_result(FetchFailure.timed_out())
-                return
-            except FetchFailure as failure:
+            except (TimeoutError, FetchFailure) as exc:
+                failure = exc if isinstance(exc, FetchFailure) else FetchFailure.timed_out()
                 flight.result.set_result(failure)
-                log.info(
+                # A warning: the render that asked goes on without its reference, or fails.
+                log.warning(
                     "fetch failed",
                     extra={"host": url.raw_host, "reason": failure.reason, "detail": failure.detail},
                 )

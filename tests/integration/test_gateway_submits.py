@@ -189,7 +189,7 @@ async def test_a_batch_is_all_or_nothing(stack: LiveStack) -> None:
         (renders[3]["chain_id"], 1),
         (chain["id"], 2),
     ]
-    assert renders[4]["reference"] == {"previous": True, "required": False}
+    assert renders[4]["reference"]["previous"] is True and renders[4]["reference"]["required"] is False
     response, again = await stack.call("POST", "/v1/renders:batch", keyed, json={"items": items})
     assert response.status == 202 and again["batch_id"] == accepted["batch_id"]
     assert response.headers["Idempotent-Replayed"] == "true"
@@ -263,7 +263,15 @@ async def test_a_chain_of_three_each_from_its_predecessor(stack: LiveStack) -> N
     assert response.status == 202
     assert [first["position"], second["position"], third["position"]] == [1, 2, 3]
     assert first["reference"] is None
-    assert second["reference"] == third["reference"] == {"previous": True, "required": False}
+    for queued in (second, third):  # as submitted: not run yet
+        assert queued["reference"] | {"used": None} == {
+            "previous": True,
+            "required": False,
+            "used": None,
+            "reason": None,
+            "message": None,
+            "source_render_id": None,
+        }
     for render in (first, second, third):
         async with stack.http.get(f"{stack.base}/v1/renders/{render['id']}/events", headers=alice) as stream:
             seen = await asyncio.wait_for(read_events(stream), 20)
@@ -273,6 +281,12 @@ async def test_a_chain_of_three_each_from_its_predecessor(stack: LiveStack) -> N
         (first["id"], 1, "succeeded"),
         (second["id"], 2, "succeeded"),
         (third["id"], 3, "succeeded"),
+    ]
+    # Each went on from the one before it, and says so.
+    assert [r["reference"] and r["reference"]["source_render_id"] for r in listed["renders"]] == [
+        None,
+        first["id"],
+        second["id"],
     ]
     response, body = await stack.call("POST", "/v1/projects/art/chains/nope/renders", alice, json=body)
     assert_problem(response, body, 404, "not_found")

@@ -123,6 +123,8 @@ async def test_a_missing_optional_reference_is_skipped_and_said(
     assert done.output.sha256 == plain.output.sha256  # deterministic, and the reference left out
     notes = [e.message for e in await events(stub, done.id) if e.type == "phase" and e.message]
     assert len(notes) == 1 and "http_404" in notes[0]
+    assert done.reference.HasField("used") and not done.reference.used
+    assert done.reference.reason == "http_404"
 
 
 async def test_a_missing_required_reference_fails_with_the_fetch_reason(
@@ -133,6 +135,7 @@ async def test_a_missing_required_reference_fails_with_the_fetch_reason(
     done = await finished(stub, (await submit(stub, reference=reference)).id)
     assert status_name(done) == "failed" and done.attempts == 1
     assert (done.error.code, done.error.reason) == ("reference_fetch_failed", "http_404")
+    assert (done.reference.used, done.reference.reason) == (False, "http_404")
 
 
 async def test_submit_prefetches_a_reference_url_in_the_background(

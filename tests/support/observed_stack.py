@@ -42,7 +42,7 @@ from tests.support.origin import Origin
 
 TINY_MS = 0.001
 """A budget every phase exceeds: slow-operation warnings on every submit and every render."""
-SLOW_LOGGERS = ("gateway.timing", "services.generation.runner")
+WATCHED_LOGGERS = ("gateway.timing", "services.generation.runner", "services.imagefetch.service")
 
 
 class Recorder(SpanProcessor):
@@ -109,7 +109,7 @@ class ObservedStack:
     origin: Origin
     recorder: Recorder
     logs: io.StringIO
-    """What the slow-operation loggers wrote, as JSON lines."""
+    """What the watched loggers (slow operations, reference failures) wrote, as JSON lines."""
 
     async def submit(self, **fields: Any) -> tuple[int, dict[str, Any]]:
         request = {"project": "obs", "kind": "image", "params": {"width": 64, "height": 64, "steps": 2}}
@@ -192,7 +192,7 @@ async def observed_stack(
             f"{base}/v1/projects", headers=headers, json={"slug": "obs", "name": "Obs"}
         ) as r:
             assert r.status == 201
-        for name in SLOW_LOGGERS:
+        for name in WATCHED_LOGGERS:
             logging.getLogger(name).addHandler(handler)
             stack.callback(logging.getLogger(name).removeHandler, handler)
         recorder.spans.clear()

@@ -52,7 +52,15 @@ def test_a_queued_render_as_json() -> None:
         "fps": None,
     }
     assert body["rules"] == [{"id": "u1", "text": "no text"}]
-    assert body["reference"] == {"url": "https://example.com/a.png", "required": False}
+    assert body["reference"] == {
+        "url": "https://example.com/a.png",
+        "required": False,
+        "used": None,  # not run yet
+        "reason": None,
+        "message": None,
+        "source_render_id": None,
+    }
+    assert body["stalled"] is False and body["waiting_on"] is None
     assert body["output"] is None and body["error"] is None
     assert body["negative_prompt"] is None and body["batch_id"] is None
     assert body["timings"]["auth_ms"] == 1.5 and body["timings"]["db_ms"] == 0.0
