@@ -55,7 +55,8 @@ async def test_a_blocked_required_reference_fails_the_render_with_the_reason(obs
     render = await _render(observed, submitted["id"])
 
     assert render["status"] == "failed"
-    assert (render["error"]["code"], render["error"]["reason"]) == ("reference_fetch_failed", "blocked_address")
+    error = render["error"]
+    assert (error["code"], error["reason"]) == ("reference_fetch_failed", "blocked_address")
     assert (render["reference"]["used"], render["reference"]["reason"]) == (False, "blocked_address")
     assert observed.origin.requests == 0
     [warning] = _warnings(observed, "reference failed; the render fails")
