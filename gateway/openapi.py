@@ -390,7 +390,6 @@ PATHS: dict[str, dict[str, Schema]] = {
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "Renderflow", "version": "1", "description": "Render generation over HTTP."},
-    "jsonSchemaDialect": "https://json-schema.org/draft/2020-12/schema",
     "security": [{"apiKey": []}],
     "paths": with_conventions(PATHS),
     "components": {
