@@ -21,6 +21,7 @@ STATUSES = {
     "succeeded": generation_pb2.RENDER_STATUS_SUCCEEDED,
     "failed": generation_pb2.RENDER_STATUS_FAILED,
     "cancelled": generation_pb2.RENDER_STATUS_CANCELLED,
+    "expired": generation_pb2.RENDER_STATUS_EXPIRED,
 }
 _KIND_NAMES = {value: name for name, value in KINDS.items()}
 _STATUS_NAMES = {value: name for name, value in STATUSES.items()}
@@ -168,6 +169,10 @@ def render_json(render: generation_pb2.Render) -> JSON:
         "last_progress_at": _maybe_time(render, "last_progress_at"),
         "stalled": render.stalled,
         "waiting_on": render.waiting_on or None,
+        "deadline": _maybe_time(render, "deadline"),
+        "timeout_s": render.timeout_s or None,
+        "retry_of": render.retry_of or None,
+        "retries": list(render.retries),
     }
 
 

@@ -8,10 +8,12 @@ from typing import Any
 from shared.contract import (
     KINDS,
     MAX_BATCH,
+    MAX_DEADLINE_S,
     MAX_ID,
     MAX_NAME,
     MAX_PROMPT,
     MAX_RULE_TEXT,
+    MAX_TIMEOUT_S,
     MAX_URL,
     PARAMS,
     SEED_MAX,
@@ -32,7 +34,7 @@ REFERENCE_URL_PATTERN = "^[Hh][Tt][Tt][Pp][Ss]?://[^\\x00]*$"
 """An http(s) URL without NUL characters. Schemes are case-insensitive (RFC 3986), and the pattern
 spells that out letter by letter because JSON Schema's (ECMA-262) regular expressions have no
 inline case-insensitive flag."""
-_EVENT_TYPES = ["queued", "started", "phase", "progress", "succeeded", "failed", "cancelled"]
+_EVENT_TYPES = ["queued", "started", "phase", "progress", "succeeded", "failed", "cancelled", "expired"]
 
 
 def ref(name: str) -> Schema:
@@ -88,6 +90,24 @@ def _list_of(key: str, item: str) -> Schema:
 
 ID: Schema = _text(MAX_ID)
 """An id (of a chain, rule or render)."""
+DEADLINE: Schema = {
+    "anyOf": [
+        {"type": "string", "format": "date-time", "maxLength": 64},
+        {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_DEADLINE_S},
+    ],
+    "description": "when the render must have started, as an RFC 3339 date-time or seconds from now: "
+    "not started by then, it ends `expired`; still running then, it is cancelled (error reason "
+    "`deadline`)",
+    ERROR_MESSAGE: "must be an RFC 3339 date-time or a number of seconds from now (more than 0, at most "
+    f"{MAX_DEADLINE_S:g})",
+}
+TIMEOUT_S: Schema = {
+    "type": "number",
+    "exclusiveMinimum": 0,
+    "maximum": MAX_TIMEOUT_S,
+    "description": "the most its generation may take, in seconds (the kind's configured maximum caps it); "
+    "past it the render fails with code `timeout`",
+}
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _MAYBE_TIME: Schema = {"type": ["string", "null"], "format": "date-time"}
 _MS: Schema = {"type": ["number", "null"], "minimum": 0}
@@ -169,6 +189,8 @@ SCHEMAS: dict[str, Schema] = {
             "negative_prompt": {**_text(MAX_PROMPT, min_length=0), "type": ["string", "null"]},
             "params": ref("RenderParamsInput"),
             "reference": ref("ReferenceInput"),
+            "deadline": DEADLINE,
+            "timeout_s": TIMEOUT_S,
         },
         ["project", "kind", "prompt"],
     ),
@@ -179,11 +201,17 @@ SCHEMAS: dict[str, Schema] = {
             "negative_prompt": {**_text(MAX_PROMPT, min_length=0), "type": ["string", "null"]},
             "params": ref("RenderParamsInput"),
             "reference": {**ref("ReferenceInput"), "description": "default: {previous: true}"},
+            "deadline": DEADLINE,
+            "timeout_s": TIMEOUT_S,
         },
         ["kind", "prompt"],
     ),
     "BatchRequest": _object(
-        {"items": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": ref("RenderRequest")}},
+        {
+            "items": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": ref("RenderRequest")},
+            "deadline": {**DEADLINE, "description": "every item's deadline, unless it states its own"},
+            "timeout_s": {**TIMEOUT_S, "description": "every item's timeout_s, unless it states its own"},
+        },
         ["items"],
     ),
     "Project": _object(
@@ -306,6 +334,17 @@ SCHEMAS: dict[str, Schema] = {
             "waiting_on": {
                 "type": ["string", "null"],
                 "description": "while queued behind its chain predecessor: that render's id",
+            },
+            "deadline": {**_MAYBE_TIME, "description": "when it must have started (null: no deadline)"},
+            "timeout_s": {
+                "type": ["number", "null"],
+                "description": "the most its generation may take, as asked (null: the kind's maximum)",
+            },
+            "retry_of": {"type": ["string", "null"], "description": "the render this one retries"},
+            "retries": {
+                "type": "array",
+                "items": ID,
+                "description": "the renders that retried this one, oldest first",
             },
         },
     ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -11,6 +12,7 @@ from renderflow.v1 import generation_pb2
 from gateway.resources import KINDS
 from gateway.state import TIMER
 from shared.contract import PARAMS
+from shared.errors import ValidationFailed
 
 SEED_LIMIT = 2**32
 """Random seeds are below this."""
@@ -43,10 +45,13 @@ def reference(given: dict[str, Any] | None) -> generation_pb2.Reference | None:
     return ref
 
 
-def render_spec(fields: dict[str, Any], project: str, chain_id: str | None) -> generation_pb2.RenderSpec:
+def render_spec(
+    fields: dict[str, Any], project: str, chain_id: str | None, *, field_prefix: str = ""
+) -> generation_pb2.RenderSpec:
     """What generation queues, as the client stated it: generation resolves the project (slug)
-    and chain (None: the project's default) and decides the position and rules."""
-    return generation_pb2.RenderSpec(
+    and chain (None: the project's default) and decides the position and rules. A field error
+    names its field after `field_prefix` (`items[3].`)."""
+    spec = generation_pb2.RenderSpec(
         project=project,
         chain_id=chain_id or "",
         kind=KINDS[fields["kind"]],
@@ -54,7 +59,24 @@ def render_spec(fields: dict[str, Any], project: str, chain_id: str | None) -> g
         negative_prompt=fields.get("negative_prompt") or "",
         params=render_params(fields["kind"], fields.get("params", {})),
         reference=reference(fields.get("reference")),
+        timeout_s=float(fields.get("timeout_s") or 0.0),
     )
+    if fields.get("deadline") is not None:
+        spec.deadline.FromDatetime(deadline(fields["deadline"], f"{field_prefix}deadline"))
+    return spec
+
+
+def deadline(given: str | float, field: str) -> datetime:
+    """A deadline as a request states it: an RFC 3339 time with its offset, or seconds from now."""
+    if not isinstance(given, str):
+        return datetime.now(UTC) + timedelta(seconds=given)
+    try:
+        moment = datetime.fromisoformat(given)
+    except ValueError:
+        raise ValidationFailed.field(field, "must be an RFC 3339 date-time or a number of seconds") from None
+    if moment.tzinfo is None:
+        raise ValidationFailed.field(field, "must have a time zone offset (e.g. Z)")
+    return moment
 
 
 def prefer_wait(request: web.Request, max_wait_s: float) -> float | None:

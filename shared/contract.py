@@ -13,10 +13,15 @@ from typing import Final, Generic, Literal, TypeVar, get_args
 Kind = Literal["image", "video"]
 KINDS: Final[tuple[Kind, ...]] = get_args(Kind)
 
-Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "expired"]
 STATUSES: Final[tuple[Status, ...]] = get_args(Status)
-TERMINAL: Final[frozenset[Status]] = frozenset({"succeeded", "failed", "cancelled"})
-"""Statuses a render never leaves, and the types of the events that end its stream."""
+TERMINAL: Final[frozenset[Status]] = frozenset({"succeeded", "failed", "cancelled", "expired"})
+"""Statuses a render never leaves, and the types of the events that end its stream (`expired`: its
+deadline passed before it started)."""
+MAX_DEADLINE_S: Final = 30 * 86_400.0
+"""The furthest a deadline given in seconds from now may be."""
+MAX_TIMEOUT_S: Final = 86_400.0
+"""The longest execution timeout a render may ask for (the kind's configured maximum caps it too)."""
 
 N = TypeVar("N", int, float)
 

@@ -14,7 +14,7 @@ from gateway.resources import batch_json, json_response, render_json
 from gateway.routes import ID, clients, phase
 from gateway.routes.events import resume_point, stream_events
 from gateway.state import TRACEPARENT
-from gateway.submission import render_spec, spent_so_far
+from gateway.submission import deadline, render_spec, spent_so_far
 from gateway.validation import read_json
 
 routes = web.RouteTableDef()
@@ -27,11 +27,20 @@ async def submit_batch(request: web.Request) -> web.Response:
     with phase(request, "validation"):
         fields = await read_json(request, "BatchRequest")  # every item checked, failures named items[i].…
         items: list[dict[str, Any]] = fields["items"]
+        # What the batch states for all its items, unless an item states its own.
+        shared: dict[str, Any] = {name: fields[name] for name in ("deadline", "timeout_s") if name in fields}
+        if "deadline" in shared:  # one moment for every item, read now
+            shared["deadline"] = deadline(shared["deadline"], "deadline").isoformat()
         key, body_hash = idempotency_key(request), request_hash(fields)
     # Generation resolves each item's project and chain (an unknown one: 422 naming its item).
     submitted = generation_pb2.SubmitBatchRequest(
         user_id=user.user_id,
-        renders=[render_spec(item, item["project"], item.get("chain_id")) for item in items],
+        renders=[
+            render_spec(
+                {**shared, **item}, item["project"], item.get("chain_id"), field_prefix=f"items[{index}]."
+            )
+            for index, item in enumerate(items)
+        ],
         idempotency_key=key,
         request_hash=body_hash,
         traceparent=request[TRACEPARENT],

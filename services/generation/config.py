@@ -48,6 +48,9 @@ class Settings:
     poll_interval_s: float = 5.0
     """RENDERFLOW_GENERATION_WATCH_POLL_S: how often watchers re-read the event log as a safety net
     (the only source of live events when poll-only)."""
+    deadline_poll_s: float = 0.5
+    """RENDERFLOW_GENERATION_DEADLINE_POLL_S: how often queued renders past their deadline are looked
+    for (one ends `expired` within about this long of its deadline, workers or none)."""
     stall_after_s: float = 60.0
     """RENDERFLOW_GENERATION_STALL_AFTER_S: a running render without progress for this long is `stalled`."""
     drain_grace_s: float = 5.0
@@ -86,6 +89,7 @@ class Settings:
                 "RENDERFLOW_GENERATION_WATCH_POLL_S", 1.0 if poll_only else 5.0, minimum=0.05
             ),
             stall_after_s=env.float("RENDERFLOW_GENERATION_STALL_AFTER_S", 60.0, minimum=1.0),
+            deadline_poll_s=env.float("RENDERFLOW_GENERATION_DEADLINE_POLL_S", 0.5, minimum=0.05),
             drain_grace_s=env.float("RENDERFLOW_GENERATION_DRAIN_GRACE_S", 5.0, minimum=0.0),
             pool_max=env.int("RENDERFLOW_GENERATION_POOL_MAX", 10, minimum=2),
             queue_metrics_s=env.float("RENDERFLOW_GENERATION_QUEUE_METRICS_S", 5.0, minimum=0.05),

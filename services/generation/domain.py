@@ -101,6 +101,12 @@ class RenderSpec:
     params: Params = field(default_factory=Params)
     reference: Reference | None = None
     priority: int = 0
+    deadline: datetime | None = None
+    """Not started by then: it ends `expired`; still running then: cancelled (reason `deadline`)."""
+    timeout_s: float = 0.0
+    """The most its generation may take (0: the kind's configured maximum, which also caps it)."""
+    retry_of: str = ""
+    """The render it retries (set by a retry, never by a caller)."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,11 @@ class Render:
     started_at: datetime | None
     finished_at: datetime | None
     last_progress_at: datetime | None
+    deadline: datetime | None = None
+    timeout_s: float = 0.0
+    retry_of: str = ""
+    retries: tuple[str, ...] = ()
+    """The renders that retried it, oldest first."""
     queue_position: int | None = None
     eta_s: float | None = None
     stalled: bool = False

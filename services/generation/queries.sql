@@ -49,19 +49,19 @@ previous AS (
 r AS (
     INSERT INTO renders (id, user_id, project_id, project, chain_id, position, kind, prompt,
         negative_prompt, params, rules, reference, batch_id, timings, trace_id, traceparent,
-        idempotency_key, request_hash, priority, last_seq, created_at)
+        idempotency_key, request_hash, priority, deadline_at, timeout_s, retry_of, last_seq, created_at)
     SELECT %(id)s, %(user_id)s, %(project_id)s, %(project)s, %(chain_id)s, p.position, %(kind)s,
         %(prompt)s, %(negative_prompt)s, %(params)s, %(rules)s,
         CASE WHEN %(chains)s AND p.position = 1 THEN NULL ELSE %(reference)s::jsonb END,
         %(batch_id)s, %(timings)s, %(trace_id)s, %(traceparent)s, %(idempotency_key)s,
-        %(request_hash)s, %(priority)s, 1, clock_timestamp()
+        %(request_hash)s, %(priority)s, %(deadline_at)s, %(timeout_s)s, %(retry_of)s, 1, clock_timestamp()
     FROM p
     ON CONFLICT DO NOTHING
     RETURNING *
 ),
 j AS (
-    INSERT INTO jobs (render_id, tenant, priority, kind, created_at, state, depends_on)
-    SELECT id, user_id, priority, kind, created_at,
+    INSERT INTO jobs (render_id, tenant, priority, kind, created_at, deadline_at, state, depends_on)
+    SELECT id, user_id, priority, kind, created_at, deadline_at,
         CASE WHEN %(chains)s AND position > 1 THEN 'waiting' ELSE 'queued' END,
         CASE WHEN %(chains)s THEN (SELECT id FROM previous) END
     FROM r
@@ -70,7 +70,7 @@ j AS (
 marked AS (
     UPDATE renders SET dependents_waiting = true
     WHERE id = (SELECT depends_on FROM j WHERE state = 'waiting')
-      AND status NOT IN ('succeeded', 'failed', 'cancelled')
+      AND status NOT IN ('succeeded', 'failed', 'cancelled', 'expired')
 ),
 e AS (
     INSERT INTO events (render_id, seq, type, payload)
@@ -120,30 +120,35 @@ SELECT (SELECT count(*) FROM jobs WHERE tenant = %s AND state = 'running') AS ru
 SELECT chain_id, last FROM chain_positions WHERE user_id = %s AND chain_id = ANY(%s)
 
 -- Reading renders, events and batches -------------------------------------------------------
--- A render row comes with `waiting_on`: while it waits for its chain predecessor, that render's id.
+-- A render row comes with `waiting_on`: while it waits for its chain predecessor, that render's id;
+-- and `retries`: the renders that retried it, oldest first.
 
 -- name: user_render
 -- The user's render.
 SELECT renders.*,
-    (SELECT j.depends_on FROM jobs j WHERE j.render_id = renders.id AND j.state = 'waiting') AS waiting_on
+    (SELECT j.depends_on FROM jobs j WHERE j.render_id = renders.id AND j.state = 'waiting') AS waiting_on,
+    ARRAY(SELECT x.id FROM renders x WHERE x.retry_of = renders.id ORDER BY x.created_at) AS retries
 FROM renders WHERE id = %s AND user_id = %s
 
 -- name: any_render
 -- A render, whoever owns it.
 SELECT renders.*,
-    (SELECT j.depends_on FROM jobs j WHERE j.render_id = renders.id AND j.state = 'waiting') AS waiting_on
+    (SELECT j.depends_on FROM jobs j WHERE j.render_id = renders.id AND j.state = 'waiting') AS waiting_on,
+    ARRAY(SELECT x.id FROM renders x WHERE x.retry_of = renders.id ORDER BY x.created_at) AS retries
 FROM renders WHERE id = %s
 
 -- name: render_by_key
 -- The render a user's idempotency key stands for.
 SELECT renders.*,
-    (SELECT j.depends_on FROM jobs j WHERE j.render_id = renders.id AND j.state = 'waiting') AS waiting_on
+    (SELECT j.depends_on FROM jobs j WHERE j.render_id = renders.id AND j.state = 'waiting') AS waiting_on,
+    ARRAY(SELECT x.id FROM renders x WHERE x.retry_of = renders.id ORDER BY x.created_at) AS retries
 FROM renders WHERE user_id = %s AND idempotency_key = %s
 
 -- name: list_renders
 -- One page of renders: `{where}` and `{order}` are the filter and the keyset order of the page.
 SELECT renders.*,
-    (SELECT j.depends_on FROM jobs j WHERE j.render_id = renders.id AND j.state = 'waiting') AS waiting_on
+    (SELECT j.depends_on FROM jobs j WHERE j.render_id = renders.id AND j.state = 'waiting') AS waiting_on,
+    ARRAY(SELECT x.id FROM renders x WHERE x.retry_of = renders.id ORDER BY x.created_at) AS retries
 FROM renders WHERE {where} ORDER BY {order} LIMIT {limit}
 
 -- name: user_batch
@@ -153,7 +158,8 @@ SELECT id, user_id, created_at FROM batches WHERE id::text = %s AND user_id = %s
 -- name: batch_renders
 -- A batch's renders in submission order.
 SELECT renders.*,
-    (SELECT j.depends_on FROM jobs j WHERE j.render_id = renders.id AND j.state = 'waiting') AS waiting_on
+    (SELECT j.depends_on FROM jobs j WHERE j.render_id = renders.id AND j.state = 'waiting') AS waiting_on,
+    ARRAY(SELECT x.id FROM renders x WHERE x.retry_of = renders.id ORDER BY x.created_at) AS retries
 FROM renders WHERE batch_id = %s ORDER BY created_at, id
 
 -- name: events_after_many
@@ -248,7 +254,7 @@ r AS (
         reference = coalesce(reference || %(reference)s::jsonb, reference),
         attempts = coalesce(%(attempts)s::int, attempts),
         started_at = CASE WHEN %(status)s::text = 'running' THEN clock_timestamp() ELSE started_at END,
-        finished_at = CASE WHEN %(status)s::text IN ('succeeded', 'failed', 'cancelled')
+        finished_at = CASE WHEN %(status)s::text IN ('succeeded', 'failed', 'cancelled', 'expired')
                            THEN clock_timestamp() ELSE finished_at END
     FROM fence WHERE renders.id = fence.render_id
     RETURNING renders.id, renders.last_seq, renders.kind, renders.dependents_waiting
@@ -335,7 +341,7 @@ LEFT JOIN LATERAL (
 LEFT JOIN LATERAL (
     SELECT id, status FROM renders p
     WHERE p.user_id = d.user_id AND p.chain_id = d.chain_id AND p.position <= n.position
-        AND p.status NOT IN ('failed', 'cancelled')
+        AND p.status NOT IN ('failed', 'cancelled', 'expired')
     ORDER BY p.position DESC, p.created_at DESC LIMIT 1
 ) p ON true
 WHERE j.state = 'waiting' AND {which}
@@ -358,7 +364,7 @@ WITH j AS (
     RETURNING depends_on
 )
 UPDATE renders SET dependents_waiting = true
-WHERE id = (SELECT depends_on FROM j) AND status NOT IN ('succeeded', 'failed', 'cancelled')
+WHERE id = (SELECT depends_on FROM j) AND status NOT IN ('succeeded', 'failed', 'cancelled', 'expired')
 
 -- The worker's queue ------------------------------------------------------------------------
 
@@ -379,6 +385,7 @@ WHERE id = (SELECT depends_on FROM j) AND status NOT IN ('succeeded', 'failed', 
 -- 3. picked: each tenant's next jobs, up to its room (index scan of `jobs_tenant_queue` in the
 --    tenant's order; SKIP LOCKED passes over rows another claimer or a cancel holds).
 -- 4. chosen: round-robin — every tenant's 1st job, then every tenant's 2nd, ... up to `limit`.
+-- A job past its deadline is never claimed: the deadline sweep ends it (`due_deadlines`).
 -- The cap is the lesser of `cap` (the configured most per tenant) and the live workers' slots less
 -- `reserved`: however long its renders, one tenant never holds the last `reserved` slots, which
 -- stay free for the next tenant to submit (`workers`: rows refreshed within `live_s`; with no
@@ -401,7 +408,8 @@ candidates AS (
     WHERE t.queued > 0
       AND (SELECT count(*) FROM jobs r WHERE r.tenant = t.tenant AND r.state = 'running') < (SELECT n FROM cap)
       AND EXISTS (SELECT FROM jobs q
-                  WHERE q.tenant = t.tenant AND q.state = 'queued' AND q.run_after <= now())
+                  WHERE q.tenant = t.tenant AND q.state = 'queued' AND q.run_after <= now()
+                    AND (q.deadline_at IS NULL OR q.deadline_at > now()))
     ORDER BY t.last_claimed_at NULLS FIRST, t.tenant
     LIMIT %(limit)s
 ),
@@ -421,6 +429,7 @@ picked AS (
     FROM locked l CROSS JOIN LATERAL (
         SELECT render_id, priority, created_at FROM jobs
         WHERE jobs.tenant = l.tenant AND jobs.state = 'queued' AND jobs.run_after <= now()
+          AND (jobs.deadline_at IS NULL OR jobs.deadline_at > now())
         ORDER BY jobs.priority DESC, jobs.created_at, jobs.render_id
         LIMIT greatest(0, least((SELECT n FROM cap) - l.running, %(limit)s))
         FOR UPDATE SKIP LOCKED
@@ -484,6 +493,15 @@ FROM jobs WHERE state = 'running' AND lease_expires_at < now()
 ORDER BY tenant, lease_expires_at LIMIT 100
 FOR UPDATE SKIP LOCKED
 
+-- name: due_deadlines
+-- Jobs not running whose render's deadline has passed, locked for the sweep that ends them (SKIP
+-- LOCKED: a cancel holding one ends it first). `attempts` > 0: it ran before (a retry or a hand-back
+-- waits in the queue).
+SELECT render_id, attempts FROM jobs
+WHERE deadline_at <= now() AND state <> 'running'
+ORDER BY deadline_at LIMIT 100
+FOR UPDATE SKIP LOCKED
+
 -- name: requeue_expired
 -- An expired job goes back to the queue, runnable at once.
 UPDATE jobs SET state = 'queued', lease_token = NULL, lease_expires_at = NULL,
@@ -505,7 +523,7 @@ RETURNING greatest(0, extract(epoch FROM p.next_at - clock_timestamp()) - %(inte
 -- a batch of renders at a time.
 WITH ended AS (
     SELECT render_id FROM events
-    WHERE type IN ('succeeded', 'failed', 'cancelled') AND at < now() - make_interval(secs => %s)
+    WHERE type IN ('succeeded', 'failed', 'cancelled', 'expired') AND at < now() - make_interval(secs => %s)
     ORDER BY at LIMIT %s
 ),
 gone AS (DELETE FROM events e USING ended WHERE e.render_id = ended.render_id RETURNING 1)

@@ -174,6 +174,10 @@ def render_from_row(row: dict[str, Any]) -> Render:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         last_progress_at=row["last_progress_at"],
+        deadline=row["deadline_at"],
+        timeout_s=row["timeout_s"] or 0.0,
+        retry_of=row["retry_of"] or "",
+        retries=tuple(row.get("retries") or ()),
         waiting_on=row.get("waiting_on") or "",
     )
 

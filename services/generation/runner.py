@@ -177,7 +177,15 @@ class JobRunner:
             if claim.cancel_requested or render is None:  # claimed only to be cancelled
                 await self._queue.finish(claim, "cancelled", error=_CANCELLED)
                 return
-            await self._attempt(claim, render)
+            deadline = asyncio.timeout(_seconds_until(render.deadline))
+            try:
+                async with deadline:
+                    await self._attempt(claim, render)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                log.info("job stopped", extra={**extra, "reason": "deadline"})
+                await self._queue.finish(claim, "cancelled", error=_past_deadline(render))
         except asyncio.CancelledError:
             reason = control.stop_reason
             if reason is None:
@@ -245,7 +253,9 @@ class JobRunner:
         with self._phase("generation", render, timings):
             if self._pacing is not None:
                 await self._pacing.wait_turn(claim.backend)
-            limit = self._max_duration_s.get(render.kind)
+            limit, reason = self._max_duration_s.get(render.kind), "max_duration"
+            if render.timeout_s and (limit is None or render.timeout_s < limit):
+                limit, reason = render.timeout_s, "timeout_s"
             deadline = asyncio.timeout(limit)
             try:
                 async with deadline:
@@ -256,8 +266,11 @@ class JobRunner:
             except TimeoutError as exc:
                 if not deadline.expired():
                     raise
-                message = f"the {render.kind} took longer than {limit:g} s, the most one may take"
-                raise Failure(RenderError("timeout", "max_duration", message), False) from exc
+                if reason == "timeout_s":
+                    message = f"the {render.kind} took longer than its timeout_s of {limit:g} s"
+                else:
+                    message = f"the {render.kind} took longer than {limit:g} s, the most one may take"
+                raise Failure(RenderError("timeout", reason, message), False) from exc
         with self._phase("store", render, timings):
             try:
                 stored = await writer.phase(
@@ -410,6 +423,16 @@ def _links(traceparent: str) -> list[Link]:
     context = TraceContextTextMapPropagator().extract({"traceparent": traceparent})
     span_context = trace.get_current_span(context).get_span_context()
     return [Link(span_context)] if span_context.is_valid else []
+
+
+def _seconds_until(moment: datetime | None) -> float | None:
+    return None if moment is None else (moment - datetime.now(UTC)).total_seconds()
+
+
+def _past_deadline(render: Render) -> RenderError:
+    assert render.deadline is not None
+    at = render.deadline.isoformat(timespec="milliseconds")
+    return RenderError("cancelled", "deadline", f"still running at its deadline ({at})")
 
 
 def _ns(moment: datetime) -> int:

@@ -13,6 +13,7 @@ from services.generation.artifacts import LocalArtifactStore
 from services.generation.background import background
 from services.generation.catalog import Catalog
 from services.generation.config import Settings
+from services.generation.deadlines import sweep_deadlines
 from services.generation.events import EventHub
 from services.generation.instruments import Instruments, count_finished, watch_queue
 from services.generation.listener import Listener
@@ -52,6 +53,8 @@ async def running(settings: Settings) -> AsyncIterator[int]:
             partial(store.count_stalled, settings.stall_after_s), stalled_gauge(), settings.queue_metrics_s
         )
         await stack.enter_async_context(background(stalls, "generation-stall-metrics"))
+        sweep = sweep_deadlines(store.expire_due, settings.deadline_poll_s)
+        await stack.enter_async_context(background(sweep, "generation-deadlines"))
         if not settings.db_poll_only:
             url = database_url(settings.database_url)
             listener = Listener(url, ["generation_events"], hub.on_notify, hub.resync)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -35,6 +35,7 @@ _STATUS_PB = {
     "succeeded": pb.RENDER_STATUS_SUCCEEDED,
     "failed": pb.RENDER_STATUS_FAILED,
     "cancelled": pb.RENDER_STATUS_CANCELLED,
+    "expired": pb.RENDER_STATUS_EXPIRED,
 }
 _STATUS = {value: name for name, value in _STATUS_PB.items()}
 
@@ -145,6 +146,8 @@ def spec_from_pb(spec: pb.RenderSpec) -> RenderSpec:
         params=Params(params.width, params.height, params.steps, params.seed, params.duration_s, params.fps),
         reference=reference,
         priority=spec.priority,
+        deadline=spec.deadline.ToDatetime(UTC) if spec.HasField("deadline") else None,
+        timeout_s=spec.timeout_s,
     )
 
 
@@ -187,6 +190,9 @@ def render_pb(render: Render) -> pb.Render:
         created_at=_timestamp(render.created_at),
         stalled=render.stalled,
         waiting_on=render.waiting_on,
+        timeout_s=render.timeout_s,
+        retry_of=render.retry_of,
+        retries=render.retries,
     )
     if render.reference is not None:
         ref = render.reference
@@ -206,7 +212,7 @@ def render_pb(render: Render) -> pb.Render:
         message.output.CopyFrom(pb.RenderOutput(**render.output.__dict__))
     if render.error is not None:
         message.error.CopyFrom(error_pb(render.error))
-    for name in ("started_at", "finished_at", "last_progress_at"):
+    for name in ("started_at", "finished_at", "last_progress_at", "deadline"):
         value: datetime | None = getattr(render, name)
         if value is not None:
             getattr(message, name).CopyFrom(_timestamp(value))

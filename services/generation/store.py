@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 SCHEMA = "generation"
 MIGRATIONS = Path(__file__).parent / "migrations"
 _CANCELLED = RenderError("cancelled", message="cancelled at the user's request")
+_EXPIRED = RenderError("expired", "deadline", "not started by its deadline", retryable=True)
 
 
 def database_url(url: str) -> str:
@@ -406,6 +407,35 @@ class Store:
             pruned=pruned,
             recounted=recounted,
         )
+
+    async def expire_due(self) -> int:
+        """Ends the renders whose deadline passed before they (re)started: `expired` when they never
+        ran, cancelled with reason `deadline` when an earlier attempt did; their chain dependents go
+        on without them. Returns how many ended."""
+        async with self._conn() as conn:
+            async with conn.transaction():
+                ended = [
+                    await self._end_at_deadline(conn, job)
+                    for job in await fetch_all(conn, QUERIES["due_deadlines"])
+                ]
+            self._report(ended)
+            done = [end.render_id for end in ended if end is not None]
+            if done:
+                await self._settle(conn, done)
+        return len(done)
+
+    async def _end_at_deadline(self, conn: AsyncConnection[Any], job: dict[str, Any]) -> Ended | None:
+        render_id = job["render_id"]
+        await conn.execute(QUERIES["delete_job"], [render_id])
+        if job["attempts"]:
+            status, error = (
+                "cancelled",
+                RenderError("cancelled", "deadline", "its deadline passed while it waited to run again"),
+            )
+        else:
+            status, error = "expired", _EXPIRED
+        done = await record(conn, render_id, [NewEvent(status, error=error)], status=status, error=error)
+        return done.ended if done else None
 
     async def recount(self) -> int:
         """Corrects tenant counts that differ from the jobs and forgets idle tenants; returns how

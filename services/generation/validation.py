@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,6 +15,7 @@ from shared.contract import (
     MAX_BATCH,
     MAX_ID,
     MAX_PROMPT,
+    MAX_TIMEOUT_S,
     MAX_URL,
     PARAMS,
     SEED_MAX,
@@ -80,6 +82,10 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
             bad("reference.render_id", "must not be the render itself")
 
     in_range("priority", spec.priority, PRIORITY)
+    if spec.deadline is not None and spec.deadline <= datetime.now(UTC):
+        bad("deadline", "must be in the future")
+    if spec.timeout_s:
+        in_range("timeout_s", spec.timeout_s, (0.001, MAX_TIMEOUT_S))
     if not spec.project:
         bad("project", "is required")
     for name in ("project", "chain_id"):

@@ -13,6 +13,7 @@ import pytest
 
 from gateway.app import running as gateway_running
 from gateway.config import Settings as GatewaySettings
+from shared.contract import TERMINAL
 from tests.integration.test_gateway_renders import read_events
 from tests.support.gateway_stack import LiveStack, StartWorker, assert_problem, procedural_worker
 
@@ -199,9 +200,7 @@ async def test_a_batch_is_all_or_nothing(stack: LiveStack) -> None:
     ) as stream:
         assert stream.status == 200
         seen = await asyncio.wait_for(read_events(stream, batch=True), 20)
-    ended = {
-        e["render_id"]: e["type"] for e in seen.events if e["type"] in {"succeeded", "failed", "cancelled"}
-    }
+    ended = {e["render_id"]: e["type"] for e in seen.events if e["type"] in TERMINAL}
     assert ended == {r["id"]: "succeeded" for r in renders}
     response, batch = await stack.call("GET", f"/v1/batches/{accepted['batch_id']}", alice)
     assert response.status == 200 and batch["id"] == accepted["batch_id"]
@@ -211,6 +210,7 @@ async def test_a_batch_is_all_or_nothing(stack: LiveStack) -> None:
         "succeeded": 5,
         "failed": 0,
         "cancelled": 0,
+        "expired": 0,
         "total": 5,
     }
     assert [r["id"] for r in batch["renders"]] == [r["id"] for r in renders]
