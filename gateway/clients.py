@@ -254,11 +254,23 @@ class GenerationClient(_Client):
         with rpc_errors():
             return await self._stub.ListRenders(request, timeout=self._timeout)
 
-    async def cancel(self, user_id: str, render_id: str) -> generation_pb2.Render:
+    async def cancel(self, user_id: str, render_id: str) -> tuple[generation_pb2.Render, bool]:
+        """The render, and whether it had been cancelled (or had expired) already."""
+        request = generation_pb2.CancelRequest(user_id=user_id, render_id=render_id)
+        return await _with_replayed(self._stub.Cancel(request, timeout=self._timeout))
+
+    async def cancel_batch(self, user_id: str, batch_id: str) -> tuple[generation_pb2.Batch, bool]:
+        """The batch, and whether nothing of it was left to cancel."""
+        request = generation_pb2.CancelBatchRequest(user_id=user_id, batch_id=batch_id)
+        return await _with_replayed(self._stub.CancelBatch(request, timeout=self._timeout))
+
+    async def retry(self, request: generation_pb2.RetryRequest) -> tuple[generation_pb2.Render, bool]:
+        """The new render, and whether it is what an earlier, identical retry made."""
+        return await _with_replayed(self._stub.Retry(request, timeout=self._timeout))
+
+    async def update_render(self, request: generation_pb2.UpdateRenderRequest) -> generation_pb2.Render:
         with rpc_errors():
-            return await self._stub.Cancel(
-                generation_pb2.CancelRequest(user_id=user_id, render_id=render_id), timeout=self._timeout
-            )
+            return await self._stub.UpdateRender(request, timeout=self._timeout)
 
     def watch(
         self, user_id: str, render_id: str, after_seq: int

@@ -58,6 +58,7 @@ def _json(schema_name: str, description: str, headers: dict[str, Any] | None = N
 
 
 _LOCATION = {"Location": {"schema": {"type": "string"}, "description": "the new resource"}}
+_PROBLEM = {"$ref": "#/components/responses/Problem"}
 
 
 def _op(
@@ -276,6 +277,18 @@ PATHS: dict[str, dict[str, Schema]] = {
             parameters=[_RENDER_ID],
         ),
     },
+    "/v1/batches/{id}:cancel": {
+        "post": _op(
+            "cancelBatch",
+            "Cancel every queued render of a batch at once (none of them starts after this) and ask the "
+            "workers of its running ones to stop them",
+            {
+                "202": _json("Batch", "cancelled, or cancelling (running renders)"),
+                "200": _json("Batch", "every render had ended before this request: nothing changed"),
+            },
+            parameters=[_RENDER_ID],
+        ),
+    },
     "/v1/batches/{id}/events": {
         "get": _event_stream(
             "watchBatch",
@@ -300,13 +313,38 @@ PATHS: dict[str, dict[str, Schema]] = {
         "get": _op(
             "getRender", "Get a render", {"200": _json("Render", "the render")}, parameters=[_RENDER_ID]
         ),
+        "patch": _op(
+            "updateRender",
+            "Change a queued render's priority (409 once it has started)",
+            {"200": _json("Render", "the render"), "409": _PROBLEM},
+            body="UpdateRenderRequest",
+            parameters=[_RENDER_ID],
+        ),
     },
     "/v1/renders/{id}:cancel": {
         "post": _op(
             "cancelRender",
-            "Cancel a queued or running render",
-            {"202": _json("Render", "cancelling"), "409": {"$ref": "#/components/responses/Problem"}},
+            "Cancel a queued render at once, or ask a running one's worker to stop it",
+            {
+                "202": _json("Render", "cancelled now (queued), or cancelling (running)"),
+                "200": _json("Render", "cancelled or expired before this request: nothing changed"),
+                "409": _PROBLEM,
+            },
             parameters=[_RENDER_ID],
+        ),
+    },
+    "/v1/renders/{id}:retry": {
+        "post": _op(
+            "retryRender",
+            "Queue a new render with the inputs of a failed, cancelled or expired one (its project, chain, "
+            "prompt, parameters and seed, reference, priority and timeout_s; no deadline), linked by "
+            "`retry_of`; 409 for a render running or succeeded",
+            {
+                "200": _json("Render", "finished within `Prefer: wait`", _SUBMIT_HEADERS),
+                "202": _json("Render", "queued", _SUBMIT_HEADERS),
+                "409": _PROBLEM,
+            },
+            parameters=[_RENDER_ID, *_SUBMIT_PARAMETERS],
         ),
     },
     "/v1/renders/{id}/events": {

@@ -171,6 +171,7 @@ def render_json(render: generation_pb2.Render) -> JSON:
         "waiting_on": render.waiting_on or None,
         "deadline": _maybe_time(render, "deadline"),
         "timeout_s": render.timeout_s or None,
+        "priority": render.priority,
         "retry_of": render.retry_of or None,
         "retries": list(render.retries),
     }

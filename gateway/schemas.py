@@ -16,6 +16,7 @@ from shared.contract import (
     MAX_TIMEOUT_S,
     MAX_URL,
     PARAMS,
+    PRIORITY,
     SEED_MAX,
     SLUG_PATTERN,
     STATUSES,
@@ -100,6 +101,10 @@ DEADLINE: Schema = {
     "`deadline`)",
     ERROR_MESSAGE: "must be an RFC 3339 date-time or a number of seconds from now (more than 0, at most "
     f"{MAX_DEADLINE_S:g})",
+}
+PRIORITY_INPUT: Schema = {
+    **_param(PRIORITY),
+    "description": "higher runs sooner among the user's queued renders (default 0)",
 }
 TIMEOUT_S: Schema = {
     "type": "number",
@@ -189,6 +194,7 @@ SCHEMAS: dict[str, Schema] = {
             "negative_prompt": {**_text(MAX_PROMPT, min_length=0), "type": ["string", "null"]},
             "params": ref("RenderParamsInput"),
             "reference": ref("ReferenceInput"),
+            "priority": PRIORITY_INPUT,
             "deadline": DEADLINE,
             "timeout_s": TIMEOUT_S,
         },
@@ -201,11 +207,13 @@ SCHEMAS: dict[str, Schema] = {
             "negative_prompt": {**_text(MAX_PROMPT, min_length=0), "type": ["string", "null"]},
             "params": ref("RenderParamsInput"),
             "reference": {**ref("ReferenceInput"), "description": "default: {previous: true}"},
+            "priority": PRIORITY_INPUT,
             "deadline": DEADLINE,
             "timeout_s": TIMEOUT_S,
         },
         ["kind", "prompt"],
     ),
+    "UpdateRenderRequest": _object({"priority": PRIORITY_INPUT}, ["priority"]),
     "BatchRequest": _object(
         {
             "items": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": ref("RenderRequest")},
@@ -339,6 +347,10 @@ SCHEMAS: dict[str, Schema] = {
             "timeout_s": {
                 "type": ["number", "null"],
                 "description": "the most its generation may take, as asked (null: the kind's maximum)",
+            },
+            "priority": {
+                "type": "integer",
+                "description": "higher runs sooner among the user's queued renders",
             },
             "retry_of": {"type": ["string", "null"], "description": "the render this one retries"},
             "retries": {

@@ -40,6 +40,8 @@ HEIGHT: Final = Param(64, 2048, 512)
 STEPS: Final = Param(1, 150, 20)
 DURATION_S: Final = Param(0.5, 60, 2.0)  # 60, not 60.0: the OpenAPI document has always said 60
 FPS: Final = Param(1, 60, 12)
+PRIORITY: Final = Param(-1000, 1000, 0)
+"""A render's priority: higher runs sooner among the same user's queued renders."""
 SEED_MAX: Final = 2**53 - 1
 """Seeds are 0 to this, the largest integer a JSON number holds exactly; an omitted seed is random
 over HTTP, and 0 over gRPC (where omitted and 0 are one)."""

@@ -60,6 +60,17 @@ def _accepted(batch: generation_pb2.Batch, replayed: bool = False) -> web.Respon
     return json_response(answer, status=202, headers=headers)
 
 
+@routes.post(f"/v1/batches/{ID}:cancel")
+async def cancel_batch(request: web.Request) -> web.Response:
+    user = principal(request)
+    with phase(request, "db"):
+        batch, nothing_left = await clients(request).generation.cancel_batch(
+            user.user_id, request.match_info["id"]
+        )
+    # 200: every render of the batch had ended before this request, which changed nothing.
+    return json_response(batch_json(batch), status=200 if nothing_left else 202)
+
+
 @routes.get(f"/v1/batches/{ID}")
 async def get_batch(request: web.Request) -> web.Response:
     user = principal(request)

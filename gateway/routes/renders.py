@@ -162,5 +162,39 @@ async def list_chain_renders(request: web.Request) -> web.Response:
 async def cancel_render(request: web.Request) -> web.Response:
     user = principal(request)
     with phase(request, "db"):
-        render = await clients(request).generation.cancel(user.user_id, request.match_info["id"])
-    return json_response(render_json(render), status=202)
+        render, already = await clients(request).generation.cancel(user.user_id, request.match_info["id"])
+    # 200: it was cancelled (or expired) before this request, which changed nothing.
+    return json_response(render_json(render), status=200 if already else 202)
+
+
+@routes.post(f"/v1/renders/{ID}:retry")
+async def retry_render(request: web.Request) -> web.Response:
+    user = principal(request)
+    render_id = request.match_info["id"]
+    with phase(request, "validation"):
+        intent = _intent(request, fingerprint={"retry": render_id})
+    retried = generation_pb2.RetryRequest(
+        user_id=user.user_id,
+        render_id=render_id,
+        idempotency_key=intent.idempotency_key,
+        request_hash=intent.body_hash,
+        traceparent=request[TRACEPARENT],
+        timings=spent_so_far(request),
+        min_change_seq=clients(request).metadata.acknowledged(user.user_id),
+    )
+    with phase(request, "enqueue"):
+        render, replayed = await clients(request).generation.retry(retried)
+    return await _answer(request, user, render, intent.wait_s, replayed=replayed)
+
+
+@routes.patch(f"/v1/renders/{ID}")
+async def update_render(request: web.Request) -> web.Response:
+    user = principal(request)
+    with phase(request, "validation"):
+        fields = await read_json(request, "UpdateRenderRequest")
+    update = generation_pb2.UpdateRenderRequest(
+        user_id=user.user_id, render_id=request.match_info["id"], priority=fields["priority"]
+    )
+    with phase(request, "db"):
+        render = await clients(request).generation.update_render(update)
+    return json_response(render_json(render))

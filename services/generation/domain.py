@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from shared.contract import HEIGHT, STEPS, TERMINAL, TIMINGS, WIDTH
 
@@ -257,6 +257,11 @@ class Ended:
     kind: str
     status: str
     error: RenderError | None = None
+
+
+Cancelled = Literal["cancelled", "requested", "already"]
+"""What a cancel did: cancelled a queued render, flagged a running one for its worker, or found the
+render cancelled or expired already (and left it)."""
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from services.generation.catalog import Placement
 from services.generation.domain import (
     Batch,
+    Cancelled,
     Event,
     NewEvent,
     Output,
@@ -43,7 +44,11 @@ class ApiStore(Protocol):
 
     async def list_page(self, user_id: str, where: RenderFilter, size: int, page_token: str) -> Page: ...
 
-    async def cancel(self, user_id: str, render_id: str) -> bool: ...
+    async def cancel(self, user_id: str, render_id: str) -> Cancelled: ...
+
+    async def cancel_batch(self, user_id: str, batch_id: str) -> bool: ...
+
+    async def set_priority(self, user_id: str, render_id: str, priority: int) -> None: ...
 
     async def events_after(self, render_id: str, after_seq: int) -> list[Event]: ...
 

@@ -229,6 +229,49 @@ UPDATE jobs SET cancel_requested = true WHERE render_id = %s
 -- Tells the workers a cancel was requested.
 SELECT pg_notify('generation_cancel', %s)
 
+-- name: lock_batch_jobs
+-- The jobs of the user's batch, locked (a claim holding one is waited for: it is then seen running).
+SELECT j.render_id, j.state FROM jobs j
+WHERE j.tenant = %s AND j.render_id IN (SELECT id FROM renders WHERE batch_id = %s)
+ORDER BY j.render_id
+FOR UPDATE
+
+-- name: cancel_jobs
+-- In one statement, with their job rows locked by the caller: the jobs `queued` (or waiting) leave
+-- the claim table and their renders end `cancelled` with their event; the jobs `running` are
+-- flagged for their workers. Returns the ended renders (and whether a chain render waits for each).
+WITH gone AS (
+    DELETE FROM jobs WHERE render_id = ANY(%(queued)s::text[]) AND state <> 'running'
+    RETURNING render_id
+),
+r AS (
+    UPDATE renders SET status = 'cancelled', error = %(error)s::jsonb, last_seq = last_seq + 1,
+        finished_at = clock_timestamp()
+    FROM gone WHERE renders.id = gone.render_id
+    RETURNING renders.id, renders.last_seq, renders.kind, renders.dependents_waiting
+),
+e AS (
+    INSERT INTO events (render_id, seq, type, payload)
+    SELECT r.id, r.last_seq, 'cancelled', %(event)s::jsonb FROM r
+    RETURNING render_id, seq, type, at, payload
+),
+flagged AS (
+    UPDATE jobs SET cancel_requested = true WHERE render_id = ANY(%(running)s::text[]) AND state = 'running'
+    RETURNING render_id, pg_notify('generation_cancel', render_id)
+)
+SELECT r.id, r.kind, r.dependents_waiting,
+    pg_notify('generation_events', r.id || ':' || r.last_seq || {carried}) AS _events
+FROM r
+
+-- name: set_priority
+-- A queued (or waiting) render's new priority, on its job (the claim's order) and its row.
+WITH j AS (
+    UPDATE jobs SET priority = %(priority)s
+    WHERE render_id = %(id)s AND tenant = %(user_id)s AND state <> 'running'
+    RETURNING render_id
+)
+UPDATE renders SET priority = %(priority)s FROM j WHERE renders.id = j.render_id RETURNING renders.id
+
 -- name: notify_jobs
 -- Wakes the workers: there is work to claim.
 SELECT pg_notify('generation_jobs', %s)

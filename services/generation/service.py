@@ -26,10 +26,13 @@ from services.generation.domain import (
 from services.generation.events import EventHub, follow
 from services.generation.protocols import ApiStore
 from services.generation.validation import normalized, normalized_batch
-from shared.contract import phase_attribute
+from shared.contract import PRIORITY, phase_attribute
 from shared.errors import FailedPrecondition, FieldError, NotFound, ValidationFailed
 
 T = TypeVar("T")
+
+RETRYABLE = frozenset({"failed", "cancelled", "expired"})
+"""The statuses of a render that may be retried."""
 
 
 class Renders:
@@ -129,8 +132,50 @@ class Renders:
         return Page([self._derived(r) for r in page.renders], page.next_page_token)
 
     async def cancel(self, user_id: str, render_id: str) -> Render:
-        """Cancels a queued render at once; asks the worker of a running one to stop it."""
-        await self._store.cancel(user_id, render_id)
+        """Cancels a queued render at once; asks the worker of a running one to stop it. A render
+        cancelled or expired already is answered as it is (`replayed`)."""
+        outcome = await self._store.cancel(user_id, render_id)
+        return replace(await self.get(user_id, render_id), replayed=outcome == "already")
+
+    async def cancel_batch(self, user_id: str, batch_id: str) -> Batch:
+        """Cancels every queued render of the batch at once and asks the workers of its running
+        ones to stop them; `replayed` when nothing was left to cancel."""
+        changed = await self._store.cancel_batch(user_id, batch_id)
+        return replace(await self.get_batch(user_id, batch_id), replayed=not changed)
+
+    async def retry(self, user_id: str, render_id: str, submission: Submission) -> Render:
+        """Queues a new render with the inputs of one that failed, was cancelled or expired, linked
+        to it (`retry_of`): same project, chain, prompt, parameters and seed, reference, priority and
+        timeout; no deadline. FailedPrecondition for a render that is running or succeeded."""
+        original = await self._store.get(user_id, render_id)
+        if original.status not in RETRYABLE:
+            raise FailedPrecondition(
+                f"render {render_id} is {original.status}: only a failed, cancelled or expired render"
+                " is retried"
+            )
+        reference = original.reference
+        spec = RenderSpec(
+            project=original.project_id,
+            chain_id=original.chain_id,
+            kind=original.kind,
+            prompt=original.prompt,
+            negative_prompt=original.negative_prompt,
+            params=original.params,
+            reference=None if reference is None else replace(reference, outcome=None),
+            priority=original.priority,
+            timeout_s=original.timeout_s,
+            retry_of=original.id,
+        )
+        return await self.submit(spec, submission)
+
+    async def update(self, user_id: str, render_id: str, priority: int | None) -> Render:
+        """Changes the priority of a queued render (None: unchanged); FailedPrecondition once it
+        has started."""
+        if priority is not None:
+            if not PRIORITY.minimum <= priority <= PRIORITY.maximum:
+                bounds = f"{PRIORITY.minimum} and {PRIORITY.maximum}"
+                raise ValidationFailed.field("priority", f"must be between {bounds}")
+            await self._store.set_priority(user_id, render_id, priority)
         return await self.get(user_id, render_id)
 
     async def watch(self, user_id: str, render_id: str, after_seq: int) -> AsyncIterator[Event]:

@@ -81,7 +81,23 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
 
     async def Cancel(self, request: pb.CancelRequest, context: Context) -> pb.Render:
-        return render_pb(await self._renders.cancel(request.user_id, request.render_id))
+        render = await self._renders.cancel(request.user_id, request.render_id)
+        _say_if_replayed(context, render.replayed)
+        return render_pb(render)
+
+    async def CancelBatch(self, request: pb.CancelBatchRequest, context: Context) -> pb.Batch:
+        batch = await self._renders.cancel_batch(request.user_id, request.batch_id)
+        _say_if_replayed(context, batch.replayed)
+        return batch_pb(batch)
+
+    async def Retry(self, request: pb.RetryRequest, context: Context) -> pb.Render:
+        render = await self._renders.retry(request.user_id, request.render_id, _submission(request))
+        _say_if_replayed(context, render.replayed)
+        return render_pb(render)
+
+    async def UpdateRender(self, request: pb.UpdateRenderRequest, context: Context) -> pb.Render:
+        priority = request.priority if request.HasField("priority") else None
+        return render_pb(await self._renders.update(request.user_id, request.render_id, priority))
 
     async def Watch(self, request: pb.WatchRequest, context: Context) -> AsyncIterator[pb.RenderEvent]:
         async for event in self._renders.watch(request.user_id, request.render_id, request.after_seq):
@@ -118,8 +134,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
 
 REPLAYED_KEY = "renderflow-replayed"
-"""Trailing metadata of Submit and SubmitBatch: `true` when the answer is what an earlier,
-identical submit made (an HTTP API says so in Idempotent-Replayed)."""
+"""Trailing metadata: `true` when the answer is what an earlier, identical call made or asked for
+(Submit, SubmitBatch and Retry repeating a key: an HTTP API says so in Idempotent-Replayed; Cancel and
+CancelBatch finding nothing left to cancel)."""
 
 
 def _say_if_replayed(context: Context, replayed: bool) -> None:
@@ -151,7 +168,7 @@ def spec_from_pb(spec: pb.RenderSpec) -> RenderSpec:
     )
 
 
-def _submission(request: pb.SubmitRequest | pb.SubmitBatchRequest) -> Submission:
+def _submission(request: pb.SubmitRequest | pb.SubmitBatchRequest | pb.RetryRequest) -> Submission:
     timings = {
         name: getattr(request.timings, name)
         for name in TIMING_NAMES
@@ -193,6 +210,7 @@ def render_pb(render: Render) -> pb.Render:
         timeout_s=render.timeout_s,
         retry_of=render.retry_of,
         retries=render.retries,
+        priority=render.priority,
     )
     if render.reference is not None:
         ref = render.reference

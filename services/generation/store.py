@@ -16,18 +16,21 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from services.generation import chains, housekeeping
 from services.generation.catalog import Placement
 from services.generation.domain import (
     Batch,
+    Cancelled,
     Ended,
     Event,
     NewEvent,
@@ -43,18 +46,37 @@ from services.generation.domain import (
 from services.generation.jobs import CLAIM_JOBS, Claim, JobPolicy, Rescued, rescue_expired
 from services.generation.pages import page_of, page_query, page_size
 from services.generation.queries import QUERIES
-from services.generation.records import event_from_row, fetch_all, fetch_one, record, render_from_row
+from services.generation.records import (
+    carried_events,
+    event_from_row,
+    fetch_all,
+    fetch_one,
+    record,
+    render_from_row,
+)
 from services.generation.submissions import insert_batch, insert_render, lock_key
 from services.generation.submit_groups import SubmitGroups
 from shared.contract import STATUSES
 from shared.db import migrate, open_pool
 from shared.errors import Conflict, FailedPrecondition, NotFound, Unavailable, ValidationFailed
+from shared.statements import name_statements
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "generation"
 MIGRATIONS = Path(__file__).parent / "migrations"
 _CANCELLED = RenderError("cancelled", message="cancelled at the user's request")
+_NOT_RUN = frozenset({"cancelled", "expired"})
+"""Ends a cancel asks for already: a repeat finds the render so and leaves it."""
+
+
+@cache
+def _cancel_jobs_statement() -> str:
+    statement = QUERIES["cancel_jobs"].format(carried=carried_events("r.id"))
+    name_statements([("cancel_jobs", statement)])
+    return statement
+
+
 _EXPIRED = RenderError("expired", "deadline", "not started by its deadline", retryable=True)
 
 
@@ -215,32 +237,71 @@ class Store:
             rows = await fetch_all(conn, query, params)
         return page_of([render_from_row(row) for row in rows], size, where.by_position)
 
-    async def cancel(self, user_id: str, render_id: str) -> bool:
-        """Cancels a queued (or waiting) render at once (True), or flags a running one for its
-        worker (False). FailedPrecondition when it has ended; NotFound when it is not the user's."""
+    async def cancel(self, user_id: str, render_id: str) -> Cancelled:
+        """Cancels a queued (or waiting) render at once, or flags a running one for its worker; a
+        render already cancelled or expired is left as it is. FailedPrecondition when it succeeded
+        or failed; NotFound when it is not the user's."""
         async with self._conn() as conn:
-            cancelled = await self._cancel(conn, user_id, render_id)
-            if cancelled:
+            outcome = await self._cancel(conn, user_id, render_id)
+            if outcome == "cancelled":
                 await self._settle(conn, [render_id])  # its chain dependents go on without it
-            return cancelled
+            return outcome
 
-    async def _cancel(self, conn: AsyncConnection[Any], user_id: str, render_id: str) -> bool:
+    async def _cancel(self, conn: AsyncConnection[Any], user_id: str, render_id: str) -> Cancelled:
         async with conn.transaction():
             job = await fetch_one(conn, QUERIES["lock_user_job"], [render_id, user_id])
             if job is None:
                 render = await fetch_one(conn, QUERIES["user_render_status"], [render_id, user_id])
                 if render is None:
                     raise NotFound(f"render {render_id} not found")
+                if render["status"] in _NOT_RUN:
+                    return "already"
                 raise FailedPrecondition(f"render {render_id} has already ended ({render['status']})")
             if job["state"] != "running":
                 await conn.execute(QUERIES["delete_job"], [render_id])
                 events = [NewEvent("cancelled", error=_CANCELLED)]
                 done = await record(conn, render_id, events, status="cancelled", error=_CANCELLED)
                 self._report([done.ended if done else None])
-                return True
+                return "cancelled"
             await conn.execute(QUERIES["request_cancel"], [render_id])
             await conn.execute(QUERIES["notify_cancel"], [render_id])
-            return False
+            return "requested"
+
+    async def cancel_batch(self, user_id: str, batch_id: str) -> bool:
+        """Cancels every queued render of the user's batch in one statement and flags its running
+        ones for their workers; False when none of its renders was left to cancel. NotFound when
+        the batch is not the user's."""
+        async with self._conn() as conn:
+            async with conn.transaction():
+                if await fetch_one(conn, QUERIES["user_batch"], [batch_id, user_id]) is None:
+                    raise NotFound(f"batch {batch_id} not found")
+                jobs = await fetch_all(conn, QUERIES["lock_batch_jobs"], [user_id, batch_id])
+                if not jobs:
+                    return False
+                params = {
+                    "queued": [j["render_id"] for j in jobs if j["state"] != "running"],
+                    "running": [j["render_id"] for j in jobs if j["state"] == "running"],
+                    "error": Jsonb(_CANCELLED.to_json()),
+                    "event": Jsonb(NewEvent("cancelled", error=_CANCELLED).payload()),
+                }
+                ended = await fetch_all(conn, _cancel_jobs_statement(), params)
+            self._report(Ended(row["id"], row["kind"], "cancelled", _CANCELLED) for row in ended)
+            waited_on = [row["id"] for row in ended if row["dependents_waiting"]]
+            if waited_on:
+                await self._settle(conn, waited_on)
+        return True
+
+    async def set_priority(self, user_id: str, render_id: str, priority: int) -> None:
+        """Changes the priority of the user's queued render; FailedPrecondition once it has started,
+        NotFound when it is not the user's."""
+        params = {"id": render_id, "user_id": user_id, "priority": priority}
+        async with self._conn() as conn:
+            changed = await fetch_one(conn, QUERIES["set_priority"], params)
+            if changed is None:
+                render = await fetch_one(conn, QUERIES["user_render_status"], [render_id, user_id])
+                if render is None:
+                    raise NotFound(f"render {render_id} not found")
+                raise FailedPrecondition(f"render {render_id} is no longer queued ({render['status']})")
 
     async def continues_from(self, user_id: str, chain_id: str, position: int) -> Render | None:
         """The user's nearest render before `position` in the chain that succeeded, if any: what

@@ -18,11 +18,11 @@ from shared.contract import (
     MAX_TIMEOUT_S,
     MAX_URL,
     PARAMS,
+    PRIORITY,
     SEED_MAX,
 )
 from shared.errors import FieldError, ValidationFailed
 
-PRIORITY = (-1000, 1000)
 # Ids name artifact files, so they must be safe as file names.
 _ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_-]{{0,{MAX_ID - 1}}}$")
 
@@ -81,7 +81,7 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
         elif reference.render_id == render_id:
             bad("reference.render_id", "must not be the render itself")
 
-    in_range("priority", spec.priority, PRIORITY)
+    in_range("priority", spec.priority, (PRIORITY.minimum, PRIORITY.maximum))
     if spec.deadline is not None and spec.deadline <= datetime.now(UTC):
         bad("deadline", "must be in the future")
     if spec.timeout_s:

@@ -67,10 +67,13 @@ CASES: dict[str, Case] = {
     "submitRenderAlias": Case(body=_render),
     "getRender": Case(),
     "cancelRender": Case(),
+    "retryRender": Case(),
+    "updateRender": Case(body=lambda _: {"priority": 5}),
     "watchRender": Case(),
     "watchRenderWebSocket": Case(headers=WEBSOCKET_HANDSHAKE),
     "getRenderOutput": Case(),
     "getBatch": Case(),
+    "cancelBatch": Case(),
     "watchBatch": Case(),
     "submitBatch": Case(
         422,

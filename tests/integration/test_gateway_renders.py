@@ -175,7 +175,7 @@ async def test_cancel_and_an_output_not_ready(stack: LiveStack) -> None:
         stream = await asyncio.wait_for(read_events(response), 10)
     assert stream.events[-1]["type"] == "cancelled"
     response, body = await stack.call("POST", f"/v1/renders/{render['id']}:cancel", alice)
-    assert_problem(response, body, 409, "conflict")
+    assert response.status == 200 and body["status"] == "cancelled"  # again: nothing changes
 
 
 @pytest.mark.parametrize("worker_step_ms", [400.0])
