@@ -193,7 +193,7 @@ async def update_render(request: web.Request) -> web.Response:
     with phase(request, "validation"):
         fields = await read_json(request, "UpdateRenderRequest")
     update = generation_pb2.UpdateRenderRequest(
-        user_id=user.user_id, render_id=request.match_info["id"], priority=fields["priority"]
+        user_id=user.user_id, render_id=request.match_info["id"], priority=int(fields["priority"])
     )
     with phase(request, "db"):
         render = await clients(request).generation.update_render(update)
