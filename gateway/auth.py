@@ -20,8 +20,9 @@ from shared.change_feed import follow_for_ever
 from shared.errors import Unauthenticated, Unavailable
 
 MAX_KEY_LENGTH = 512
-# Paths under this prefix need a key; health, readiness and the spec do not.
+# Paths under this prefix (and the API's root, /v1) need a key; health, readiness and the spec do not.
 PROTECTED_PREFIX = "/v1/"
+API_ROOT = "/v1"
 _NAMESPACE = "auth:"
 # Entries of the revocation index are pruned once it holds this many.
 _INDEX_PRUNE_AT = 10_000
@@ -219,8 +220,8 @@ async def authenticated(request: web.Request) -> Principal:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Authenticates every request under /v1/ before its handler runs."""
-    if request.path.startswith(PROTECTED_PREFIX):
+    """Authenticates every request under /v1/ (and to /v1 itself) before its handler runs."""
+    if request.path.startswith(PROTECTED_PREFIX) or request.path == API_ROOT:
         await authenticated(request)
     return await handler(request)
 

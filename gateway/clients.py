@@ -11,6 +11,7 @@ import contextlib
 from collections import Counter, OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import grpc
@@ -242,6 +243,10 @@ class GenerationClient(_Client):
         page_size: int = 0,
         page_token: str = "",
         by_position: bool = False,
+        kind: generation_pb2.RenderKind.ValueType = generation_pb2.RENDER_KIND_UNSPECIFIED,
+        batch_id: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
     ) -> generation_pb2.ListRendersResponse:
         request = generation_pb2.ListRendersRequest(
             user_id=user_id,
@@ -250,7 +255,13 @@ class GenerationClient(_Client):
             status=status,
             page=_page(page_size, page_token),
             by_position=by_position,
+            kind=kind,
+            batch_id=batch_id,
         )
+        if created_after is not None:
+            request.created_after.FromDatetime(created_after)
+        if created_before is not None:
+            request.created_before.FromDatetime(created_before)
         with rpc_errors():
             return await self._stub.ListRenders(request, timeout=self._timeout)
 
@@ -304,22 +315,29 @@ async def _with_replayed(call: grpc.aio.UnaryUnaryCall[Any, T]) -> tuple[T, bool
     return answer, (REPLAYED_KEY, "true") in tuple(trailers or ())
 
 
+class HealthClient(_Client):
+    """A service the gateway does not call but reports on (imagefetch, which the workers call)."""
+
+
 @dataclass(frozen=True)
 class Clients:
     """The gateway's clients of the services it fronts."""
 
     metadata: MetadataClient
     generation: GenerationClient
+    imagefetch: HealthClient
 
 
 @contextlib.asynccontextmanager
 async def open_clients(settings: Settings) -> AsyncIterator[Clients]:
-    """Opens a channel to each service and closes both on exit."""
+    """Opens a channel to each service and closes them on exit."""
     async with (
         create_channel(settings.addresses.metadata, token=settings.service_token) as metadata,
         create_channel(settings.addresses.generation, token=settings.service_token) as generation,
+        create_channel(settings.addresses.imagefetch, token=settings.service_token) as imagefetch,
     ):
         yield Clients(
             MetadataClient(metadata, settings.rpc_timeout_s),
             GenerationClient(generation, settings.rpc_timeout_s, settings.output_timeout_s),
+            HealthClient(imagefetch),
         )

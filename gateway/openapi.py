@@ -9,6 +9,7 @@ from gateway.conventions import HEADERS, RESPONSES, with_conventions
 from gateway.schemas import ID, SCHEMAS, Schema, ref
 from shared.contract import (
     DEFAULT_PAGE_SIZE,
+    KINDS,
     MAX_BATCH,
     MAX_PAGE_SIZE,
     REQUEST_PHASES,
@@ -246,8 +247,20 @@ PATHS: dict[str, dict[str, Schema]] = {
             {"200": _json("RenderList", "a page")},
             parameters=[
                 _query("project", {"type": "string", "pattern": SLUG_PATTERN}, "a project's slug"),
-                _query("chain_id", ID),
-                _query("status", {"enum": list(STATUSES)}),
+                _query("chain_id", ID, "a chain's id"),
+                _query("status", {"enum": list(STATUSES)}, "renders in this status"),
+                _query("kind", {"enum": list(KINDS)}, "renders of this kind"),
+                _query("batch_id", ID, "the renders of this batch"),
+                _query(
+                    "created_after",
+                    {"type": "string", "format": "date-time", "maxLength": 64},
+                    "created at or after this moment (RFC 3339, with its offset)",
+                ),
+                _query(
+                    "created_before",
+                    {"type": "string", "format": "date-time", "maxLength": 64},
+                    "created before this moment (RFC 3339, with its offset)",
+                ),
                 *_PAGE,
             ],
         ),
@@ -398,6 +411,10 @@ PATHS: dict[str, dict[str, Schema]] = {
             ],
         ),
     },
+    "/v1": {
+        "get": _op("apiRoot", "The API's root: the key's user, and links", {"200": _json("ApiRoot", "")})
+    },
+    "/v1/": {"get": _op("apiRootSlash", "The same as GET /v1", {"200": _json("ApiRoot", "")})},
     "/healthz": {"get": _op("healthz", "Liveness", {"200": _json("Health", "alive")}, public=True)},
     "/readyz": {
         "get": _op(

@@ -397,7 +397,12 @@ SCHEMAS: dict[str, Schema] = {
     "RuleList": _list_of("rules", "Rule"),
     "RenderList": _list_of("renders", "Render"),
     "BatchAccepted": _object(
-        {"batch_id": ID, "renders": {"type": "array", "items": ref("Render")}}, ["batch_id", "renders"]
+        {
+            "id": {**ID, "description": "the batch's id, as `GET /v1/batches/{id}` names it"},
+            "batch_id": {**ID, "description": "the same as `id` (the name of earlier versions)"},
+            "renders": {"type": "array", "items": ref("Render"), "description": "its renders, in order"},
+        },
+        ["id", "batch_id", "renders"],
     ),
     "Batch": _object(
         {
@@ -411,5 +416,29 @@ SCHEMAS: dict[str, Schema] = {
         },
         ["id", "counts", "renders", "created_at"],
     ),
-    "Health": _object({"status": {"type": "string"}, "checks": {"type": "object"}}, ["status"]),
+    "ApiRoot": _object(
+        {
+            "api": {"const": "v1", "description": "the API's version"},
+            "user_id": {"type": "string", "description": "the user the API key belongs to"},
+            "openapi": {"type": "string", "description": "the OpenAPI document"},
+            "docs": {"type": "string", "description": "the same, as a page to read"},
+            "renders": {"type": "string", "description": "renders: submit and list"},
+            "projects": {"type": "string", "description": "projects: create and list"},
+        },
+        ["api", "user_id", "openapi", "docs", "renders", "projects"],
+    ),
+    "Health": _object(
+        {
+            "status": {
+                "enum": ["ok", "degraded"],
+                "description": "`degraded`: the image fetcher is not serving (renders with a reference "
+                "URL wait for it)",
+            },
+            "checks": {
+                "type": "object",
+                "description": "each service's gRPC health: `serving` or `not_serving` (readiness only)",
+            },
+        },
+        ["status"],
+    ),
 }

@@ -56,7 +56,7 @@ def _accepted(batch: generation_pb2.Batch, replayed: bool = False) -> web.Respon
     headers = {"Location": f"/v1/batches/{batch.id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
-    answer = {"batch_id": batch.id, "renders": [render_json(r) for r in batch.renders]}
+    answer = {"id": batch.id, "batch_id": batch.id, "renders": [render_json(r) for r in batch.renders]}
     return json_response(answer, status=202, headers=headers)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import mimetypes
 import re
 
 from aiohttp import web
@@ -63,7 +64,13 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return "*" in tags or etag.removeprefix("W/") in tags
 
 
-@routes.get(f"/v1/renders/{ID}/output", allow_head=False)
+def content_disposition(render_id: str, content_type: str) -> str:
+    """`inline`, with a file name a browser's "save as" uses: the render's id and its type's extension."""
+    extension = mimetypes.guess_extension(content_type.split(";")[0].strip()) or ""
+    return f'inline; filename="{render_id}{extension}"'
+
+
+@routes.get(f"/v1/renders/{ID}/output")  # and HEAD: the headers of the GET, without the bytes
 async def render_output(request: web.Request) -> web.StreamResponse:
     user = principal(request)
     render_id = request.match_info["id"]
@@ -74,7 +81,11 @@ async def render_output(request: web.Request) -> web.StreamResponse:
         status = generation_pb2.RenderStatus.Name(render.status).removeprefix("RENDER_STATUS_").lower()
         raise FailedPrecondition(f"The render has no output (it is {status}).")
     output = render.output
-    headers = {"Accept-Ranges": "bytes", "Cache-Control": CACHE_CONTROL}
+    headers = {
+        "Accept-Ranges": "bytes",
+        "Cache-Control": CACHE_CONTROL,
+        "Content-Disposition": content_disposition(render_id, output.content_type),
+    }
     if output.sha256:
         headers["ETag"] = f'"{output.sha256}"'
         if etag_matches(request.headers.get("If-None-Match"), headers["ETag"]):
@@ -83,6 +94,12 @@ async def render_output(request: web.Request) -> web.StreamResponse:
     wanted = None if if_range and if_range != headers.get("ETag") else request.headers.get("Range")
     byte_range = parse_range(wanted, output.bytes)
     offset, length = (byte_range[0], byte_range[1] - byte_range[0] + 1) if byte_range else (0, 0)
+    if byte_range:
+        headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{output.bytes}"
+    if request.method == "HEAD":  # what the GET would send, from the render alone: no bytes read
+        headers["Content-Length"] = str(length if byte_range else output.bytes)
+        headers["Content-Type"] = output.content_type
+        return web.Response(status=206 if byte_range else 200, headers=headers)
     chunks = generation.get_output(user.user_id, render_id, offset, length)
     async with contextlib.aclosing(chunks):
         first = await anext(chunks, None)  # a failure here is still a problem document
@@ -91,8 +108,6 @@ async def render_output(request: web.Request) -> web.StreamResponse:
         response.content_length = (
             length if byte_range else output.bytes or (first.total_bytes if first else 0)
         )
-        if byte_range:
-            response.headers["Content-Range"] = f"bytes {byte_range[0]}-{byte_range[1]}/{output.bytes}"
         await response.prepare(request)
         if first is not None:
             await response.write(first.data)

@@ -4,6 +4,7 @@ list, a chain's renders in order, cancel; and the old system's paths as aliases 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -11,12 +12,13 @@ from renderflow.v1 import generation_pb2
 
 from gateway.auth import Principal, authenticated, principal
 from gateway.idempotency import idempotency_key, request_hash
-from gateway.resources import STATUSES, TERMINAL_STATUSES, json_response, page, render_json
+from gateway.resources import KINDS, STATUSES, TERMINAL_STATUSES, json_response, page, render_json
 from gateway.routes import ID, clients, page_args, phase, query
 from gateway.state import SETTINGS, TIMER, TRACEPARENT
 from gateway.submission import prefer_wait, render_spec, spent_so_far
 from gateway.validation import read_json
 from gateway.watch_hub import WATCH_HUB
+from shared.errors import ValidationFailed
 
 routes = web.RouteTableDef()
 
@@ -132,10 +134,27 @@ async def list_renders(request: web.Request) -> web.Response:
             project_id=project_id,
             chain_id=params.get("chain_id", ""),
             status=STATUSES.get(params.get("status", ""), generation_pb2.RENDER_STATUS_UNSPECIFIED),
+            kind=KINDS.get(params.get("kind", ""), generation_pb2.RENDER_KIND_UNSPECIFIED),
+            batch_id=params.get("batch_id", ""),
+            created_after=_moment(params, "created_after"),
+            created_before=_moment(params, "created_before"),
             page_size=page_size,
             page_token=page_token,
         )
     return json_response(page("renders", [render_json(r) for r in answer.renders], answer.next_page_token))
+
+
+def _moment(params: dict[str, Any], name: str) -> datetime | None:
+    """A date-time query parameter (RFC 3339, with its offset)."""
+    if name not in params:
+        return None
+    try:
+        moment = datetime.fromisoformat(params[name])
+    except ValueError:
+        raise ValidationFailed.field(name, "must be an RFC 3339 date-time") from None
+    if moment.tzinfo is None:
+        raise ValidationFailed.field(name, "must have a time zone offset (e.g. Z)")
+    return moment
 
 
 @routes.get("/v1/projects/{slug}/chains/{chain_id}/renders")

@@ -284,6 +284,10 @@ class RenderFilter:
     project_id: str = ""
     chain_id: str = ""
     status: str = ""
+    kind: str = ""
+    batch_id: str = ""
+    created_after: datetime | None = None
+    created_before: datetime | None = None
     by_position: bool = False
 
 

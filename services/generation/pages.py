@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import uuid
 from datetime import datetime
 from typing import Any
 
@@ -29,11 +30,20 @@ def page_query(
     and its parameters."""
     clauses: list[sql.Composable] = [sql.SQL("user_id = %s")]
     params: list[Any] = [user_id]
-    for column in ("project_id", "chain_id", "status"):
+    for column in ("project_id", "chain_id", "status", "kind"):
         value = getattr(where, column)
         if value:
             clauses.append(sql.SQL("{} = %s").format(sql.Identifier(column)))
             params.append(value)
+    if where.batch_id:
+        clauses.append(sql.SQL("batch_id = %s"))
+        params.append(_batch_id(where.batch_id))
+    if where.created_after is not None:
+        clauses.append(sql.SQL("created_at >= %s"))
+        params.append(where.created_after)
+    if where.created_before is not None:
+        clauses.append(sql.SQL("created_at < %s"))
+        params.append(where.created_before)
     if where.by_position:
         order = sql.SQL("position, id")
         if page_token:
@@ -48,6 +58,13 @@ def page_query(
         where=sql.SQL(" AND ").join(clauses), order=order, limit=size + 1
     )
     return query, params
+
+
+def _batch_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ValidationFailed.field("batch_id", "is not a batch id") from None
 
 
 def page_of(renders: list[Render], size: int, by_position: bool) -> Page:

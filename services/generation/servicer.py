@@ -71,6 +71,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             project_id=request.project_id,
             chain_id=request.chain_id,
             status=_STATUS.get(request.status, ""),
+            kind=_KINDS.get(request.kind, ""),
+            batch_id=request.batch_id,
+            created_after=_moment(request, "created_after"),
+            created_before=_moment(request, "created_before"),
             by_position=request.by_position,
         )
         page = await self._renders.list(
@@ -274,6 +278,10 @@ def batch_pb(batch: Batch) -> pb.Batch:
         renders=[render_pb(r) for r in batch.renders],
         created_at=_timestamp(batch.created_at),
     )
+
+
+def _moment(message: Any, field: str) -> datetime | None:
+    return getattr(message, field).ToDatetime(UTC) if message.HasField(field) else None
 
 
 def _timestamp(value: datetime) -> Timestamp:

@@ -86,6 +86,8 @@ CASES: dict[str, Case] = {
     # The same slug is free for the second user: a 409 would tell that it exists.
     "createProject": Case(201, body=lambda owner: {"slug": owner.slug, "name": "Mine"}),
     # Public, about no one's data.
+    "apiRoot": Case(200, note="the caller's own user id and links: nothing of the first user's"),
+    "apiRootSlash": Case(200),
     "healthz": Case(200),
     "readyz": Case(200),
     "openapi": Case(200),

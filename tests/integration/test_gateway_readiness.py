@@ -23,6 +23,8 @@ from services.generation.server import running as generation_running
 from services.metadata.config import Settings as MetadataSettings
 from services.metadata.server import running as metadata_running
 from shared.settings import Addresses
+from tests.conftest import free_port
+from tests.support.observed_stack import ObservedStack
 from tests.support.tcp_proxy import TcpProxy
 
 # The watchers ping every 2 s with a 2 s timeout; a pool reconnects within a few seconds more.
@@ -80,7 +82,9 @@ async def test_readyz_follows_the_database(database: tuple[str, TcpProxy], tmp_p
             port=0,
             shutdown_grace_s=0.5,
             addresses=Addresses(
-                metadata=f"127.0.0.1:{metadata_port}", generation=f"127.0.0.1:{generation_port}"
+                metadata=f"127.0.0.1:{metadata_port}",
+                generation=f"127.0.0.1:{generation_port}",
+                imagefetch=f"127.0.0.1:{free_port()}",  # none: reported, not needed to be ready
             ),
         )
         clients = await exits.enter_async_context(open_clients(settings))
@@ -91,9 +95,9 @@ async def test_readyz_follows_the_database(database: tuple[str, TcpProxy], tmp_p
         base = f"http://127.0.0.1:{port}"
 
         status, body, _ = await _ready(http, base)
-        assert (status, body) == (
+        assert (status, body["checks"]) == (
             200,
-            {"status": "ok", "checks": {"metadata": "serving", "generation": "serving"}},
+            {"metadata": "serving", "generation": "serving", "imagefetch": "not_serving"},
         )
 
         await proxy.cut()
@@ -106,3 +110,13 @@ async def test_readyz_follows_the_database(database: tuple[str, TcpProxy], tmp_p
 
         await proxy.start()
         await _until(http, base, 200)
+
+
+async def test_readiness_reports_the_image_fetcher(observed: ObservedStack) -> None:
+    async with observed.http.get(f"{observed.base}/readyz") as response:
+        assert response.status == 200
+        body = await response.json()
+    assert body == {
+        "status": "ok",
+        "checks": {"metadata": "serving", "generation": "serving", "imagefetch": "serving"},
+    }

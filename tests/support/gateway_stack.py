@@ -169,8 +169,10 @@ async def running_stack(
         settings = replace(
             gateway or GatewaySettings(shutdown_grace_s=0.5),
             port=0,
-            addresses=Addresses(
-                metadata=f"127.0.0.1:{metadata_port}", generation=f"127.0.0.1:{generation_port}"
+            addresses=Addresses(  # no image fetcher: nothing listens on its port
+                metadata=f"127.0.0.1:{metadata_port}",
+                generation=f"127.0.0.1:{generation_port}",
+                imagefetch=f"127.0.0.1:{free_port()}",
             ),
         )
         clients = await exits.enter_async_context(open_clients(settings))

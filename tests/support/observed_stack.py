@@ -180,7 +180,11 @@ async def observed_stack(
         await stack.enter_async_context(running_worker(worker, backends=worker_backends))
         gateway = GatewaySettings(
             port=0,
-            addresses=Addresses(metadata=f"127.0.0.1:{metadata}", generation=f"127.0.0.1:{generation}"),
+            addresses=Addresses(
+                metadata=f"127.0.0.1:{metadata}",
+                generation=f"127.0.0.1:{generation}",
+                imagefetch=f"127.0.0.1:{imagefetch}",
+            ),
             budgets=Budgets({**PHASE_BUDGETS_MS, "enqueue": TINY_MS}),
         )
         port = await stack.enter_async_context(gateway_running(gateway))
