@@ -22,6 +22,7 @@ from services.generation.domain import (
     RenderSpec,
     Submission,
 )
+from services.generation.eta import QueueSnapshot, Sample
 from services.generation.jobs import Claim, Rescued
 
 
@@ -40,7 +41,9 @@ class ApiStore(Protocol):
 
     async def get(self, user_id: str, render_id: str) -> Render: ...
 
-    async def queue_figures(self, render_id: str) -> tuple[int, int, float | None] | None: ...
+    async def queue_snapshot(self, user_id: str) -> QueueSnapshot: ...
+
+    async def recent_run_times(self) -> list[Sample]: ...
 
     async def list_page(self, user_id: str, where: RenderFilter, size: int, page_token: str) -> Page: ...
 

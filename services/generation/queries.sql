@@ -173,25 +173,46 @@ CROSS JOIN LATERAL (
 ORDER BY e.render_id, e.seq
 LIMIT %(limit)s
 
--- name: queue_figures
--- For a queued render: jobs claimed before it, jobs running, and the mean run time of recent
--- renders. Claims take tenants in turn: a job with k of its tenant's jobs ahead of it starts after
--- about k jobs of every other tenant too (fewer when they have fewer queued).
-WITH me AS (SELECT * FROM jobs WHERE render_id = %s AND state = 'queued'),
-own AS (
-    SELECT count(*) AS ahead FROM jobs q, me
-    WHERE q.tenant = me.tenant AND q.state = 'queued'
-      AND (q.priority > me.priority
-           OR (q.priority = me.priority AND (q.created_at, q.render_id) < (me.created_at, me.render_id)))
+-- name: queue_snapshot
+-- What the start of a user's queued renders is estimated from (see `eta`), as rows by `part`:
+-- `slots` (the live workers' slots, in `seconds`; their limits per tenant in `params`), `running` (every running job, `seconds` it has
+-- run), `queued` (the user's queued jobs, and as many of each other tenant's, each in the claim's
+-- order: `turn`; tenants in the order the claim serves them: `rank`; `seconds` before it may run).
+WITH own AS (SELECT count(*) AS n FROM jobs WHERE tenant = %(user_id)s AND state = 'queued'),
+served AS (
+    SELECT t.tenant, row_number() OVER (ORDER BY t.last_claimed_at NULLS FIRST, t.tenant) AS rank
+    FROM tenants t WHERE t.queued > 0
+    ORDER BY t.last_claimed_at NULLS FIRST, t.tenant
+    LIMIT 200
 )
-SELECT
-    own.ahead + (SELECT coalesce(sum(least(t.queued, own.ahead)), 0) FROM tenants t
-                 WHERE t.queued > 0 AND t.tenant <> me.tenant) AS ahead,
-    (SELECT count(*) FROM jobs WHERE state = 'running') AS running,
-    (SELECT avg(extract(epoch FROM s.finished_at - s.started_at)) FROM
-        (SELECT finished_at, started_at FROM renders WHERE status = 'succeeded'
-         ORDER BY finished_at DESC LIMIT 20) s) AS avg_run_s
-FROM me, own
+SELECT 'slots' AS part, NULL AS render_id, NULL AS tenant, NULL AS kind,
+    (SELECT jsonb_build_object('cap', coalesce(max(tenant_cap), 0), 'reserved', coalesce(max(reserved), 0))
+     FROM workers WHERE seen_at > now() - make_interval(secs => %(live_s)s)) AS params,
+    (SELECT coalesce(sum(slots), 0) FROM workers
+     WHERE seen_at > now() - make_interval(secs => %(live_s)s))::float8 AS seconds,
+    0::bigint AS rank, 0::bigint AS turn
+UNION ALL
+SELECT 'running', j.render_id, j.tenant, j.kind, r.params,
+    extract(epoch FROM clock_timestamp() - j.claimed_at)::float8, 0, 0
+FROM jobs j JOIN renders r ON r.id = j.render_id
+WHERE j.state = 'running'
+UNION ALL
+SELECT 'queued', q.render_id, s.tenant, q.kind, r.params,
+    greatest(0, extract(epoch FROM q.run_after - clock_timestamp()))::float8, s.rank, q.turn
+FROM served s CROSS JOIN LATERAL (
+    SELECT render_id, kind, run_after,
+        row_number() OVER (ORDER BY priority DESC, created_at, render_id) AS turn
+    FROM jobs WHERE jobs.tenant = s.tenant AND jobs.state = 'queued'
+    ORDER BY priority DESC, created_at, render_id
+    LIMIT (SELECT least(n, 1000) FROM own)
+) q
+JOIN renders r ON r.id = q.render_id
+
+-- name: recent_run_times
+-- How long recent renders that succeeded ran (claim to end), with their kind and parameters.
+SELECT kind, params, extract(epoch FROM finished_at - started_at)::float8 AS seconds FROM renders
+WHERE status = 'succeeded' AND started_at IS NOT NULL
+ORDER BY finished_at DESC LIMIT 500
 
 -- name: queue_depth
 -- Jobs by kind and state, right now.
@@ -515,9 +536,11 @@ SELECT s.*, NULL AS waiting_on, c.*,
 FROM claimed c LEFT JOIN started s ON s.id = c.render_id
 
 -- name: worker_seen
--- A worker's slots, counted by the claim until the row is older than a lease.
-INSERT INTO workers (worker_id, slots, seen_at) VALUES (%s, %s, now())
-ON CONFLICT (worker_id) DO UPDATE SET slots = excluded.slots, seen_at = excluded.seen_at
+-- A worker's slots, counted by the claim until the row is older than a lease, and the limits per
+-- tenant its claims apply (0: no cap), for the start estimates.
+INSERT INTO workers (worker_id, slots, tenant_cap, reserved, seen_at) VALUES (%s, %s, %s, %s, now())
+ON CONFLICT (worker_id) DO UPDATE SET slots = excluded.slots, tenant_cap = excluded.tenant_cap,
+    reserved = excluded.reserved, seen_at = excluded.seen_at
 
 -- name: worker_gone
 DELETE FROM workers WHERE worker_id = %s

@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from opentelemetry import propagate, trace
 
+from services.generation import eta
 from services.generation.artifacts import ArtifactStore
 from services.generation.catalog import Catalog, Placement
 from services.generation.domain import (
@@ -31,6 +32,8 @@ from shared.errors import FailedPrecondition, FieldError, NotFound, ValidationFa
 
 T = TypeVar("T")
 
+RUN_TIMES_TTL_S = 5.0
+"""How long the model of recent run times is used before it is read again."""
 RETRYABLE = frozenset({"failed", "cancelled", "expired"})
 """The statuses of a render that may be retried."""
 
@@ -52,6 +55,8 @@ class Renders:
         self._hub = hub
         self._artifacts = artifacts
         self._stall_after_s = stall_after_s
+        self._run_times: tuple[float, eta.Durations] | None = None
+        """When the run-time model was read, and the model."""
         self._prefetch = prefetch
         """Starts fetching a reference URL in the background (not awaited), so that the worker
         finds it cached."""
@@ -116,20 +121,35 @@ class Renders:
             self._prefetch(url)
 
     async def get(self, user_id: str, render_id: str) -> Render:
-        """The render with its queue position and a rough ETA while queued."""
-        render = await self._store.get(user_id, render_id)
-        if render.status == "queued":
-            figures = await self._store.queue_figures(render_id)
-            if figures is not None:
-                ahead, running, avg_run_s = figures
-                eta = None if avg_run_s is None else round(ahead / max(running, 1) * avg_run_s, 1)
-                render = replace(render, queue_position=ahead, eta_s=eta)
+        """The render, with its place in the queue and when it should start while queued."""
+        [render] = await self._with_estimates(user_id, [await self._store.get(user_id, render_id)])
         return self._derived(render)
 
     async def list(self, user_id: str, where: RenderFilter, page_size: int, page_token: str) -> Page:
-        """One page of the user's renders."""
+        """One page of the user's renders (those queued with their place and expected start)."""
         page = await self._store.list_page(user_id, where, page_size, page_token)
-        return Page([self._derived(r) for r in page.renders], page.next_page_token)
+        renders = await self._with_estimates(user_id, page.renders)
+        return Page([self._derived(r) for r in renders], page.next_page_token)
+
+    async def _with_estimates(self, user_id: str, renders: Sequence[Render]) -> Sequence[Render]:
+        """`renders`, those queued (and not waiting for a chain predecessor) with `queue_position`
+        and `eta_s` (see `eta`)."""
+        if not any(r.status == "queued" and not r.waiting_on for r in renders):
+            return renders
+        snapshot, durations = await asyncio.gather(self._store.queue_snapshot(user_id), self._durations())
+        estimates = eta.estimate(snapshot, durations)
+        return [
+            replace(r, queue_position=e.queue_position, eta_s=e.eta_s) if (e := estimates.get(r.id)) else r
+            for r in renders
+        ]
+
+    async def _durations(self) -> eta.Durations:
+        """The model of run times, from recent renders; read again every few seconds (at once while
+        it has no history: the first renders of a new system are soon there)."""
+        now = time.monotonic()
+        if self._run_times is None or now - self._run_times[0] > RUN_TIMES_TTL_S or not self._run_times[1]:
+            self._run_times = (now, eta.Durations(await self._store.recent_run_times()))
+        return self._run_times[1]
 
     async def cancel(self, user_id: str, render_id: str) -> Render:
         """Cancels a queued render at once; asks the worker of a running one to stop it. A render

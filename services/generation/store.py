@@ -43,6 +43,7 @@ from services.generation.domain import (
     RenderSpec,
     Submission,
 )
+from services.generation.eta import QueueSnapshot, Sample, queue_snapshot
 from services.generation.jobs import CLAIM_JOBS, Claim, JobPolicy, Rescued, rescue_expired
 from services.generation.pages import page_of, page_query, page_size
 from services.generation.queries import QUERIES
@@ -213,15 +214,18 @@ class Store:
             raise NotFound(f"render {render_id} not found")
         return render_from_row(row)
 
-    async def queue_figures(self, render_id: str) -> tuple[int, int, float | None] | None:
-        """For a queued render: jobs claimed before it, jobs running, and the mean run time of
-        recent renders (seconds); None when it is not queued."""
+    async def queue_snapshot(self, user_id: str) -> QueueSnapshot:
+        """The queue as the user's queued renders' estimates need it (see `eta`)."""
+        params = {"user_id": user_id, "live_s": self._policy.lease_s}
         async with self._conn() as conn:
-            row = await fetch_one(conn, QUERIES["queue_figures"], [render_id])
-        if row is None:
-            return None
-        avg = row["avg_run_s"]
-        return int(row["ahead"]), int(row["running"]), None if avg is None else float(avg)
+            rows = await fetch_all(conn, QUERIES["queue_snapshot"], params)
+        return queue_snapshot(user_id, rows)
+
+    async def recent_run_times(self) -> list[Sample]:
+        """How long recent renders that succeeded ran, with their kind and parameters."""
+        async with self._conn() as conn:
+            rows = await fetch_all(conn, QUERIES["recent_run_times"])
+        return [Sample(row["kind"], row["params"], row["seconds"]) for row in rows]
 
     async def queue_depth(self) -> dict[tuple[str, str], int]:
         """Jobs by (kind, state): queued (retries in backoff included) and running, right now."""
@@ -353,9 +357,13 @@ class Store:
         return sorted((Claim.from_row(row) for row in rows), key=lambda c: c.created_at)
 
     async def worker_seen(self, worker_id: str, slots: int) -> None:
-        """Counts the worker's slots in the capacity the claim shares out, for a lease from now."""
+        """Counts the worker's slots in the capacity the claim shares out, for a lease from now (with
+        the limits per tenant of this store's policy)."""
+        policy = self._policy
         async with self._conn() as conn:
-            await conn.execute(QUERIES["worker_seen"], [worker_id, slots])
+            await conn.execute(
+                QUERIES["worker_seen"], [worker_id, slots, policy.tenant_max_running, policy.reserved_slots]
+            )
 
     async def worker_gone(self, worker_id: str) -> None:
         """The worker's slots no longer count (it is stopping)."""
