@@ -130,6 +130,7 @@ def render_json(render: generation_pb2.Render) -> JSON:
         "progress": render.progress,
         "queue_position": render.queue_position if render.HasField("queue_position") else None,
         "eta_s": render.eta_s if render.HasField("eta_s") else None,
+        "remaining_s": render.remaining_s if render.HasField("remaining_s") else None,
         "prompt": render.prompt,
         "negative_prompt": render.negative_prompt or None,
         "params": {

@@ -275,6 +275,7 @@ SCHEMAS: dict[str, Schema] = {
             "progress": {"type": "number", "minimum": 0, "maximum": 1},
             "queue_position": {"type": ["integer", "null"]},
             "eta_s": {"type": ["number", "null"]},
+            "remaining_s": {"type": ["number", "null"]},
             "prompt": {"type": "string"},
             "negative_prompt": {"type": ["string", "null"]},
             "params": ref("RenderParams"),

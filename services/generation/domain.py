@@ -196,6 +196,7 @@ class Render:
     """The renders that retried it, oldest first."""
     queue_position: int | None = None
     eta_s: float | None = None
+    remaining_s: float | None = None
     stalled: bool = False
     waiting_on: str = ""
     """While it waits for its chain predecessor to end: that render's id."""

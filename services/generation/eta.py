@@ -22,6 +22,8 @@ from typing import Any
 
 MAX_SIMULATED = 1000
 """Jobs laid on the slots at most: a render further back is told its place, not a time."""
+TRUSTED_PROGRESS = 0.1
+"""The progress past which a running render's own pace predicts its end better than history."""
 SAME_SIZE_SAMPLES = 3
 """Recent renders of exactly a job's kind and size it takes to trust their mean over the kind's rate."""
 

@@ -133,13 +133,20 @@ class Renders:
 
     async def _with_estimates(self, user_id: str, renders: Sequence[Render]) -> Sequence[Render]:
         """`renders`, those queued (and not waiting for a chain predecessor) with `queue_position`
-        and `eta_s` (see `eta`)."""
-        if not any(r.status == "queued" and not r.waiting_on for r in renders):
+        and `eta_s`, those running with `remaining_s` (see `eta`)."""
+        if not any(r.status in ("queued", "running") for r in renders):
             return renders
-        snapshot, durations = await asyncio.gather(self._store.queue_snapshot(user_id), self._durations())
-        estimates = eta.estimate(snapshot, durations)
+        durations = await self._durations()
+        estimates: dict[str, eta.Estimate] = {}
+        if any(r.status == "queued" and not r.waiting_on for r in renders):
+            estimates = eta.estimate(await self._store.queue_snapshot(user_id), durations)
+        now = datetime.now(UTC)
         return [
-            replace(r, queue_position=e.queue_position, eta_s=e.eta_s) if (e := estimates.get(r.id)) else r
+            replace(r, queue_position=e.queue_position, eta_s=e.eta_s)
+            if (e := estimates.get(r.id))
+            else replace(r, remaining_s=_remaining(r, durations, now))
+            if r.status == "running"
+            else r
             for r in renders
         ]
 
@@ -244,6 +251,18 @@ class Renders:
         since = render.last_progress_at or render.started_at
         stalled = since is not None and (datetime.now(UTC) - since).total_seconds() > self._stall_after_s
         return replace(render, stalled=stalled)
+
+
+def _remaining(render: Render, durations: eta.Durations, now: datetime) -> float | None:
+    """A running render's expected seconds to its end: what its progress so far says, or before it
+    says much, what recent renders of its kind and size took."""
+    if render.started_at is None:
+        return None
+    elapsed = (now - render.started_at).total_seconds()
+    if render.progress >= eta.TRUSTED_PROGRESS:
+        return round(elapsed * (1 - render.progress) / render.progress, 1)
+    expected = durations.of(eta.Job(render.id, render.user_id, render.kind, render.params.__dict__))
+    return None if expected is None else round(max(0.0, expected - elapsed), 1)
 
 
 def _traced(submission: Submission) -> Submission:

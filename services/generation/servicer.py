@@ -242,6 +242,8 @@ def render_pb(render: Render) -> pb.Render:
         message.queue_position = render.queue_position
     if render.eta_s is not None:
         message.eta_s = render.eta_s
+    if render.remaining_s is not None:
+        message.remaining_s = render.remaining_s
     return message
 
 

@@ -1,7 +1,7 @@
 """Honest progress over HTTP: under a load of long renders, the start time each queued render is
 told (`eta_s`, in lists and on the render) is within half of when it really starts; its place
-(`queue_position`) counts what is really ahead. Real services, one worker with four slots, the
-procedural backend taking STEP_MS a step."""
+(`queue_position`) counts what is really ahead; a running render's `remaining_s`, when it ends.
+Real services, one worker with four slots, the procedural backend taking STEP_MS a step."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ async def test_the_first_twenty_queued_renders_start_within_half_of_their_eta(st
     asked = datetime.now(UTC)
     _, listed = await stack.call("GET", f"/v1/renders?batch_id={batch['id']}&page_size=50", headers)
     told = {r["id"]: (r["queue_position"], r["eta_s"]) for r in listed["renders"] if r["status"] == "queued"}
+    left = {r["id"]: r["remaining_s"] for r in listed["renders"] if r["status"] == "running"}
     await asyncio.gather(*(_ended(stack, headers, r["id"]) for r in batch["renders"]))
     _, done = await stack.call("GET", f"/v1/renders?batch_id={batch['id']}&page_size=50", headers)
 
@@ -62,3 +63,10 @@ async def test_the_first_twenty_queued_renders_start_within_half_of_their_eta(st
         assert eta_s is not None and position >= place
         errors.append((round(eta_s, 2), round(waited, 2)))
         assert abs(eta_s - waited) <= TOLERANCE * waited, errors
+    # Those already running were told when they would end, as well.
+    assert left
+    for render in done["renders"]:
+        if render["id"] in left:
+            ended_in = (datetime.fromisoformat(render["finished_at"]) - asked).total_seconds()
+            assert left[render["id"]] is not None
+            assert abs(left[render["id"]] - ended_in) <= TOLERANCE * ended_in, (left, ended_in)
