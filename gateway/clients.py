@@ -279,6 +279,13 @@ class GenerationClient(_Client):
         """The new render, and whether it is what an earlier, identical retry made."""
         return await _with_replayed(self._stub.Retry(request, timeout=self._timeout))
 
+    async def delete_output(self, user_id: str, render_id: str) -> generation_pb2.Render:
+        with rpc_errors():
+            return await self._stub.DeleteOutput(
+                generation_pb2.DeleteOutputRequest(user_id=user_id, render_id=render_id),
+                timeout=self._timeout,
+            )
+
     async def update_render(self, request: generation_pb2.UpdateRenderRequest) -> generation_pb2.Render:
         with rpc_errors():
             return await self._stub.UpdateRender(request, timeout=self._timeout)

@@ -326,6 +326,13 @@ PATHS: dict[str, dict[str, Schema]] = {
         "get": _op(
             "getRender", "Get a render", {"200": _json("Render", "the render")}, parameters=[_RENDER_ID]
         ),
+        "delete": _op(
+            "deleteRenderOutput",
+            "Delete an ended render's output at once (its record stays, with output_deleted_at); 409 "
+            "while it has not ended",
+            {"200": _json("Render", "the render, without its output"), "409": _PROBLEM},
+            parameters=[_RENDER_ID],
+        ),
         "patch": _op(
             "updateRender",
             "Change a queued render's priority (409 once it has started)",
@@ -392,16 +399,20 @@ PATHS: dict[str, dict[str, Schema]] = {
     "/v1/renders/{id}/output": {
         "get": _op(
             "getRenderOutput",
-            "The finished render's bytes",
+            "The finished render's bytes (HEAD: their headers); 410 once deleted or past its retention",
             {
                 "200": {
                     "description": "the bytes",
                     "content": {"image/png": {}, "video/mp4": {}},
-                    "headers": {"ETag": {"schema": {"type": "string"}}},
+                    "headers": {
+                        "ETag": {"schema": {"type": "string"}},
+                        "Content-Disposition": {"schema": {"type": "string"}, "description": "its file name"},
+                    },
                 },
                 "206": {"description": "the requested range", "content": {"image/png": {}, "video/mp4": {}}},
                 "304": {"description": "unchanged (If-None-Match)"},
                 "409": {"$ref": "#/components/responses/Problem"},
+                "410": _PROBLEM,
                 "416": {"$ref": "#/components/responses/Problem"},
             },
             parameters=[

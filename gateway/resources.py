@@ -173,6 +173,9 @@ def render_json(render: generation_pb2.Render) -> JSON:
         "deadline": _maybe_time(render, "deadline"),
         "timeout_s": render.timeout_s or None,
         "priority": render.priority,
+        "retention_s": render.retention_s if render.HasField("retention_s") else None,
+        "output_expires_at": _maybe_time(render, "output_expires_at"),
+        "output_deleted_at": _maybe_time(render, "output_deleted_at"),
         "retry_of": render.retry_of or None,
         "retries": list(render.retries),
     }

@@ -102,6 +102,13 @@ DEADLINE: Schema = {
     ERROR_MESSAGE: "must be an RFC 3339 date-time or a number of seconds from now (more than 0, at most "
     f"{MAX_DEADLINE_S:g})",
 }
+RETENTION_S: Schema = {
+    "type": "number",
+    "exclusiveMinimum": 0,
+    "description": "how long its output is kept once it succeeds, in seconds (default: the service's; at "
+    "most the service's maximum, RENDERFLOW_GENERATION_MAX_RETENTION_S); then it is deleted and its "
+    "download answers 410",
+}
 PRIORITY_INPUT: Schema = {
     **_param(PRIORITY),
     "description": "higher runs sooner among the user's queued renders (default 0)",
@@ -197,6 +204,7 @@ SCHEMAS: dict[str, Schema] = {
             "priority": PRIORITY_INPUT,
             "deadline": DEADLINE,
             "timeout_s": TIMEOUT_S,
+            "retention_s": RETENTION_S,
         },
         ["project", "kind", "prompt"],
     ),
@@ -210,6 +218,7 @@ SCHEMAS: dict[str, Schema] = {
             "priority": PRIORITY_INPUT,
             "deadline": DEADLINE,
             "timeout_s": TIMEOUT_S,
+            "retention_s": RETENTION_S,
         },
         ["kind", "prompt"],
     ),
@@ -219,6 +228,10 @@ SCHEMAS: dict[str, Schema] = {
             "items": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": ref("RenderRequest")},
             "deadline": {**DEADLINE, "description": "every item's deadline, unless it states its own"},
             "timeout_s": {**TIMEOUT_S, "description": "every item's timeout_s, unless it states its own"},
+            "retention_s": {
+                **RETENTION_S,
+                "description": "every item's retention_s, unless it states its own",
+            },
         },
         ["items"],
     ),
@@ -352,6 +365,16 @@ SCHEMAS: dict[str, Schema] = {
             "priority": {
                 "type": "integer",
                 "description": "higher runs sooner among the user's queued renders",
+            },
+            "retention_s": {
+                "type": ["number", "null"],
+                "description": "how long its output is kept once it succeeded (null: for ever)",
+            },
+            "output_expires_at": {**_MAYBE_TIME, "description": "when its output will be deleted"},
+            "output_deleted_at": {
+                **_MAYBE_TIME,
+                "description": "when its output was deleted (by its user, or past its retention): "
+                "`output` is null, and the download answers 410",
             },
             "retry_of": {"type": ["string", "null"], "description": "the render this one retries"},
             "retries": {

@@ -61,6 +61,7 @@ def render_spec(
         reference=reference(fields.get("reference")),
         timeout_s=float(fields.get("timeout_s") or 0.0),
         priority=int(fields.get("priority", 0)),
+        retention_s=float(fields.get("retention_s") or 0.0),
     )
     if fields.get("deadline") is not None:
         spec.deadline.FromDatetime(deadline(fields["deadline"], f"{field_prefix}deadline"))

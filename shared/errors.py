@@ -69,6 +69,14 @@ class FailedPrecondition(Conflict):
     grpc_status = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Gone(NotFound):
+    """The resource existed and has been deleted (an output past its retention, or deleted)."""
+
+    code = "gone"
+    http_status = 410
+    title = "Gone"
+
+
 class PayloadTooLarge(RenderflowError):
     """The request body is too large."""
 
@@ -149,6 +157,7 @@ ERROR_TYPES: tuple[type[RenderflowError], ...] = (
     RenderflowError,
     Unauthenticated,
     NotFound,
+    Gone,
     Conflict,
     FailedPrecondition,
     PayloadTooLarge,

@@ -28,7 +28,9 @@ async def submit_batch(request: web.Request) -> web.Response:
         fields = await read_json(request, "BatchRequest")  # every item checked, failures named items[i].…
         items: list[dict[str, Any]] = fields["items"]
         # What the batch states for all its items, unless an item states its own.
-        shared: dict[str, Any] = {name: fields[name] for name in ("deadline", "timeout_s") if name in fields}
+        shared: dict[str, Any] = {
+            name: fields[name] for name in ("deadline", "timeout_s", "retention_s") if name in fields
+        }
         if "deadline" in shared:  # one moment for every item, read now
             shared["deadline"] = deadline(shared["deadline"], "deadline").isoformat()
         key, body_hash = idempotency_key(request), request_hash(fields)

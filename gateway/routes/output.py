@@ -12,7 +12,7 @@ from renderflow.v1 import generation_pb2
 from gateway.auth import principal
 from gateway.problems import RangeNotSatisfiable
 from gateway.routes import ID, clients, phase
-from shared.errors import FailedPrecondition
+from shared.errors import FailedPrecondition, Gone
 
 routes = web.RouteTableDef()
 
@@ -77,6 +77,9 @@ async def render_output(request: web.Request) -> web.StreamResponse:
     generation = clients(request).generation
     with phase(request, "db"):
         render = await generation.get_render(user.user_id, render_id)
+    if render.HasField("output_deleted_at"):
+        deleted = render.output_deleted_at.ToJsonString()
+        raise Gone(f"The output was deleted at {deleted} (deleted by its user, or past its retention).")
     if render.status != generation_pb2.RENDER_STATUS_SUCCEEDED or not render.HasField("output"):
         status = generation_pb2.RenderStatus.Name(render.status).removeprefix("RENDER_STATUS_").lower()
         raise FailedPrecondition(f"The render has no output (it is {status}).")

@@ -206,6 +206,14 @@ async def retry_render(request: web.Request) -> web.Response:
     return await _answer(request, user, render, intent.wait_s, replayed=replayed)
 
 
+@routes.delete(f"/v1/renders/{ID}")
+async def delete_render_output(request: web.Request) -> web.Response:
+    user = principal(request)
+    with phase(request, "db"):
+        render = await clients(request).generation.delete_output(user.user_id, request.match_info["id"])
+    return json_response(render_json(render))
+
+
 @routes.patch(f"/v1/renders/{ID}")
 async def update_render(request: web.Request) -> web.Response:
     user = principal(request)

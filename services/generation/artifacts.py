@@ -48,6 +48,10 @@ class ArtifactStore(Protocol):
         """The whole output of a render."""
         ...
 
+    async def delete(self, render_id: str) -> None:
+        """Deletes the render's output, if it is there."""
+        ...
+
     def path(self, render_id: str) -> Path:
         """The file holding a render's output, for readers that need a file (ffmpeg seeking in a
         video); it may not exist."""
@@ -68,6 +72,9 @@ class LocalArtifactStore:
 
     async def put(self, render_id: str, data: bytes) -> StoredArtifact:
         return await asyncio.to_thread(self._put, self.path(render_id), data)
+
+    async def delete(self, render_id: str) -> None:
+        await asyncio.to_thread(self.path(render_id).unlink, missing_ok=True)
 
     @staticmethod
     def _put(path: Path, data: bytes) -> StoredArtifact:

@@ -51,6 +51,17 @@ class Settings:
     deadline_poll_s: float = 0.5
     """RENDERFLOW_GENERATION_DEADLINE_POLL_S: how often queued renders past their deadline are looked
     for (one ends `expired` within about this long of its deadline, workers or none)."""
+    output_retention_s: float = 0.0
+    """RENDERFLOW_GENERATION_OUTPUT_RETENTION_S: how long an output is kept once its render succeeded,
+    unless the request asks otherwise (0: for ever)."""
+    max_retention_s: float = 0.0
+    """RENDERFLOW_GENERATION_MAX_RETENTION_S: the longest retention a request may ask for (0: any)."""
+    record_retention_s: float = 0.0
+    """RENDERFLOW_GENERATION_RECORD_RETENTION_S: how long a render's record (and what is left of its
+    output) is kept once it ended (0: for ever)."""
+    retention_sweep_s: float = 60.0
+    """RENDERFLOW_GENERATION_RETENTION_SWEEP_S: how often outputs and records past their retention
+    are looked for."""
     stall_after_s: float = 60.0
     """RENDERFLOW_GENERATION_STALL_AFTER_S: a running render without progress for this long is `stalled`."""
     drain_grace_s: float = 5.0
@@ -90,6 +101,10 @@ class Settings:
             ),
             stall_after_s=env.float("RENDERFLOW_GENERATION_STALL_AFTER_S", 60.0, minimum=1.0),
             deadline_poll_s=env.float("RENDERFLOW_GENERATION_DEADLINE_POLL_S", 0.5, minimum=0.05),
+            output_retention_s=env.float("RENDERFLOW_GENERATION_OUTPUT_RETENTION_S", 0.0, minimum=0.0),
+            max_retention_s=env.float("RENDERFLOW_GENERATION_MAX_RETENTION_S", 0.0, minimum=0.0),
+            record_retention_s=env.float("RENDERFLOW_GENERATION_RECORD_RETENTION_S", 0.0, minimum=0.0),
+            retention_sweep_s=env.float("RENDERFLOW_GENERATION_RETENTION_SWEEP_S", 60.0, minimum=0.05),
             drain_grace_s=env.float("RENDERFLOW_GENERATION_DRAIN_GRACE_S", 5.0, minimum=0.0),
             pool_max=env.int("RENDERFLOW_GENERATION_POOL_MAX", 10, minimum=2),
             queue_metrics_s=env.float("RENDERFLOW_GENERATION_QUEUE_METRICS_S", 5.0, minimum=0.05),

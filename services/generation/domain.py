@@ -107,6 +107,8 @@ class RenderSpec:
     """The most its generation may take (0: the kind's configured maximum, which also caps it)."""
     retry_of: str = ""
     """The render it retries (set by a retry, never by a caller)."""
+    retention_s: float = 0.0
+    """How long its output is kept once it succeeds (0: the service's default)."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,11 @@ class Render:
     retry_of: str = ""
     retries: tuple[str, ...] = ()
     """The renders that retried it, oldest first."""
+    retention_s: float | None = None
+    """How long its output is kept once it succeeded (None: for ever)."""
+    output_expires_at: datetime | None = None
+    output_deleted_at: datetime | None = None
+    """When its output was deleted (its retention ran out, or its user deleted it)."""
     queue_position: int | None = None
     eta_s: float | None = None
     remaining_s: float | None = None

@@ -4,7 +4,7 @@ that neither reaches for the other's operations; `store.Store` is both."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from services.generation.catalog import Placement
@@ -52,6 +52,10 @@ class ApiStore(Protocol):
     async def cancel_batch(self, user_id: str, batch_id: str) -> bool: ...
 
     async def set_priority(self, user_id: str, render_id: str, priority: int) -> None: ...
+
+    async def delete_output(
+        self, user_id: str, render_id: str, delete_file: Callable[[str], Awaitable[None]]
+    ) -> None: ...
 
     async def events_after(self, render_id: str, after_seq: int) -> list[Event]: ...
 

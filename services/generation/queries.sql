@@ -49,12 +49,14 @@ previous AS (
 r AS (
     INSERT INTO renders (id, user_id, project_id, project, chain_id, position, kind, prompt,
         negative_prompt, params, rules, reference, batch_id, timings, trace_id, traceparent,
-        idempotency_key, request_hash, priority, deadline_at, timeout_s, retry_of, last_seq, created_at)
+        idempotency_key, request_hash, priority, deadline_at, timeout_s, retry_of, retention_s, last_seq,
+        created_at)
     SELECT %(id)s, %(user_id)s, %(project_id)s, %(project)s, %(chain_id)s, p.position, %(kind)s,
         %(prompt)s, %(negative_prompt)s, %(params)s, %(rules)s,
         CASE WHEN %(chains)s AND p.position = 1 THEN NULL ELSE %(reference)s::jsonb END,
         %(batch_id)s, %(timings)s, %(trace_id)s, %(traceparent)s, %(idempotency_key)s,
-        %(request_hash)s, %(priority)s, %(deadline_at)s, %(timeout_s)s, %(retry_of)s, 1, clock_timestamp()
+        %(request_hash)s, %(priority)s, %(deadline_at)s, %(timeout_s)s, %(retry_of)s, %(retention_s)s, 1,
+        clock_timestamp()
     FROM p
     ON CONFLICT DO NOTHING
     RETURNING *
@@ -319,7 +321,10 @@ r AS (
         attempts = coalesce(%(attempts)s::int, attempts),
         started_at = CASE WHEN %(status)s::text = 'running' THEN clock_timestamp() ELSE started_at END,
         finished_at = CASE WHEN %(status)s::text IN ('succeeded', 'failed', 'cancelled', 'expired')
-                           THEN clock_timestamp() ELSE finished_at END
+                           THEN clock_timestamp() ELSE finished_at END,
+        output_expires_at = CASE WHEN %(status)s::text = 'succeeded' AND retention_s IS NOT NULL
+                                 THEN clock_timestamp() + make_interval(secs => retention_s)
+                                 ELSE output_expires_at END
     FROM fence WHERE renders.id = fence.render_id
     RETURNING renders.id, renders.last_seq, renders.kind, renders.dependents_waiting
 ),
@@ -583,6 +588,33 @@ ON CONFLICT (backend) DO UPDATE
 RETURNING greatest(0, extract(epoch FROM p.next_at - clock_timestamp()) - %(interval_s)s)::float8
 
 -- Housekeeping ------------------------------------------------------------------------------
+
+-- name: due_outputs
+-- Outputs past their retention, locked until the caller has deleted their files and commits.
+SELECT id FROM renders
+WHERE output_expires_at <= now() AND output_deleted_at IS NULL
+ORDER BY output_expires_at LIMIT 100
+FOR UPDATE SKIP LOCKED
+
+-- name: outputs_deleted
+-- Stamps the renders whose output files are gone.
+UPDATE renders SET output_deleted_at = clock_timestamp() WHERE id = ANY(%s) AND output_deleted_at IS NULL
+
+-- name: due_records
+-- Renders that ended before the record retention, deleted with their events; returns those whose
+-- output file is still there, for the caller to delete before it commits.
+DELETE FROM renders WHERE id IN (
+    SELECT id FROM renders WHERE finished_at < now() - make_interval(secs => %s)
+    ORDER BY finished_at LIMIT 100
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, output IS NOT NULL AND output_deleted_at IS NULL AS has_output
+
+-- name: lock_user_render
+-- The user's render, locked (its status and whether its output is there).
+SELECT status, output IS NOT NULL AND output_deleted_at IS NULL AS has_output FROM renders
+WHERE id = %s AND user_id = %s
+FOR UPDATE
 
 -- name: prune_events
 -- Events of renders that ended before the retention: found through their terminal event, deleted

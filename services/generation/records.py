@@ -145,7 +145,7 @@ def output_json(output: Output) -> dict[str, Any]:
 def render_from_row(row: dict[str, Any]) -> Render:
     """A `renders` row as a domain value."""
     reference = row["reference"]
-    output = row["output"]
+    output = None if row.get("output_deleted_at") else row["output"]
     error = row["error"]
     return Render(
         id=row["id"],
@@ -178,6 +178,9 @@ def render_from_row(row: dict[str, Any]) -> Render:
         timeout_s=row["timeout_s"] or 0.0,
         retry_of=row["retry_of"] or "",
         retries=tuple(row.get("retries") or ()),
+        retention_s=row.get("retention_s"),
+        output_expires_at=row.get("output_expires_at"),
+        output_deleted_at=row.get("output_deleted_at"),
         waiting_on=row.get("waiting_on") or "",
     )
 

@@ -18,6 +18,7 @@ from services.generation.events import EventHub
 from services.generation.instruments import Instruments, count_finished, watch_queue
 from services.generation.listener import Listener
 from services.generation.prefetch import Prefetcher
+from services.generation.retention import Retention, sweep_retention
 from services.generation.service import Renders
 from services.generation.servicer import GenerationServicer
 from services.generation.stalls import stalled_gauge, watch_stalls
@@ -76,7 +77,12 @@ async def running(settings: Settings) -> AsyncIterator[int]:
             )
             stack.push_async_callback(prefetcher.close)
             prefetch = prefetcher.start
-        renders = Renders(store, catalog, hub, artifacts, settings.stall_after_s, prefetch)
+        retention = Retention(settings.output_retention_s, settings.max_retention_s)
+        renders = Renders(store, catalog, hub, artifacts, settings.stall_after_s, prefetch, retention)
+        apply_retention = partial(store.sweep_retention, artifacts.delete, settings.record_retention_s)
+        await stack.enter_async_context(
+            background(sweep_retention(apply_retention, settings.retention_sweep_s), "generation-retention")
+        )
         handle = create_server([SERVICE_NAME], token=settings.service_token)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(renders), handle.server

@@ -26,9 +26,10 @@ from services.generation.domain import (
 )
 from services.generation.events import EventHub, follow
 from services.generation.protocols import ApiStore
+from services.generation.retention import Retention
 from services.generation.validation import normalized, normalized_batch
 from shared.contract import PRIORITY, phase_attribute
-from shared.errors import FailedPrecondition, FieldError, NotFound, ValidationFailed
+from shared.errors import FailedPrecondition, FieldError, Gone, NotFound, ValidationFailed
 
 T = TypeVar("T")
 
@@ -49,12 +50,14 @@ class Renders:
         artifacts: ArtifactStore,
         stall_after_s: float,
         prefetch: Callable[[str], None] | None = None,
+        retention: Retention | None = None,
     ) -> None:
         self._store = store
         self._catalog = catalog
         self._hub = hub
         self._artifacts = artifacts
         self._stall_after_s = stall_after_s
+        self._retention = retention or Retention()
         self._run_times: tuple[float, eta.Durations] | None = None
         """When the run-time model was read, and the model."""
         self._prefetch = prefetch
@@ -64,7 +67,7 @@ class Renders:
     async def submit(self, spec: RenderSpec, submission: Submission) -> Render:
         """Queues one render (idempotently) in its project and chain, with the rules active there;
         returns it as stored. NotFound for a project or chain the user does not have."""
-        valid = normalized(spec)
+        valid = self._retention.applied(normalized(spec))
         placement, submission = await _db_phase(
             submission,
             self._catalog.place(submission.user_id, valid.project, valid.chain_id, submission.min_change_seq),
@@ -76,7 +79,7 @@ class Renders:
     async def submit_batch(self, specs: list[RenderSpec], submission: Submission) -> Batch:
         """Queues every render of a batch, or none of them when one is invalid, names a project or
         chain the user does not have (422 naming its first item), or is over the quota."""
-        valid = normalized_batch(specs)
+        valid = [self._retention.applied(s, f"items[{i}].") for i, s in enumerate(normalized_batch(specs))]
         placements, submission = await _db_phase(submission, self._placements(valid, submission))
         batch = await self._store.submit_batch(valid, placements, submission, time.perf_counter())
         self._prefetch_references(batch.renders)
@@ -192,8 +195,15 @@ class Renders:
             priority=original.priority,
             timeout_s=original.timeout_s,
             retry_of=original.id,
+            retention_s=original.retention_s or 0.0,
         )
         return await self.submit(spec, submission)
+
+    async def delete_output(self, user_id: str, render_id: str) -> Render:
+        """Deletes the output of an ended render at once (its record stays); FailedPrecondition while
+        it has not ended."""
+        await self._store.delete_output(user_id, render_id, self._artifacts.delete)
+        return await self.get(user_id, render_id)
 
     async def update(self, user_id: str, render_id: str, priority: int | None) -> Render:
         """Changes the priority of a queued render (None: unchanged); FailedPrecondition once it
@@ -241,6 +251,10 @@ class Renders:
         """The output's description and its bytes (a range of them); FailedPrecondition before
         the render has succeeded."""
         render = await self._store.get(user_id, render_id)
+        if render.output_deleted_at is not None:
+            raise Gone(
+                f"the output of render {render_id} was deleted at {render.output_deleted_at.isoformat()}"
+            )
         if render.output is None:
             raise FailedPrecondition(f"render {render_id} has no output ({render.status})")
         return render.output, self._artifacts.read(render_id, offset, length)

@@ -99,6 +99,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         _say_if_replayed(context, render.replayed)
         return render_pb(render)
 
+    async def DeleteOutput(self, request: pb.DeleteOutputRequest, context: Context) -> pb.Render:
+        return render_pb(await self._renders.delete_output(request.user_id, request.render_id))
+
     async def UpdateRender(self, request: pb.UpdateRenderRequest, context: Context) -> pb.Render:
         priority = request.priority if request.HasField("priority") else None
         return render_pb(await self._renders.update(request.user_id, request.render_id, priority))
@@ -169,6 +172,7 @@ def spec_from_pb(spec: pb.RenderSpec) -> RenderSpec:
         priority=spec.priority,
         deadline=spec.deadline.ToDatetime(UTC) if spec.HasField("deadline") else None,
         timeout_s=spec.timeout_s,
+        retention_s=spec.retention_s,
     )
 
 
@@ -234,7 +238,16 @@ def render_pb(render: Render) -> pb.Render:
         message.output.CopyFrom(pb.RenderOutput(**render.output.__dict__))
     if render.error is not None:
         message.error.CopyFrom(error_pb(render.error))
-    for name in ("started_at", "finished_at", "last_progress_at", "deadline"):
+    if render.retention_s is not None:
+        message.retention_s = render.retention_s
+    for name in (
+        "started_at",
+        "finished_at",
+        "last_progress_at",
+        "deadline",
+        "output_expires_at",
+        "output_deleted_at",
+    ):
         value: datetime | None = getattr(render, name)
         if value is not None:
             getattr(message, name).CopyFrom(_timestamp(value))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from functools import cache
@@ -57,7 +57,7 @@ from services.generation.records import (
 )
 from services.generation.submissions import insert_batch, insert_render, lock_key
 from services.generation.submit_groups import SubmitGroups
-from shared.contract import STATUSES
+from shared.contract import STATUSES, TERMINAL
 from shared.db import migrate, open_pool
 from shared.errors import Conflict, FailedPrecondition, NotFound, Unavailable, ValidationFailed
 from shared.statements import name_statements
@@ -294,6 +294,47 @@ class Store:
             if waited_on:
                 await self._settle(conn, waited_on)
         return True
+
+    async def delete_output(
+        self, user_id: str, render_id: str, delete_file: Callable[[str], Awaitable[None]]
+    ) -> None:
+        """Deletes the output of the user's ended render at once (`delete_file`, before the commit
+        that records it); FailedPrecondition while it has not ended, NotFound when it is not the
+        user's. Nothing to delete is no error."""
+        async with self._conn() as conn, conn.transaction():
+            render = await fetch_one(conn, QUERIES["lock_user_render"], [render_id, user_id])
+            if render is None:
+                raise NotFound(f"render {render_id} not found")
+            if render["status"] not in TERMINAL:
+                raise FailedPrecondition(
+                    f"render {render_id} has not ended ({render['status']}): cancel it first"
+                )
+            if render["has_output"]:
+                await delete_file(render_id)
+                await conn.execute(QUERIES["outputs_deleted"], [[render_id]])
+
+    async def sweep_retention(
+        self, delete_file: Callable[[str], Awaitable[None]], record_retention_s: float
+    ) -> tuple[int, int]:
+        """Deletes the outputs past their retention and (with `record_retention_s` > 0) the renders
+        that ended longer ago than that, their files before each commit; a batch of each. Returns
+        how many outputs and records went."""
+        async with self._conn() as conn:
+            async with conn.transaction():
+                due = [row["id"] for row in await fetch_all(conn, QUERIES["due_outputs"])]
+                for render_id in due:
+                    await delete_file(render_id)
+                if due:
+                    await conn.execute(QUERIES["outputs_deleted"], [due])
+            records = 0
+            if record_retention_s > 0:
+                async with conn.transaction():
+                    gone = await fetch_all(conn, QUERIES["due_records"], [record_retention_s])
+                    for row in gone:
+                        if row["has_output"]:
+                            await delete_file(row["id"])
+                    records = len(gone)
+        return len(due), records
 
     async def set_priority(self, user_id: str, render_id: str, priority: int) -> None:
         """Changes the priority of the user's queued render; FailedPrecondition once it has started,

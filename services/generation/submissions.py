@@ -76,6 +76,7 @@ async def insert_render(
         "deadline_at": spec.deadline,
         "timeout_s": spec.timeout_s or None,
         "retry_of": spec.retry_of or None,
+        "retention_s": spec.retention_s or None,
         "event": Jsonb(NewEvent("queued").payload()),
         "waiting_event": Jsonb(NewEvent("queued", message=_WAITING).payload()),
         "max_active": max_active,

@@ -73,7 +73,10 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
         elif reference.chain_previous:
             pass  # the render before it in its chain (none for the first: dropped when queued)
         elif reference.url:
-            parts = urlsplit(reference.url)  # lowercases the scheme: HTTP:// is http (RFC 3986)
+            try:
+                parts = urlsplit(reference.url)  # lowercases the scheme: HTTP:// is http (RFC 3986)
+            except ValueError:  # an unbalanced [ or ] in the host
+                parts = urlsplit("")
             if parts.scheme not in ("http", "https") or not parts.hostname or len(reference.url) > MAX_URL:
                 bad("reference.url", f"must be an absolute http or https URL of at most {MAX_URL} characters")
         elif not is_valid_id(reference.render_id):

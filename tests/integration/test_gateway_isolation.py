@@ -69,6 +69,7 @@ CASES: dict[str, Case] = {
     "cancelRender": Case(),
     "retryRender": Case(),
     "updateRender": Case(body=lambda _: {"priority": 5}),
+    "deleteRenderOutput": Case(),
     "watchRender": Case(),
     "watchRenderWebSocket": Case(headers=WEBSOCKET_HANDSHAKE),
     "getRenderOutput": Case(),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -140,10 +140,11 @@ async def running_stack(
     gateway: GatewaySettings | None = None,
     start_worker: StartWorker | None = None,
     tracer_provider: TracerProvider | None = None,
+    generation_changes: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[LiveStack]:
-    """Metadata, generation, what `start_worker` starts (nothing by default) and the gateway (with
-    `gateway`'s settings, its addresses and port replaced, its spans to `tracer_provider`), all on
-    port 0."""
+    """Metadata, generation (its settings changed by `generation_changes`), what `start_worker` starts
+    (nothing by default) and the gateway (with `gateway`'s settings, its addresses and port replaced,
+    its spans to `tracer_provider`), all on port 0."""
     artifact_dir = work_dir / "artifacts"
     async with AsyncExitStack() as exits:
         metadata_port = await exits.enter_async_context(
@@ -161,6 +162,7 @@ async def running_stack(
                     artifact_dir=artifact_dir,
                     metadata_addr=f"127.0.0.1:{metadata_port}",
                     drain_grace_s=0.5,
+                    **(generation_changes or {}),
                 )
             )
         )

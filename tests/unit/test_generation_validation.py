@@ -45,6 +45,8 @@ def test_videos_get_video_defaults() -> None:
         (_spec(prompt="x", render_id="../etc/passwd"), {"render_id"}),
         (_spec(prompt="x", reference=Reference()), {"reference"}),
         (_spec(prompt="x", reference=Reference(url="file:///etc/passwd")), {"reference.url"}),
+        (_spec(prompt="x", reference=Reference(url="https://v]~h/a.png")), {"reference.url"}),  # not a 500
+        (_spec(prompt="x", timeout_s=-1.0), {"timeout_s"}),
         (_spec(prompt="x", reference=Reference(render_id="a/b")), {"reference.render_id"}),
         (
             _spec(prompt="x", render_id="r1", reference=Reference(render_id="r1")),

@@ -1,0 +1,53 @@
+"""How long outputs and render records are kept: the policy a submit applies, and the sweep that
+deletes what is past it (run by the generation service; several replicas share the work).
+
+An output's retention is fixed when its render is queued (the request's `retention_s`, within the
+maximum, else the service's default) and counted from when it succeeds. A record's retention is the
+service's, counted from when the render ended; it takes what is left of the output with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+from services.generation.domain import RenderSpec
+from shared.errors import ValidationFailed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """`output_s`: the default lifetime of an output (0: for ever); `max_s`: the longest a request may
+    ask for (0: any)."""
+
+    output_s: float = 0.0
+    max_s: float = 0.0
+
+    def applied(self, spec: RenderSpec, field_prefix: str = "") -> RenderSpec:
+        """The spec with the retention it gets; ValidationFailed when it asks for more than the
+        maximum."""
+        if self.max_s and spec.retention_s > self.max_s:
+            message = f"must be at most {self.max_s:g} seconds"
+            raise ValidationFailed.field(f"{field_prefix}retention_s", message)
+        return replace(spec, retention_s=spec.retention_s or self.output_s)
+
+
+async def sweep_retention(sweep: Callable[[], Awaitable[tuple[int, int]]], interval_s: float) -> None:
+    """Calls `sweep` about every `interval_s` (jittered, so that replicas spread out), for ever."""
+    while True:
+        await asyncio.sleep(interval_s * random.uniform(0.8, 1.2))
+        try:
+            with suppress_instrumentation():
+                outputs, records = await sweep()
+        except Exception:
+            log.exception("retention sweep failed")
+            continue
+        if outputs or records:
+            log.info("retention applied", extra={"outputs_deleted": outputs, "records_deleted": records})
