@@ -1,10 +1,13 @@
 """What the operations of the HTTP API have in common, in one place for the OpenAPI document and the
 middleware that implements it: the error responses each operation can give (problem+json, with
-their headers), and the submit routes that the rate limits guard (with the RateLimit-* fields)."""
+their headers, and every code they carry), and the submit routes that the rate limits guard (with
+the RateLimit-* fields)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from shared.errors import ERROR_TYPES, RenderflowError
 
 Schema = dict[str, Any]
 
@@ -83,6 +86,84 @@ RESPONSES: dict[str, Schema] = {
     "Unavailable": _problem("a service behind the gateway is unavailable or too slow", _RETRY),
 }
 """Error responses, as OpenAPI `components.responses`."""
+
+
+GATEWAY_ERRORS: dict[str, tuple[int, str]] = {
+    "bad_request": (
+        400,
+        "the request cannot be understood, e.g. a plain request to a `/ws` route (a request line or "
+        "header too long for the HTTP parser is answered in text/plain, without a problem document)",
+    ),
+    "method_not_allowed": (405, "the path does not support the method; `Allow` lists those it does"),
+    "range_not_satisfiable": (
+        416,
+        "a `Range` that starts past the end of the output; `Content-Range: bytes */<size>` gives its size",
+    ),
+}
+"""The codes of the gateway's own errors (the classes of gateway/problems.py), with their status and
+when they happen. Written out rather than read from the classes: gateway.problems imports the
+tracing middleware, which reads the OpenAPI document, so this module may not import it; a unit test
+keeps the two in step."""
+
+_WHEN: dict[str, str] = {
+    "internal": "a fault of Renderflow, logged with the trace id (no stack trace is shown)",
+    "unauthenticated": "no `Authorization`, not `Bearer <key>`, or an unknown or revoked API key",
+    "not_found": "no such route; or the project, chain, rule, render or batch does not exist or is another "
+    "user's (the two look the same); or a submit names an unknown project, or a chain not of the project",
+    "gone": "the render's output has been deleted (by `DELETE /v1/renders/{id}`, or past its retention)",
+    "conflict": "the project's slug is taken; the render is not in a state that allows this (cancelling "
+    "one that succeeded or failed, changing the priority of one that has started, retrying one that is "
+    "not failed, cancelled or expired, deleting the output of one that has not ended, downloading the "
+    "output of one that has not succeeded); or a submit raced an identical one being written (try "
+    "again)",
+    "payload_too_large": "the body is over RENDERFLOW_GATEWAY_MAX_BODY_BYTES (default 1 MiB)",
+    "request_timeout": "the body did not fully arrive within RENDERFLOW_GATEWAY_BODY_TIMEOUT_S (default "
+    "30 s) of the head; the connection is closed",
+    "validation_failed": "the body, a query parameter or a header is invalid (see `errors`): also a reused "
+    "Idempotency-Key with another body, a batch larger than the rate limit's burst, a batch item naming "
+    "an unknown project or chain, a malformed stream cursor or page token",
+    "rate_limited": "the API key's submit bucket is empty; retry after `Retry-After` (`RateLimit-*` say "
+    "more)",
+    "quota_exceeded": "too many renders queued or running, or event streams open; retry after `Retry-After`",
+    "unavailable": "a service behind the gateway is unavailable, or `/readyz` found one not serving (503), "
+    "or one did not answer within the gateway's deadline (504); retry after `Retry-After`",
+}
+"""When a client receives each code of `shared.errors` (a code missing here is explained by its class's
+docstring)."""
+
+
+def _when(error: type[RenderflowError]) -> str:
+    if error.code in _WHEN:
+        return _WHEN[error.code]
+    said = (error.__doc__ or error.title).strip().rstrip(".")
+    return said[:1].lower() + said[1:]
+
+
+def _error_codes() -> dict[str, tuple[list[int], str]]:
+    statuses: dict[str, set[int]] = {code: {status} for code, (status, _) in GATEWAY_ERRORS.items()}
+    when = {code: text for code, (_, text) in GATEWAY_ERRORS.items()}
+    for error in ERROR_TYPES:
+        statuses.setdefault(error.code, set()).add(error.http_status)
+        when.setdefault(error.code, _when(error))
+    ordered = sorted(statuses, key=lambda code: (min(statuses[code]), code))
+    return {code: (sorted(statuses[code]), when[code]) for code in ordered}
+
+
+ERROR_CODES = _error_codes()
+"""Every `code` a problem document can carry (`shared.errors.ERROR_TYPES` and the gateway's own), in
+the order of their statuses: the HTTP statuses each comes with, and when."""
+
+PROBLEM_CODE: Schema = {
+    "type": "string",
+    "enum": list(ERROR_CODES),
+    "description": "the stable, machine-readable error code, to branch on (`type` ends with it); with its "
+    "status:\n\n"
+    + "\n".join(
+        f"- `{code}` ({', '.join(map(str, statuses))}): {when}"
+        for code, (statuses, when) in ERROR_CODES.items()
+    ),
+}
+"""The `code` member of the Problem schema."""
 
 
 def problem_responses(method: str, *, public: bool, has_body: bool) -> dict[str, Schema]:

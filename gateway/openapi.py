@@ -23,8 +23,14 @@ def _query(name: str, schema: Schema, description: str = "") -> Schema:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
 
-def _path(name: str, schema: Schema | None = None) -> Schema:
-    return {"name": name, "in": "path", "required": True, "schema": schema or {"type": "string"}}
+def _path(name: str, description: str, schema: Schema | None = None) -> Schema:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": schema or {"type": "string"},
+        "description": description,
+    }
 
 
 def _header(name: str, description: str) -> Schema:
@@ -45,7 +51,8 @@ _PAGE = [
     ),
     _query("page_token", {"type": "string", "maxLength": 1024}, "from a previous next_page_token"),
 ]
-_SLUG = _path("slug", {"type": "string", "pattern": SLUG_PATTERN})
+_SLUG = _path("slug", "the project's slug", {"type": "string", "pattern": SLUG_PATTERN})
+_CHAIN_ID = _path("chain_id", "the chain's id")
 
 
 def _json(schema_name: str, description: str, headers: dict[str, Any] | None = None) -> Schema:
@@ -85,8 +92,9 @@ def _op(
     return operation
 
 
-_RENDER_ID = _path("id")
-_RULE_PATH = [_SLUG, _path("rule_id")]
+_RENDER_ID = _path("id", "the render's id")
+_BATCH_ID = _path("id", "the batch's id")
+_RULE_PATH = [_SLUG, _path("rule_id", "the rule's id")]
 _TEXT_HEADER = {"schema": {"type": "string"}}
 _SUBMIT_HEADERS = {
     **_LOCATION,
@@ -198,18 +206,16 @@ PATHS: dict[str, dict[str, Schema]] = {
             "getChain",
             "Get a chain",
             {"200": _json("Chain", "the chain")},
-            parameters=[_SLUG, _path("chain_id")],
+            parameters=[_SLUG, _CHAIN_ID],
         ),
     },
     "/v1/projects/{slug}/chains/{chain_id}/renders": {
-        "post": _submit(
-            "submitChainRender", _CHAIN_SUMMARY, "ChainRenderRequest", [_SLUG, _path("chain_id")]
-        ),
+        "post": _submit("submitChainRender", _CHAIN_SUMMARY, "ChainRenderRequest", [_SLUG, _CHAIN_ID]),
         "get": _op(
             "listChainRenders",
             "A chain's renders in position order",
             {"200": _json("RenderList", "a page")},
-            parameters=[_SLUG, _path("chain_id"), *_PAGE],
+            parameters=[_SLUG, _CHAIN_ID, *_PAGE],
         ),
     },
     "/v1/projects/{slug}/rules": {
@@ -287,7 +293,7 @@ PATHS: dict[str, dict[str, Schema]] = {
             "getBatch",
             "A batch: counts by status and its renders",
             {"200": _json("Batch", "the batch")},
-            parameters=[_RENDER_ID],
+            parameters=[_BATCH_ID],
         ),
     },
     "/v1/batches/{id}:cancel": {
@@ -299,7 +305,7 @@ PATHS: dict[str, dict[str, Schema]] = {
                 "202": _json("Batch", "cancelled, or cancelling (running renders)"),
                 "200": _json("Batch", "every render had ended before this request: nothing changed"),
             },
-            parameters=[_RENDER_ID],
+            parameters=[_BATCH_ID],
         ),
     },
     "/v1/batches/{id}/events": {
@@ -308,7 +314,7 @@ PATHS: dict[str, dict[str, Schema]] = {
             "The events of every render of the batch as Server-Sent Events, until all have ended",
             "`id:` = where the stream stands (each render's last seq, in the batch's order: `3.0.7`), "
             "`event:` = type, `data:` = a RenderEvent as JSON; comment lines as heartbeats",
-            [_RENDER_ID, *_BATCH_RESUME],
+            [_BATCH_ID, *_BATCH_RESUME],
         ),
     },
     "/render": {
@@ -319,7 +325,7 @@ PATHS: dict[str, dict[str, Schema]] = {
             "submitChainRenderAlias",
             "The old system's chain action: POST /v1/projects/{slug}/chains/{chain_id}/renders",
             "ChainRenderRequest",
-            [_SLUG, _path("chain_id")],
+            [_SLUG, _CHAIN_ID],
         ),
     },
     "/v1/renders/{id}": {
@@ -358,7 +364,7 @@ PATHS: dict[str, dict[str, Schema]] = {
             "retryRender",
             "Queue a new render with the inputs of a failed, cancelled or expired one (its project, chain, "
             "prompt, parameters and seed, reference, priority and timeout_s; no deadline), linked by "
-            "`retry_of`; 409 for a render running or succeeded",
+            "`retry_of`; 409 for a render queued, running or succeeded",
             {
                 "200": _json("Render", "finished within `Prefer: wait`", _SUBMIT_HEADERS),
                 "202": _json("Render", "queued", _SUBMIT_HEADERS),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.conventions import PROBLEM_CODE
 from shared.contract import (
     KINDS,
     MAX_BATCH,
@@ -69,28 +70,53 @@ def _text(max_length: int, min_length: int = 1) -> Schema:
     }
 
 
-def _param(param: Param[int] | Param[float]) -> Schema:
-    return {
+def _param(param: Param[int] | Param[float], description: str | None = None) -> Schema:
+    schema: Schema = {
         "type": "integer" if isinstance(param.default, int) else "number",
         "minimum": param.minimum,
         "maximum": param.maximum,
         "default": param.default,
     }
+    if description:
+        schema["description"] = f"{description} (default {param.default:g})"
+    return schema
 
 
-def _nullable(schema: Schema) -> Schema:
-    return {"anyOf": [schema, {"type": "null"}]}
+def _described(schema: Schema, description: str) -> Schema:
+    """`schema`, with what it means to a client."""
+    return {**schema, "description": description}
 
 
-def _list_of(key: str, item: str) -> Schema:
+def _nullable(schema: Schema, description: str) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}], "description": description}
+
+
+_NEXT_PAGE_TOKEN: Schema = {
+    "type": ["string", "null"],
+    "description": "pass it back as `page_token` (with the same filters) for the next page; null on the "
+    "last page",
+}
+
+
+def _list_of(key: str, item: str, description: str) -> Schema:
     return _object(
-        {key: {"type": "array", "items": ref(item)}, "next_page_token": {"type": ["string", "null"]}},
+        {
+            key: {"type": "array", "items": ref(item), "description": description},
+            "next_page_token": _NEXT_PAGE_TOKEN,
+        },
         [key, "next_page_token"],
     )
 
 
 ID: Schema = _text(MAX_ID)
 """An id (of a chain, rule or render)."""
+
+
+def _id(of: str) -> Schema:
+    """An id, described as the id of `of` (`the render's id`)."""
+    return _described(ID, f"the {of}'s id")
+
+
 DEADLINE: Schema = {
     "anyOf": [
         {"type": "string", "format": "date-time", "maxLength": 64},
@@ -109,10 +135,7 @@ RETENTION_S: Schema = {
     "most the service's maximum, RENDERFLOW_GENERATION_MAX_RETENTION_S); then it is deleted and its "
     "download answers 410",
 }
-PRIORITY_INPUT: Schema = {
-    **_param(PRIORITY),
-    "description": "higher runs sooner among the user's queued renders (default 0)",
-}
+PRIORITY_INPUT: Schema = _param(PRIORITY, "higher runs sooner among the user's queued renders")
 TIMEOUT_S: Schema = {
     "type": "number",
     "exclusiveMinimum": 0,
@@ -123,46 +146,163 @@ TIMEOUT_S: Schema = {
 _TIME: Schema = {"type": "string", "format": "date-time"}
 _MAYBE_TIME: Schema = {"type": ["string", "null"], "format": "date-time"}
 _MS: Schema = {"type": ["number", "null"], "minimum": 0}
+_CREATED_AT: Schema = _described(_TIME, "when it was created (RFC 3339, UTC)")
+_SLUG_INPUT: Schema = {"type": "string", "pattern": SLUG_PATTERN}
+_PROJECT: Schema = {"type": "string", "description": "its project's slug"}
+_CHAIN_ID_INPUT: Schema = _described(
+    {**ID, "type": ["string", "null"]},
+    "a chain of the project; omitted or null: the project's default chain",
+)
+_KIND_INPUT: Schema = {"enum": list(KINDS), "description": "what to make: an image, or a video"}
+_PROMPT_INPUT: Schema = _described(_text(MAX_PROMPT), "what to render")
+_NEGATIVE_PROMPT_INPUT: Schema = _described(
+    {**_text(MAX_PROMPT, min_length=0), "type": ["string", "null"]},
+    "what to keep out of the render; omitted or null: nothing",
+)
+_PARAM_DESCRIPTIONS = {
+    "width": "the output's width, in pixels",
+    "height": "the output's height, in pixels",
+    "steps": "how many steps the generator takes: more take longer",
+    "duration_s": "a video's length, in seconds, ignored for an image",
+    "fps": "a video's frames per second, ignored for an image",
+}
+"""What each parameter of `shared.contract.PARAMS` means (its bounds and default are the contract's)."""
+_TIMINGS = {
+    "auth": "in the gateway, turning the API key into a user",
+    "validation": "in the gateway, reading and validating the request",
+    "db": "in the gateway, on the metadata and generation reads of the submit, in all",
+    "enqueue": "queuing it (generation's Submit)",
+    "queue_wait": "queued, from its submission until a worker claimed it",
+    "image_fetch": "fetching its reference image (only with a reference)",
+    "generation": "in the generator",
+    "store": "writing its output",
+    "total": "from its submission until its output was stored (set when it succeeds)",
+}
+"""What each of the render's `timings` (`<name>_ms`, `shared.contract.TIMINGS`) measures."""
+_EVENT_TYPE = (
+    "what happened: `queued` (also when it goes back to the queue, or a waiting chain render is "
+    "released), `started` (a worker took it), `phase` (a phase began), `progress` (it rose), then one "
+    "of `succeeded`, `failed`, `cancelled` and `expired`, which ends its stream"
+)
+_RENDER_ERROR = _object(
+    {
+        "code": {
+            "type": "string",
+            "description": "what ended it: `reference_fetch_failed` (a required reference could not be "
+            "had), `generation_failed` (the generator failed, transient failures retried first), "
+            "`timeout` (its generation took longer than timeout_s or the kind's maximum), "
+            "`dependency_failed` (a chain render with a required reference had nothing to continue "
+            "from), `internal` (a fault of Renderflow); `cancelled` for a cancelled render, `expired` "
+            "for one not started by its deadline",
+        },
+        "reason": {
+            "type": "string",
+            "description": "the finer cause, empty when there is none: for `reference_fetch_failed` the "
+            "fetch's (`timeout`, `too_large`, `not_an_image`, `blocked_address`, `http_404`, ...) or "
+            "`not_found`, `not_ready`, `undecodable_video` for a render as reference; for "
+            "`dependency_failed` `none_succeeded` or `missing`; `deadline` for a render its deadline "
+            "cancelled or expired",
+        },
+        "message": {"type": "string", "description": "what happened, for people"},
+        "retryable": {
+            "type": "boolean",
+            "description": "whether submitting the same render again may succeed",
+        },
+    }
+)
 
 SCHEMAS: dict[str, Schema] = {
     "Problem": {
         "type": "object",
         "description": "An error (RFC 9457 problem details plus Renderflow's members).",
         "properties": {
-            "type": {"type": "string"},
-            "title": {"type": "string"},
-            "status": {"type": "integer"},
-            "detail": {"type": "string"},
-            "code": {"type": "string"},
-            "request_id": {"type": "string"},
-            "trace_id": {"type": ["string", "null"]},
+            "type": {
+                "type": "string",
+                "description": "`https://renderflow.dev/problems/` followed by the code",
+            },
+            "title": {
+                "type": "string",
+                "description": "a short, fixed summary of the kind of error (`Validation failed`)",
+            },
+            "status": {"type": "integer", "description": "the response's HTTP status"},
+            "detail": {"type": "string", "description": "what went wrong with this request, for people"},
+            "code": PROBLEM_CODE,
+            "request_id": {
+                "type": "string",
+                "description": "the request's id, also in the X-Request-Id response header",
+            },
+            "trace_id": {
+                "type": ["string", "null"],
+                "description": "the request's trace id (null when tracing is off); quote it in support "
+                "requests",
+            },
             "errors": {
                 "type": "array",
-                "items": _object({"field": {"type": "string"}, "message": {"type": "string"}}),
+                "items": _object(
+                    {
+                        "field": {
+                            "type": "string",
+                            "description": "the invalid field by its path in the body (`params.width`, "
+                            "`items[3].prompt`; empty: the body as a whole), or the header or query "
+                            "parameter by its name (`Idempotency-Key`, `page_token`)",
+                        },
+                        "message": {
+                            "type": "string",
+                            "description": "what is wrong with it (`must be at most 2048`)",
+                        },
+                    }
+                ),
+                "description": "only for `validation_failed`: each invalid field, with what is wrong with it",
             },
         },
         "required": ["type", "title", "status", "detail", "code", "request_id", "trace_id"],
     },
     "CreateProjectRequest": _object(
-        {"slug": {"type": "string", "pattern": SLUG_PATTERN}, "name": _text(MAX_NAME)}, ["slug", "name"]
+        {
+            "slug": _described(
+                _SLUG_INPUT,
+                "names the project in paths (`/v1/projects/{slug}`), unique among your projects (409 "
+                "if taken): 2 to 63 of a-z, 0-9 and `-`, not starting with `-`",
+            ),
+            "name": _described(_text(MAX_NAME), "the project's name, for people"),
+        },
+        ["slug", "name"],
     ),
-    "CreateChainRequest": _object({"name": _text(MAX_NAME)}, ["name"]),
+    "CreateChainRequest": _object(
+        {"name": _described(_text(MAX_NAME), "the chain's name, for people")}, ["name"]
+    ),
     "CreateRuleRequest": _object(
         {
-            "text": _text(MAX_RULE_TEXT),
-            "chain_id": {**ID, "type": ["string", "null"]},
-            "active": {"type": "boolean"},
+            "text": _described(
+                _text(MAX_RULE_TEXT),
+                "what the generator is given with the prompt of every render submitted afterwards in "
+                "the project (or in the rule's chain only)",
+            ),
+            "chain_id": _described(
+                {**ID, "type": ["string", "null"]},
+                "the chain of the project it applies to; omitted or null: every chain of the project",
+            ),
+            "active": {
+                "type": "boolean",
+                "description": "whether renders submitted from now on are made with it (default true)",
+            },
         },
         ["text"],
     ),
     "UpdateRuleRequest": _object(
-        {"text": _text(MAX_RULE_TEXT), "active": {"type": "boolean"}},
+        {
+            "text": _described(_text(MAX_RULE_TEXT), "its new text (renders already queued keep the old)"),
+            "active": {
+                "type": "boolean",
+                "description": "whether renders submitted from now on are made with it",
+            },
+        },
         minProperties=1,
         error_message="must change text or active",
     ),
     "RenderParamsInput": _object(
         {
-            **{name: _param(param) for name, param in PARAMS["image"].items()},
+            **{name: _param(param, _PARAM_DESCRIPTIONS[name]) for name, param in PARAMS["image"].items()},
             "seed": {
                 "type": "integer",
                 "minimum": 0,
@@ -170,7 +310,11 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "random when omitted",
             },
             # A video's own parameters are accepted (and checked) for an image too, which ignores them.
-            **{name: _param(param) for name, param in PARAMS["video"].items() if name not in PARAMS["image"]},
+            **{
+                name: _param(param, _PARAM_DESCRIPTIONS[name])
+                for name, param in PARAMS["video"].items()
+                if name not in PARAMS["image"]
+            },
         }
     ),
     "ReferenceInput": _object(
@@ -180,25 +324,33 @@ SCHEMAS: dict[str, Schema] = {
                 "pattern": REFERENCE_URL_PATTERN,
                 "maxLength": MAX_URL,
                 ERROR_MESSAGE: "must be an http or https URL, without NUL characters",
+                "description": "an image on the web (http or https), fetched when the render runs",
             },
-            "render_id": ID,
+            "render_id": _described(
+                ID, "another of your renders, whose output it starts from (a video: its last frame)"
+            ),
             "previous": {
                 "const": True,
                 "description": "the output of the nearest earlier render of its chain that succeeded (a "
                 "video: its last frame; none for the first render, or when none succeeded)",
             },
-            "required": {"type": "boolean", "default": False},
+            "required": {
+                "type": "boolean",
+                "default": False,
+                "description": "fail the render when the reference cannot be had, instead of going on "
+                "without it",
+            },
         },
         oneOf=[{"required": ["url"]}, {"required": ["render_id"]}, {"required": ["previous"]}],
         error_message="must have exactly one of url, render_id and previous",
     ),
     "RenderRequest": _object(
         {
-            "project": {"type": "string", "pattern": SLUG_PATTERN},
-            "chain_id": {**ID, "type": ["string", "null"]},
-            "kind": {"enum": list(KINDS)},
-            "prompt": _text(MAX_PROMPT),
-            "negative_prompt": {**_text(MAX_PROMPT, min_length=0), "type": ["string", "null"]},
+            "project": _described(_SLUG_INPUT, "the slug of the project to render in"),
+            "chain_id": _CHAIN_ID_INPUT,
+            "kind": _KIND_INPUT,
+            "prompt": _PROMPT_INPUT,
+            "negative_prompt": _NEGATIVE_PROMPT_INPUT,
             "params": ref("RenderParamsInput"),
             "reference": ref("ReferenceInput"),
             "priority": PRIORITY_INPUT,
@@ -210,9 +362,9 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "ChainRenderRequest": _object(
         {
-            "kind": {"enum": list(KINDS)},
-            "prompt": _text(MAX_PROMPT),
-            "negative_prompt": {**_text(MAX_PROMPT, min_length=0), "type": ["string", "null"]},
+            "kind": _KIND_INPUT,
+            "prompt": _PROMPT_INPUT,
+            "negative_prompt": _NEGATIVE_PROMPT_INPUT,
             "params": ref("RenderParamsInput"),
             "reference": {**ref("ReferenceInput"), "description": "default: {previous: true}"},
             "priority": PRIORITY_INPUT,
@@ -225,7 +377,14 @@ SCHEMAS: dict[str, Schema] = {
     "UpdateRenderRequest": _object({"priority": PRIORITY_INPUT}, ["priority"]),
     "BatchRequest": _object(
         {
-            "items": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH, "items": ref("RenderRequest")},
+            "items": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_BATCH,
+                "items": ref("RenderRequest"),
+                "description": "the renders to queue, each as the body of `POST /v1/renders`: all of them "
+                "or none (an invalid item's faults are named `items[i]...`)",
+            },
             "deadline": {**DEADLINE, "description": "every item's deadline, unless it states its own"},
             "timeout_s": {**TIMEOUT_S, "description": "every item's timeout_s, unless it states its own"},
             "retention_s": {
@@ -237,69 +396,152 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "Project": _object(
         {
-            "id": ID,
-            "slug": {"type": "string"},
-            "name": {"type": "string"},
-            "default_chain_id": ID,
-            "created_at": _TIME,
+            "id": _id("project"),
+            "slug": {
+                "type": "string",
+                "description": "names the project in paths (`/v1/projects/{slug}`), unique among yours",
+            },
+            "name": {"type": "string", "description": "the project's name, for people"},
+            "default_chain_id": _described(
+                ID, "the chain made with the project, where renders that name no chain go"
+            ),
+            "created_at": _CREATED_AT,
         },
         ["id", "slug", "name", "default_chain_id", "created_at"],
     ),
     "Chain": _object(
         {
-            "id": ID,
-            "project": {"type": "string"},
-            "name": {"type": "string"},
-            "is_default": {"type": "boolean"},
-            "length": {"type": "integer"},
-            "created_at": _TIME,
+            "id": _id("chain"),
+            "project": _PROJECT,
+            "name": {"type": "string", "description": "the chain's name, for people"},
+            "is_default": {
+                "type": "boolean",
+                "description": "whether it is its project's default chain, where renders that name no "
+                "chain go",
+            },
+            "length": {
+                "type": "integer",
+                "description": "how many positions it has allocated to renders: its last render's "
+                "position (0 before its first)",
+            },
+            "created_at": _CREATED_AT,
         },
         ["id", "project", "name", "is_default", "length", "created_at"],
     ),
     "Rule": _object(
         {
-            "id": ID,
-            "project": {"type": "string"},
-            "chain_id": {"type": ["string", "null"]},
-            "text": {"type": "string"},
-            "active": {"type": "boolean"},
-            "created_at": _TIME,
+            "id": _id("rule"),
+            "project": _PROJECT,
+            "chain_id": {
+                "type": ["string", "null"],
+                "description": "the chain it applies to; null: every chain of the project",
+            },
+            "text": {
+                "type": "string",
+                "description": "what the generator is given with the prompt of every render submitted "
+                "while the rule is active",
+            },
+            "active": {
+                "type": "boolean",
+                "description": "whether renders submitted from now on are made with it",
+            },
+            "created_at": _CREATED_AT,
         },
         ["id", "project", "chain_id", "text", "active", "created_at"],
     ),
     "RenderParams": _object(
         {
-            "width": {"type": "integer"},
-            "height": {"type": "integer"},
-            "steps": {"type": "integer"},
-            "seed": {"type": "integer"},
-            "duration_s": {"type": ["number", "null"]},
-            "fps": {"type": ["integer", "null"]},
+            "width": {"type": "integer", "description": "the output's width, in pixels"},
+            "height": {"type": "integer", "description": "the output's height, in pixels"},
+            "steps": {"type": "integer", "description": "the generator's steps"},
+            "seed": {
+                "type": "integer",
+                "description": "the seed it is made with (the random one chosen when the request gave none)",
+            },
+            "duration_s": {
+                "type": ["number", "null"],
+                "description": "a video's length, in seconds; null for an image",
+            },
+            "fps": {
+                "type": ["integer", "null"],
+                "description": "a video's frames per second; null for an image",
+            },
         },
     ),
     "Render": _object(
         {
-            "id": ID,
-            "project": {"type": "string"},
-            "chain_id": ID,
-            "position": {"type": "integer"},
-            "kind": {"enum": list(KINDS)},
-            "status": {"enum": list(STATUSES)},
-            "progress": {"type": "number", "minimum": 0, "maximum": 1},
-            "queue_position": {"type": ["integer", "null"]},
-            "eta_s": {"type": ["number", "null"]},
-            "remaining_s": {"type": ["number", "null"]},
-            "prompt": {"type": "string"},
-            "negative_prompt": {"type": ["string", "null"]},
+            "id": _id("render"),
+            "project": _PROJECT,
+            "chain_id": _described(
+                ID, "its chain's id (the project's default chain when the request named none)"
+            ),
+            "position": {
+                "type": "integer",
+                "description": "its place in its chain, from 1, taken when it was submitted",
+            },
+            "kind": {"enum": list(KINDS), "description": "what it makes: an image, or a video"},
+            "status": {
+                "enum": list(STATUSES),
+                "description": "`queued` (waiting for a worker slot, a retry's backoff or its chain "
+                "predecessor), `running` (a worker has it; it may go back to `queued` for another attempt), "
+                "or for good `succeeded`, `failed` (see `error`), `cancelled`, or `expired` (its deadline "
+                "passed before it started)",
+            },
+            "progress": {
+                "type": "number",
+                "minimum": 0,
+                "maximum": 1,
+                "description": "how far its generation has come, from 0 to 1 (1 once it succeeded)",
+            },
+            "queue_position": {
+                "type": ["integer", "null"],
+                "description": "while queued: how many renders (of every user) the workers will take "
+                "before it (0: it is next); null once it has started, or while it waits for its chain "
+                "predecessor",
+            },
+            "eta_s": {
+                "type": ["number", "null"],
+                "description": "while queued: the estimated seconds until it starts, from recent renders; "
+                "null once it has started, while it waits for its chain predecessor, or without the "
+                "history to tell",
+            },
+            "remaining_s": {
+                "type": ["number", "null"],
+                "description": "while running: the estimated seconds until it ends, from its own pace "
+                "(before any progress, from recent renders of its kind and size); null otherwise",
+            },
+            "prompt": {"type": "string", "description": "what it renders, as submitted"},
+            "negative_prompt": {
+                "type": ["string", "null"],
+                "description": "what to keep out of it, as submitted; null: nothing",
+            },
             "params": ref("RenderParams"),
-            "rules": {"type": "array", "items": _object({"id": ID, "text": {"type": "string"}})},
+            "rules": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "id": _id("rule"),
+                        "text": {"type": "string", "description": "the rule's text, as it was then"},
+                    }
+                ),
+                "description": "the rules active when it was submitted (the project's and its chain's): a "
+                "snapshot, which later changes to the rules leave as it is",
+            },
             "reference": _nullable(
                 _object(
                     {
-                        "url": {"type": "string"},
-                        "render_id": ID,
-                        "previous": {"const": True},
-                        "required": {"type": "boolean"},
+                        "url": {"type": "string", "description": "the image URL it was asked to start from"},
+                        "render_id": _described(ID, "the render whose output it was asked to start from"),
+                        "previous": {
+                            "const": True,
+                            "description": "it continues from the nearest earlier render of its chain that "
+                            "succeeded",
+                        },
+                        "required": {
+                            "type": "boolean",
+                            "description": "whether a reference that cannot be had fails the render (false: "
+                            "it goes on without it)",
+                        },
                         "used": {
                             "type": ["boolean", "null"],
                             "description": "whether the render used its reference; null until it has run",
@@ -316,39 +558,65 @@ SCHEMAS: dict[str, Schema] = {
                             "`previous`: the render this one continued from)",
                         },
                     }
-                )
+                ),
+                "the reference image it was asked to start from (one of `url`, `render_id` and "
+                "`previous`), and what became of it; null: none",
             ),
-            "batch_id": {"type": ["string", "null"]},
+            "batch_id": {
+                "type": ["string", "null"],
+                "description": "the batch it was submitted in; null: submitted alone",
+            },
             "output": _nullable(
                 _object(
                     {
-                        "url": {"type": "string"},
-                        "content_type": {"type": "string"},
-                        "bytes": {"type": "integer"},
-                        "width": {"type": "integer"},
-                        "height": {"type": "integer"},
-                        "duration_s": {"type": ["number", "null"]},
+                        "url": {
+                            "type": "string",
+                            "description": "where to download it: `/v1/renders/{id}/output`, on this gateway",
+                        },
+                        "content_type": {
+                            "type": "string",
+                            "description": "its media type: `image/png` or `video/mp4` (the `http` backend "
+                            "may also make `image/jpeg` or `image/webp`)",
+                        },
+                        "bytes": {"type": "integer", "description": "its size, in bytes"},
+                        "width": {"type": "integer", "description": "its width, in pixels"},
+                        "height": {"type": "integer", "description": "its height, in pixels"},
+                        "duration_s": {
+                            "type": ["number", "null"],
+                            "description": "a video's length, in seconds; null for an image",
+                        },
                         "sha256": {"type": "string", "description": "the SHA-256 of the bytes, hex"},
                     }
-                )
+                ),
+                "what it made: set once it succeeded; null otherwise, and once the output is deleted "
+                "(see `output_deleted_at`)",
             ),
             "error": _nullable(
-                _object(
-                    {
-                        "code": {"type": "string"},
-                        "reason": {"type": "string"},
-                        "message": {"type": "string"},
-                        "retryable": {"type": "boolean"},
-                    }
-                )
+                _RENDER_ERROR,
+                "why it failed, was cancelled or expired; null otherwise",
             ),
-            "timings": _object({f"{name}_ms": _MS for name in TIMINGS}),
-            "attempts": {"type": "integer"},
-            "trace_id": {"type": ["string", "null"]},
-            "created_at": _TIME,
-            "started_at": _MAYBE_TIME,
-            "finished_at": _MAYBE_TIME,
-            "last_progress_at": _MAYBE_TIME,
+            "timings": _object(
+                {f"{name}_ms": _described(_MS, f"milliseconds {_TIMINGS[name]}") for name in TIMINGS},
+                description="where its time went, by phase; each null until its phase has happened",
+            ),
+            "attempts": {
+                "type": "integer",
+                "description": "how many times a worker has taken it (a transient failure, or a worker "
+                "lost, puts it back in the queue for another attempt)",
+            },
+            "trace_id": {
+                "type": ["string", "null"],
+                "description": "the trace of the request that submitted it (null when tracing was off); "
+                "its job's trace links to it",
+            },
+            "created_at": _described(_TIME, "when it was submitted"),
+            "started_at": _described(
+                _MAYBE_TIME, "when a worker started it (its latest attempt); null until one has"
+            ),
+            "finished_at": _described(_MAYBE_TIME, "when it ended (any final status); null until then"),
+            "last_progress_at": _described(
+                _MAYBE_TIME, "when its progress last rose (or it started); null until it has started"
+            ),
             "stalled": {
                 "type": "boolean",
                 "description": "running, but without progress for longer than the stall threshold",
@@ -386,24 +654,45 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "RenderEvent": _object(
         {
-            "seq": {"type": "integer"},
-            "type": {"enum": _EVENT_TYPES},
-            "render_id": ID,
-            "at": _TIME,
-            "progress": {"type": "number"},
-            "phase": {"type": "string"},
-            "message": {"type": "string"},
-            "error": {"type": "object"},
+            "seq": {
+                "type": "integer",
+                "description": "its number among the render's events: 1, 2, ... (resume after it with "
+                "Last-Event-ID)",
+            },
+            "type": {"enum": _EVENT_TYPES, "description": _EVENT_TYPE},
+            "render_id": _described(ID, "the render it is about"),
+            "at": _described(_TIME, "when it happened"),
+            "progress": {
+                "type": "number",
+                "description": "in `progress` events (and `succeeded`: 1): the render's progress, from 0 "
+                "to 1",
+            },
+            "phase": {
+                "type": "string",
+                "description": "in `phase` events: the phase that began (`image_fetch`, `generation`, "
+                "`store`)",
+            },
+            "message": {
+                "type": "string",
+                "description": "details, for people: why it went back to the queue, what it continues from, "
+                "what its reference was",
+            },
+            "error": {
+                "type": "object",
+                "description": "in `failed`, `cancelled` and `expired` events: why, as the render's `error` "
+                "(`code`, `reason`, `message`, `retryable`)",
+            },
         },
         ["seq", "type", "render_id", "at"],
     ),
     "ServerSentEvent": _object(
         {
-            "event": {"enum": _EVENT_TYPES},
+            "event": {"enum": _EVENT_TYPES, "description": "the event's type (as its `data`'s `type`)"},
             "data": {
                 "type": "string",
                 "contentMediaType": "application/json",
                 "contentSchema": ref("RenderEvent"),
+                "description": "the event, as JSON on one line",
             },
             "id": {
                 "type": "string",
@@ -411,15 +700,22 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "where to resume: the event's seq, or in a batch's stream each render's "
                 "last seq in the batch's order, dot-separated",
             },
-            "retry": {"type": "integer", "minimum": 0},
+            "retry": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "milliseconds an EventSource waits before it reconnects (sent once, at the "
+                "start: 1000)",
+            },
         },
         ["event", "data"],
         description="One event of a text/event-stream, as a client reads it: `data` is a RenderEvent.",
     ),
-    "ProjectList": _list_of("projects", "Project"),
-    "ChainList": _list_of("chains", "Chain"),
-    "RuleList": _list_of("rules", "Rule"),
-    "RenderList": _list_of("renders", "Render"),
+    "ProjectList": _list_of("projects", "Project", "this page of your projects, oldest first"),
+    "ChainList": _list_of("chains", "Chain", "this page of the project's chains, oldest first"),
+    "RuleList": _list_of("rules", "Rule", "this page of the project's rules, oldest first"),
+    "RenderList": _list_of(
+        "renders", "Render", "this page of the renders: newest first, or for a chain in position order"
+    ),
     "BatchAccepted": _object(
         {
             "id": {**ID, "description": "the batch's id, as `GET /v1/batches/{id}` names it"},
@@ -430,13 +726,26 @@ SCHEMAS: dict[str, Schema] = {
     ),
     "Batch": _object(
         {
-            "id": ID,
+            "id": _id("batch"),
             "counts": _object(
-                {name: {"type": "integer", "minimum": 0} for name in [*STATUSES, "total"]},
+                {
+                    **{
+                        name: _described(
+                            {"type": "integer", "minimum": 0}, f"how many of its renders are `{name}`"
+                        )
+                        for name in STATUSES
+                    },
+                    "total": {"type": "integer", "minimum": 0, "description": "how many renders it has"},
+                },
                 [*STATUSES, "total"],
+                description="how many of its renders are in each status, and in all",
             ),
-            "renders": {"type": "array", "items": ref("Render")},
-            "created_at": _TIME,
+            "renders": {
+                "type": "array",
+                "items": ref("Render"),
+                "description": "its renders, in the order of the request's items",
+            },
+            "created_at": _described(_TIME, "when it was submitted"),
         },
         ["id", "counts", "renders", "created_at"],
     ),

@@ -1,6 +1,7 @@
 """The OpenAPI document is complete: every route the gateway serves is an operation (and nothing
-else is), each documents the errors it can give as problem+json with their headers, and the
-submit routes document their rate limits."""
+else is), each documents the errors it can give as problem+json with their headers, the submit
+routes document their rate limits, every property and parameter says what it means, and a problem's
+`code` lists every code a client can receive."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ from typing import Any
 
 import pytest
 
+from gateway import problems
 from gateway.app import create_app
 from gateway.config import Settings
-from gateway.conventions import SUBMIT_ROUTES
+from gateway.conventions import ERROR_CODES, SUBMIT_ROUTES
 from gateway.openapi import SPEC
 from gateway.routes import docs
 from gateway.validation import validate
-from shared.errors import ValidationFailed
+from shared.errors import ERROR_TYPES, RenderflowError, ValidationFailed
 
 OPERATIONS = [
     (method.upper(), path, operation)
@@ -95,3 +97,52 @@ def test_text_fields_refuse_nul_characters() -> None:
         ("prompt", "must not contain NUL characters"),
         ("reference.url", "must be an http or https URL, without NUL characters"),
     }
+
+
+def _undescribed(schema: Any, where: str) -> list[str]:
+    """The properties under `schema` (in nested objects, array items and anyOf/oneOf/allOf branches
+    too) without a description, by their path; a property that only names another component is
+    described there."""
+    if not isinstance(schema, dict):
+        return []
+    found: list[str] = []
+    for name, prop in (schema.get("properties") or {}).items():
+        path = f"{where}.{name}"
+        if set(prop) != {"$ref"} and not prop.get("description"):
+            found.append(path)
+        found += _undescribed(prop, path)
+    if "items" in schema:
+        found += _undescribed(schema["items"], f"{where}[]")
+    for keyword in ("anyOf", "oneOf", "allOf"):
+        for branch in schema.get(keyword, []):
+            found += _undescribed(branch, where)
+    return found
+
+
+def test_every_property_and_parameter_is_described() -> None:
+    undescribed = [
+        path for name, schema in SPEC["components"]["schemas"].items() for path in _undescribed(schema, name)
+    ]
+    for method, path, operation in OPERATIONS:
+        for parameter in map(_resolve, operation.get("parameters", [])):
+            if not parameter.get("description"):
+                undescribed.append(f"{method} {path} {parameter['in']} parameter {parameter['name']}")
+    assert not undescribed, "without a description: " + ", ".join(undescribed)
+
+
+def test_the_problem_code_lists_every_code_a_client_can_receive() -> None:
+    own = [
+        value
+        for value in vars(problems).values()
+        if isinstance(value, type)
+        and issubclass(value, RenderflowError)
+        and value.__module__ == problems.__name__
+    ]
+    statuses: dict[str, set[int]] = {}
+    for error in [*ERROR_TYPES, *own]:
+        statuses.setdefault(error.code, set()).add(error.http_status)
+    code = SPEC["components"]["schemas"]["Problem"]["properties"]["code"]
+    assert sorted(code["enum"]) == sorted(statuses)
+    assert {name: set(listed) for name, (listed, _) in ERROR_CODES.items()} == statuses
+    for name, listed in statuses.items():
+        assert f"- `{name}` ({', '.join(map(str, sorted(listed)))}): " in code["description"], name
