@@ -227,11 +227,11 @@ class GenerationClient(_Client):
                 generation_pb2.GetBatchRequest(user_id=user_id, batch_id=batch_id), timeout=self._timeout
             )
 
-    async def get_render(self, user_id: str, render_id: str) -> generation_pb2.Render:
+    async def get_render(self, user_id: str, render_id: str, *, brief: bool = False) -> generation_pb2.Render:
+        """The user's render (`brief`: without the queue estimates, for an ownership check)."""
+        request = generation_pb2.GetRenderRequest(user_id=user_id, render_id=render_id, brief=brief)
         with rpc_errors():
-            return await self._stub.GetRender(
-                generation_pb2.GetRenderRequest(user_id=user_id, render_id=render_id), timeout=self._timeout
-            )
+            return await self._stub.GetRender(request, timeout=self._timeout)
 
     async def list_renders(
         self,

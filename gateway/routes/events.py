@@ -67,7 +67,7 @@ async def _watch(request: web.Request, operation_id: str) -> Events:
     after = after_seq(request, operation_id)
     with phase(request, "db"):
         # Unknown or not yours: 404 before the stream starts.
-        await clients(request).generation.get_render(user.user_id, render_id)
+        await clients(request).generation.get_render(user.user_id, render_id, brief=True)
     return request.app[WATCH_HUB].watch(user.user_id, render_id, after)
 
 

@@ -123,9 +123,12 @@ class Renders:
         for url in urls:
             self._prefetch(url)
 
-    async def get(self, user_id: str, render_id: str) -> Render:
-        """The render, with its place in the queue and when it should start while queued."""
-        [render] = await self._with_estimates(user_id, [await self._store.get(user_id, render_id)])
+    async def get(self, user_id: str, render_id: str, *, estimates: bool = True) -> Render:
+        """The render; with `estimates`, its place in the queue and when it should start while
+        queued, and when it should end while running."""
+        render = await self._store.get(user_id, render_id)
+        if estimates:
+            [render] = await self._with_estimates(user_id, [render])
         return self._derived(render)
 
     async def list(self, user_id: str, where: RenderFilter, page_size: int, page_token: str) -> Page:

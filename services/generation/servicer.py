@@ -64,7 +64,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return pb.GetChainLengthsResponse(lengths=lengths)
 
     async def GetRender(self, request: pb.GetRenderRequest, context: Context) -> pb.Render:
-        return render_pb(await self._renders.get(request.user_id, request.render_id))
+        return render_pb(
+            await self._renders.get(request.user_id, request.render_id, estimates=not request.brief)
+        )
 
     async def ListRenders(self, request: pb.ListRendersRequest, context: Context) -> pb.ListRendersResponse:
         where = RenderFilter(

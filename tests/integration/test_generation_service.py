@@ -147,6 +147,16 @@ async def test_a_repeated_batch_is_the_same_batch(stub: Stub, accounts: Accounts
     assert (await submit(stub)).position == 3  # neither the repeat nor the refusal took a position
 
 
+async def test_a_brief_get_leaves_the_estimates_out(stub: Stub, accounts: Accounts) -> None:
+    alice = await accounts.user("alice")
+    render = await submit(stub)  # no worker: it stays queued
+    with rpc_errors():
+        full = await stub.GetRender(pb.GetRenderRequest(user_id=alice, render_id=render.id))
+        brief = await stub.GetRender(pb.GetRenderRequest(user_id=alice, render_id=render.id, brief=True))
+    assert full.HasField("queue_position") and full.queue_position == 0
+    assert not brief.HasField("queue_position") and brief.id == render.id
+
+
 async def test_cancel_a_queued_render(stub: Stub, accounts: Accounts) -> None:
     alice = await accounts.user("alice")
     render = await submit(stub)
