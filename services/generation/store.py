@@ -79,6 +79,9 @@ def _cancel_jobs_statement() -> str:
 
 
 _EXPIRED = RenderError("expired", "deadline", "not started by its deadline", retryable=True)
+_PAST_DEADLINE_BETWEEN_ATTEMPTS = RenderError(
+    "cancelled", "deadline", "its deadline passed while it waited to run again"
+)
 
 
 def database_url(url: str) -> str:
@@ -537,13 +540,9 @@ class Store:
     async def _end_at_deadline(self, conn: AsyncConnection[Any], job: dict[str, Any]) -> Ended | None:
         render_id = job["render_id"]
         await conn.execute(QUERIES["delete_job"], [render_id])
-        if job["attempts"]:
-            status, error = (
-                "cancelled",
-                RenderError("cancelled", "deadline", "its deadline passed while it waited to run again"),
-            )
-        else:
-            status, error = "expired", _EXPIRED
+        status, error = (
+            ("cancelled", _PAST_DEADLINE_BETWEEN_ATTEMPTS) if job["attempts"] else ("expired", _EXPIRED)
+        )
         done = await record(conn, render_id, [NewEvent(status, error=error)], status=status, error=error)
         return done.ended if done else None
 
