@@ -8,12 +8,10 @@ The protocol, as the common hosted-model APIs shape it:
 - `POST {base}/predictions/{id}/cancel`
 - `GET {output URL}` → the bytes
 
-Connection errors, timeouts of one request, 408, 409, 429 and 5xx are retried with exponential
-backoff and jitter (a Retry-After is honoured up to a cap); creating is retried too because the
-idempotency key makes a repeated create return the first prediction. Other 4xx answers and a
-`failed` prediction are permanent. The whole render is bounded by `max_wait_s`; running out of it
-is transient (see `HttpBackend.generate`). The token is sent only to the API's own origin and is
-never logged.
+Requests are retried as `provider` says (creating too: the idempotency key makes a repeated create
+return the first prediction). A `failed` prediction is permanent. The whole render is bounded by
+`max_wait_s`; running out of it is transient (see `HttpBackend.generate`). The token is sent only to
+the API's own origin and is never logged.
 """
 
 from __future__ import annotations
@@ -22,18 +20,11 @@ import asyncio
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
 
 import aiohttp
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_attempt,
-)
 from yarl import URL
 
 from services.generation.backends import (
@@ -44,24 +35,16 @@ from services.generation.backends import (
     TransientBackendError,
 )
 from services.generation.backends.predictions import (
-    MAX_MESSAGE,
     TERMINAL,
     Prediction,
     decode_data_url,
     output_artifact,
     request_body,
 )
-from shared.http_headers import RetryAfterOrExponential, parse_retry_after
+from services.generation.backends.provider import MIB, ProviderClient, check_url, provider_session
 from shared.settings import ConfigError, Env
-from shared.telemetry import http_client_tracing
 
 log = logging.getLogger(__name__)
-
-MIB = 1024 * 1024
-USER_AGENT = "renderflow-generation/0.1"
-_RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -94,7 +77,7 @@ class HttpBackendSettings:
         url = env.optional("RENDERFLOW_BACKEND_HTTP_URL")
         if url is None:
             raise ConfigError("RENDERFLOW_BACKEND_HTTP_URL is required by the http backend")
-        _check_url(url)
+        check_url(url, "RENDERFLOW_BACKEND_HTTP_URL", "RENDERFLOW_BACKEND_HTTP_TOKEN")
         return cls(
             url=url,
             token=env.str("RENDERFLOW_BACKEND_HTTP_TOKEN", ""),
@@ -110,29 +93,6 @@ class HttpBackendSettings:
                 "RENDERFLOW_BACKEND_HTTP_MAX_OUTPUT_BYTES", cls.max_output_bytes, minimum=1
             ),
         )
-
-
-def _check_url(value: str) -> None:
-    try:
-        url = URL(value)
-    except ValueError:
-        raise ConfigError("RENDERFLOW_BACKEND_HTTP_URL is not a URL") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise ConfigError(f"RENDERFLOW_BACKEND_HTTP_URL must be an http(s) URL, got scheme {url.scheme!r}")
-    if url.user or url.password:
-        # Never echo the value: it holds a credential.
-        raise ConfigError(
-            "RENDERFLOW_BACKEND_HTTP_URL must not hold credentials; set RENDERFLOW_BACKEND_HTTP_TOKEN"
-        )
-
-
-class _Retryable(Exception):
-    """One request failed in a way another try may not."""
-
-    def __init__(self, message: str, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.retry_after = retry_after
 
 
 @dataclass
@@ -152,34 +112,30 @@ class _Run:
 
 
 class HttpBackend:
-    """Renders through a prediction API over one aiohttp session (see the module docstring)."""
+    """Renders through a prediction API (see the module docstring)."""
 
     name = "http"
 
-    def __init__(self, session: aiohttp.ClientSession, settings: HttpBackendSettings) -> None:
-        self._session = session
+    def __init__(self, client: ProviderClient, settings: HttpBackendSettings) -> None:
+        self._client = client
         self._settings = settings
-        self._base = URL(settings.url)
-        self._backoff = RetryAfterOrExponential(
-            initial_s=settings.backoff_s,
-            max_s=settings.backoff_max_s,
-            retry_after_cap_s=settings.backoff_max_s,
-        )
+        self._base = client.base
 
     @classmethod
     @asynccontextmanager
     async def open(cls, settings: HttpBackendSettings) -> AsyncIterator[HttpBackend]:
         """A backend with its own session, closed on exit."""
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.request_timeout_s, sock_read=settings.request_timeout_s
-        )
-        async with aiohttp.ClientSession(
-            timeout=timeout,
-            headers={"User-Agent": USER_AGENT},
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trace_configs=http_client_tracing(),  # a CLIENT span per create, poll, cancel, download
-        ) as session:
-            yield cls(session, settings)
+        async with provider_session(settings.request_timeout_s) as session:
+            client = ProviderClient(
+                session,
+                settings.url,
+                settings.token,
+                attempts=settings.attempts,
+                backoff_s=settings.backoff_s,
+                backoff_max_s=settings.backoff_max_s,
+                max_output_bytes=settings.max_output_bytes,
+            )
+            yield cls(client, settings)
 
     async def generate(self, job: GenerationInput, on_progress: ProgressCallback) -> Artifact:
         """Creates a prediction, polls it to its end, fetches and checks its output.
@@ -195,7 +151,7 @@ class HttpBackend:
                 # One key per call: a repeated create within it returns the same prediction,
                 # while a later attempt of the render (after a failure) gets a fresh one.
                 key = f"{job.render_id}-{uuid.uuid4().hex}"
-                created = await self._call(
+                created = await self._client.call(
                     "create", "POST", self._base / "predictions", key=key, body=request_body(job)
                 )
                 run.prediction = Prediction.from_json(created)
@@ -228,10 +184,10 @@ class HttpBackend:
                     await on_progress(step, steps)
             await asyncio.sleep(self._settings.poll_s)
             run.prediction = replace(
-                Prediction.from_json(await self._call("poll", "GET", url)), id=prediction.id
+                Prediction.from_json(await self._client.call("poll", "GET", url)), id=prediction.id
             )
         if prediction.status == "failed":
-            reason = self._redacted(prediction.error) or "no reason given"
+            reason = self._client.redacted(prediction.error) or "no reason given"
             raise PermanentBackendError(f"the provider failed the prediction: {reason}", "provider_failed")
         if prediction.status == "canceled":
             raise PermanentBackendError("the prediction was cancelled at the provider", "provider_cancelled")
@@ -248,110 +204,8 @@ class HttpBackend:
                 raise PermanentBackendError("the output URL is invalid", "bad_output") from None
             if url.scheme not in ("http", "https"):
                 raise PermanentBackendError("the output URL is not http(s)", "bad_output")
-            data, declared = await self._fetch(url)
+            data, declared = await self._client.fetch(url)
         return await output_artifact(job, data, declared)
-
-    def _headers(self, url: URL) -> dict[str, str]:
-        # The token belongs to the API: an output on a CDN or a storage bucket never sees it.
-        if self._settings.token and url.origin() == self._base.origin():
-            return {"Authorization": f"Bearer {self._settings.token}"}
-        return {}
-
-    async def _call(
-        self, what: str, method: str, url: URL, *, key: str = "", body: dict[str, Any] | None = None
-    ) -> Any:
-        """One API call, retried; its JSON answer."""
-        headers = {**self._headers(url), "Accept": "application/json"}
-        if key:
-            headers["Idempotency-Key"] = key
-
-        async def read(response: aiohttp.ClientResponse) -> Any:
-            try:
-                return await response.json(content_type=None)
-            except ValueError:
-                raise PermanentBackendError(
-                    f"the provider's answer to {what} is not JSON", "bad_response"
-                ) from None
-
-        return await self._retried(what, method, url, headers, body, read)
-
-    async def _fetch(self, url: URL) -> tuple[bytes, str]:
-        """The output's bytes and declared content type, retried, its size capped while reading."""
-        limit = self._settings.max_output_bytes
-        too_large = PermanentBackendError(f"the output is larger than {limit} bytes", "too_large")
-
-        async def read(response: aiohttp.ClientResponse) -> tuple[bytes, str]:
-            if (response.content_length or 0) > limit:
-                raise too_large
-            body = bytearray()
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                body += chunk
-                if len(body) > limit:
-                    raise too_large
-            return bytes(body), response.headers.get("Content-Type", "")
-
-        return await self._retried("fetch", "GET", url, self._headers(url), None, read)
-
-    async def _retried(
-        self,
-        what: str,
-        method: str,
-        url: URL,
-        headers: dict[str, str],
-        body: dict[str, Any] | None,
-        read: Callable[[aiohttp.ClientResponse], Awaitable[T]],
-    ) -> T:
-        """A request tried up to `attempts` times while it fails transiently; `read` turns its
-        successful response into the result. TransientBackendError once the tries are used up."""
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._settings.attempts),
-            wait=self._backoff,
-            retry=retry_if_exception_type(_Retryable),
-            before_sleep=lambda state: log.warning(
-                "provider request failed; retrying",
-                extra={"request": what, "attempt": state.attempt_number, "reason": _reason(state)},
-            ),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    async with self._request(method, url, headers, body) as response:
-                        return await read(response)
-        except _Retryable as exc:
-            raise TransientBackendError(
-                f"{what}: {exc} (after {self._settings.attempts} tries)", exc.reason
-            ) from None
-        raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
-
-    @asynccontextmanager
-    async def _request(
-        self, method: str, url: URL, headers: dict[str, str], body: dict[str, Any] | None
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """One request whose response is a success (errors in reading it are classified too)."""
-        try:
-            async with self._session.request(method, url, headers=headers, json=body) as response:
-                if response.status >= 400:
-                    await self._refuse(response)
-                yield response
-        except TimeoutError:  # aiohttp's ServerTimeoutError among them
-            raise _Retryable("the provider did not answer in time", "provider_timeout") from None
-        except aiohttp.ClientError as exc:
-            raise _Retryable(f"the connection failed ({type(exc).__name__})", "connection_failed") from None
-
-    async def _refuse(self, response: aiohttp.ClientResponse) -> None:
-        """Raises for an error response: retryable ones as _Retryable, the rest as permanent."""
-        status = response.status
-        if status >= 500 or status in _RETRYABLE_STATUS:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            raise _Retryable(f"the provider answered {status}", f"http_{status}", retry_after)
-        detail = self._redacted((await response.text(errors="replace"))[:MAX_MESSAGE].strip())
-        message = f"the provider refused the request ({status}): {detail}"
-        raise PermanentBackendError(message, f"http_{status}")
-
-    def _redacted(self, text: str) -> str:
-        """`text` from the provider (shown to users, logged) without the token, should it echo it."""
-        return text.replace(self._settings.token, "[token]") if self._settings.token else text
 
     async def _cancel(self, run: _Run) -> None:
         """Asks the provider to stop a prediction still running (once, bounded); failures are logged."""
@@ -362,13 +216,8 @@ class HttpBackend:
         try:
             async with (
                 asyncio.timeout(self._settings.request_timeout_s),
-                self._session.post(url, headers=self._headers(url)) as response,
+                self._client.session.post(url, headers=self._client.headers(url)) as response,
             ):
                 log.info("prediction cancelled", extra={**run.extra, "status": response.status})
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("cannot cancel the prediction", extra={**run.extra, "error": type(exc).__name__})
-
-
-def _reason(state: RetryCallState) -> str:
-    failure = state.outcome.exception() if state.outcome is not None else None
-    return failure.reason if isinstance(failure, _Retryable) else ""

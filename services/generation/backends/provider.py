@@ -1,0 +1,203 @@
+"""The HTTP transport every provider backend shares: one aiohttp session, the provider's base URL
+and token, and requests retried while they fail transiently.
+
+Connection errors, timeouts of one request, 408, 409, 425, 429 and 5xx are retried with exponential
+backoff and jitter (a Retry-After is honoured up to a cap). Other 4xx answers are permanent. The
+token is sent only to the provider's own origin (an output on a CDN or a storage bucket never sees
+it) and never logged; a provider's message that echoes it is redacted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import aiohttp
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
+from yarl import URL
+
+from services.generation.backends import PermanentBackendError, TransientBackendError
+from services.generation.backends.predictions import MAX_MESSAGE
+from shared.http_headers import RetryAfterOrExponential, parse_retry_after
+from shared.settings import ConfigError
+from shared.telemetry import http_client_tracing
+
+log = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+USER_AGENT = "renderflow-generation/0.1"
+_RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+
+T = TypeVar("T")
+
+
+def check_url(value: str, variable: str, token_variable: str) -> None:
+    """ConfigError unless `value` is an http(s) URL without credentials (named by `variable`)."""
+    try:
+        url = URL(value)
+    except ValueError:
+        raise ConfigError(f"{variable} is not a URL") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigError(f"{variable} must be an http(s) URL, got scheme {url.scheme!r}")
+    if url.user or url.password:
+        # Never echo the value: it holds a credential.
+        raise ConfigError(f"{variable} must not hold credentials; set {token_variable}")
+
+
+@asynccontextmanager
+async def provider_session(request_timeout_s: float) -> AsyncIterator[aiohttp.ClientSession]:
+    """A session for one provider: no cookies, a CLIENT span per request, `request_timeout_s` to
+    connect and for any read (no bound on the whole request: the caller bounds the render)."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=request_timeout_s, sock_read=request_timeout_s)
+    async with aiohttp.ClientSession(
+        timeout=timeout,
+        headers={"User-Agent": USER_AGENT},
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=http_client_tracing(),
+    ) as session:
+        yield session
+
+
+class Retryable(Exception):
+    """One request failed in a way another try may not."""
+
+    def __init__(self, message: str, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class ProviderClient:
+    """Requests to one provider: JSON calls and output downloads, each retried (module docstring)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        token: str,
+        *,
+        attempts: int,
+        backoff_s: float,
+        backoff_max_s: float,
+        max_output_bytes: int,
+    ) -> None:
+        self.session = session
+        self.base = URL(base_url)
+        self._token = token
+        self._attempts = attempts
+        self._max_output_bytes = max_output_bytes
+        self._backoff = RetryAfterOrExponential(
+            initial_s=backoff_s, max_s=backoff_max_s, retry_after_cap_s=backoff_max_s
+        )
+
+    def headers(self, url: URL) -> dict[str, str]:
+        """The token, for the provider's own origin only."""
+        if self._token and url.origin() == self.base.origin():
+            return {"Authorization": f"Bearer {self._token}"}
+        return {}
+
+    def redacted(self, text: str) -> str:
+        """`text` from the provider (shown to users, logged) without the token, should it echo it."""
+        return text.replace(self._token, "[token]") if self._token else text
+
+    async def call(
+        self, what: str, method: str, url: URL, *, key: str = "", body: dict[str, Any] | None = None
+    ) -> Any:
+        """One API call, retried; its JSON answer."""
+        headers = {**self.headers(url), "Accept": "application/json"}
+        if key:
+            headers["Idempotency-Key"] = key
+
+        async def read(response: aiohttp.ClientResponse) -> Any:
+            try:
+                return await response.json(content_type=None)
+            except ValueError:
+                raise PermanentBackendError(
+                    f"the provider's answer to {what} is not JSON", "bad_response"
+                ) from None
+
+        return await self._retried(what, method, url, headers, body, read)
+
+    async def fetch(self, url: URL) -> tuple[bytes, str]:
+        """An output's bytes and declared content type, retried, its size capped while reading."""
+        limit = self._max_output_bytes
+        too_large = PermanentBackendError(f"the output is larger than {limit} bytes", "too_large")
+
+        async def read(response: aiohttp.ClientResponse) -> tuple[bytes, str]:
+            if (response.content_length or 0) > limit:
+                raise too_large
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+            return bytes(body), response.headers.get("Content-Type", "")
+
+        return await self._retried("fetch", "GET", url, self.headers(url), None, read)
+
+    async def _retried(
+        self,
+        what: str,
+        method: str,
+        url: URL,
+        headers: dict[str, str],
+        body: dict[str, Any] | None,
+        read: Callable[[aiohttp.ClientResponse], Awaitable[T]],
+    ) -> T:
+        """A request tried up to `attempts` times while it fails transiently; `read` turns its
+        successful response into the result. TransientBackendError once the tries are used up."""
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._attempts),
+            wait=self._backoff,
+            retry=retry_if_exception_type(Retryable),
+            before_sleep=lambda state: log.warning(
+                "provider request failed; retrying",
+                extra={"request": what, "attempt": state.attempt_number, "reason": _reason(state)},
+            ),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    async with self._request(method, url, headers, body) as response:
+                        return await read(response)
+        except Retryable as exc:
+            raise TransientBackendError(f"{what}: {exc} (after {self._attempts} tries)", exc.reason) from None
+        raise AssertionError("tenacity ended without an outcome")  # pragma: no cover
+
+    @asynccontextmanager
+    async def _request(
+        self, method: str, url: URL, headers: dict[str, str], body: dict[str, Any] | None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """One request whose response is a success (errors in reading it are classified too)."""
+        try:
+            async with self.session.request(method, url, headers=headers, json=body) as response:
+                if response.status >= 400:
+                    await self._refuse(response)
+                yield response
+        except TimeoutError:  # aiohttp's ServerTimeoutError among them
+            raise Retryable("the provider did not answer in time", "provider_timeout") from None
+        except aiohttp.ClientError as exc:
+            raise Retryable(f"the connection failed ({type(exc).__name__})", "connection_failed") from None
+
+    async def _refuse(self, response: aiohttp.ClientResponse) -> None:
+        """Raises for an error response: retryable ones as Retryable, the rest as permanent."""
+        status = response.status
+        if status >= 500 or status in _RETRYABLE_STATUS:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            raise Retryable(f"the provider answered {status}", f"http_{status}", retry_after)
+        detail = self.redacted((await response.text(errors="replace"))[:MAX_MESSAGE].strip())
+        message = f"the provider refused the request ({status}): {detail}"
+        raise PermanentBackendError(message, f"http_{status}")
+
+
+def _reason(state: RetryCallState) -> str:
+    failure = state.outcome.exception() if state.outcome is not None else None
+    return failure.reason if isinstance(failure, Retryable) else ""
