@@ -163,8 +163,9 @@ class WorkerSettings:
     procedural_step_ms: float = 0.0
     """RENDERFLOW_BACKEND_PROCEDURAL_STEP_MS: latency the procedural backend adds to each step."""
     backend: BackendSettings = field(default_factory=BackendSettings)
-    """RENDERFLOW_BACKEND (or per kind RENDERFLOW_BACKEND_IMAGE / _VIDEO): `procedural` or `http`;
-    with `http`, RENDERFLOW_BACKEND_HTTP_URL and the other RENDERFLOW_BACKEND_HTTP_* settings."""
+    """RENDERFLOW_BACKEND (or per kind RENDERFLOW_BACKEND_IMAGE / _VIDEO): `procedural`, `http` or (for
+    images) `openai`; with `http`, RENDERFLOW_BACKEND_HTTP_URL and the other RENDERFLOW_BACKEND_HTTP_*
+    settings; with `openai`, RENDERFLOW_BACKEND_OPENAI_URL and the other RENDERFLOW_BACKEND_OPENAI_*."""
     budgets: Budgets = field(default_factory=Budgets)
     """RENDERFLOW_BUDGET_<PHASE>_MS: a phase over its budget logs a `slow operation` warning."""
     tenant_max_running: int = 8

@@ -1,5 +1,6 @@
 """Backends chosen by the worker's settings, end to end through a real generation server and an
-in-process worker: the http backend against the fake provider, and procedural videos."""
+in-process worker: the http backend against the fake provider, the openai backend against its
+stand-in, and procedural videos."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from renderflow.v1 import generation_pb2 as pb
 
 from services.generation.backends import GenerationInput
 from services.generation.backends.http import HttpBackendSettings
+from services.generation.backends.openai_images import OpenAiImagesSettings
 from services.generation.backends.selection import BackendSettings, open_backends
 from services.generation.backends.video import probe
 from tests.support.gateway_stack import eventually
@@ -25,6 +27,7 @@ from tests.support.generation import (
     submit,
 )
 from tests.support.observed_stack import Recorder
+from tests.support.openai_images import OpenAiImagesStandIn
 from tests.support.provider import Provider
 
 TOKEN = "worker-test-token"
@@ -55,6 +58,24 @@ async def test_an_image_render_is_made_by_the_provider(
     assert (done.output.content_type, done.output.width, done.output.height) == ("image/png", 96, 64)
     assert done.output.bytes == len(produced) and done.progress == 1.0
     assert provider.predictions["p1"].input["prompt"] == "a red fox in the snow"
+
+
+async def test_an_image_render_is_made_by_an_openai_compatible_api(
+    stub: Stub, start_worker: WorkerFactory
+) -> None:
+    async with OpenAiImagesStandIn(token=TOKEN) as api:
+        openai = OpenAiImagesSettings(url=api.url, token=TOKEN, model="dall-e-2", backoff_s=0.01)
+        await start_worker(backend=BackendSettings(image="openai", video="procedural", openai=openai))
+        render = await submit(stub, width=96, height=64, steps=6)
+        refused = await submit(stub, prompt="something against the content policy")
+
+        done, failed = await finished(stub, render.id), await finished(stub, refused.id)
+
+    assert status_name(done) == "succeeded", done.error
+    assert (done.output.content_type, done.output.width, done.output.height) == ("image/png", 96, 64)
+    assert api.requests[0]["model"] == "dall-e-2" and api.requests[0]["size"] == "96x64"
+    assert status_name(failed) == "failed" and failed.attempts == 1
+    assert (failed.error.code, failed.error.reason) == ("generation_failed", "content_policy_violation")
 
 
 async def test_a_failure_at_the_provider_fails_the_render_with_its_message(

@@ -9,7 +9,9 @@ it) and never logged; a provider's message that echoes it is redacted.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 MIB = 1024 * 1024
 USER_AGENT = "renderflow-generation/0.1"
 _RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+"""A provider's error code as a reason: a short identifier, nothing a provider could smuggle more in."""
 
 T = TypeVar("T")
 
@@ -87,8 +91,11 @@ class ProviderClient:
         backoff_s: float,
         backoff_max_s: float,
         max_output_bytes: int,
+        error_code: Callable[[Any], str | None] | None = None,
     ) -> None:
         self.session = session
+        self._error_code = error_code
+        """Reads the provider's own error code out of a refusal's JSON body (the reason then)."""
         self.base = URL(base_url)
         self._token = token
         self._attempts = attempts
@@ -193,9 +200,19 @@ class ProviderClient:
         if status >= 500 or status in _RETRYABLE_STATUS:
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
             raise Retryable(f"the provider answered {status}", f"http_{status}", retry_after)
-        detail = self.redacted((await response.text(errors="replace"))[:MAX_MESSAGE].strip())
+        text = await response.text(errors="replace")
+        detail = self.redacted(text[:MAX_MESSAGE].strip())
         message = f"the provider refused the request ({status}): {detail}"
-        raise PermanentBackendError(message, f"http_{status}")
+        raise PermanentBackendError(message, self._reason_of(text) or f"http_{status}")
+
+    def _reason_of(self, text: str) -> str | None:
+        if self._error_code is None:
+            return None
+        try:
+            code = self._error_code(json.loads(text))
+        except ValueError:
+            return None
+        return code if code and _CODE.fullmatch(code) else None
 
 
 def _reason(state: RetryCallState) -> str:
