@@ -176,6 +176,8 @@ def render_json(render: generation_pb2.Render) -> JSON:
         "retention_s": render.retention_s if render.HasField("retention_s") else None,
         "output_expires_at": _maybe_time(render, "output_expires_at"),
         "output_deleted_at": _maybe_time(render, "output_deleted_at"),
+        "backend": render.backend or None,
+        "provider_request_id": render.provider_request_id or None,
         "retry_of": render.retry_of or None,
         "retries": list(render.retries),
     }

@@ -644,6 +644,16 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "when its output was deleted (by its user, or past its retention): "
                 "`output` is null, and the download answers 410",
             },
+            "backend": {
+                "type": ["string", "null"],
+                "description": "the backend that ran its latest attempt (`procedural`, `http`, `openai`); "
+                "null before one started",
+            },
+            "provider_request_id": {
+                "type": ["string", "null"],
+                "description": "the provider's own id of that attempt's request (a prediction id, an API "
+                "request id), to quote to the provider; null without one",
+            },
             "retry_of": {"type": ["string", "null"], "description": "the render this one retries"},
             "retries": {
                 "type": "array",

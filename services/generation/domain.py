@@ -201,6 +201,10 @@ class Render:
     output_expires_at: datetime | None = None
     output_deleted_at: datetime | None = None
     """When its output was deleted (its retention ran out, or its user deleted it)."""
+    backend: str = ""
+    """The backend that ran its latest attempt (empty before one started)."""
+    provider_request_id: str = ""
+    """The provider's own id of that attempt's request (a prediction id, an API request id)."""
     queue_position: int | None = None
     eta_s: float | None = None
     remaining_s: float | None = None

@@ -98,6 +98,7 @@ class WorkerStore(RenderSource, Protocol):
         message: str = "",
         before: Sequence[NewEvent] = (),
         reference: ReferenceOutcome | None = None,
+        provider_request_id: str = "",
     ) -> bool: ...
 
     async def requeue(self, claim: Claim, delay_s: float, message: str, *, refund: bool = False) -> bool: ...

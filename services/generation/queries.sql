@@ -318,6 +318,7 @@ r AS (
         output = coalesce(%(output)s::jsonb, output),
         error = coalesce(%(error)s::jsonb, error),
         reference = coalesce(reference || %(reference)s::jsonb, reference),
+        provider_request_id = coalesce(%(provider_request_id)s::text, provider_request_id),
         attempts = coalesce(%(attempts)s::int, attempts),
         started_at = CASE WHEN %(status)s::text = 'running' THEN clock_timestamp() ELSE started_at END,
         finished_at = CASE WHEN %(status)s::text IN ('succeeded', 'failed', 'cancelled', 'expired')
@@ -517,7 +518,7 @@ claimed AS (
         claimed_at, cancel_requested
 ),
 started AS (
-    UPDATE renders r SET status = 'running', attempts = c.attempts, progress = 0,
+    UPDATE renders r SET status = 'running', attempts = c.attempts, progress = 0, backend = c.backend,
         last_progress_at = clock_timestamp(), started_at = clock_timestamp(), last_seq = r.last_seq + 2,
         timings = r.timings || jsonb_build_object(
             'queue_wait_ms', round(extract(epoch FROM c.claimed_at - c.created_at)::numeric * 1000, 3))

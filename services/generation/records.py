@@ -84,11 +84,12 @@ async def record(
     output: Output | None = None,
     error: RenderError | None = None,
     reference: ReferenceOutcome | None = None,
+    provider_request_id: str = "",
     attempts: int | None = None,
 ) -> Recorded | None:
     """Applies a render's state change and appends `events` if the fence lets it; None when the
     fence said no (the job was taken away or has ended). `reference`: what became of the render's
-    reference, kept with it."""
+    reference, kept with it; `provider_request_id`: the provider's id of the attempt's request."""
     params: dict[str, Any] = {
         "id": render_id,
         "types": [event.type for event in events],
@@ -99,6 +100,7 @@ async def record(
         "output": Jsonb(output_json(output)) if output else None,
         "error": Jsonb(error.to_json()) if error else None,
         "reference": Jsonb({"outcome": reference.to_json()}) if reference else None,
+        "provider_request_id": provider_request_id or None,
         "attempts": attempts,
         **(fence_params or {}),
     }
@@ -179,6 +181,8 @@ def render_from_row(row: dict[str, Any]) -> Render:
         retry_of=row["retry_of"] or "",
         retries=tuple(row.get("retries") or ()),
         retention_s=row.get("retention_s"),
+        backend=row.get("backend") or "",
+        provider_request_id=row.get("provider_request_id") or "",
         output_expires_at=row.get("output_expires_at"),
         output_deleted_at=row.get("output_deleted_at"),
         waiting_on=row.get("waiting_on") or "",

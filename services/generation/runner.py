@@ -63,6 +63,13 @@ class Attempt:
     """What one attempt has learnt that its end records, however it ends."""
 
     reference: ReferenceOutcome | None = None
+    provider_request_id: str = ""
+
+    def provider_request(self, request_id: str) -> None:
+        """The provider's id of the attempt's request: kept, and on the render's span."""
+        if request_id:
+            self.provider_request_id = request_id
+            trace.get_current_span().set_attribute("render.provider_request_id", request_id)
 
 
 @dataclass
@@ -260,7 +267,9 @@ class JobRunner:
             try:
                 async with deadline:
                     artifact = await backend.generate(_input(render, reference), writer.progress)
+                attempt.provider_request(artifact.provider_request_id)
             except BackendError as exc:
+                attempt.provider_request(exc.provider_request_id)
                 error = RenderError("generation_failed", exc.reason, str(exc), retryable=exc.transient)
                 raise Failure(error, exc.transient) from exc
             except TimeoutError as exc:
@@ -297,6 +306,7 @@ class JobRunner:
             timings=timings,
             before=writer.held(),
             reference=attempt.reference,
+            provider_request_id=attempt.provider_request_id,
         )
         if not succeeded:
             raise LeaseLost(claim.render_id)
@@ -357,7 +367,13 @@ class JobRunner:
                 error.retryable,
             )
         finished = await self._queue.finish(
-            claim, "failed", error=error, timings=timings, before=held, reference=attempt.reference
+            claim,
+            "failed",
+            error=error,
+            timings=timings,
+            before=held,
+            reference=attempt.reference,
+            provider_request_id=attempt.provider_request_id,
         )
         if not finished:
             raise LeaseLost(claim.render_id)

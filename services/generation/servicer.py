@@ -221,6 +221,8 @@ def render_pb(render: Render) -> pb.Render:
         retry_of=render.retry_of,
         retries=render.retries,
         priority=render.priority,
+        backend=render.backend,
+        provider_request_id=render.provider_request_id,
     )
     if render.reference is not None:
         ref = render.reference

@@ -443,6 +443,7 @@ class Store:
         message: str = "",
         before: Sequence[NewEvent] = (),
         reference: ReferenceOutcome | None = None,
+        provider_request_id: str = "",
     ) -> bool:
         """Ends a held job (succeeded, failed or cancelled) with its terminal event, after the
         events `before` (held back by the worker), then releases or fails the chain renders waiting
@@ -462,6 +463,7 @@ class Store:
                 error=error,
                 timings=timings,
                 reference=reference,
+                provider_request_id=provider_request_id,
             )
             if done is None:
                 return False

@@ -85,6 +85,7 @@ async def test_an_image_comes_back_as_base64_from_the_request_the_api_wants(conn
     assert api.headers[0]["Authorization"] == f"Bearer {TOKEN}"
     assert artifact.data == png(64, 48, body["prompt"]) and (artifact.width, artifact.height) == (64, 48)
     assert artifact.content_type == "image/png" and steps == [IMAGE.steps]
+    assert artifact.provider_request_id == "req_1"  # the API's x-request-id, for its support
 
 
 async def test_a_url_answer_is_downloaded_without_the_token(connect: Connect) -> None:

@@ -57,6 +57,7 @@ async def test_an_image_render_is_made_by_the_provider(
     assert b"".join(chunk.data for chunk in await output(stub, render.id)) == produced
     assert (done.output.content_type, done.output.width, done.output.height) == ("image/png", 96, 64)
     assert done.output.bytes == len(produced) and done.progress == 1.0
+    assert (done.backend, done.provider_request_id) == ("http", "p1")  # the prediction it was
     assert provider.predictions["p1"].input["prompt"] == "a red fox in the snow"
 
 
@@ -74,6 +75,7 @@ async def test_an_image_render_is_made_by_an_openai_compatible_api(
     assert status_name(done) == "succeeded", done.error
     assert (done.output.content_type, done.output.width, done.output.height) == ("image/png", 96, 64)
     assert api.requests[0]["model"] == "dall-e-2" and api.requests[0]["size"] == "96x64"
+    assert (done.backend, done.provider_request_id) == ("openai", "req_1")
     assert status_name(failed) == "failed" and failed.attempts == 1
     assert (failed.error.code, failed.error.reason) == ("generation_failed", "content_policy_violation")
 
@@ -90,6 +92,7 @@ async def test_a_failure_at_the_provider_fails_the_render_with_its_message(
     assert status_name(done) == "failed" and done.attempts == 1
     assert (done.error.code, done.error.reason) == ("generation_failed", "provider_failed")
     assert "the model refused the prompt" in done.error.message and not done.error.retryable
+    assert done.provider_request_id == "p1"  # the failed prediction, to look up at the provider
 
 
 async def test_a_video_render_is_a_procedural_mp4(
@@ -137,6 +140,13 @@ async def test_the_job_and_the_render_span_name_the_backend_that_runs_it(
     await recorder.wait_for(lambda spans: any(_renders_of(spans, render.id)))
     (span,) = _renders_of(recorder.spans, render.id)
     assert span.attributes is not None and span.attributes["render.backend"] == "http"
+    # The provider's id of the request is on the span of the phase that called it.
+    [generation] = [
+        s
+        for s in recorder.spans
+        if s.name == "generation" and s.parent and s.parent.span_id == span.context.span_id
+    ]
+    assert (generation.attributes or {}).get("render.provider_request_id") == done.provider_request_id == "p1"
 
 
 def _renders_of(spans: list[ReadableSpan], render_id: str) -> list[ReadableSpan]:

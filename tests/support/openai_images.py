@@ -108,6 +108,11 @@ class OpenAiImagesStandIn:
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
         self.headers.append(dict(request.headers))
+        response = await self._answer(request)
+        response.headers["x-request-id"] = f"req_{len(self.headers)}"
+        return response
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         if self.token and request.headers.get("Authorization") != f"Bearer {self.token}":
             return _error(401, "Incorrect API key provided.", "invalid_api_key")
         try:

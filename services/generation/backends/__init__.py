@@ -40,16 +40,20 @@ class Artifact:
     width: int
     height: int
     duration_s: float = 0.0
+    provider_request_id: str = ""
+    """The provider's own id of the request that made it, when there is a provider."""
 
 
 class BackendError(Exception):
-    """A backend could not generate; `transient` says whether another attempt may succeed."""
+    """A backend could not generate; `transient` says whether another attempt may succeed;
+    `provider_request_id`: the provider's id of the request that failed, when known."""
 
     transient = False
 
-    def __init__(self, message: str, reason: str = "backend_error") -> None:
+    def __init__(self, message: str, reason: str = "backend_error", provider_request_id: str = "") -> None:
         super().__init__(message)
         self.reason = reason
+        self.provider_request_id = provider_request_id
 
 
 class TransientBackendError(BackendError):

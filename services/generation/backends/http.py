@@ -29,6 +29,7 @@ from yarl import URL
 
 from services.generation.backends import (
     Artifact,
+    BackendError,
     GenerationInput,
     PermanentBackendError,
     ProgressCallback,
@@ -161,14 +162,21 @@ class HttpBackend:
         except TimeoutError:
             await self._cancel(run)
             raise TransientBackendError(
-                f"the provider did not finish within {self._settings.max_wait_s:g} s", "timeout"
+                f"the provider did not finish within {self._settings.max_wait_s:g} s",
+                "timeout",
+                run.prediction.id if run.prediction else "",
             ) from None
+        except BackendError as exc:
+            await self._cancel(run)
+            if run.prediction is not None:
+                exc.provider_request_id = run.prediction.id
+            raise
         except BaseException:
             await self._cancel(run)
             raise
         await on_progress(job.steps, job.steps)
         log.info("prediction succeeded", extra=run.extra)
-        return artifact
+        return replace(artifact, provider_request_id=run.prediction.id)
 
     async def _wait(self, run: _Run, steps: int, on_progress: ProgressCallback) -> None:
         """Polls until the prediction ends; reports the provider's progress as steps (short of the

@@ -25,13 +25,14 @@ import binascii
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from yarl import URL
 
 from services.generation.backends import (
     Artifact,
+    BackendError,
     GenerationInput,
     PermanentBackendError,
     ProgressCallback,
@@ -43,6 +44,8 @@ from shared.settings import ConfigError, Env
 log = logging.getLogger(__name__)
 
 RESPONSE_FORMATS = ("b64_json", "url", "none")
+REQUEST_ID_HEADER = "x-request-id"
+"""The response header naming the API's id of a request (what its support asks for)."""
 
 
 @dataclass(frozen=True)
@@ -147,12 +150,18 @@ class OpenAiImagesBackend:
                 "reference_unsupported",
             )
         url = self._client.base / "images" / "generations"
-        answer = await self._client.call("generate", "POST", url, body=self.request_body(job))
-        data, declared = await self._image(answer)
-        artifact = await output_artifact(job, data, declared)
+        answer, request_id = await self._client.call_with_id(
+            "generate", "POST", url, body=self.request_body(job), id_header=REQUEST_ID_HEADER
+        )
+        try:
+            data, declared = await self._image(answer)
+            artifact = await output_artifact(job, data, declared)
+        except BackendError as exc:
+            exc.provider_request_id = request_id
+            raise
         await on_progress(job.steps, job.steps)
-        log.info("image generated", extra={"render_id": job.render_id, "bytes": len(data)})
-        return artifact
+        log.info("image generated", extra={"render_id": job.render_id, "request_id": request_id})
+        return replace(artifact, provider_request_id=request_id)
 
     def request_body(self, job: GenerationInput) -> dict[str, Any]:
         """The request for one image of `job`."""

@@ -118,13 +118,29 @@ class ProviderClient:
         self, what: str, method: str, url: URL, *, key: str = "", body: dict[str, Any] | None = None
     ) -> Any:
         """One API call, retried; its JSON answer."""
+        answer, _ = await self.call_with_id(what, method, url, key=key, body=body)
+        return answer
+
+    async def call_with_id(
+        self,
+        what: str,
+        method: str,
+        url: URL,
+        *,
+        key: str = "",
+        body: dict[str, Any] | None = None,
+        id_header: str = "",
+    ) -> tuple[Any, str]:
+        """One API call, retried; its JSON answer, and the provider's id of the request that
+        answered (the `id_header` response header, e.g. `x-request-id`; "" without one)."""
         headers = {**self.headers(url), "Accept": "application/json"}
         if key:
             headers["Idempotency-Key"] = key
 
-        async def read(response: aiohttp.ClientResponse) -> Any:
+        async def read(response: aiohttp.ClientResponse) -> tuple[Any, str]:
+            request_id = response.headers.get(id_header, "") if id_header else ""
             try:
-                return await response.json(content_type=None)
+                return await response.json(content_type=None), request_id[:200]
             except ValueError:
                 raise PermanentBackendError(
                     f"the provider's answer to {what} is not JSON", "bad_response"
