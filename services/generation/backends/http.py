@@ -25,7 +25,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 
 import aiohttp
-from yarl import URL
 
 from services.generation.backends import (
     Artifact,
@@ -206,12 +205,7 @@ class HttpBackend:
         if prediction.output.startswith("data:"):
             data, declared = decode_data_url(prediction.output)
         else:
-            try:
-                url = self._base.join(URL(prediction.output))
-            except ValueError:
-                raise PermanentBackendError("the output URL is invalid", "bad_output") from None
-            if url.scheme not in ("http", "https"):
-                raise PermanentBackendError("the output URL is not http(s)", "bad_output")
+            url = self._client.output_url(prediction.output)
             data, declared = await self._client.fetch(url)
         return await output_artifact(job, data, declared)
 

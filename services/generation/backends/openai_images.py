@@ -28,8 +28,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from yarl import URL
-
 from services.generation.backends import (
     Artifact,
     BackendError,
@@ -197,13 +195,7 @@ class OpenAiImagesBackend:
             except binascii.Error:
                 raise PermanentBackendError("the image is not valid base64", "bad_output") from None
         if isinstance(first.get("url"), str):
-            try:
-                url = self._client.base.join(URL(first["url"]))
-            except ValueError:
-                raise PermanentBackendError("the image URL is invalid", "bad_output") from None
-            if url.scheme not in ("http", "https"):
-                raise PermanentBackendError("the image URL is not http(s)", "bad_output")
-            return await self._client.fetch(url)
+            return await self._client.fetch(self._client.output_url(first["url"]))
         raise PermanentBackendError("the answer's image has neither b64_json nor url", "bad_output")
 
 

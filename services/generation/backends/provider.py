@@ -114,6 +114,17 @@ class ProviderClient:
         """`text` from the provider (shown to users, logged) without the token, should it echo it."""
         return text.replace(self._token, "[token]") if self._token else text
 
+    def output_url(self, value: str) -> URL:
+        """An output's URL as the provider gave it (a relative one against the base);
+        PermanentBackendError unless it is an http(s) URL."""
+        try:
+            url = self.base.join(URL(value))
+        except ValueError:
+            raise PermanentBackendError("the output URL is invalid", "bad_output") from None
+        if url.scheme not in ("http", "https"):
+            raise PermanentBackendError("the output URL is not http(s)", "bad_output")
+        return url
+
     async def call(
         self, what: str, method: str, url: URL, *, key: str = "", body: dict[str, Any] | None = None
     ) -> Any:
