@@ -21,7 +21,9 @@ from services.generation.backends import (
     TransientBackendError,
 )
 from services.generation.backends.http import HttpBackend, HttpBackendSettings
+from services.generation.backends.inputs import InputTemplate
 from services.generation.backends.video import probe
+from shared.settings import ConfigError, Env
 from tests.support.provider import Provider
 
 TOKEN = "tok-9f8e7d6c5b4a-secret"
@@ -88,6 +90,32 @@ async def test_a_quick_prediction_gives_the_providers_image(connect: Connect) ->
     )
     assert sent["image"].startswith("data:image/png;base64,")
     assert provider.idempotency_keys[0].startswith("r1-")
+
+
+async def test_the_operators_template_names_the_models_inputs(connect: Connect) -> None:
+    template = InputTemplate.parse(
+        '{"prompt": "{prompt_with_rules}", "width": "{width}", "height": "{height}",'
+        ' "aspect_ratio": "{aspect_ratio}", "num_inference_steps": "{steps}", "image_url": "{image}"}',
+        "RENDERFLOW_BACKEND_HTTP_INPUT",
+    )
+    provider, backend = await connect(settings={"input_template": template})
+    artifact, _ = await _generate(backend)
+    assert provider.predictions["p1"].input == {
+        "prompt": "a red fox in the snow\nno text",
+        "width": 64,
+        "height": 48,
+        "aspect_ratio": "4:3",
+        "num_inference_steps": 8,
+    }  # no reference: no image_url
+    assert (artifact.width, artifact.height) == (64, 48)
+
+
+def test_a_template_is_read_and_checked_with_the_settings() -> None:
+    env = {"RENDERFLOW_BACKEND_HTTP_URL": "https://models.example/v1"}
+    settings = HttpBackendSettings.from_env(Env(env | {"RENDERFLOW_BACKEND_HTTP_INPUT": '{"p": "{prompt}"}'}))
+    assert settings.input_template is not None and settings.input_template.fill(IMAGE) == {"p": IMAGE.prompt}
+    with pytest.raises(ConfigError, match="unknown placeholders"):
+        HttpBackendSettings.from_env(Env(env | {"RENDERFLOW_BACKEND_HTTP_INPUT": '{"p": "{nope}"}'}))
 
 
 async def test_a_slow_prediction_is_polled_and_its_progress_reported(connect: Connect) -> None:

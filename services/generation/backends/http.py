@@ -34,6 +34,7 @@ from services.generation.backends import (
     ProgressCallback,
     TransientBackendError,
 )
+from services.generation.backends.inputs import InputTemplate
 from services.generation.backends.predictions import (
     TERMINAL,
     Prediction,
@@ -70,6 +71,10 @@ class HttpBackendSettings:
     """RENDERFLOW_BACKEND_HTTP_BACKOFF_MAX_S: the cap of that pause, and of a Retry-After honoured."""
     max_output_bytes: int = 512 * MIB
     """RENDERFLOW_BACKEND_HTTP_MAX_OUTPUT_BYTES: the largest output accepted."""
+    input_template: InputTemplate | None = None
+    """RENDERFLOW_BACKEND_HTTP_INPUT: the model's inputs as a JSON template of placeholders
+    (`{"prompt": "{prompt_with_rules}", "num_inference_steps": "{steps}", ...}`, see
+    `backends/inputs.py`), checked at start; unset: Renderflow's own field names."""
 
     @classmethod
     def from_env(cls, env: Env) -> HttpBackendSettings:
@@ -92,6 +97,9 @@ class HttpBackendSettings:
             max_output_bytes=env.int(
                 "RENDERFLOW_BACKEND_HTTP_MAX_OUTPUT_BYTES", cls.max_output_bytes, minimum=1
             ),
+            input_template=InputTemplate.parse(template, "RENDERFLOW_BACKEND_HTTP_INPUT")
+            if (template := env.optional("RENDERFLOW_BACKEND_HTTP_INPUT"))
+            else None,
         )
 
 
@@ -151,8 +159,13 @@ class HttpBackend:
                 # One key per call: a repeated create within it returns the same prediction,
                 # while a later attempt of the render (after a failure) gets a fresh one.
                 key = f"{job.render_id}-{uuid.uuid4().hex}"
+                body = (
+                    request_body(job)
+                    if (mapped := self._settings.input_template) is None
+                    else {"input": mapped.fill(job)}
+                )
                 created = await self._client.call(
-                    "create", "POST", self._base / "predictions", key=key, body=request_body(job)
+                    "create", "POST", self._base / "predictions", key=key, body=body
                 )
                 run.prediction = Prediction.from_json(created)
                 log.info("prediction created", extra=run.extra)

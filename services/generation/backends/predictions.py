@@ -85,11 +85,11 @@ def request_body(job: GenerationInput) -> dict[str, Any]:
         params |= {"duration_s": job.duration_s, "fps": job.fps}
     if job.reference is not None:
         encoded = base64.b64encode(job.reference).decode()
-        params["image"] = f"data:{_sniff(job.reference) or 'application/octet-stream'};base64,{encoded}"
+        params["image"] = f"data:{sniff(job.reference) or 'application/octet-stream'};base64,{encoded}"
     return {"input": params}
 
 
-def _sniff(data: bytes) -> str:
+def sniff(data: bytes) -> str:
     """The media type that the first bytes announce, or "" when unknown."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "image/png"
@@ -118,7 +118,7 @@ async def output_artifact(job: GenerationInput, data: bytes, declared: str) -> A
     or WebP image that decodes, or an MP4 with a video stream) and its declared type does not say
     otherwise (an HTML error page served with 200 is refused); the bytes decide the type."""
     declared = declared.split(";")[0].strip().lower()
-    sniffed = _sniff(data)
+    sniffed = sniff(data)
     wanted = "image/" if job.kind == "image" else "video/"
     generic = declared in ("", "application/octet-stream", "binary/octet-stream")
     if not sniffed.startswith(wanted) or not (generic or declared.startswith(wanted)):
