@@ -42,7 +42,7 @@ from services.generation.backends.predictions import (
     output_artifact,
     request_body,
 )
-from services.generation.backends.provider import MIB, ProviderClient, check_url, provider_session
+from services.generation.backends.provider import MIB, ProviderClient, check_url, open_client
 from shared.settings import ConfigError, Env
 
 log = logging.getLogger(__name__)
@@ -133,16 +133,7 @@ class HttpBackend:
     @asynccontextmanager
     async def open(cls, settings: HttpBackendSettings) -> AsyncIterator[HttpBackend]:
         """A backend with its own session, closed on exit."""
-        async with provider_session(settings.request_timeout_s) as session:
-            client = ProviderClient(
-                session,
-                settings.url,
-                settings.token,
-                attempts=settings.attempts,
-                backoff_s=settings.backoff_s,
-                backoff_max_s=settings.backoff_max_s,
-                max_output_bytes=settings.max_output_bytes,
-            )
+        async with open_client(settings) as client:
             yield cls(client, settings)
 
     async def generate(self, job: GenerationInput, on_progress: ProgressCallback) -> Artifact:

@@ -36,7 +36,7 @@ from services.generation.backends import (
     ProgressCallback,
 )
 from services.generation.backends.predictions import output_artifact
-from services.generation.backends.provider import MIB, ProviderClient, check_url, provider_session
+from services.generation.backends.provider import MIB, ProviderClient, check_url, open_client
 from shared.settings import ConfigError, Env
 
 log = logging.getLogger(__name__)
@@ -125,17 +125,7 @@ class OpenAiImagesBackend:
     @asynccontextmanager
     async def open(cls, settings: OpenAiImagesSettings) -> AsyncIterator[OpenAiImagesBackend]:
         """A backend with its own session, closed on exit."""
-        async with provider_session(settings.request_timeout_s) as session:
-            client = ProviderClient(
-                session,
-                settings.url,
-                settings.token,
-                attempts=settings.attempts,
-                backoff_s=settings.backoff_s,
-                backoff_max_s=settings.backoff_max_s,
-                max_output_bytes=settings.max_output_bytes,
-                error_code=error_code,
-            )
+        async with open_client(settings, error_code) as client:
             yield cls(client, settings)
 
     async def generate(self, job: GenerationInput, on_progress: ProgressCallback) -> Artifact:

@@ -14,7 +14,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from tenacity import (
@@ -53,6 +53,43 @@ def check_url(value: str, variable: str, token_variable: str) -> None:
     if url.user or url.password:
         # Never echo the value: it holds a credential.
         raise ConfigError(f"{variable} must not hold credentials; set {token_variable}")
+
+
+class ProviderSettings(Protocol):
+    """What every provider backend's settings say about reaching the provider."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def token(self) -> str: ...
+    @property
+    def request_timeout_s(self) -> float: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def backoff_s(self) -> float: ...
+    @property
+    def backoff_max_s(self) -> float: ...
+    @property
+    def max_output_bytes(self) -> int: ...
+
+
+@asynccontextmanager
+async def open_client(
+    settings: ProviderSettings, error_code: Callable[[Any], str | None] | None = None
+) -> AsyncIterator[ProviderClient]:
+    """A client of the provider `settings` name, over a session of its own closed on exit."""
+    async with provider_session(settings.request_timeout_s) as session:
+        yield ProviderClient(
+            session,
+            settings.url,
+            settings.token,
+            attempts=settings.attempts,
+            backoff_s=settings.backoff_s,
+            backoff_max_s=settings.backoff_max_s,
+            max_output_bytes=settings.max_output_bytes,
+            error_code=error_code,
+        )
 
 
 @asynccontextmanager
