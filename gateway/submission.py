@@ -72,13 +72,18 @@ def deadline(given: str | float, field: str) -> datetime:
     """A deadline as a request states it: an RFC 3339 time with its offset, or seconds from now."""
     if not isinstance(given, str):
         return datetime.now(UTC) + timedelta(seconds=given)
+    return moment(given, field, "must be an RFC 3339 date-time or a number of seconds")
+
+
+def moment(text: str, field: str, malformed: str = "must be an RFC 3339 date-time") -> datetime:
+    """An RFC 3339 date-time with its offset; ValidationFailed naming `field` otherwise."""
     try:
-        moment = datetime.fromisoformat(given)
+        parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise ValidationFailed.field(field, "must be an RFC 3339 date-time or a number of seconds") from None
-    if moment.tzinfo is None:
+        raise ValidationFailed.field(field, malformed) from None
+    if parsed.tzinfo is None:
         raise ValidationFailed.field(field, "must have a time zone offset (e.g. Z)")
-    return moment
+    return parsed
 
 
 def prefer_wait(request: web.Request, max_wait_s: float) -> float | None:

@@ -15,10 +15,9 @@ from gateway.idempotency import idempotency_key, request_hash
 from gateway.resources import KINDS, STATUSES, TERMINAL_STATUSES, json_response, page, render_json
 from gateway.routes import ID, clients, page_args, phase, query
 from gateway.state import SETTINGS, TIMER, TRACEPARENT
-from gateway.submission import prefer_wait, render_spec, spent_so_far
+from gateway.submission import moment, prefer_wait, render_spec, spent_so_far
 from gateway.validation import read_json
 from gateway.watch_hub import WATCH_HUB
-from shared.errors import ValidationFailed
 
 routes = web.RouteTableDef()
 
@@ -145,16 +144,8 @@ async def list_renders(request: web.Request) -> web.Response:
 
 
 def _moment(params: dict[str, Any], name: str) -> datetime | None:
-    """A date-time query parameter (RFC 3339, with its offset)."""
-    if name not in params:
-        return None
-    try:
-        moment = datetime.fromisoformat(params[name])
-    except ValueError:
-        raise ValidationFailed.field(name, "must be an RFC 3339 date-time") from None
-    if moment.tzinfo is None:
-        raise ValidationFailed.field(name, "must have a time zone offset (e.g. Z)")
-    return moment
+    """A date-time query parameter, when given."""
+    return moment(params[name], name) if name in params else None
 
 
 @routes.get("/v1/projects/{slug}/chains/{chain_id}/renders")

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Coroutine
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from typing import Any, TypeVar
+
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @asynccontextmanager
@@ -18,3 +26,20 @@ async def background(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterato
         task.cancel()
         with suppress(asyncio.CancelledError):
             await task
+
+
+async def periodically(
+    work: Callable[[], Awaitable[T]], interval_s: float, name: str, report: Callable[[T], None]
+) -> None:
+    """Runs `work` about every `interval_s` (jittered, so that replicas spread out), for ever, and
+    hands what it did to `report`; a failure is logged and the loop goes on. Untraced: an idle
+    sweep is no trace."""
+    while True:
+        await asyncio.sleep(interval_s * random.uniform(0.8, 1.2))
+        try:
+            with suppress_instrumentation():
+                done = await work()
+        except Exception:
+            log.exception("%s failed", name)
+            continue
+        report(done)

@@ -4,25 +4,19 @@ running one is the worker's to stop (see `runner`); the claim never starts one p
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 
-from opentelemetry.instrumentation.utils import suppress_instrumentation
+from services.generation.background import periodically
 
 log = logging.getLogger(__name__)
 
 
 async def sweep_deadlines(expire_due: Callable[[], Awaitable[int]], interval_s: float) -> None:
-    """Calls `expire_due` about every `interval_s` (jittered, so replicas spread out), for ever."""
-    while True:
-        await asyncio.sleep(interval_s * random.uniform(0.8, 1.2))
-        try:
-            with suppress_instrumentation():  # an idle poll is no trace
-                expired = await expire_due()
-        except Exception:
-            log.exception("deadline sweep failed")
-            continue
-        if expired:
-            log.info("renders past their deadline ended", extra={"renders": expired})
+    """Calls `expire_due` about every `interval_s`, for ever."""
+    await periodically(expire_due, interval_s, "deadline sweep", _report)
+
+
+def _report(expired: int) -> None:
+    if expired:
+        log.info("renders past their deadline ended", extra={"renders": expired})

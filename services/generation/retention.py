@@ -8,14 +8,11 @@ service's, counted from when the render ended; it takes what is left of the outp
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from opentelemetry.instrumentation.utils import suppress_instrumentation
-
+from services.generation.background import periodically
 from services.generation.domain import RenderSpec
 from shared.errors import ValidationFailed
 
@@ -40,14 +37,11 @@ class Retention:
 
 
 async def sweep_retention(sweep: Callable[[], Awaitable[tuple[int, int]]], interval_s: float) -> None:
-    """Calls `sweep` about every `interval_s` (jittered, so that replicas spread out), for ever."""
-    while True:
-        await asyncio.sleep(interval_s * random.uniform(0.8, 1.2))
-        try:
-            with suppress_instrumentation():
-                outputs, records = await sweep()
-        except Exception:
-            log.exception("retention sweep failed")
-            continue
-        if outputs or records:
-            log.info("retention applied", extra={"outputs_deleted": outputs, "records_deleted": records})
+    """Calls `sweep` about every `interval_s`, for ever."""
+    await periodically(sweep, interval_s, "retention sweep", _report)
+
+
+def _report(deleted: tuple[int, int]) -> None:
+    outputs, records = deleted
+    if outputs or records:
+        log.info("retention applied", extra={"outputs_deleted": outputs, "records_deleted": records})
