@@ -429,6 +429,7 @@ def _input(render: Render, reference: bytes | None) -> GenerationInput:
         reference=reference,
         duration_s=params.duration_s,
         fps=params.fps,
+        deadline=render.deadline,
     )
 
 

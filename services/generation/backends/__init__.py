@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 ProgressCallback = Callable[[int, int], Awaitable[None]]
@@ -29,6 +30,9 @@ class GenerationInput:
     reference: bytes | None = None
     duration_s: float = 0.0
     fps: int = 0
+    deadline: datetime | None = None
+    """When the render ends unstarted or is stopped (the render's `deadline`), if it has one: a
+    provider with a queue of its own may be told not to start it later."""
 
 
 @dataclass(frozen=True)

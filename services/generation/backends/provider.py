@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
@@ -76,7 +76,9 @@ class ProviderSettings(Protocol):
 
 @asynccontextmanager
 async def open_client(
-    settings: ProviderSettings, error_code: Callable[[Any], str | None] | None = None
+    settings: ProviderSettings,
+    error_code: Callable[[Any], str | None] | None = None,
+    auth_scheme: str = "Bearer",
 ) -> AsyncIterator[ProviderClient]:
     """A client of the provider `settings` name, over a session of its own closed on exit."""
     async with provider_session(settings.request_timeout_s) as session:
@@ -89,6 +91,7 @@ async def open_client(
             backoff_max_s=settings.backoff_max_s,
             max_output_bytes=settings.max_output_bytes,
             error_code=error_code,
+            auth_scheme=auth_scheme,
         )
 
 
@@ -129,8 +132,11 @@ class ProviderClient:
         backoff_max_s: float,
         max_output_bytes: int,
         error_code: Callable[[Any], str | None] | None = None,
+        auth_scheme: str = "Bearer",
     ) -> None:
         self.session = session
+        self._auth_scheme = auth_scheme
+        """How the token is sent: `Authorization: {auth_scheme} {token}` (fal: `Key`)."""
         self._error_code = error_code
         """Reads the provider's own error code out of a refusal's JSON body (the reason then)."""
         self.base = URL(base_url)
@@ -144,7 +150,7 @@ class ProviderClient:
     def headers(self, url: URL) -> dict[str, str]:
         """The token, for the provider's own origin only."""
         if self._token and url.origin() == self.base.origin():
-            return {"Authorization": f"Bearer {self._token}"}
+            return {"Authorization": f"{self._auth_scheme} {self._token}"}
         return {}
 
     def redacted(self, text: str) -> str:
@@ -163,10 +169,17 @@ class ProviderClient:
         return url
 
     async def call(
-        self, what: str, method: str, url: URL, *, key: str = "", body: dict[str, Any] | None = None
+        self,
+        what: str,
+        method: str,
+        url: URL,
+        *,
+        key: str = "",
+        body: dict[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Any:
-        """One API call, retried; its JSON answer."""
-        answer, _ = await self.call_with_id(what, method, url, key=key, body=body)
+        """One API call, retried; its JSON answer. `headers`: more request headers (e.g. `Prefer`)."""
+        answer, _ = await self.call_with_id(what, method, url, key=key, body=body, headers=headers)
         return answer
 
     async def call_with_id(
@@ -178,12 +191,13 @@ class ProviderClient:
         key: str = "",
         body: dict[str, Any] | None = None,
         id_header: str = "",
+        headers: Mapping[str, str] | None = None,
     ) -> tuple[Any, str]:
         """One API call, retried; its JSON answer, and the provider's id of the request that
         answered (the `id_header` response header, e.g. `x-request-id`; "" without one)."""
-        headers = {**self.headers(url), "Accept": "application/json"}
+        sent = {**(headers or {}), **self.headers(url), "Accept": "application/json"}
         if key:
-            headers["Idempotency-Key"] = key
+            sent["Idempotency-Key"] = key
 
         async def read(response: aiohttp.ClientResponse) -> tuple[Any, str]:
             request_id = response.headers.get(id_header, "") if id_header else ""
@@ -194,7 +208,7 @@ class ProviderClient:
                     f"the provider's answer to {what} is not JSON", "bad_response"
                 ) from None
 
-        return await self._retried(what, method, url, headers, body, read)
+        return await self._retried(what, method, url, sent, body, read)
 
     async def fetch(self, url: URL) -> tuple[bytes, str]:
         """An output's bytes and declared content type, retried, its size capped while reading."""
