@@ -140,6 +140,7 @@ def render_json(render: generation_pb2.Render) -> JSON:
             "seed": params.seed,
             "duration_s": params.duration_s if is_video else None,
             "fps": params.fps if is_video else None,
+            "workflow": params.workflow or None,
         },
         "rules": [{"id": rule.id, "text": rule.text} for rule in render.rules],
         "reference": reference_json(render.reference),

@@ -22,6 +22,7 @@ from shared.contract import (
     SLUG_PATTERN,
     STATUSES,
     TIMINGS,
+    WORKFLOW_PATTERN,
     Param,
 )
 
@@ -315,6 +316,15 @@ SCHEMAS: dict[str, Schema] = {
                 for name, param in PARAMS["video"].items()
                 if name not in PARAMS["image"]
             },
+            "workflow": {
+                "type": ["string", "null"],
+                "pattern": WORKFLOW_PATTERN,
+                ERROR_MESSAGE: "must be a workflow's name: letters, digits, '_', '.' and '-', at most 64",
+                "description": "for a worker whose backend is comfyui: the registered workflow that "
+                "makes it (the operator's list); omitted or null: the backend's default for the kind and "
+                "reference. An unknown one fails the render with reason `unknown_workflow`; other backends "
+                "ignore it",
+            },
         }
     ),
     "ReferenceInput": _object(
@@ -465,6 +475,10 @@ SCHEMAS: dict[str, Schema] = {
             "fps": {
                 "type": ["integer", "null"],
                 "description": "a video's frames per second; null for an image",
+            },
+            "workflow": {
+                "type": ["string", "null"],
+                "description": "the workflow it asked for; null: the backend's default",
             },
         },
     ),

@@ -27,6 +27,7 @@ def render_params(kind: str, given: dict[str, Any]) -> generation_pb2.RenderPara
     }
     params = generation_pb2.RenderParams(**values)
     params.seed = int(given["seed"]) if "seed" in given else secrets.randbelow(SEED_LIMIT)
+    params.workflow = given.get("workflow") or ""
     return params
 
 

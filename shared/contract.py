@@ -72,6 +72,9 @@ MAX_URL: Final = 2048
 """Characters of a reference image's URL."""
 SLUG_PATTERN: Final = "^[a-z0-9][a-z0-9-]{1,62}$"
 """A project's slug: 2-63 of a-z, 0-9 and `-`, not starting with `-`."""
+WORKFLOW_PATTERN: Final = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""A workflow's name (its file's stem, see the comfyui backend): 1-64 of letters, digits, `_`, `.`
+and `-`, starting with a letter or digit."""
 MAX_BATCH: Final = 64
 """Renders in one batch."""
 DEFAULT_PAGE_SIZE: Final = 50

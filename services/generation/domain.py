@@ -22,6 +22,8 @@ class Params:
     seed: int = 0
     duration_s: float = 0.0
     fps: int = 0
+    workflow: str = ""
+    """The registered workflow that makes it (the comfyui backend's); empty: the default."""
 
 
 @dataclass(frozen=True)

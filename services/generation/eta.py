@@ -216,7 +216,9 @@ def _claim_order(snapshot: QueueSnapshot) -> list[Job]:
 
 
 def _size(kind: str, params: dict[str, Any]) -> tuple[Any, ...]:
-    return (kind, *(params.get(name) for name in ("width", "height", "steps", "duration_s", "fps")))
+    # Another workflow is another amount of work: renders of one workflow are timed by their own.
+    names = ("width", "height", "steps", "duration_s", "fps", "workflow")
+    return (kind, *(params.get(name) or None for name in names))
 
 
 def _work(kind: str, params: dict[str, Any]) -> float:

@@ -430,6 +430,7 @@ def _input(render: Render, reference: bytes | None) -> GenerationInput:
         duration_s=params.duration_s,
         fps=params.fps,
         deadline=render.deadline,
+        workflow=params.workflow,
     )
 
 

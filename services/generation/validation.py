@@ -20,6 +20,7 @@ from shared.contract import (
     PARAMS,
     PRIORITY,
     SEED_MAX,
+    WORKFLOW_PATTERN,
 )
 from shared.errors import FieldError, ValidationFailed
 
@@ -61,10 +62,12 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
     given: dict[str, Any] = {
         name: getattr(spec.params, name) or param.default for name, param in kind_params.items()
     }
-    params = replace(Params(seed=spec.params.seed), **given)
+    params = replace(Params(seed=spec.params.seed, workflow=spec.params.workflow), **given)
     for name, param in kind_params.items():
         in_range(f"params.{name}", given[name], (param.minimum, param.maximum))
     in_range("params.seed", params.seed, (0, SEED_MAX))
+    if params.workflow and not re.match(WORKFLOW_PATTERN, params.workflow):
+        bad("params.workflow", "must be a workflow's name: letters, digits, '_', '.' and '-', at most 64")
 
     reference = spec.reference
     if reference is not None:

@@ -163,6 +163,24 @@ async def test_a_render_from_submit_to_download(stack: LiveStack) -> None:
 
 
 @pytest.mark.parametrize("worker_step_ms", [100.0])
+async def test_a_render_keeps_the_workflow_it_names_and_a_malformed_name_is_refused(stack: LiveStack) -> None:
+    alice = await stack.user("alice")
+    await stack.call("POST", "/v1/projects", alice, json={"slug": "flows", "name": "Flows"})
+
+    render = await submit(stack, alice, project="flows", prompt="p", params={"workflow": "flux-dev"})
+    response, plain = await stack.call("GET", f"/v1/renders/{render['id']}", alice)
+    response, refused = await stack.call(
+        "POST",
+        "/v1/renders",
+        alice,
+        json={"project": "flows", "kind": "image", "prompt": "p", "params": {"workflow": "../etc/passwd"}},
+    )
+
+    assert render["params"]["workflow"] == "flux-dev" and plain["params"]["workflow"] == "flux-dev"
+    assert_problem(response, refused, 422, "validation_failed")
+    assert refused["errors"][0]["field"] == "params.workflow"
+
+
 async def test_cancel_and_an_output_not_ready(stack: LiveStack) -> None:
     alice = await stack.user("alice")
     await stack.call("POST", "/v1/projects", alice, json={"slug": "slow", "name": "Slow"})

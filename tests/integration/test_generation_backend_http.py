@@ -4,10 +4,10 @@ quick, slow, failing, flaky, rate limiting or never done."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +24,7 @@ from services.generation.backends.http import HttpBackend, HttpBackendSettings
 from services.generation.backends.inputs import InputTemplate
 from services.generation.backends.video import probe
 from shared.settings import ConfigError, Env
+from tests.support.backends import connector, generate
 from tests.support.provider import Provider
 
 TOKEN = "tok-9f8e7d6c5b4a-secret"
@@ -44,27 +45,13 @@ Connect = Callable[..., Any]
 
 @pytest.fixture
 async def connect() -> AsyncIterator[Connect]:
-    """`await connect(**provider_behaviour, settings=...)` → (provider, backend); both closed after."""
-    async with AsyncExitStack() as stack:
-
-        async def start(
-            settings: dict[str, Any] | None = None, **behaviour: Any
-        ) -> tuple[Provider, HttpBackend]:
-            provider = await stack.enter_async_context(Provider(token=TOKEN, **behaviour))
-            chosen = replace(FAST, url=provider.url, **(settings or {}))
-            return provider, await stack.enter_async_context(HttpBackend.open(chosen))
-
+    """`await connect(settings={...}, **stand_in_behaviour)` -> (stand-in, backend), closed after."""
+    async with connector(functools.partial(Provider, token=TOKEN), HttpBackend.open, FAST) as start:
         yield start
 
 
 async def _generate(backend: HttpBackend, job: GenerationInput = IMAGE) -> tuple[Artifact, list[int]]:
-    steps: list[int] = []
-
-    async def progress(step: int, total: int) -> None:
-        assert total == job.steps
-        steps.append(step)
-
-    return await backend.generate(job, progress), steps
+    return await generate(backend, job)
 
 
 def _png(width: int, height: int) -> bytes:

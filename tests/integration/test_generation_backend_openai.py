@@ -6,9 +6,9 @@ that closes the request, and what the API cannot do refused at once."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +24,7 @@ from services.generation.backends import (
 from services.generation.backends.openai_images import OpenAiImagesBackend, OpenAiImagesSettings
 from services.generation.backends.selection import BackendSettings
 from shared.settings import ConfigError, Env
+from tests.support.backends import connector, generate
 from tests.support.openai_images import OpenAiImagesStandIn, png
 
 TOKEN = "sk-test-8f7e6d5c4b3a"
@@ -45,25 +46,14 @@ Connect = Callable[..., Any]
 @pytest.fixture
 async def connect() -> AsyncIterator[Connect]:
     """`await connect(settings={...}, **stand_in_behaviour)` -> (stand-in, backend), closed after."""
-    async with AsyncExitStack() as stack:
-
-        async def start(
-            settings: dict[str, Any] | None = None, **behaviour: Any
-        ) -> tuple[OpenAiImagesStandIn, OpenAiImagesBackend]:
-            api = await stack.enter_async_context(OpenAiImagesStandIn(token=TOKEN, **behaviour))
-            chosen = replace(FAST, url=api.url, **(settings or {}))
-            return api, await stack.enter_async_context(OpenAiImagesBackend.open(chosen))
-
+    async with connector(
+        functools.partial(OpenAiImagesStandIn, token=TOKEN), OpenAiImagesBackend.open, FAST
+    ) as start:
         yield start
 
 
 async def _generate(backend: OpenAiImagesBackend, job: GenerationInput = IMAGE) -> tuple[Artifact, list[int]]:
-    steps: list[int] = []
-
-    async def progress(step: int, total: int) -> None:
-        steps.append(step)
-
-    return await backend.generate(job, progress), steps
+    return await generate(backend, job)
 
 
 def _size(artifact: Artifact) -> tuple[int, int]:

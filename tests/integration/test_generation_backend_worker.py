@@ -17,6 +17,8 @@ from services.generation.backends.http import HttpBackendSettings
 from services.generation.backends.openai_images import OpenAiImagesSettings
 from services.generation.backends.selection import BackendSettings, open_backends
 from services.generation.backends.video import probe
+from shared.settings import Env
+from tests.support.fal import FalStandIn
 from tests.support.gateway_stack import eventually
 from tests.support.generation import (
     Stub,
@@ -29,6 +31,8 @@ from tests.support.generation import (
 from tests.support.observed_stack import Recorder
 from tests.support.openai_images import OpenAiImagesStandIn
 from tests.support.provider import Provider
+from tests.support.replicate import MODEL as REPLICATE_MODEL
+from tests.support.replicate import ReplicateStandIn
 
 TOKEN = "worker-test-token"
 
@@ -78,6 +82,42 @@ async def test_an_image_render_is_made_by_an_openai_compatible_api(
     assert (done.backend, done.provider_request_id) == ("openai", "req_1")
     assert status_name(failed) == "failed" and failed.attempts == 1
     assert (failed.error.code, failed.error.reason) == ("generation_failed", "content_policy_violation")
+
+
+async def test_images_by_replicate_and_videos_by_fal_as_the_settings_choose(
+    stub: Stub, start_worker: WorkerFactory
+) -> None:
+    async with ReplicateStandIn(token=TOKEN) as replicate, FalStandIn(key=TOKEN) as fal:
+        backend = BackendSettings.from_env(
+            Env(
+                {
+                    "RENDERFLOW_BACKEND_IMAGE": "replicate",
+                    "RENDERFLOW_BACKEND_VIDEO": "fal",
+                    "RENDERFLOW_BACKEND_REPLICATE_URL": replicate.url,
+                    "RENDERFLOW_BACKEND_REPLICATE_TOKEN": TOKEN,
+                    "RENDERFLOW_BACKEND_REPLICATE_MODEL": REPLICATE_MODEL,
+                    "RENDERFLOW_BACKEND_REPLICATE_POLL_S": "0.02",
+                    "RENDERFLOW_BACKEND_FAL_URL": fal.url,
+                    "RENDERFLOW_BACKEND_FAL_KEY": TOKEN,
+                    "RENDERFLOW_BACKEND_FAL_MODEL": "fal-ai/wan/video",  # the stand-in films what names video
+                    "RENDERFLOW_BACKEND_FAL_POLL_S": "0.02",
+                }
+            )
+        )
+        await start_worker(backend=backend)
+        image = await submit(stub, width=96, height=64, steps=6)
+        video = await submit(
+            stub, kind=pb.RENDER_KIND_VIDEO, width=64, height=64, steps=4, duration_s=1.0, fps=8
+        )
+
+        made, filmed = await finished(stub, image.id), await finished(stub, video.id)
+
+    assert status_name(made) == "succeeded", made.error
+    assert (made.output.content_type, made.output.width, made.output.height) == ("image/png", 96, 64)
+    assert (made.backend, made.provider_request_id) == ("replicate", next(iter(replicate.predictions)))
+    assert status_name(filmed) == "succeeded", filmed.error
+    assert (filmed.backend, filmed.output.content_type) == ("fal", "video/mp4")
+    assert filmed.provider_request_id in fal.requests
 
 
 async def test_a_failure_at_the_provider_fails_the_render_with_its_message(

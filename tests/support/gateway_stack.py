@@ -113,6 +113,12 @@ StartWorker = Callable[[AsyncExitStack, str, Path], Awaitable[None]]
 def procedural_worker(worker_id: str, step_ms: float = 0.0, concurrency: int = 4) -> StartWorker:
     """An in-process worker rendering with the procedural backend, `step_ms` per step; reference
     URLs fail fast (no image-fetch service)."""
+    return in_process_worker(worker_id, concurrency, procedural_step_ms=step_ms)
+
+
+def in_process_worker(worker_id: str, concurrency: int = 4, **changes: Any) -> StartWorker:
+    """An in-process worker with its settings changed by `changes` (`backend=BackendSettings(...)`,
+    ...); reference URLs fail fast (no image-fetch service)."""
 
     async def start(exits: AsyncExitStack, database_url: str, artifact_dir: Path) -> None:
         settings = WorkerSettings(
@@ -126,9 +132,8 @@ def procedural_worker(worker_id: str, step_ms: float = 0.0, concurrency: int = 4
             rescue_interval_s=0.5,
             shutdown_grace_s=0.2,
             progress_interval_s=0.01,
-            procedural_step_ms=step_ms,
         )
-        await exits.enter_async_context(running_worker(settings))
+        await exits.enter_async_context(running_worker(replace(settings, **changes)))
 
     return start
 

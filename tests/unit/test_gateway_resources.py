@@ -50,6 +50,7 @@ def test_a_queued_render_as_json() -> None:
         "seed": 9,
         "duration_s": None,
         "fps": None,
+        "workflow": None,
     }
     assert body["rules"] == [{"id": "u1", "text": "no text"}]
     assert body["reference"] == {

@@ -6,6 +6,7 @@ A backend turns a `GenerationInput` into an `Artifact`, reporting each step thro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,6 +31,9 @@ class GenerationInput:
     reference: bytes | None = None
     duration_s: float = 0.0
     fps: int = 0
+    workflow: str = ""
+    """The workflow (or model) the render asks for by name, among those the operator registered;
+    empty: its backend's default."""
     deadline: datetime | None = None
     """When the render ends unstarted or is stopped (the render's `deadline`), if it has one: a
     provider with a queue of its own may be told not to start it later."""
@@ -46,6 +50,28 @@ class Artifact:
     duration_s: float = 0.0
     provider_request_id: str = ""
     """The provider's own id of the request that made it, when there is a provider."""
+
+
+class StepProgress:
+    """A provider's progress (a fraction, 0..1) reported as the render's steps: when it moves on a
+    step, and short of the last, which is reported once the output is in hand."""
+
+    def __init__(self, steps: int, on_progress: ProgressCallback) -> None:
+        self._steps = steps
+        self._on_progress = on_progress
+        self._reported = 0
+
+    async def report(self, fraction: float | None) -> None:
+        if fraction is None:
+            return
+        step = min(self._steps - 1, math.floor(max(0.0, min(1.0, fraction)) * self._steps))
+        if step > self._reported:
+            self._reported = step
+            await self._on_progress(step, self._steps)
+
+    async def done(self) -> None:
+        """The last step: the output is in hand."""
+        await self._on_progress(self._steps, self._steps)
 
 
 class BackendError(Exception):

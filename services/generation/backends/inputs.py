@@ -52,6 +52,7 @@ def values(job: GenerationInput) -> dict[str, Any]:
         "image": image,
         "duration_s": job.duration_s if job.kind == "video" else None,
         "fps": job.fps if job.kind == "video" else None,
+        "frames": round(job.duration_s * job.fps) if job.kind == "video" else None,
     }
 
 
@@ -81,11 +82,16 @@ class InputTemplate:
             )
         return cls(template)
 
-    def fill(self, job: GenerationInput) -> dict[str, Any]:
-        """The model's inputs for `job`."""
-        filled = _fill(self.template, values(job))
+    def fill(self, job: GenerationInput, **overrides: Any) -> dict[str, Any]:
+        """The model's inputs for `job`; `overrides` replace placeholders' values (e.g. `image` as
+        the name of an uploaded file rather than a data URL)."""
+        filled = _fill(self.template, values(job) | overrides)
         assert isinstance(filled, dict)
         return filled
+
+    def uses(self, placeholder: str) -> bool:
+        """Whether the template names `placeholder` anywhere."""
+        return placeholder in _names(self.template)
 
 
 _NOTHING = object()

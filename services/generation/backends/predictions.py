@@ -16,7 +16,9 @@ from PIL import Image, UnidentifiedImageError
 from services.generation.backends import Artifact, GenerationInput, PermanentBackendError
 from services.generation.backends.video import probe
 
-TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
+"""The statuses a prediction ends in (`aborted`: Replicate's, for one whose deadline passed before it
+started)."""
 MAX_MESSAGE = 500
 """The most characters of a provider's message kept (in errors shown to users)."""
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
@@ -34,6 +36,10 @@ class Prediction:
     progress: float | None = None
     output: str = ""
     error: str = ""
+    get_url: str = ""
+    """Where the provider says to poll it (its `urls.get`), if it says."""
+    cancel_url: str = ""
+    """Where the provider says to cancel it (its `urls.cancel`), if it says."""
 
     @classmethod
     def from_json(cls, data: Any) -> Prediction:
@@ -45,16 +51,23 @@ class Prediction:
         output = data.get("output")
         if isinstance(output, list):
             output = output[0] if output else None
+        urls = data["urls"] if isinstance(data.get("urls"), dict) else {}
         return cls(
             id=str(data["id"]),
             status=str(data.get("status", "")),
-            progress=_fraction(data.get("progress"), data.get("logs")),
+            progress=fraction(data.get("progress"), data.get("logs")),
             output=output if isinstance(output, str) else "",
             error="" if data.get("error") is None else str(data["error"])[:MAX_MESSAGE],
+            get_url=_text(urls.get("get")),
+            cancel_url=_text(urls.get("cancel")),
         )
 
 
-def _fraction(progress: Any, logs: Any) -> float | None:
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def fraction(progress: Any, logs: Any) -> float | None:
     """How far along the prediction is (0..1): its `progress` (a fraction or a percentage), else
     the last `12/50` or `24%` in its logs (as progress bars print them), else None."""
     if isinstance(progress, int | float) and not isinstance(progress, bool) and math.isfinite(progress):

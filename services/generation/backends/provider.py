@@ -26,7 +26,7 @@ from tenacity import (
 from yarl import URL
 
 from services.generation.backends import PermanentBackendError, TransientBackendError
-from services.generation.backends.predictions import MAX_MESSAGE
+from services.generation.backends.predictions import MAX_MESSAGE, decode_data_url
 from shared.http_headers import RetryAfterOrExponential, parse_retry_after
 from shared.settings import ConfigError
 from shared.telemetry import http_client_tracing
@@ -209,6 +209,13 @@ class ProviderClient:
                 ) from None
 
         return await self._retried(what, method, url, sent, body, read)
+
+    async def read_output(self, value: str) -> tuple[bytes, str]:
+        """An output the provider gave as a `data:` URL or as a URL to download: its bytes and the
+        type it declares."""
+        if value.startswith("data:"):
+            return decode_data_url(value)
+        return await self.fetch(self.output_url(value))
 
     async def fetch(self, url: URL) -> tuple[bytes, str]:
         """An output's bytes and declared content type, retried, its size capped while reading."""
