@@ -50,6 +50,8 @@ class JobPolicy:
         default_factory=lambda: {"image": "procedural", "video": "procedural"}
     )
     """The backend that renders each kind, stamped on the jobs claimed."""
+    projects: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    """{project id: {kind: backend}}: the projects whose renders another backend makes."""
 
     def claim_params(self, worker_id: str, limit: int) -> dict[str, Any]:
         """The parameters of `claim_jobs`."""
@@ -63,6 +65,8 @@ class JobPolicy:
             "reserved": self.reserved_slots,
             "live_s": self.lease_s,
             "backends": Jsonb(dict(self.backends)),
+            "projects": Jsonb({project: dict(kinds) for project, kinds in self.projects.items()}),
+            "by_project": bool(self.projects),
         }
 
 

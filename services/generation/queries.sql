@@ -440,7 +440,8 @@ WHERE id = (SELECT depends_on FROM j) AND status NOT IN ('succeeded', 'failed', 
 
 -- name: claim_jobs
 -- Up to `limit` jobs, taken from the tenants in turn, stamped with the backend this worker runs
--- each kind with (`backends`: {kind: backend}), and started: each claimed render is `running`
+-- each kind with (`backends`: {kind: backend}; `projects`: {project id: {kind: backend}} for the
+-- projects with backends of their own, looked up only when `by_project`), and started: each claimed render is `running`
 -- with its `started` event and the event of its first phase (image_fetch with a reference, else
 -- generation), and comes back whole with its job, so that a claim is the only round trip before
 -- the work. A job whose cancel was requested is claimed only to be cancelled: it is not started.
@@ -511,7 +512,11 @@ chosen AS (
 claimed AS (
     UPDATE jobs SET state = 'running', attempts = attempts + 1, worker_id = %(worker)s,
         lease_token = gen_random_uuid(), lease_expires_at = now() + make_interval(secs => %(lease_s)s),
-        claimed_at = clock_timestamp(), backend = %(backends)s::jsonb ->> kind
+        claimed_at = clock_timestamp(),
+        backend = CASE WHEN %(by_project)s THEN coalesce(
+                           %(projects)s::jsonb -> (SELECT r.project_id FROM renders r WHERE r.id = jobs.render_id) ->> kind,
+                           %(backends)s::jsonb ->> kind)
+                       ELSE %(backends)s::jsonb ->> kind END
     WHERE render_id IN (SELECT render_id FROM chosen)
     RETURNING render_id, lease_token::text, worker_id, attempts,
         coalesce(max_attempts, %(max_attempts)s) AS max_attempts, tenant, kind, backend, created_at,

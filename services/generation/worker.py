@@ -186,6 +186,7 @@ async def running_worker(
             chain_wait_s=settings.chain_wait_s,
             event_retention_s=settings.event_retention_s,
             backends=settings.backend.by_kind(),
+            projects=settings.backend.projects,
         )
         store = await stack.enter_async_context(
             Store.opened(

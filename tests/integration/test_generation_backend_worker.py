@@ -4,6 +4,7 @@ stand-in, and procedural videos."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -17,12 +18,13 @@ from services.generation.backends.http import HttpBackendSettings
 from services.generation.backends.openai_images import OpenAiImagesSettings
 from services.generation.backends.selection import BackendSettings, open_backends
 from services.generation.backends.video import probe
-from shared.settings import Env
+from shared.settings import ConfigError, Env
 from tests.support.fal import FalStandIn
 from tests.support.gateway_stack import eventually
 from tests.support.generation import (
     Stub,
     WorkerFactory,
+    accounts_of,
     finished,
     output,
     status_name,
@@ -118,6 +120,45 @@ async def test_images_by_replicate_and_videos_by_fal_as_the_settings_choose(
     assert status_name(filmed) == "succeeded", filmed.error
     assert (filmed.backend, filmed.output.content_type) == ("fal", "video/mp4")
     assert filmed.provider_request_id in fal.requests
+
+
+async def test_one_projects_renders_are_made_by_the_backend_named_for_it(
+    stub: Stub, start_worker: WorkerFactory, provider: Provider
+) -> None:
+    accounts = accounts_of(stub)
+    special = await accounts.project("alice", "brand-kit")
+    await accounts.project("alice")
+    backend = BackendSettings.from_env(
+        Env(
+            {
+                "RENDERFLOW_BACKEND_PROJECTS": json.dumps({special.id: {"image": "http"}}),
+                "RENDERFLOW_BACKEND_HTTP_URL": provider.url,
+                "RENDERFLOW_BACKEND_HTTP_TOKEN": TOKEN,
+                "RENDERFLOW_BACKEND_HTTP_POLL_S": "0.02",
+            }
+        )
+    )
+    await start_worker(backend=backend)
+    by_provider = await submit(stub, project="brand-kit")
+    video = await submit(stub, project="brand-kit", kind=pb.RENDER_KIND_VIDEO, duration_s=0.5, fps=4)
+    others = await submit(stub)
+
+    done = [await finished(stub, render.id) for render in (by_provider, video, others)]
+
+    assert [status_name(render) for render in done] == ["succeeded"] * 3, [r.error for r in done]
+    assert [render.backend for render in done] == ["http", "procedural", "procedural"]
+    assert provider.hits["create"] == 1  # the project's image, and nothing else
+
+
+def test_a_project_backend_that_cannot_serve_stops_the_worker_at_start() -> None:
+    for projects, complaint in [
+        ({"p1": "dalle"}, "must name one of"),
+        ({"p1": {"video": "openai"}}, "makes images only"),
+        ({"p1": {"sound": "http"}}, "one per kind"),
+        (["p1"], "keyed by project id"),
+    ]:
+        with pytest.raises(ConfigError, match=complaint):
+            BackendSettings.from_env(Env({"RENDERFLOW_BACKEND_PROJECTS": json.dumps(projects)}))
 
 
 async def test_a_failure_at_the_provider_fails_the_render_with_its_message(

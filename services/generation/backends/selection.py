@@ -5,9 +5,10 @@ runs it with that backend: the job row and the render's span name the one really
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from services.generation.backends import Backend
@@ -17,6 +18,7 @@ from services.generation.backends.http import HttpBackend, HttpBackendSettings
 from services.generation.backends.openai_images import OpenAiImagesBackend, OpenAiImagesSettings
 from services.generation.backends.procedural import ProceduralBackend
 from services.generation.backends.replicate import ReplicateBackend, ReplicateSettings
+from shared.contract import KINDS
 from shared.settings import ConfigError, Env
 
 NAMES = ("procedural", "http", "openai", "comfyui", "replicate", "fal")
@@ -45,6 +47,11 @@ class BackendSettings:
     `replicate`."""
     fal: FalSettings | None = None
     """RENDERFLOW_BACKEND_FAL_*: fal's queue API and model; read (and required) when a kind uses `fal`."""
+    projects: dict[str, dict[str, str]] = field(default_factory=dict)
+    """RENDERFLOW_BACKEND_PROJECTS: projects whose renders another backend makes, as JSON keyed by
+    project id (`GET /v1/projects/{slug}` shows it): a backend for both kinds, or one per kind, e.g.
+    `{"0b6f...": "comfyui", "5e1a...": {"image": "replicate"}}`; a kind it does not name keeps the
+    worker's backend."""
 
     @classmethod
     def from_env(cls, env: Env) -> BackendSettings:
@@ -55,7 +62,10 @@ class BackendSettings:
             raise ConfigError(
                 f"the {video} backend makes images only: RENDERFLOW_BACKEND_VIDEO cannot be {video}"
             )
-        used = {image, video}
+        projects = _projects(env)
+        if any(kinds.get("video") in _IMAGES_ONLY for kinds in projects.values()):
+            raise ConfigError(f"RENDERFLOW_BACKEND_PROJECTS: {', '.join(_IMAGES_ONLY)} makes images only")
+        used = {image, video} | {name for kinds in projects.values() for name in kinds.values()}
         comfyui = ComfyUISettings.from_env(env) if "comfyui" in used else None
         if video == "comfyui" and comfyui is not None and not comfyui.workflows.video:
             raise ConfigError(
@@ -69,11 +79,17 @@ class BackendSettings:
             comfyui=comfyui,
             replicate=ReplicateSettings.from_env(env) if "replicate" in used else None,
             fal=FalSettings.from_env(env) if "fal" in used else None,
+            projects=projects,
         )
 
     def by_kind(self) -> dict[str, str]:
         """{kind: the name of the backend that renders it}."""
         return {"image": self.image, "video": self.video}
+
+    def used(self) -> set[str]:
+        """The backends some render may be made with."""
+        per_project = {name for kinds in self.projects.values() for name in kinds.values()}
+        return set(self.by_kind().values()) | per_project
 
     def openers(self) -> dict[str, tuple[Any, Callable[[Any], AbstractAsyncContextManager[Backend]]]]:
         """{name: (its settings or None, what opens it)} of the external backends."""
@@ -87,10 +103,39 @@ class BackendSettings:
 
 
 def _name(env: Env, variable: str, default: str) -> str:
-    name = env.str(variable, default).strip().lower()
+    return _known(env.str(variable, default), variable)
+
+
+def _known(name: str, variable: str) -> str:
+    name = name.strip().lower()
     if name not in NAMES:
-        raise ConfigError(f"{variable} must be one of {', '.join(NAMES)}, got {name!r}")
+        raise ConfigError(f"{variable} must name one of {', '.join(NAMES)}, got {name!r}")
     return name
+
+
+def _projects(env: Env) -> dict[str, dict[str, str]]:
+    """RENDERFLOW_BACKEND_PROJECTS as {project id: {kind: backend}}."""
+    variable = "RENDERFLOW_BACKEND_PROJECTS"
+    text = env.optional(variable)
+    if text is None:
+        return {}
+    try:
+        given = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{variable} is not JSON: {exc}") from None
+    if not isinstance(given, dict):
+        raise ConfigError(f"{variable} must be a JSON object keyed by project id")
+    projects: dict[str, dict[str, str]] = {}
+    for project, chosen in given.items():
+        kinds = dict.fromkeys(KINDS, chosen) if isinstance(chosen, str) else chosen
+        if not isinstance(kinds, dict) or not kinds or not set(kinds) <= set(KINDS):
+            raise ConfigError(
+                f"{variable}: project {project!r} needs a backend, or one per kind ({', '.join(KINDS)})"
+            )
+        projects[project] = {
+            kind: _known(str(name), f"{variable}[{project!r}]") for kind, name in kinds.items()
+        }
+    return projects
 
 
 @asynccontextmanager
@@ -103,7 +148,7 @@ async def open_backends(
         for name, (chosen, opener) in settings.openers().items():
             if chosen is not None:
                 available[name] = await stack.enter_async_context(opener(chosen))
-        used = set(settings.by_kind().values())
+        used = settings.used()
         missing = sorted(used - available.keys())
         if missing:
             raise ConfigError(
