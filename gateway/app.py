@@ -15,7 +15,18 @@ from gateway.clients import Clients, open_clients
 from gateway.config import Settings
 from gateway.limits import add_rate_limit_headers, rate_limit_middleware, rate_limits_context
 from gateway.problems import add_common_headers, problem_middleware
-from gateway.routes import batches, docs, events, health, metrics, output, projects, renders, rules
+from gateway.routes import (
+    batches,
+    docs,
+    events,
+    health,
+    metrics,
+    output,
+    projects,
+    renders,
+    rules,
+    webhooks,
+)
 from gateway.slow_clients import ConnectionCaps, body_deadline_middleware, quiet_accept_errors
 from gateway.state import CLIENTS, SETTINGS
 from gateway.streams import OPEN_STREAMS, OpenStreams
@@ -93,7 +104,7 @@ def create_app(
     app.cleanup_ctx.append(_auth_context)
     app.cleanup_ctx.append(rate_limits_context)
     app.cleanup_ctx.append(watch_hub_context)
-    for module in (health, docs, metrics, projects, rules, renders, batches, events, output):
+    for module in (health, docs, metrics, projects, rules, webhooks, renders, batches, events, output):
         app.add_routes(module.routes)
     return app
 

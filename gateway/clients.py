@@ -196,7 +196,7 @@ class MetadataClient(_Client):
 
 
 class GenerationClient(_Client):
-    """Renders, their events and outputs (renderflow.v1.GenerationService)."""
+    """Renders, their events and outputs, and webhooks (renderflow.v1.GenerationService)."""
 
     def __init__(self, channel: grpc.aio.Channel, timeout_s: float, output_timeout_s: float) -> None:
         super().__init__(channel)
@@ -313,6 +313,116 @@ class GenerationClient(_Client):
             user_id=user_id, render_id=render_id, offset=offset, length=length
         )
         return self._stream("GetOutput", self._stub.GetOutput(request, timeout=self._output_timeout))
+
+    # Webhooks
+
+    async def create_webhook_endpoint(
+        self, user_id: str, project: str, url: str, events: Sequence[str], description: str
+    ) -> generation_pb2.WebhookEndpoint:
+        """The project's new endpoint, with its signing secret (shown this once)."""
+        request = generation_pb2.CreateWebhookEndpointRequest(
+            user_id=user_id, project=project, url=url, events=events, description=description
+        )
+        with rpc_errors():
+            return await self._stub.CreateWebhookEndpoint(request, timeout=self._timeout)
+
+    async def list_webhook_endpoints(
+        self, user_id: str, project: str
+    ) -> list[generation_pb2.WebhookEndpoint]:
+        request = generation_pb2.ListWebhookEndpointsRequest(user_id=user_id, project=project)
+        with rpc_errors():
+            answer = await self._stub.ListWebhookEndpoints(request, timeout=self._timeout)
+        return list(answer.endpoints)
+
+    async def get_webhook_endpoint(
+        self, user_id: str, project: str, endpoint_id: str
+    ) -> generation_pb2.WebhookEndpoint:
+        request = generation_pb2.WebhookEndpointRequest(
+            user_id=user_id, project=project, endpoint_id=endpoint_id
+        )
+        with rpc_errors():
+            return await self._stub.GetWebhookEndpoint(request, timeout=self._timeout)
+
+    async def update_webhook_endpoint(
+        self,
+        user_id: str,
+        project: str,
+        endpoint_id: str,
+        *,
+        url: str | None = None,
+        events: Sequence[str] | None = None,
+        description: str | None = None,
+        enabled: bool | None = None,
+    ) -> generation_pb2.WebhookEndpoint:
+        """The endpoint with what is given changed (None: unchanged)."""
+        request = generation_pb2.UpdateWebhookEndpointRequest(
+            user_id=user_id, project=project, endpoint_id=endpoint_id
+        )
+        if url is not None:
+            request.url = url
+        if events is not None:
+            request.events.extend(events)
+            request.set_events = True
+        if description is not None:
+            request.description = description
+        if enabled is not None:
+            request.enabled = enabled
+        with rpc_errors():
+            return await self._stub.UpdateWebhookEndpoint(request, timeout=self._timeout)
+
+    async def delete_webhook_endpoint(
+        self, user_id: str, project: str, endpoint_id: str
+    ) -> generation_pb2.WebhookEndpoint:
+        request = generation_pb2.WebhookEndpointRequest(
+            user_id=user_id, project=project, endpoint_id=endpoint_id
+        )
+        with rpc_errors():
+            return await self._stub.DeleteWebhookEndpoint(request, timeout=self._timeout)
+
+    async def rotate_webhook_secret(
+        self, user_id: str, overlap_s: float, *, project: str = "", endpoint_id: str = ""
+    ) -> generation_pb2.WebhookSecret:
+        """A new secret for the project's endpoint, or (none named) for the user's render webhooks;
+        the old one keeps signing beside it for `overlap_s` (0: the service's default)."""
+        request = generation_pb2.RotateWebhookSecretRequest(
+            user_id=user_id, project=project, endpoint_id=endpoint_id, overlap_s=overlap_s
+        )
+        with rpc_errors():
+            return await self._stub.RotateWebhookSecret(request, timeout=self._timeout)
+
+    async def get_webhook_secret(self, user_id: str) -> generation_pb2.WebhookSecret:
+        """The user's secret for render webhooks (made on first ask)."""
+        with rpc_errors():
+            return await self._stub.GetWebhookSecret(
+                generation_pb2.GetWebhookSecretRequest(user_id=user_id), timeout=self._timeout
+            )
+
+    async def list_deliveries(
+        self,
+        user_id: str,
+        *,
+        render_id: str = "",
+        project: str = "",
+        endpoint_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> generation_pb2.ListDeliveriesResponse:
+        """A render's deliveries, or (`project` and `endpoint_id`) an endpoint's, newest first."""
+        request = generation_pb2.ListDeliveriesRequest(
+            user_id=user_id,
+            render_id=render_id,
+            project=project,
+            endpoint_id=endpoint_id,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        with rpc_errors():
+            return await self._stub.ListDeliveries(request, timeout=self._timeout)
+
+    async def redeliver(self, user_id: str, delivery_id: str) -> generation_pb2.Delivery:
+        request = generation_pb2.RedeliverRequest(user_id=user_id, delivery_id=delivery_id)
+        with rpc_errors():
+            return await self._stub.Redeliver(request, timeout=self._timeout)
 
 
 async def _with_replayed(call: grpc.aio.UnaryUnaryCall[Any, T]) -> tuple[T, bool]:

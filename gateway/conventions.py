@@ -108,8 +108,9 @@ keeps the two in step."""
 _WHEN: dict[str, str] = {
     "internal": "a fault of Renderflow, logged with the trace id (no stack trace is shown)",
     "unauthenticated": "no `Authorization`, not `Bearer <key>`, or an unknown or revoked API key",
-    "not_found": "no such route; or the project, chain, rule, render or batch does not exist or is another "
-    "user's (the two look the same); or a submit names an unknown project, or a chain not of the project",
+    "not_found": "no such route; or the project, chain, rule, render, batch, webhook endpoint or delivery "
+    "does not exist or is another user's (the two look the same); or a submit names an unknown project, "
+    "or a chain not of the project",
     "gone": "the render's output has been deleted (by `DELETE /v1/renders/{id}`, or past its retention)",
     "conflict": "the project's slug is taken; the render is not in a state that allows this (cancelling "
     "one that succeeded or failed, changing the priority of one that has started, retrying one that is "
@@ -121,7 +122,8 @@ _WHEN: dict[str, str] = {
     "30 s) of the head; the connection is closed",
     "validation_failed": "the body, a query parameter or a header is invalid (see `errors`): also a reused "
     "Idempotency-Key with another body, a batch larger than the rate limit's burst, a batch item naming "
-    "an unknown project or chain, a malformed stream cursor or page token",
+    "an unknown project or chain, a webhook URL not on a public address, a malformed stream cursor or "
+    "page token",
     "rate_limited": "the API key's submit bucket is empty; retry after `Retry-After` (`RateLimit-*` say "
     "more)",
     "quota_exceeded": "too many renders queued or running, or event streams open; retry after `Retry-After`",

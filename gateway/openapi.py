@@ -75,6 +75,7 @@ def _op(
     responses: dict[str, Any],
     *,
     body: str | None = None,
+    body_required: bool = True,
     parameters: list[Schema] | None = None,
     public: bool = False,
 ) -> Schema:
@@ -86,7 +87,10 @@ def _op(
     if parameters:
         operation["parameters"] = parameters
     if body:
-        operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(body)}}}
+        operation["requestBody"] = {
+            "required": body_required,
+            "content": {"application/json": {"schema": ref(body)}},
+        }
     if public:
         operation["security"] = []
     return operation
@@ -163,6 +167,18 @@ _BATCH_RESUME = [
     ),
     _header("Last-Event-ID", "resume after this event id (as EventSource sends it)"),
 ]
+_ENDPOINT_PATH = [_SLUG, _path("id", "the webhook endpoint's id")]
+_DELIVERY_ID = _path("id", "the delivery's id (its `webhook-id`)")
+_NO_STORE = {
+    "Cache-Control": {
+        "schema": {"const": "no-store"},
+        "description": "the answer carries a signing secret: not to be stored by caches",
+    }
+}
+_ROTATE_SUMMARY = (
+    "; the previous secret keeps signing beside it for `overlap_s` (default 24 h): every delivery "
+    "carries both signatures meanwhile, so receivers can switch without missing one"
+)
 _CHAIN_SUMMARY = (
     "Queue the chain's next render; unless the body names another reference, its reference is "
     "`{previous: true}`: the output of the nearest earlier render of the chain that succeeded (it "
@@ -243,6 +259,87 @@ PATHS: dict[str, dict[str, Schema]] = {
         ),
         "delete": _op(
             "deleteRule", "Delete a rule", {"204": {"description": "deleted"}}, parameters=_RULE_PATH
+        ),
+    },
+    "/v1/projects/{slug}/webhooks": {
+        "post": _op(
+            "createWebhookEndpoint",
+            "Create a webhook endpoint of the project: the events of all its renders are POSTed to it, "
+            "signed with its own secret (in this answer only); 422 naming `url` for a URL on a private "
+            "address",
+            {"201": _json("WebhookEndpoint", "created, with its secret", {**_LOCATION, **_NO_STORE})},
+            body="CreateWebhookEndpointRequest",
+            parameters=[_SLUG],
+        ),
+        "get": _op(
+            "listWebhookEndpoints",
+            "List the project's webhook endpoints, oldest first (without their secrets)",
+            {"200": _json("WebhookEndpointList", "the endpoints")},
+            parameters=[_SLUG],
+        ),
+    },
+    "/v1/projects/{slug}/webhooks/{id}": {
+        "get": _op(
+            "getWebhookEndpoint",
+            "Get a webhook endpoint (without its secret)",
+            {"200": _json("WebhookEndpoint", "the endpoint")},
+            parameters=_ENDPOINT_PATH,
+        ),
+        "patch": _op(
+            "updateWebhookEndpoint",
+            "Change a webhook endpoint's url, events or description, or disable or enable it",
+            {"200": _json("WebhookEndpoint", "the endpoint")},
+            body="UpdateWebhookEndpointRequest",
+            parameters=_ENDPOINT_PATH,
+        ),
+        "delete": _op(
+            "deleteWebhookEndpoint",
+            "Delete a webhook endpoint: its deliveries not yet made are given up (its log stays)",
+            {"204": {"description": "deleted"}},
+            parameters=_ENDPOINT_PATH,
+        ),
+    },
+    "/v1/projects/{slug}/webhooks/{id}:rotate-secret": {
+        "post": _op(
+            "rotateWebhookEndpointSecret",
+            f"Give a webhook endpoint a new signing secret{_ROTATE_SUMMARY}",
+            {"200": _json("WebhookSecret", "the new secret, shown this once", _NO_STORE)},
+            body="RotateWebhookSecretRequest",
+            body_required=False,
+            parameters=_ENDPOINT_PATH,
+        ),
+    },
+    "/v1/projects/{slug}/webhooks/{id}/deliveries": {
+        "get": _op(
+            "listEndpointDeliveries",
+            "A webhook endpoint's deliveries, newest first, each with its attempts",
+            {"200": _json("DeliveryList", "a page")},
+            parameters=[*_ENDPOINT_PATH, *_PAGE],
+        ),
+    },
+    "/v1/webhooks/secret": {
+        "get": _op(
+            "getWebhookSecret",
+            "Your signing secret for the webhooks renders name (made on first ask)",
+            {"200": _json("WebhookSecret", "the secret", _NO_STORE)},
+        ),
+    },
+    "/v1/webhooks/secret:rotate": {
+        "post": _op(
+            "rotateWebhookSecret",
+            f"Make a new signing secret for the webhooks renders name{_ROTATE_SUMMARY}",
+            {"200": _json("WebhookSecret", "the new secret", _NO_STORE)},
+            body="RotateWebhookSecretRequest",
+            body_required=False,
+        ),
+    },
+    "/v1/deliveries/{id}:redeliver": {
+        "post": _op(
+            "redeliver",
+            "Send a delivery again, at once, whatever its state: a new attempt with the same "
+            "`webhook-id` (one to a disabled endpoint waits until the endpoint is enabled again)",
+            {"202": _json("Delivery", "due now")},
+            parameters=[_DELIVERY_ID],
         ),
     },
     "/v1/renders": {
@@ -400,6 +497,15 @@ PATHS: dict[str, dict[str, Schema]] = {
                 *_RESUME,
                 _header("Sec-WebSocket-Protocol", "`bearer, <api key>`: the API key, for browsers"),
             ],
+        ),
+    },
+    "/v1/renders/{id}/deliveries": {
+        "get": _op(
+            "listRenderDeliveries",
+            "The render's webhook deliveries (to its own webhook and to its project's endpoints), "
+            "newest first, each with its attempts",
+            {"200": _json("DeliveryList", "a page")},
+            parameters=[_RENDER_ID, *_PAGE],
         ),
     },
     "/v1/renders/{id}/output": {

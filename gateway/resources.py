@@ -7,25 +7,13 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from google.protobuf import timestamp_pb2
 from renderflow.v1 import generation_pb2, metadata_pb2
 
 from shared import contract
+from shared.render_json import render_json, timestamp
 
 JSON = dict[str, Any]
 
-KINDS = {"image": generation_pb2.RENDER_KIND_IMAGE, "video": generation_pb2.RENDER_KIND_VIDEO}
-STATUSES = {
-    "queued": generation_pb2.RENDER_STATUS_QUEUED,
-    "running": generation_pb2.RENDER_STATUS_RUNNING,
-    "succeeded": generation_pb2.RENDER_STATUS_SUCCEEDED,
-    "failed": generation_pb2.RENDER_STATUS_FAILED,
-    "cancelled": generation_pb2.RENDER_STATUS_CANCELLED,
-    "expired": generation_pb2.RENDER_STATUS_EXPIRED,
-}
-_KIND_NAMES = {value: name for name, value in KINDS.items()}
-_STATUS_NAMES = {value: name for name, value in STATUSES.items()}
-TERMINAL_STATUSES = frozenset(STATUSES[name] for name in contract.TERMINAL)
 _COUNTS = (*contract.STATUSES, "total")
 
 
@@ -37,16 +25,6 @@ def json_response(data: Any, *, status: int = 200, headers: Mapping[str, str] | 
     encoder, which was 4 % of the gateway's CPU under load)."""
     body = orjson.dumps(data)
     return web.Response(body=body, status=status, headers=headers, content_type=JSON_TYPE, charset="utf-8")
-
-
-def timestamp(value: timestamp_pb2.Timestamp) -> str:
-    """RFC 3339 in UTC (`2025-01-02T03:04:05.678Z`)."""
-    text: str = value.ToJsonString()
-    return text
-
-
-def _maybe_time(message: Any, field: str) -> str | None:
-    return timestamp(getattr(message, field)) if message.HasField(field) else None
 
 
 def page(key: str, items: list[JSON], next_page_token: str) -> JSON:
@@ -87,122 +65,6 @@ def rule_json(rule: metadata_pb2.Rule) -> JSON:
     }
 
 
-def error_json(error: generation_pb2.RenderError) -> JSON:
-    return {
-        "code": error.code,
-        "reason": error.reason,
-        "message": error.message,
-        "retryable": error.retryable,
-    }
-
-
-def reference_json(reference: generation_pb2.Reference) -> JSON | None:
-    """`{url | render_id | previous: true, required}` as requests name references, and what became
-    of it: `used` (null until the render has run), `reason` and `message` when it was not used,
-    `source_render_id`: the render whose output served (a chain's: the one it continued from)."""
-    source = reference.WhichOneof("source")
-    if source is None:
-        return None
-    body: JSON = {"previous": True} if source == "chain_previous" else {source: getattr(reference, source)}
-    used = reference.used if reference.HasField("used") else None
-    body.update(
-        required=reference.required,
-        used=used,
-        reason=reference.reason or None,
-        message=reference.message or None,
-        source_render_id=reference.source_render_id or None,
-    )
-    return body
-
-
-def render_json(render: generation_pb2.Render) -> JSON:
-    """A render: status, progress, queue position, timings, output, error, trace id."""
-    is_video = render.kind == generation_pb2.RENDER_KIND_VIDEO
-    params = render.params
-    output = render.output
-    return {
-        "id": render.id,
-        "project": render.project,
-        "chain_id": render.chain_id,
-        "position": render.position,
-        "kind": _KIND_NAMES.get(render.kind, "image"),
-        "status": _STATUS_NAMES.get(render.status, "queued"),
-        "progress": render.progress,
-        "queue_position": render.queue_position if render.HasField("queue_position") else None,
-        "eta_s": render.eta_s if render.HasField("eta_s") else None,
-        "remaining_s": render.remaining_s if render.HasField("remaining_s") else None,
-        "prompt": render.prompt,
-        "negative_prompt": render.negative_prompt or None,
-        "params": {
-            "width": params.width,
-            "height": params.height,
-            "steps": params.steps,
-            "seed": params.seed,
-            "duration_s": params.duration_s if is_video else None,
-            "fps": params.fps if is_video else None,
-            "workflow": params.workflow or None,
-        },
-        "rules": [{"id": rule.id, "text": rule.text} for rule in render.rules],
-        "reference": reference_json(render.reference),
-        "batch_id": render.batch_id or None,
-        "output": {
-            "url": output.url or f"/v1/renders/{render.id}/output",
-            "content_type": output.content_type,
-            "bytes": output.bytes,
-            "width": output.width,
-            "height": output.height,
-            "duration_s": output.duration_s if is_video else None,
-            "sha256": output.sha256,
-        }
-        if render.HasField("output")
-        else None,
-        "error": error_json(render.error) if render.HasField("error") else None,
-        "timings": {
-            f"{name}_ms": getattr(render.timings, f"{name}_ms")
-            if render.timings.HasField(f"{name}_ms")  # type: ignore[arg-type]
-            else None
-            for name in contract.TIMINGS
-        },
-        "attempts": render.attempts,
-        "trace_id": render.trace_id or None,
-        "created_at": _maybe_time(render, "created_at"),
-        "started_at": _maybe_time(render, "started_at"),
-        "finished_at": _maybe_time(render, "finished_at"),
-        "last_progress_at": _maybe_time(render, "last_progress_at"),
-        "stalled": render.stalled,
-        "waiting_on": render.waiting_on or None,
-        "deadline": _maybe_time(render, "deadline"),
-        "timeout_s": render.timeout_s or None,
-        "priority": render.priority,
-        "retention_s": render.retention_s if render.HasField("retention_s") else None,
-        "output_expires_at": _maybe_time(render, "output_expires_at"),
-        "output_deleted_at": _maybe_time(render, "output_deleted_at"),
-        "backend": render.backend or None,
-        "provider_request_id": render.provider_request_id or None,
-        "retry_of": render.retry_of or None,
-        "retries": list(render.retries),
-    }
-
-
-def event_json(event: generation_pb2.RenderEvent) -> JSON:
-    """An event: `{seq, type, render_id, at, progress?, phase?, message?, error?}`."""
-    body: JSON = {
-        "seq": event.seq,
-        "type": event.type,
-        "render_id": event.render_id,
-        "at": timestamp(event.at),
-    }
-    if event.HasField("progress"):
-        body["progress"] = event.progress
-    if event.phase:
-        body["phase"] = event.phase
-    if event.message:
-        body["message"] = event.message
-    if event.HasField("error"):
-        body["error"] = error_json(event.error)
-    return body
-
-
 def batch_json(batch: generation_pb2.Batch) -> JSON:
     """A batch: `{id, counts: {queued, running, succeeded, failed, cancelled, total}, renders,
     created_at}`, its renders in submission order."""
@@ -211,4 +73,59 @@ def batch_json(batch: generation_pb2.Batch) -> JSON:
         "counts": {name: getattr(batch.counts, name) for name in _COUNTS},
         "renders": [render_json(render) for render in batch.renders],
         "created_at": timestamp(batch.created_at),
+    }
+
+
+def _maybe_time(message: Any, field: str) -> str | None:
+    return timestamp(getattr(message, field)) if message.HasField(field) else None
+
+
+def webhook_endpoint_json(endpoint: generation_pb2.WebhookEndpoint) -> JSON:
+    """A project's webhook endpoint; its `secret` only when the answer carries it (its creation's)."""
+    body: JSON = {
+        "id": endpoint.id,
+        "project": endpoint.project,
+        "url": endpoint.url,
+        "events": list(endpoint.events),
+        "description": endpoint.description,
+        "state": endpoint.state,
+        "disabled_reason": endpoint.disabled_reason or None,
+        "failing_since": _maybe_time(endpoint, "failing_since"),
+        "created_at": timestamp(endpoint.created_at),
+    }
+    if endpoint.secret:
+        body["secret"] = endpoint.secret
+    return body
+
+
+def webhook_secret_json(secret: generation_pb2.WebhookSecret) -> JSON:
+    """A signing secret, and until when the one it replaced still signs beside it (null: none does)."""
+    return {"secret": secret.secret, "previous_expires_at": _maybe_time(secret, "previous_expires_at")}
+
+
+def delivery_json(delivery: generation_pb2.Delivery) -> JSON:
+    """One event for one receiver (`id`: its `webhook-id`), with the log of its attempts."""
+    return {
+        "id": delivery.id,
+        "render_id": delivery.render_id,
+        "endpoint_id": delivery.endpoint_id or None,
+        "event": delivery.event,
+        "url": delivery.url,
+        "state": delivery.state,
+        "attempts": delivery.attempts,
+        "created_at": timestamp(delivery.created_at),
+        "next_attempt_at": _maybe_time(delivery, "next_attempt_at"),
+        "delivered_at": _maybe_time(delivery, "delivered_at"),
+        "attempt_log": [
+            {
+                "number": attempt.number,
+                "at": timestamp(attempt.at),
+                "outcome": attempt.outcome,
+                "status": attempt.status or None,
+                "latency_ms": attempt.latency_ms,
+                "message": attempt.message,
+                "response_excerpt": attempt.response_excerpt,
+            }
+            for attempt in delivery.attempt_log
+        ],
     }

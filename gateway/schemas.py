@@ -212,6 +212,59 @@ _RENDER_ERROR = _object(
     }
 )
 
+WEBHOOK_EVENTS = ["queued", "started", "progress", "completed"]
+"""What a webhook may receive (generation's own list: a unit test keeps the two in step)."""
+MAX_WEBHOOK_DESCRIPTION = 500
+"""The longest description of a webhook endpoint (generation's limit)."""
+MAX_OVERLAP_S = 7 * 86400
+"""The longest a rotated secret may keep signing beside the new one, in seconds."""
+_WEBHOOK_EVENT = (
+    "`queued` (it was accepted, or went back to the queue), `started` (a worker took it), `progress` "
+    "(it rose; a receiver that lags behind gets only the newest), `completed` (it ended: succeeded, "
+    "failed, cancelled or expired)"
+)
+_WEBHOOK_URL_INPUT: Schema = {
+    "type": "string",
+    "pattern": REFERENCE_URL_PATTERN,
+    "maxLength": MAX_URL,
+    ERROR_MESSAGE: "must be an http or https URL, without NUL characters",
+    "description": "where to POST the events: an absolute http or https URL on a public address "
+    "(private, loopback, link-local and metadata addresses are refused with 422, in any spelling, "
+    "unless the operator allows them); redirects are not followed",
+}
+
+
+def _webhook_events(description: str, *, default: bool = True) -> Schema:
+    schema: Schema = {
+        "type": "array",
+        "items": {"enum": WEBHOOK_EVENTS},
+        "minItems": 1,
+        "uniqueItems": True,
+        ERROR_MESSAGE: f"must name at least one of {', '.join(WEBHOOK_EVENTS)}, each once",
+        "description": f"{description}: {_WEBHOOK_EVENT}",
+    }
+    if default:
+        schema["default"] = ["completed"]
+    return schema
+
+
+_WEBHOOK_EVENTS_SHOWN: Schema = {
+    "type": "array",
+    "items": {"enum": WEBHOOK_EVENTS},
+    "description": f"the events it receives, in their natural order: {_WEBHOOK_EVENT}",
+}
+_WEBHOOK_DESCRIPTION_INPUT: Schema = _described(
+    _text(MAX_WEBHOOK_DESCRIPTION, min_length=0), "what it is for, for people (default empty)"
+)
+_OVERLAP_S: Schema = {
+    "type": "number",
+    "minimum": 0,
+    "maximum": MAX_OVERLAP_S,
+    "description": "how long the previous secret keeps signing beside the new one (every delivery "
+    "carries both signatures meanwhile), in seconds; omitted or 0: the service's default, 24 h",
+}
+_DELIVERY_STATES = ["pending", "delivered", "failed"]
+
 SCHEMAS: dict[str, Schema] = {
     "Problem": {
         "type": "object",
@@ -354,6 +407,15 @@ SCHEMAS: dict[str, Schema] = {
         oneOf=[{"required": ["url"]}, {"required": ["render_id"]}, {"required": ["previous"]}],
         error_message="must have exactly one of url, render_id and previous",
     ),
+    "WebhookInput": _object(
+        {
+            "url": _WEBHOOK_URL_INPUT,
+            "events": _webhook_events("which of its events to send"),
+        },
+        ["url"],
+        description="where to send the render's events as they happen, signed with your webhook secret "
+        "(`GET /v1/webhooks/secret`); a refused URL is 422 naming `webhook.url`",
+    ),
     "RenderRequest": _object(
         {
             "project": _described(_SLUG_INPUT, "the slug of the project to render in"),
@@ -367,6 +429,7 @@ SCHEMAS: dict[str, Schema] = {
             "deadline": DEADLINE,
             "timeout_s": TIMEOUT_S,
             "retention_s": RETENTION_S,
+            "webhook": ref("WebhookInput"),
         },
         ["project", "kind", "prompt"],
     ),
@@ -381,6 +444,7 @@ SCHEMAS: dict[str, Schema] = {
             "deadline": DEADLINE,
             "timeout_s": TIMEOUT_S,
             "retention_s": RETENTION_S,
+            "webhook": ref("WebhookInput"),
         },
         ["kind", "prompt"],
     ),
@@ -400,6 +464,11 @@ SCHEMAS: dict[str, Schema] = {
             "retention_s": {
                 **RETENTION_S,
                 "description": "every item's retention_s, unless it states its own",
+            },
+            "webhook": {
+                **ref("WebhookInput"),
+                "description": "every item's webhook, unless it names its own (a refused URL is named "
+                "by the first item it applies to: `items[i].webhook.url`)",
             },
         },
         ["items"],
@@ -668,6 +737,16 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "the provider's own id of that attempt's request (a prediction id, an API "
                 "request id), to quote to the provider; null without one",
             },
+            "webhook": _nullable(
+                _object(
+                    {
+                        "url": {"type": "string", "description": "where its events are POSTed"},
+                        "events": _WEBHOOK_EVENTS_SHOWN,
+                    }
+                ),
+                "where its events are sent, as submitted (a retry keeps it); null: nowhere but to its "
+                "project's webhook endpoints",
+            ),
             "retry_of": {"type": ["string", "null"], "description": "the render this one retries"},
             "retries": {
                 "type": "array",
@@ -734,6 +813,170 @@ SCHEMAS: dict[str, Schema] = {
         ["event", "data"],
         description="One event of a text/event-stream, as a client reads it: `data` is a RenderEvent.",
     ),
+    "CreateWebhookEndpointRequest": _object(
+        {
+            "url": _WEBHOOK_URL_INPUT,
+            "events": _webhook_events("which events of the project's renders to send"),
+            "description": _WEBHOOK_DESCRIPTION_INPUT,
+        },
+        ["url"],
+    ),
+    "UpdateWebhookEndpointRequest": _object(
+        {
+            "url": _WEBHOOK_URL_INPUT,
+            "events": _webhook_events("which events of the project's renders to send", default=False),
+            "description": _described(
+                _text(MAX_WEBHOOK_DESCRIPTION, min_length=0), "what it is for, for people"
+            ),
+            "enabled": {
+                "type": "boolean",
+                "description": "`false` stops its deliveries (those due wait); `true` starts them again, "
+                "also after it was disabled for failing, and clears `failing_since`",
+            },
+        },
+        minProperties=1,
+        error_message="must change url, events, description or enabled",
+    ),
+    "RotateWebhookSecretRequest": _object({"overlap_s": _OVERLAP_S}),
+    "WebhookEndpoint": _object(
+        {
+            "id": _id("endpoint"),
+            "project": _PROJECT,
+            "url": {
+                "type": "string",
+                "description": "where the events of the project's renders are POSTed",
+            },
+            "events": _WEBHOOK_EVENTS_SHOWN,
+            "description": {"type": "string", "description": "what it is for, for people (may be empty)"},
+            "state": {
+                "enum": ["enabled", "disabled"],
+                "description": "`enabled`: it receives deliveries; `disabled`: by its owner, or after its "
+                "deliveries failed without a break for 5 days by default (see `disabled_reason`); "
+                "PATCH `enabled: true` starts it again",
+            },
+            "disabled_reason": {
+                "type": ["string", "null"],
+                "description": "why it is disabled (`disabled by its owner`, or since when its deliveries "
+                "failed); null while it is enabled",
+            },
+            "failing_since": _described(
+                _MAYBE_TIME, "while its deliveries fail: since the first failure after its last success"
+            ),
+            "created_at": _CREATED_AT,
+            "secret": {
+                "type": "string",
+                "description": "its signing secret (`whsec_` and base64): only in the answer that created "
+                "it; keep it then (POST .../webhooks/{id}:rotate-secret makes a new one)",
+            },
+        },
+        [
+            "id",
+            "project",
+            "url",
+            "events",
+            "description",
+            "state",
+            "disabled_reason",
+            "failing_since",
+            "created_at",
+        ],
+    ),
+    "WebhookEndpointList": _object(
+        {
+            "webhooks": {
+                "type": "array",
+                "items": ref("WebhookEndpoint"),
+                "description": "the project's webhook endpoints, oldest first, without their secrets",
+            }
+        },
+        ["webhooks"],
+    ),
+    "WebhookSecret": _object(
+        {
+            "secret": {
+                "type": "string",
+                "description": "the signing secret (`whsec_` and base64), as the `standardwebhooks` "
+                "libraries take it",
+            },
+            "previous_expires_at": _described(
+                _MAYBE_TIME,
+                "until when the secret it replaced still signs beside it; null when none does",
+            ),
+        },
+        ["secret", "previous_expires_at"],
+    ),
+    "Delivery": _object(
+        {
+            "id": {
+                **ID,
+                "description": "the delivery's id: the `webhook-id` header of every attempt (the same on "
+                "each, so that receivers can drop repeats)",
+            },
+            "render_id": _described(ID, "the render whose event it carries"),
+            "endpoint_id": {
+                "type": ["string", "null"],
+                "description": "the project's endpoint it goes to; null: the render's own webhook",
+            },
+            "event": {"enum": WEBHOOK_EVENTS, "description": f"the event it carries: {_WEBHOOK_EVENT}"},
+            "url": {"type": "string", "description": "where it is POSTed"},
+            "state": {
+                "enum": _DELIVERY_STATES,
+                "description": "`pending` (to send, maybe again after a failed attempt), `delivered` (a "
+                "2xx answered), or `failed` (given up: retried for 24 h by default, or its endpoint was "
+                "deleted; it can still be redelivered)",
+            },
+            "attempts": {"type": "integer", "minimum": 0, "description": "how many attempts were made"},
+            "created_at": _described(_TIME, "when its event happened"),
+            "next_attempt_at": _described(
+                _MAYBE_TIME, "while `pending`: when it is sent (again); null otherwise"
+            ),
+            "delivered_at": _described(_MAYBE_TIME, "when a receiver took it; null until then"),
+            "attempt_log": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "number": {"type": "integer", "description": "the attempt's number, from 1"},
+                        "at": _described(_TIME, "when it was made"),
+                        "outcome": {
+                            "type": "string",
+                            "description": "`delivered`, or why not: `timeout`, `connection_failed`, "
+                            "`blocked_address`, `invalid_url`, `redirect_not_followed`, `http_<status>`, "
+                            "`unavailable`, `render_gone`, `endpoint_deleted`",
+                        },
+                        "status": {
+                            "type": ["integer", "null"],
+                            "description": "the receiver's HTTP status; null when none answered",
+                        },
+                        "latency_ms": {
+                            "type": "number",
+                            "description": "milliseconds the attempt took, connecting included",
+                        },
+                        "message": {"type": "string", "description": "what happened, for people"},
+                        "response_excerpt": {
+                            "type": "string",
+                            "description": "the start of the receiver's answer (empty: none)",
+                        },
+                    },
+                    ["number", "at", "outcome", "status", "latency_ms", "message", "response_excerpt"],
+                ),
+                "description": "its attempts, oldest first",
+            },
+        },
+        [
+            "id",
+            "render_id",
+            "endpoint_id",
+            "event",
+            "url",
+            "state",
+            "attempts",
+            "created_at",
+            "next_attempt_at",
+            "delivered_at",
+            "attempt_log",
+        ],
+    ),
+    "DeliveryList": _list_of("deliveries", "Delivery", "this page of the deliveries, newest first"),
     "ProjectList": _list_of("projects", "Project", "this page of your projects, oldest first"),
     "ChainList": _list_of("chains", "Chain", "this page of the project's chains, oldest first"),
     "RuleList": _list_of("rules", "Rule", "this page of the project's rules, oldest first"),

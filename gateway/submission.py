@@ -1,4 +1,5 @@
-"""Render requests as generation RenderSpecs, and the `Prefer: wait=N` preference of a submit."""
+"""Render requests as generation RenderSpecs (with their webhook), and the `Prefer: wait=N`
+preference of a submit."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ from typing import Any
 from aiohttp import web
 from renderflow.v1 import generation_pb2
 
-from gateway.resources import KINDS
 from gateway.state import TIMER
 from shared.contract import PARAMS
 from shared.errors import ValidationFailed
+from shared.render_json import KINDS
 
 SEED_LIMIT = 2**32
 """Random seeds are below this."""
@@ -66,7 +67,15 @@ def render_spec(
     )
     if fields.get("deadline") is not None:
         spec.deadline.FromDatetime(deadline(fields["deadline"], f"{field_prefix}deadline"))
+    if fields.get("webhook"):
+        spec.webhook.CopyFrom(webhook(fields["webhook"]))
     return spec
+
+
+def webhook(given: dict[str, Any]) -> generation_pb2.WebhookSubscription:
+    """Where to send a render's events, and which (none named: `completed`). Generation checks the
+    URL (a public address, unless allow-listed) and answers a field error naming `webhook.url`."""
+    return generation_pb2.WebhookSubscription(url=given["url"], events=given.get("events") or ["completed"])
 
 
 def deadline(given: str | float, field: str) -> datetime:

@@ -34,6 +34,7 @@ AREAS = {
     "WORKER": "The workers",
     "BACKEND": "Generator backends (read by the workers)",
     "LOCAL": "The local stack (`renderflow run`)",
+    "WEBHOOKS": "Webhooks (sent by the generation service)",
 }
 OTHER = "Shared by several processes"
 

@@ -10,12 +10,13 @@ from renderflow.v1 import generation_pb2
 from gateway.auth import principal
 from gateway.batch_cursor import BatchCursor
 from gateway.idempotency import idempotency_key, request_hash
-from gateway.resources import batch_json, json_response, render_json
+from gateway.resources import batch_json, json_response
 from gateway.routes import ID, clients, phase
 from gateway.routes.events import resume_point, stream_events
 from gateway.state import TRACEPARENT
 from gateway.submission import deadline, render_spec, spent_so_far
 from gateway.validation import read_json
+from shared.render_json import render_json
 
 routes = web.RouteTableDef()
 
@@ -29,7 +30,9 @@ async def submit_batch(request: web.Request) -> web.Response:
         items: list[dict[str, Any]] = fields["items"]
         # What the batch states for all its items, unless an item states its own.
         shared: dict[str, Any] = {
-            name: fields[name] for name in ("deadline", "timeout_s", "retention_s") if name in fields
+            name: fields[name]
+            for name in ("deadline", "timeout_s", "retention_s", "webhook")
+            if name in fields
         }
         if "deadline" in shared:  # one moment for every item, read now
             shared["deadline"] = deadline(shared["deadline"], "deadline").isoformat()

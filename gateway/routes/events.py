@@ -16,7 +16,6 @@ from aiohttp import WSCloseCode, web
 from renderflow.v1 import generation_pb2
 
 from gateway.auth import principal, websocket_bearer_protocol
-from gateway.resources import event_json
 from gateway.routes import ID, clients, phase, query
 from gateway.sse import CONTENT_TYPE, comment_frame, event_frame, retry_frame, with_heartbeats
 from gateway.state import SETTINGS, TIMER
@@ -24,6 +23,7 @@ from gateway.streams import OPEN_STREAMS, Ending, EndStream
 from gateway.watch_hub import WATCH_HUB
 from shared.contract import TERMINAL
 from shared.errors import RenderflowError, ValidationFailed
+from shared.render_json import event_json
 from shared.spans import mark_stream
 
 log = logging.getLogger(__name__)

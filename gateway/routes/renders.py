@@ -12,12 +12,13 @@ from renderflow.v1 import generation_pb2
 
 from gateway.auth import Principal, authenticated, principal
 from gateway.idempotency import idempotency_key, request_hash
-from gateway.resources import KINDS, STATUSES, TERMINAL_STATUSES, json_response, page, render_json
+from gateway.resources import json_response, page
 from gateway.routes import ID, clients, page_args, phase, query
 from gateway.state import SETTINGS, TIMER, TRACEPARENT
 from gateway.submission import moment, prefer_wait, render_spec, spent_so_far
 from gateway.validation import read_json
 from gateway.watch_hub import WATCH_HUB
+from shared.render_json import KINDS, STATUSES, TERMINAL_STATUSES, render_json
 
 routes = web.RouteTableDef()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from services.generation.backends.selection import BackendSettings
 from services.generation.pacing import parse_rates
+from services.generation.webhooks.settings import WebhookSettings
 from shared.settings import Addresses, ConfigError, Env, listen_address, run_dir, service_token
 from shared.telemetry import Budgets
 
@@ -84,6 +85,10 @@ class Settings:
     service_token: str | None = field(default=None, repr=False)
     """RENDERFLOW_SERVICE_TOKEN: required of every caller, and carried on prefetches (`from_env`
     insists on it); None, for settings made in code, serves every caller and calls without it."""
+    imagefetch_addr: str = ""
+    """RENDERFLOW_IMAGEFETCH_ADDR: the image-fetch service, which sends webhook deliveries (and
+    prefetches); empty (in code only): no deliveries are sent from this process."""
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     @classmethod
     def from_env(cls, env: Env) -> Settings:
@@ -115,6 +120,8 @@ class Settings:
             prefetch_timeout_s=env.float("RENDERFLOW_GENERATION_PREFETCH_TIMEOUT_S", 5.0, minimum=0.1),
             prefetch_concurrency=env.int("RENDERFLOW_GENERATION_PREFETCH_CONCURRENCY", 8, minimum=1),
             service_token=service_token(env),
+            imagefetch_addr=Addresses.from_env(env).imagefetch,
+            webhooks=WebhookSettings.from_env(env),
         )
 
 

@@ -26,6 +26,25 @@ class Params:
     """The registered workflow that makes it (the comfyui backend's); empty: the default."""
 
 
+WEBHOOK_EVENTS = ("queued", "started", "progress", "completed")
+"""What a webhook may receive: `completed` is any end (succeeded, failed, cancelled, expired)."""
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Where a render's events are sent, and which."""
+
+    url: str
+    events: tuple[str, ...] = ("completed",)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"url": self.url, "events": list(self.events)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Webhook:
+        return cls(data["url"], tuple(data.get("events") or ("completed",)))
+
+
 @dataclass(frozen=True)
 class ReferenceOutcome:
     """What became of a render's reference once the render ran: used, or not and why (`reason` as
@@ -111,6 +130,8 @@ class RenderSpec:
     """The render it retries (set by a retry, never by a caller)."""
     retention_s: float = 0.0
     """How long its output is kept once it succeeds (0: the service's default)."""
+    webhook: Webhook | None = None
+    """Where its events are sent as they happen."""
 
 
 @dataclass(frozen=True)
@@ -207,6 +228,7 @@ class Render:
     """The backend that ran its latest attempt (empty before one started)."""
     provider_request_id: str = ""
     """The provider's own id of that attempt's request (a prediction id, an API request id)."""
+    webhook: Webhook | None = None
     queue_position: int | None = None
     eta_s: float | None = None
     remaining_s: float | None = None

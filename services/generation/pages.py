@@ -48,12 +48,12 @@ def page_query(
         order = sql.SQL("position, id")
         if page_token:
             clauses.append(sql.SQL("(position, id) > (%s, %s)"))
-            params.extend(_decode_token(page_token, int))
+            params.extend(decode_token(page_token, int))
     else:
         order = sql.SQL("created_at DESC, id DESC")
         if page_token:
             clauses.append(sql.SQL("(created_at, id) < (%s::timestamptz, %s)"))
-            params.extend(_decode_token(page_token, str))
+            params.extend(decode_token(page_token, str))
     query = sql.SQL(QUERIES["list_renders"]).format(
         where=sql.SQL(" AND ").join(clauses), order=order, limit=size + 1
     )
@@ -74,15 +74,15 @@ def page_of(renders: list[Render], size: int, by_position: bool) -> Page:
     if len(renders) > size:
         last = page[-1]
         key: Any = last.position if by_position else last.created_at.isoformat()
-        token = _encode_token(key, last.id)
+        token = encode_token(key, last.id)
     return Page(page, token)
 
 
-def _encode_token(key: Any, last_id: str) -> str:
+def encode_token(key: Any, last_id: str) -> str:
     return base64.urlsafe_b64encode(json.dumps([key, last_id]).encode()).decode().rstrip("=")
 
 
-def _decode_token(token: str, key_type: type) -> tuple[Any, str]:
+def decode_token(token: str, key_type: type) -> tuple[Any, str]:
     try:
         key, last_id = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if not isinstance(key, key_type) or not isinstance(last_id, str):

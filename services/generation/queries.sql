@@ -49,14 +49,14 @@ previous AS (
 r AS (
     INSERT INTO renders (id, user_id, project_id, project, chain_id, position, kind, prompt,
         negative_prompt, params, rules, reference, batch_id, timings, trace_id, traceparent,
-        idempotency_key, request_hash, priority, deadline_at, timeout_s, retry_of, retention_s, last_seq,
-        created_at)
+        idempotency_key, request_hash, priority, deadline_at, timeout_s, retry_of, retention_s, webhook,
+        last_seq, created_at)
     SELECT %(id)s, %(user_id)s, %(project_id)s, %(project)s, %(chain_id)s, p.position, %(kind)s,
         %(prompt)s, %(negative_prompt)s, %(params)s, %(rules)s,
         CASE WHEN %(chains)s AND p.position = 1 THEN NULL ELSE %(reference)s::jsonb END,
         %(batch_id)s, %(timings)s, %(trace_id)s, %(traceparent)s, %(idempotency_key)s,
-        %(request_hash)s, %(priority)s, %(deadline_at)s, %(timeout_s)s, %(retry_of)s, %(retention_s)s, 1,
-        clock_timestamp()
+        %(request_hash)s, %(priority)s, %(deadline_at)s, %(timeout_s)s, %(retry_of)s, %(retention_s)s,
+        %(webhook)s, 1, clock_timestamp()
     FROM p
     ON CONFLICT DO NOTHING
     RETURNING *

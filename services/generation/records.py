@@ -32,6 +32,7 @@ from services.generation.domain import (
     Render,
     RenderError,
     Rule,
+    Webhook,
 )
 from services.generation.queries import QUERIES
 from shared.contract import TERMINAL
@@ -183,6 +184,7 @@ def render_from_row(row: dict[str, Any]) -> Render:
         retention_s=row.get("retention_s"),
         backend=row.get("backend") or "",
         provider_request_id=row.get("provider_request_id") or "",
+        webhook=Webhook.from_json(row["webhook"]) if row.get("webhook") else None,
         output_expires_at=row.get("output_expires_at"),
         output_deleted_at=row.get("output_deleted_at"),
         waiting_on=row.get("waiting_on") or "",

@@ -20,9 +20,14 @@ from services.generation.listener import Listener
 from services.generation.prefetch import Prefetcher
 from services.generation.retention import Retention, sweep_retention
 from services.generation.service import Renders
-from services.generation.servicer import GenerationServicer
+from services.generation.servicer import GenerationServicer, render_pb
 from services.generation.stalls import stalled_gauge, watch_stalls
 from services.generation.store import Store, database_url
+from services.generation.webhooks.api import Webhooks
+from services.generation.webhooks.dispatcher import Dispatcher
+from services.generation.webhooks.egress import ImageFetchEgress
+from services.generation.webhooks.receivers import Receivers
+from services.generation.webhooks.store import WebhookStore
 from shared.grpc_client import create_channel
 from shared.grpc_server import create_server, drain, start
 from shared.health import watching_database_health
@@ -78,14 +83,29 @@ async def running(settings: Settings) -> AsyncIterator[int]:
             stack.push_async_callback(prefetcher.close)
             prefetch = prefetcher.start
         retention = Retention(settings.output_retention_s, settings.max_retention_s)
-        renders = Renders(store, catalog, hub, artifacts, settings.stall_after_s, prefetch, retention)
+        receivers = Receivers(settings.webhooks.allow)
+        renders = Renders(
+            store, catalog, hub, artifacts, settings.stall_after_s, prefetch, retention, receivers
+        )
+
+        async def read_render(user_id: str, render_id: str) -> generation_pb2.Render:
+            return render_pb(await renders.get(user_id, render_id, estimates=False))
+
+        webhook_store = WebhookStore(store.pool)
+        webhooks = Webhooks(webhook_store, catalog, settings.webhooks, read_render)
+        if settings.webhooks.dispatch and settings.imagefetch_addr:
+            egress = await stack.enter_async_context(
+                create_channel(settings.imagefetch_addr, token=settings.service_token)
+            )
+            dispatcher = Dispatcher(webhook_store, read_render, ImageFetchEgress(egress), settings.webhooks)
+            await stack.enter_async_context(background(dispatcher.run(), "generation-webhooks"))
         apply_retention = partial(store.sweep_retention, artifacts.delete, settings.record_retention_s)
         await stack.enter_async_context(
             background(sweep_retention(apply_retention, settings.retention_sweep_s), "generation-retention")
         )
         handle = create_server([SERVICE_NAME], token=settings.service_token)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(renders), handle.server
+            GenerationServicer(renders, webhooks), handle.server
         )
         port = await start(handle, settings.listen)
 

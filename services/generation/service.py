@@ -28,6 +28,7 @@ from services.generation.events import EventHub, follow
 from services.generation.protocols import ApiStore
 from services.generation.retention import Retention
 from services.generation.validation import normalized, normalized_batch
+from services.generation.webhooks.receivers import Receivers
 from shared.contract import PRIORITY, phase_attribute
 from shared.errors import FailedPrecondition, FieldError, Gone, NotFound, ValidationFailed
 
@@ -51,6 +52,7 @@ class Renders:
         stall_after_s: float,
         prefetch: Callable[[str], None] | None = None,
         retention: Retention | None = None,
+        receivers: Receivers | None = None,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -58,6 +60,7 @@ class Renders:
         self._artifacts = artifacts
         self._stall_after_s = stall_after_s
         self._retention = retention or Retention()
+        self._receivers = receivers or Receivers()
         self._run_times: tuple[float, eta.Durations] | None = None
         """When the run-time model was read, and the model."""
         self._prefetch = prefetch
@@ -67,7 +70,7 @@ class Renders:
     async def submit(self, spec: RenderSpec, submission: Submission) -> Render:
         """Queues one render (idempotently) in its project and chain, with the rules active there;
         returns it as stored. NotFound for a project or chain the user does not have."""
-        valid = self._retention.applied(normalized(spec))
+        valid = self._receivers.applied(self._retention.applied(normalized(spec)))
         placement, submission = await _db_phase(
             submission,
             self._catalog.place(submission.user_id, valid.project, valid.chain_id, submission.min_change_seq),
@@ -79,7 +82,10 @@ class Renders:
     async def submit_batch(self, specs: list[RenderSpec], submission: Submission) -> Batch:
         """Queues every render of a batch, or none of them when one is invalid, names a project or
         chain the user does not have (422 naming its first item), or is over the quota."""
-        valid = [self._retention.applied(s, f"items[{i}].") for i, s in enumerate(normalized_batch(specs))]
+        valid = [
+            self._receivers.applied(self._retention.applied(s, f"items[{i}]."), f"items[{i}].")
+            for i, s in enumerate(normalized_batch(specs))
+        ]
         placements, submission = await _db_phase(submission, self._placements(valid, submission))
         batch = await self._store.submit_batch(valid, placements, submission, time.perf_counter())
         self._prefetch_references(batch.renders)
@@ -199,6 +205,7 @@ class Renders:
             timeout_s=original.timeout_s,
             retry_of=original.id,
             retention_s=original.retention_s or 0.0,
+            webhook=original.webhook,
         )
         return await self.submit(spec, submission)
 

@@ -22,8 +22,11 @@ from services.generation.domain import (
     RenderFilter,
     RenderSpec,
     Submission,
+    Webhook,
 )
 from services.generation.service import Renders
+from services.generation.webhooks.api import Webhooks
+from services.generation.webhooks.messages import delivery_pb, endpoint_pb, secret_pb
 
 Context = Any  # grpc.aio.ServicerContext, unused by these handlers
 
@@ -41,10 +44,87 @@ _STATUS = {value: name for name, value in _STATUS_PB.items()}
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    """Translates each RPC to a call of `Renders`."""
+    """Translates each RPC to a call of `Renders` (or, for webhooks, `Webhooks`)."""
 
-    def __init__(self, renders: Renders) -> None:
+    def __init__(self, renders: Renders, webhooks: Webhooks) -> None:
         self._renders = renders
+        self._webhooks = webhooks
+
+    # Webhooks
+
+    async def CreateWebhookEndpoint(
+        self, request: pb.CreateWebhookEndpointRequest, context: Context
+    ) -> pb.WebhookEndpoint:
+        endpoint = await self._webhooks.create_endpoint(
+            request.user_id, request.project, request.url, list(request.events), request.description
+        )
+        return endpoint_pb(endpoint)
+
+    async def ListWebhookEndpoints(
+        self, request: pb.ListWebhookEndpointsRequest, context: Context
+    ) -> pb.ListWebhookEndpointsResponse:
+        endpoints = await self._webhooks.endpoints(request.user_id, request.project)
+        return pb.ListWebhookEndpointsResponse(endpoints=[endpoint_pb(e) for e in endpoints])
+
+    async def GetWebhookEndpoint(
+        self, request: pb.WebhookEndpointRequest, context: Context
+    ) -> pb.WebhookEndpoint:
+        return endpoint_pb(
+            await self._webhooks.endpoint(request.user_id, request.project, request.endpoint_id)
+        )
+
+    async def UpdateWebhookEndpoint(
+        self, request: pb.UpdateWebhookEndpointRequest, context: Context
+    ) -> pb.WebhookEndpoint:
+        endpoint = await self._webhooks.update_endpoint(
+            request.user_id,
+            request.project,
+            request.endpoint_id,
+            url=request.url if request.HasField("url") else None,
+            events=list(request.events) if request.set_events else None,
+            enabled=request.enabled if request.HasField("enabled") else None,
+            description=request.description if request.HasField("description") else None,
+        )
+        return endpoint_pb(endpoint)
+
+    async def DeleteWebhookEndpoint(
+        self, request: pb.WebhookEndpointRequest, context: Context
+    ) -> pb.WebhookEndpoint:
+        deleted = await self._webhooks.delete_endpoint(request.user_id, request.project, request.endpoint_id)
+        return endpoint_pb(deleted)
+
+    async def RotateWebhookSecret(
+        self, request: pb.RotateWebhookSecretRequest, context: Context
+    ) -> pb.WebhookSecret:
+        secret = await self._webhooks.rotate_secret(
+            request.user_id, request.project, request.endpoint_id, request.overlap_s
+        )
+        return secret_pb(secret)
+
+    async def GetWebhookSecret(
+        self, request: pb.GetWebhookSecretRequest, context: Context
+    ) -> pb.WebhookSecret:
+        return secret_pb(await self._webhooks.user_secret(request.user_id))
+
+    async def ListDeliveries(
+        self, request: pb.ListDeliveriesRequest, context: Context
+    ) -> pb.ListDeliveriesResponse:
+        page = await self._webhooks.deliveries(
+            request.user_id,
+            render_id=request.render_id,
+            project=request.project,
+            endpoint_id=request.endpoint_id,
+            size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListDeliveriesResponse(
+            deliveries=[delivery_pb(d) for d in page.deliveries], next_page_token=page.next_page_token
+        )
+
+    async def Redeliver(self, request: pb.RedeliverRequest, context: Context) -> pb.Delivery:
+        return delivery_pb(await self._webhooks.redeliver(request.user_id, request.delivery_id))
+
+    # Renders
 
     async def Submit(self, request: pb.SubmitRequest, context: Context) -> pb.Render:
         render = await self._renders.submit(spec_from_pb(request.render), _submission(request))
@@ -183,6 +263,9 @@ def spec_from_pb(spec: pb.RenderSpec) -> RenderSpec:
         deadline=spec.deadline.ToDatetime(UTC) if spec.HasField("deadline") else None,
         timeout_s=spec.timeout_s,
         retention_s=spec.retention_s,
+        webhook=Webhook(spec.webhook.url, tuple(spec.webhook.events) or ("completed",))
+        if spec.HasField("webhook")
+        else None,
     )
 
 
@@ -252,6 +335,9 @@ def render_pb(render: Render) -> pb.Render:
         message.error.CopyFrom(error_pb(render.error))
     if render.retention_s is not None:
         message.retention_s = render.retention_s
+    if render.webhook is not None:
+        message.webhook.url = render.webhook.url
+        message.webhook.events.extend(render.webhook.events)
     for name in (
         "started_at",
         "finished_at",

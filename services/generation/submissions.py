@@ -77,6 +77,7 @@ async def insert_render(
         "timeout_s": spec.timeout_s or None,
         "retry_of": spec.retry_of or None,
         "retention_s": spec.retention_s or None,
+        "webhook": Jsonb(spec.webhook.to_json()) if spec.webhook else None,
         "event": Jsonb(NewEvent("queued").payload()),
         "waiting_event": Jsonb(NewEvent("queued", message=_WAITING).payload()),
         "max_active": max_active,

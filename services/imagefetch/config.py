@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from yarl import URL
 
-from services.imagefetch.guard import Network, parse_allow_list
 from shared.settings import Addresses, ConfigError, Env, listen_address, service_token
+from shared.url_guard import Network, parse_allow_list
 
 MIB = 1024 * 1024
 
@@ -22,7 +22,8 @@ class Settings:
     """RENDERFLOW_IMAGEFETCH_DEADLINE_S: total time of a fetch, retries included, when the caller says
     none."""
     max_deadline_s: float = 30.0
-    """RENDERFLOW_IMAGEFETCH_MAX_DEADLINE_S: the longest deadline a caller may ask for."""
+    """RENDERFLOW_IMAGEFETCH_MAX_DEADLINE_S: the longest deadline a caller may ask for (of a fetch, or
+    of one webhook delivery)."""
     connect_timeout_s: float = 2.0
     """RENDERFLOW_IMAGEFETCH_CONNECT_TIMEOUT_S: time to open one connection to the origin."""
     read_timeout_s: float = 3.0
@@ -43,11 +44,19 @@ class Settings:
     max_redirects: int = 3
     """RENDERFLOW_IMAGEFETCH_MAX_REDIRECTS: redirect hops followed, each checked like the first URL."""
     allow: tuple[Network, ...] = ()
-    """RENDERFLOW_IMAGEFETCH_ALLOW: comma-separated addresses and CIDR networks that may be fetched from
-    although not public (e.g. `127.0.0.1,10.1.0.0/16`); empty by default."""
+    """RENDERFLOW_IMAGEFETCH_ALLOW: comma-separated addresses and CIDR networks that reference images
+    may come from and webhooks may be delivered to although not public (e.g.
+    `127.0.0.1,10.1.0.0/16`); empty by default. Generation reads it too, to refuse a receiver at
+    once when it names an address outside it."""
     concurrency: int = 8
     """RENDERFLOW_IMAGEFETCH_CONCURRENCY: fetches of one FetchMany call running at once (callers may ask
     fewer)."""
+    deliver_timeout_s: float = 10.0
+    """RENDERFLOW_IMAGEFETCH_DELIVER_TIMEOUT_S: time of one webhook delivery attempt, connecting and the
+    receiver's answer included, when the caller says none."""
+    deliver_concurrency: int = 64
+    """RENDERFLOW_IMAGEFETCH_DELIVER_CONCURRENCY: webhook deliveries under way at once, each on a
+    connection of its own apart from the fetches' (more wait their turn)."""
     cache_url: str | None = None
     """RENDERFLOW_CACHE_URL: `redis://[:password@]host:port/db` for a shared cache; unset or
     `memory://` for a cache inside the process."""
@@ -103,6 +112,12 @@ class Settings:
             max_redirects=env.int("RENDERFLOW_IMAGEFETCH_MAX_REDIRECTS", cls.max_redirects, minimum=0),
             allow=allow,
             concurrency=env.int("RENDERFLOW_IMAGEFETCH_CONCURRENCY", cls.concurrency, minimum=1),
+            deliver_timeout_s=env.float(
+                "RENDERFLOW_IMAGEFETCH_DELIVER_TIMEOUT_S", cls.deliver_timeout_s, minimum=0.01
+            ),
+            deliver_concurrency=env.int(
+                "RENDERFLOW_IMAGEFETCH_DELIVER_CONCURRENCY", cls.deliver_concurrency, minimum=1
+            ),
             cache_url=cache_url,
             cache_namespace=env.str("RENDERFLOW_IMAGEFETCH_CACHE_NAMESPACE", cls.cache_namespace),
             cache_ttl_s=env.float("RENDERFLOW_IMAGEFETCH_CACHE_TTL_S", cls.cache_ttl_s, minimum=0),

@@ -1,63 +1,36 @@
-"""The values the image-fetch service deals in: orders, images, typed failures, progress, outcomes."""
+"""The values the image-fetch service deals in: orders, images, typed failures, progress, outcomes;
+and webhook deliveries, which leave through the same guard."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-# Failure reasons (besides `http_<status>`), exactly as a render's error carries them.
-TIMEOUT = "timeout"
-TOO_LARGE = "too_large"
-NOT_AN_IMAGE = "not_an_image"
-BLOCKED_ADDRESS = "blocked_address"
-CONNECTION_FAILED = "connection_failed"
-TOO_MANY_REDIRECTS = "too_many_redirects"
-INVALID_URL = "invalid_url"
+from shared.url_guard import (
+    BLOCKED_ADDRESS,
+    CONNECTION_FAILED,
+    DELIVERED,
+    INVALID_URL,
+    NOT_AN_IMAGE,
+    REDIRECT_NOT_FOLLOWED,
+    TIMEOUT,
+    TOO_LARGE,
+    TOO_MANY_REDIRECTS,
+    FetchFailure,
+)
 
-
-class FetchFailure(Exception):
-    """A fetch failed for a reason of the origin or the URL (not of the service itself).
-
-    `reason` is one of the constants above or `http_<status>`; `message` is for people and never
-    holds credentials or query strings from the URL, nor internal addresses or whether a name
-    resolved; `retry_after` is the origin's own hint. `detail` is for operators only (the service's
-    log and trace): it may name resolved addresses and resolver errors, so it never leaves the
-    service.
-    """
-
-    def __init__(
-        self,
-        reason: str,
-        message: str,
-        *,
-        retryable: bool = False,
-        retry_after: float | None = None,
-        detail: str = "",
-    ) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.retryable = retryable
-        self.retry_after = retry_after
-        self.detail = detail
-
-    @classmethod
-    def http(cls, status: int, retry_after: float | None = None) -> FetchFailure:
-        """The origin answered `status`; 408, 429 and 5xx are worth trying again."""
-        retryable = status in (408, 429) or status >= 500
-        return cls(
-            f"http_{status}",
-            f"the origin answered HTTP {status}",
-            retryable=retryable,
-            retry_after=retry_after,
-        )
-
-    @classmethod
-    def timed_out(cls, message: str = "the image did not arrive before the deadline") -> FetchFailure:
-        """The deadline passed first; another try, with more time, may succeed."""
-        return cls(TIMEOUT, message, retryable=True)
-
-    def __repr__(self) -> str:
-        return f"FetchFailure({self.reason!r}, {self.message!r})"
+__all__ = [
+    "BLOCKED_ADDRESS",
+    "CONNECTION_FAILED",
+    "DELIVERED",
+    "INVALID_URL",
+    "NOT_AN_IMAGE",
+    "REDIRECT_NOT_FOLLOWED",
+    "TIMEOUT",
+    "TOO_LARGE",
+    "TOO_MANY_REDIRECTS",
+    "FetchFailure",
+]
 
 
 @dataclass(frozen=True)
@@ -107,3 +80,38 @@ class FetchOutcome:
     cache_hit: bool
     attempts: int
     duration_ms: int
+
+
+@dataclass(frozen=True)
+class DeliveryOrder:
+    """One webhook delivery attempt as the caller asks for it: a POST of `body` to `url`."""
+
+    url: str
+    headers: Mapping[str, str]
+    """Sent as given (signatures among them): never logged nor traced."""
+    body: bytes
+    timeout_s: float | None = None
+    """The most the attempt may take, connecting included; None means the service default."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What became of one delivery attempt.
+
+    `outcome` is `delivered` (a 2xx answer), `http_<status>`, `redirect_not_followed` or a failure
+    reason (timeout, connection_failed, blocked_address, invalid_url); `status` is 0 when the
+    receiver did not answer. `message` and `response_excerpt` go back to the caller; `detail`, like
+    a FetchFailure's, is for operators only.
+    """
+
+    outcome: str
+    message: str
+    status: int = 0
+    latency_ms: float = 0.0
+    retry_after_s: float = 0.0
+    response_excerpt: str = ""
+    detail: str = ""
+
+    @property
+    def delivered(self) -> bool:
+        return self.outcome == DELIVERED

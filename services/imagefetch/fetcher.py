@@ -2,6 +2,9 @@
 re-checked hop by hop, transient failures retried with backoff, the size capped while streaming.
 
 No gRPC, no cache, no image decoding here: the result is bytes or a typed FetchFailure.
+
+The pinning (`pin`, `pinned`, `pinned_session`) is all outbound traffic's, webhook deliveries'
+(delivery.py) included: one guard, whatever leaves the service for a user-given URL.
 """
 
 from __future__ import annotations
@@ -9,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -30,19 +33,29 @@ from services.imagefetch.domain import (
     FetchFailure,
     Progress,
 )
-from services.imagefetch.guard import check_address, normalize_url, parse_ip, refusal, refused_name
 from services.imagefetch.instruments import Instruments
 from shared.http_headers import RetryAfterOrExponential, parse_retry_after
 from shared.telemetry import http_client_tracing
+from shared.url_guard import (
+    Network,
+    check_address,
+    normalize_url,
+    parse_ip,
+    refusal,
+    refused_name,
+)
 
 USER_AGENT = "renderflow-imagefetch/0.1"
 CHUNK_BYTES = 64 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _ACCEPT = "image/avif,image/webp,image/png,image/jpeg,image/gif,image/*;q=0.8"
 
+Pins = dict[str, list[ResolveResult]]
+"""The checked addresses of a host, by host name; empty for an IP literal (checked as it is)."""
+
 # The checked addresses of the host the current request goes to, read by PinnedResolver. A context
-# variable, because the one session serves many fetches at once, each with its own answer.
-_PINS: ContextVar[dict[str, list[ResolveResult]] | None] = ContextVar("imagefetch_pins", default=None)
+# variable, because one session serves many requests at once, each with its own answer.
+_PINS: ContextVar[Pins | None] = ContextVar("imagefetch_pins", default=None)
 
 ProgressSink = Callable[[Progress], None]
 
@@ -78,6 +91,84 @@ class PinnedResolver(AbstractResolver):
         return None
 
 
+@asynccontextmanager
+async def pinned_session(
+    *,
+    timeout: aiohttp.ClientTimeout,
+    headers: Mapping[str, str],
+    limit: int = 100,
+    auto_decompress: bool = True,
+    trace_configs: list[aiohttp.TraceConfig] | None = None,
+) -> AsyncIterator[aiohttp.ClientSession]:
+    """A session that connects only to addresses `pin` checked (see `pinned`), at most `limit`
+    connections at once; closed on exit. No proxy from the environment (it would connect wherever
+    it likes), no cookies kept from one URL to the next."""
+    connector = aiohttp.TCPConnector(resolver=PinnedResolver(), use_dns_cache=False, limit=limit)
+    async with aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        headers=dict(headers),
+        auto_decompress=auto_decompress,
+        trace_configs=trace_configs,
+    ) as session:
+        yield session
+
+
+@contextmanager
+def pinned(pins: Pins) -> Iterator[None]:
+    """Requests made inside connect to these addresses only (through a `pinned_session`)."""
+    token = _PINS.set(pins)
+    try:
+        yield
+    finally:
+        _PINS.reset(token)
+
+
+async def pin(url: URL, allow: Iterable[Network], *, redirected: bool = False) -> Pins:
+    """Resolves the host of `url` (normalized) once and checks every address; FetchFailure(
+    blocked_address) if any is refused. An IP literal is checked as it is (aiohttp connects to it
+    without resolving), and its refusal names its class. A name that does not resolve fails exactly
+    like one that resolves to a refused address; what happened goes in the failure's detail only."""
+    host, port = url.raw_host or "", url.port or 0
+    literal = parse_ip(host)
+    if literal is not None:
+        check_address(literal, allow, redirected=redirected)
+        return {}
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        refused = refused_name(host, redirected=redirected, detail=f"{host} did not resolve: {exc}")
+        # A name that does not exist will not exist a moment later either; a busy resolver may
+        # answer a moment later.
+        if exc.errno not in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
+            raise _ResolverBusy(refused.reason, refused.message, detail=refused.detail) from None
+        raise refused from None
+    addresses = [str(sockaddr[0]) for *_, sockaddr in infos]
+    resolved = f"{host} resolved to {', '.join(addresses) or 'no address'}"
+    results: list[ResolveResult] = []
+    for (family, _type, proto, _name, _sockaddr), address in zip(infos, addresses, strict=True):
+        checked = parse_ip(address)
+        kind = "not an address" if checked is None else refusal(checked, allow)
+        if kind is not None:
+            raise refused_name(host, redirected=redirected, detail=f"{resolved}; {address} is {kind}")
+        results.append(
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=family,
+                proto=proto,
+                flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+            )
+        )
+    if not results:
+        raise refused_name(host, redirected=redirected, detail=resolved)
+    return {host: results}
+
+
 @dataclass(frozen=True)
 class Download:
     """The body of a successful response, where it finally came from, and its caching header."""
@@ -99,16 +190,11 @@ class HttpFetcher:
     @asynccontextmanager
     async def open(cls, settings: Settings, instruments: Instruments) -> AsyncIterator[HttpFetcher]:
         """A fetcher with its session; the session is closed on exit."""
-        connector = aiohttp.TCPConnector(resolver=PinnedResolver(), use_dns_cache=False)
         timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
         )
-        # trust_env=False: a proxy from the environment would connect wherever it likes.
-        async with aiohttp.ClientSession(
-            connector=connector,
+        async with pinned_session(
             timeout=timeout,
-            trust_env=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": USER_AGENT, "Accept": _ACCEPT, "Accept-Encoding": "identity"},
             trace_configs=http_client_tracing(),
         ) as session:
@@ -194,13 +280,14 @@ class HttpFetcher:
     async def _follow(self, url: URL, number: int, on_progress: ProgressSink | None, span: Span) -> Download:
         current = url
         for hop in range(self._settings.max_redirects + 1):
-            token = _PINS.set(await self._pin(current, redirected=hop > 0))
+            pins = await pin(current, self._settings.allow, redirected=hop > 0)
             try:
-                async with self._session.get(current, allow_redirects=False) as response:
-                    span.set_attribute("http.response.status_code", response.status)
-                    target = _redirect_target(response, current)
-                    if target is None:
-                        return await self._read(response, current, number, on_progress)
+                with pinned(pins):
+                    async with self._session.get(current, allow_redirects=False) as response:
+                        span.set_attribute("http.response.status_code", response.status)
+                        target = _redirect_target(response, current)
+                        if target is None:
+                            return await self._read(response, current, number, on_progress)
             except aiohttp.ServerTimeoutError:
                 raise FetchFailure.timed_out("the origin stopped answering") from None
             except aiohttp.InvalidURL:
@@ -209,55 +296,11 @@ class HttpFetcher:
                 raise FetchFailure(
                     CONNECTION_FAILED, f"the connection failed ({type(exc).__name__})", retryable=True
                 ) from None
-            finally:
-                _PINS.reset(token)
             current = target
             span.add_event("redirect", {"server.address": current.raw_host or ""})
         raise FetchFailure(
             TOO_MANY_REDIRECTS, f"the origin redirected more than {self._settings.max_redirects} times"
         )
-
-    async def _pin(self, url: URL, *, redirected: bool) -> dict[str, list[ResolveResult]]:
-        """Resolves the host once and checks every address; FetchFailure(blocked_address) if any is
-        refused. An IP literal is checked as it is (aiohttp connects to it without resolving), and
-        its refusal names its class. A name that does not resolve fails exactly like one that
-        resolves to a refused address; what happened goes in the failure's detail only."""
-        host, port = url.raw_host or "", url.port or 0
-        literal = parse_ip(host)
-        if literal is not None:
-            check_address(literal, self._settings.allow, redirected=redirected)
-            return {}
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-        except socket.gaierror as exc:
-            refused = refused_name(host, redirected=redirected, detail=f"{host} did not resolve: {exc}")
-            # A name that does not exist will not exist a moment later either; a busy resolver may
-            # answer a moment later.
-            if exc.errno not in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)):
-                raise _ResolverBusy(refused.reason, refused.message, detail=refused.detail) from None
-            raise refused from None
-        addresses = [str(sockaddr[0]) for *_, sockaddr in infos]
-        resolved = f"{host} resolved to {', '.join(addresses) or 'no address'}"
-        results: list[ResolveResult] = []
-        for (family, _type, proto, _name, _sockaddr), address in zip(infos, addresses, strict=True):
-            checked = parse_ip(address)
-            kind = "not an address" if checked is None else refusal(checked, self._settings.allow)
-            if kind is not None:
-                raise refused_name(host, redirected=redirected, detail=f"{resolved}; {address} is {kind}")
-            results.append(
-                ResolveResult(
-                    hostname=host,
-                    host=address,
-                    port=port,
-                    family=family,
-                    proto=proto,
-                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
-                )
-            )
-        if not results:
-            raise refused_name(host, redirected=redirected, detail=resolved)
-        return {host: results}
 
     async def _read(
         self, response: aiohttp.ClientResponse, url: URL, number: int, on_progress: ProgressSink | None

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from opentelemetry import metrics, trace
 
+from shared.metrics import DURATION_BUCKETS_S
+
 SCOPE = "renderflow.imagefetch"
 
 
@@ -21,6 +23,8 @@ class Instruments:
     failures: metrics.Counter
     retries: metrics.Counter
     origin_duration: metrics.Histogram
+    deliveries: metrics.Counter
+    delivery_duration: metrics.Histogram
 
     @classmethod
     def create(
@@ -57,5 +61,16 @@ class Instruments:
                 "imagefetch.origin.duration",
                 unit="s",
                 description="Time of one attempt at an origin, redirects and body included, by outcome",
+            ),
+            deliveries=meter.create_counter(
+                "renderflow.imagefetch.deliveries",
+                unit="{delivery}",
+                description="Webhook delivery attempts, by outcome (delivered, http_<status>, timeout, ...)",
+            ),
+            delivery_duration=meter.create_histogram(
+                "renderflow.imagefetch.delivery.duration",
+                unit="s",
+                description="Time of one webhook delivery attempt, answer included, by outcome",
+                explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
             ),
         )

@@ -23,10 +23,10 @@ from services.imagefetch.cache import ImageCache, cache_key, ttl_for
 from services.imagefetch.config import Settings
 from services.imagefetch.domain import FetchFailure, FetchOrder, FetchOutcome, Image, Progress
 from services.imagefetch.fetcher import HttpFetcher, ProgressSink
-from services.imagefetch.guard import normalize_url
 from services.imagefetch.image import inspect_async
 from services.imagefetch.instruments import Instruments
 from shared.errors import ValidationFailed
+from shared.url_guard import normalize_url
 
 log = logging.getLogger(__name__)
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
 
-from services.imagefetch.domain import FetchOrder, FetchOutcome, Progress
+from services.imagefetch.delivery import Deliverer
+from services.imagefetch.domain import Delivery, DeliveryOrder, FetchOrder, FetchOutcome, Progress
 from services.imagefetch.service import ImageService
 from shared.errors import ValidationFailed
 
@@ -22,10 +24,11 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class ImageFetchServicer(imagefetch_pb2_grpc.ImageFetchServiceServicer):
-    """Serves ImageFetchService from an ImageService."""
+    """Serves ImageFetchService from an ImageService and a Deliverer."""
 
-    def __init__(self, service: ImageService) -> None:
+    def __init__(self, service: ImageService, deliverer: Deliverer) -> None:
         self._service = service
+        self._deliverer = deliverer
 
     async def Fetch(
         self, request: imagefetch_pb2.FetchRequest, context: Context
@@ -51,6 +54,12 @@ class ImageFetchServicer(imagefetch_pb2_grpc.ImageFetchServiceServicer):
         orders = [_order(item, f"requests[{index}].") for index, item in enumerate(request.requests)]
         async for index, outcome in self._service.fetch_many(orders, request.concurrency, _budget(context)):
             yield _result(outcome, index)
+
+    async def Deliver(
+        self, request: imagefetch_pb2.DeliverRequest, context: Context
+    ) -> imagefetch_pb2.DeliverResult:
+        delivery = await self._deliverer.deliver(_delivery_order(request), _budget(context))
+        return _delivery_result(delivery)
 
 
 def _budget(context: Context) -> float | None:
@@ -91,4 +100,28 @@ def _result(outcome: FetchOutcome, index: int = 0) -> imagefetch_pb2.FetchResult
         cache_hit=outcome.cache_hit,
         attempts=outcome.attempts,
         duration_ms=outcome.duration_ms,
+    )
+
+
+def _delivery_order(request: imagefetch_pb2.DeliverRequest) -> DeliveryOrder:
+    if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
+        raise ValidationFailed.field("timeout_s", "must be a number of seconds, not negative")
+    return DeliveryOrder(
+        url=request.url,
+        headers=dict(request.headers),
+        body=request.body,
+        timeout_s=request.timeout_s or None,
+    )
+
+
+def _delivery_result(delivery: Delivery) -> imagefetch_pb2.DeliverResult:
+    # Never the delivery's `detail`: it is for this service's log and trace, and may name internal
+    # addresses.
+    return imagefetch_pb2.DeliverResult(
+        outcome=delivery.outcome,
+        status=delivery.status,
+        latency_ms=delivery.latency_ms,
+        retry_after_s=delivery.retry_after_s,
+        message=delivery.message,
+        response_excerpt=delivery.response_excerpt,
     )

@@ -14,9 +14,9 @@ import time
 from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
 
 from services.imagefetch.config import Settings
-from services.imagefetch.guard import parse_allow_list
 from services.imagefetch.server import running
 from shared.grpc_client import create_channel
+from shared.url_guard import parse_allow_list
 from tests.support.origin import Origin
 
 HANGING = ("/hang-headers", "/hang-body", "/drip")

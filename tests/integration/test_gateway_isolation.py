@@ -1,7 +1,7 @@
 """Tenant isolation, walked over every operation of the served OpenAPI document: a second user who
-names the first user's project, chain, rule, render or batch gets 404 (never 403, never the data,
-never a change to it), and lists show them nothing of the first user's. An operation added to the
-spec without a case here fails the walk, so that none is forgotten."""
+names the first user's project, chain, rule, render, batch, webhook endpoint or delivery gets 404
+(never 403, never the data, never a change to it), and lists show them nothing of the first user's.
+An operation added to the spec without a case here fails the walk, so that none is forgotten."""
 
 from __future__ import annotations
 
@@ -29,6 +29,51 @@ WEBSOCKET_HANDSHAKE = {
     "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
     "Sec-WebSocket-Version": "13",
 }
+
+
+HOOK = "https://example.com/hook"
+
+
+@dataclass(frozen=True)
+class Owner(Resources):
+    """The first user's resources, with a webhook endpoint of the project and a delivery (pending:
+    no dispatcher runs in this stack) of a render's own webhook."""
+
+    endpoint_id: str
+    webhook_render_id: str
+    """A render with a webhook of its own, and so deliveries."""
+    delivery_id: str
+    secrets: tuple[str, ...]
+    """The user's signing secret and the endpoint's."""
+
+
+async def seed_owner(stack: LiveStack) -> Owner:
+    alice = await seed_resources(stack, "alice", "alpha")
+    endpoint = await stack.created(
+        "POST",
+        f"/v1/projects/{alice.slug}/webhooks",
+        alice.headers,
+        json={"url": HOOK + "/endpoint", "events": ["queued"]},
+    )
+    # `queued` is delivered as the render is accepted: its deliveries (to its own webhook and to the
+    # endpoint) exist at once, and no later event of it makes more.
+    render = await stack.created(
+        "POST",
+        "/v1/renders",
+        alice.headers,
+        json={**_render(alice), "webhook": {"url": HOOK, "events": ["queued"]}},
+    )
+    _, listed = await stack.call("GET", f"/v1/renders/{render['id']}/deliveries", alice.headers)
+    (delivery,) = [d for d in listed["deliveries"] if d["endpoint_id"] is None]
+    assert len(listed["deliveries"]) == 2
+    _, secret = await stack.call("GET", "/v1/webhooks/secret", alice.headers)
+    return Owner(
+        **vars(alice),
+        endpoint_id=endpoint["id"],
+        webhook_render_id=render["id"],
+        delivery_id=delivery["id"],
+        secrets=(secret["secret"], endpoint["secret"]),
+    )
 
 
 @dataclass(frozen=True)
@@ -81,11 +126,23 @@ CASES: dict[str, Case] = {
         body=lambda owner: {"items": [_render(owner)]},
         note="a batch names each item whose project does not exist (for this caller) as a 422",
     ),
+    "createWebhookEndpoint": Case(body=lambda _: {"url": "https://example.com/intruder"}),
+    "listWebhookEndpoints": Case(),
+    "getWebhookEndpoint": Case(),
+    "updateWebhookEndpoint": Case(body=lambda _: {"enabled": False, "url": "https://example.com/mine"}),
+    "deleteWebhookEndpoint": Case(),
+    "rotateWebhookEndpointSecret": Case(body=lambda _: {"overlap_s": 0}),
+    "listEndpointDeliveries": Case(),
+    "listRenderDeliveries": Case(),
+    "redeliver": Case(),
     # Lists: nothing of the first user's, and a filter naming their project is a 404.
     "listProjects": Case(200),
     "listRenders": Case(200, query=lambda owner: {"chain_id": owner.chain_id}),
     # The same slug is free for the second user: a 409 would tell that it exists.
     "createProject": Case(201, body=lambda owner: {"slug": owner.slug, "name": "Mine"}),
+    # The caller's own signing secret: another than the first user's (who keeps theirs).
+    "getWebhookSecret": Case(200),
+    "rotateWebhookSecret": Case(200, body=lambda _: {}),
     # Public, about no one's data.
     "apiRoot": Case(200, note="the caller's own user id and links: nothing of the first user's"),
     "apiRootSlash": Case(200),
@@ -104,24 +161,54 @@ async def stack(database_url: str, tmp_path: Path) -> AsyncIterator[LiveStack]:
         yield stack
 
 
-def _path(template: str, owner: Resources) -> str:
+def _id(template: str, owner: Owner) -> str:
+    """What `{id}` names in `template`: a batch, an endpoint, a delivery, or else a render."""
+    if template.startswith("/v1/batches/"):
+        return owner.batch_id
+    if "/webhooks/{id}" in template:
+        return owner.endpoint_id
+    if template.startswith("/v1/deliveries/"):
+        return owner.delivery_id
+    if template == "/v1/renders/{id}/deliveries":
+        return owner.webhook_render_id
+    return owner.render_id
+
+
+def _path(template: str, owner: Owner) -> str:
     values = {
         "slug": owner.slug,
         "chain_id": owner.chain_id,
         "rule_id": owner.rule_id,
-        "id": owner.batch_id if template.startswith("/v1/batches/") else owner.render_id,
+        "id": _id(template, owner),
     }
     return re.sub(r"\{(\w+)\}", lambda m: values[m.group(1)], template)
 
 
-def _secrets(owner: Resources) -> list[str]:
-    return [owner.chain_id, owner.rule_id, owner.render_id, owner.batch_id, "warm light", "lighthouse"]
+def _secrets(owner: Owner) -> list[str]:
+    return [
+        owner.chain_id,
+        owner.rule_id,
+        owner.render_id,
+        owner.batch_id,
+        owner.endpoint_id,
+        owner.webhook_render_id,
+        owner.delivery_id,
+        *owner.secrets,
+        HOOK,
+        "warm light",
+        "lighthouse",
+    ]
 
 
 async def test_a_second_user_reaches_nothing_of_the_first(stack: LiveStack) -> None:
-    alice = await seed_resources(stack, "alice", "alpha")
+    alice = await seed_owner(stack)
     _, project = await stack.call("GET", f"/v1/projects/{alice.slug}", alice.headers)
     secrets = [*_secrets(alice), project["id"]]
+    _, endpoint = await stack.call(
+        "GET", f"/v1/projects/{alice.slug}/webhooks/{alice.endpoint_id}", alice.headers
+    )
+    deliveries_path = f"/v1/renders/{alice.webhook_render_id}/deliveries"
+    _, deliveries = await stack.call("GET", deliveries_path, alice.headers)
     bob = await stack.user("bob")
     _, spec = await stack.call("GET", "/openapi.json")
     operations = {
@@ -168,7 +255,15 @@ async def test_a_second_user_reaches_nothing_of_the_first(stack: LiveStack) -> N
     _, chains = await stack.call("GET", f"/v1/projects/{alice.slug}/chains", alice.headers)
     assert sorted(c["name"] for c in chains["chains"]) == ["default", "second"]
     _, renders = await stack.call("GET", "/v1/renders", alice.headers, params={"project": alice.slug})
-    assert len(renders["renders"]) == 3  # the seeded render and the batch's two
+    assert len(renders["renders"]) == 4  # the seeded render, the batch's two, the one with a webhook
+    _, still = await stack.call(
+        "GET", f"/v1/projects/{alice.slug}/webhooks/{alice.endpoint_id}", alice.headers
+    )
+    assert still == endpoint
+    _, secret = await stack.call("GET", "/v1/webhooks/secret", alice.headers)
+    assert secret == {"secret": alice.secrets[0], "previous_expires_at": None}
+    _, still_delivering = await stack.call("GET", deliveries_path, alice.headers)
+    assert still_delivering == deliveries
     _, render = await stack.call("GET", f"/v1/renders/{alice.render_id}", alice.headers)
     assert render["status"] == "succeeded"
 

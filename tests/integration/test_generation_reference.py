@@ -76,6 +76,11 @@ class StandInImageFetch(imagefetch_pb2_grpc.ImageFetchServiceServicer):
         raise NotImplementedError
         yield
 
+    async def Deliver(
+        self, request: imagefetch_pb2.DeliverRequest, context: Any
+    ) -> imagefetch_pb2.DeliverResult:
+        raise NotImplementedError  # webhooks are the generation server's, not the worker's
+
 
 @contextlib.asynccontextmanager
 async def serving_imagefetch(address: str) -> AsyncIterator[tuple[str, StandInImageFetch]]:

@@ -15,8 +15,8 @@ import pytest
 
 from services.imagefetch.config import Settings
 from services.imagefetch.domain import FetchOrder
-from services.imagefetch.guard import parse_allow_list
 from services.imagefetch.service import ImageService, open_service
+from shared.url_guard import parse_allow_list
 from tests.conftest import free_port
 from tests.support import eventually
 from tests.support.origin import Origin

@@ -18,12 +18,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
 
 from services.imagefetch.config import Settings
-from services.imagefetch.guard import parse_allow_list
 from services.imagefetch.instruments import Instruments
 from services.imagefetch.server import running
 from shared.errors import ValidationFailed
 from shared.grpc_client import create_channel
 from shared.rpc_errors import rpc_errors
+from shared.url_guard import parse_allow_list
 from tests.support import eventually
 from tests.support.origin import Origin
 

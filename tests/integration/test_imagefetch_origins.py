@@ -16,8 +16,8 @@ import pytest
 
 from services.imagefetch.config import Settings
 from services.imagefetch.domain import FetchFailure, FetchOrder, FetchOutcome
-from services.imagefetch.guard import parse_allow_list
 from services.imagefetch.service import ImageService, open_service
+from shared.url_guard import parse_allow_list
 from tests.support.origin import Origin
 
 DEADLINE_S = 1.0

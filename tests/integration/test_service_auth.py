@@ -30,7 +30,6 @@ from renderflow.v1 import (
 from services.generation.config import Settings as GenerationSettings
 from services.generation.server import running as generation_running
 from services.imagefetch.config import Settings as ImageFetchSettings
-from services.imagefetch.guard import parse_allow_list
 from services.imagefetch.server import running as imagefetch_running
 from services.metadata.config import Settings as MetadataSettings
 from services.metadata.server import running as metadata_running
@@ -39,6 +38,7 @@ from shared.grpc_client import create_channel
 from shared.rpc_errors import from_rpc_error
 from shared.service_auth import TOKEN_PREFIX, new_service_token
 from shared.settings import ConfigError, Env
+from shared.url_guard import parse_allow_list
 from tests.support.generation import Accounts, spec
 from tests.support.origin import Origin
 from tools.cli.main import run_service_token

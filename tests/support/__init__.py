@@ -19,11 +19,11 @@ async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> N
             await asyncio.sleep(0.005)
 
 
-async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, int]:
-    """Serves `app` on 127.0.0.1 on a free port; returns the runner (the caller cleans it up) and
-    the port. A handler ends when its client goes away, as with a real server."""
+async def serve_on_loopback(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+    """Serves `app` on 127.0.0.1 on `port` (0: a free one); returns the runner (the caller cleans
+    it up) and the port. A handler ends when its client goes away, as with a real server."""
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port: int = runner.addresses[0][1]
-    return runner, port
+    await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+    bound: int = runner.addresses[0][1]
+    return runner, bound

@@ -28,7 +28,6 @@ from services.generation.config import WorkerSettings
 from services.generation.server import running as generation_running
 from services.generation.worker import running_worker
 from services.imagefetch.config import Settings as ImageFetchSettings
-from services.imagefetch.guard import parse_allow_list
 from services.imagefetch.server import running as imagefetch_running
 from services.metadata import admin
 from services.metadata.config import Settings as MetadataSettings
@@ -38,6 +37,7 @@ from shared.logs import JsonFormatter
 from shared.metrics import build_meter_provider
 from shared.settings import Addresses
 from shared.telemetry import Budgets
+from shared.url_guard import parse_allow_list
 from tests.support.origin import Origin
 
 TINY_MS = 0.001

@@ -11,7 +11,6 @@ import pytest
 from renderflow.v1 import generation_pb2
 
 from gateway.openapi import SPEC, query_parameters
-from gateway.resources import render_json
 from gateway.submission import render_params
 from gateway.validation import validate
 from services.generation.domain import TIMING_NAMES, Params, RenderSpec
@@ -30,6 +29,7 @@ from shared.contract import (
     Param,
 )
 from shared.errors import ValidationFailed
+from shared.render_json import render_json
 from shared.settings import Env
 from shared.telemetry import Budgets
 from tools.tracereport.model import ReadCounts, Span

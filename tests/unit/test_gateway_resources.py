@@ -11,9 +11,10 @@ from renderflow.v1 import generation_pb2, metadata_pb2
 from gateway.auth import bearer_key
 from gateway.config import Settings
 from gateway.problems import RangeNotSatisfiable
-from gateway.resources import event_json, page, render_json, rule_json
+from gateway.resources import page, rule_json
 from gateway.routes.output import etag_matches, parse_range
 from shared.errors import Unauthenticated
+from shared.render_json import event_json, render_json
 from shared.settings import ConfigError, Env
 from tests.support import TOKEN_ENV
 

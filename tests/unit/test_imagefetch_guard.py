@@ -7,7 +7,7 @@ from ipaddress import ip_address
 import pytest
 
 from services.imagefetch.domain import BLOCKED_ADDRESS, INVALID_URL, FetchFailure
-from services.imagefetch.guard import (
+from shared.url_guard import (
     check_address,
     normalize_url,
     parse_allow_list,

@@ -14,6 +14,7 @@ import pytest
 from gateway.validation import _schema_validator, fast_check, validate
 from shared.errors import ValidationFailed
 
+WEBHOOK = {"url": "https://example.com/hook", "events": ["started", "completed"]}
 RENDER = {
     "project": "demo",
     "kind": "image",
@@ -22,6 +23,7 @@ RENDER = {
     "chain_id": "ch_1",
     "params": {"width": 512, "height": 64, "steps": 20, "seed": 7},
     "reference": {"url": "https://example.com/a.png", "required": True},
+    "webhook": WEBHOOK,
 }
 VIDEO = {
     "project": "demo",
@@ -36,11 +38,19 @@ VALID: dict[str, list[dict[str, Any]]] = {
         {"kind": "image", "prompt": "next", "reference": {"render_id": "r_1"}},
         {"kind": "video", "prompt": "on", "params": {"fps": 60}},
     ],
-    "BatchRequest": [{"items": [RENDER, VIDEO]}],
+    "BatchRequest": [
+        {"items": [RENDER, VIDEO]},
+        {"items": [{**RENDER, "webhook": {"url": "https://example.com/h"}}], "webhook": WEBHOOK},
+    ],
     "CreateProjectRequest": [{"slug": "my-project", "name": "Mine"}],
     "CreateChainRequest": [{"name": "story"}],
     "CreateRuleRequest": [{"text": "no text in images", "chain_id": None, "active": False}],
     "UpdateRuleRequest": [{"active": True}, {"text": "t"}],
+    "CreateWebhookEndpointRequest": [
+        {"url": "https://example.com/h", "events": ["queued", "completed"], "description": "ops"}
+    ],
+    "UpdateWebhookEndpointRequest": [{"enabled": False}, {**WEBHOOK, "description": ""}],
+    "RotateWebhookSecretRequest": [{"overlap_s": 60}],
 }
 ODD_VALUES: list[Any] = [
     None, True, False, 0, -1, 1, 1.0, 0.5, 64, 63, 2048, 2049, 150, 151, 60, 61, 9007199254740992,

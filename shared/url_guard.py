@@ -1,4 +1,6 @@
-"""The SSRF guard: which URLs may be fetched and which addresses may be connected to (pure, no I/O).
+"""The SSRF guard of every request to a user-given URL (reference images, webhook receivers): which
+URLs may be fetched and which addresses may be connected to (pure, no I/O), and how such a request
+fails.
 
 A URL is normalized once (scheme and host lowercased, default port and fragment dropped, odd
 spellings of an IPv4 address such as `2130706433`, `0x7f000001`, `0177.0.0.1` or `127.1` and
@@ -22,7 +24,66 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from yarl import URL
 
-from services.imagefetch.domain import BLOCKED_ADDRESS, INVALID_URL, FetchFailure
+# Failure reasons (besides `http_<status>`), exactly as a render's error carries them.
+TIMEOUT = "timeout"
+TOO_LARGE = "too_large"
+NOT_AN_IMAGE = "not_an_image"
+BLOCKED_ADDRESS = "blocked_address"
+CONNECTION_FAILED = "connection_failed"
+TOO_MANY_REDIRECTS = "too_many_redirects"
+INVALID_URL = "invalid_url"
+
+# Delivery outcomes besides `http_<status>` and the failure reasons timeout, connection_failed,
+# blocked_address and invalid_url above, exactly as a webhook's delivery log carries them.
+DELIVERED = "delivered"
+REDIRECT_NOT_FOLLOWED = "redirect_not_followed"
+
+
+class FetchFailure(Exception):
+    """A fetch failed for a reason of the origin or the URL (not of the service itself).
+
+    `reason` is one of the constants above or `http_<status>`; `message` is for people and never
+    holds credentials or query strings from the URL, nor internal addresses or whether a name
+    resolved; `retry_after` is the origin's own hint. `detail` is for operators only (the service's
+    log and trace): it may name resolved addresses and resolver errors, so it never leaves the
+    service.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        detail: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.detail = detail
+
+    @classmethod
+    def http(cls, status: int, retry_after: float | None = None) -> FetchFailure:
+        """The origin answered `status`; 408, 429 and 5xx are worth trying again."""
+        retryable = status in (408, 429) or status >= 500
+        return cls(
+            f"http_{status}",
+            f"the origin answered HTTP {status}",
+            retryable=retryable,
+            retry_after=retry_after,
+        )
+
+    @classmethod
+    def timed_out(cls, message: str = "the image did not arrive before the deadline") -> FetchFailure:
+        """The deadline passed first; another try, with more time, may succeed."""
+        return cls(TIMEOUT, message, retryable=True)
+
+    def __repr__(self) -> str:
+        return f"FetchFailure({self.reason!r}, {self.message!r})"
+
 
 Address = IPv4Address | IPv6Address
 Network = IPv4Network | IPv6Network
