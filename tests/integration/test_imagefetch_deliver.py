@@ -22,24 +22,19 @@ from urllib.parse import quote
 import pytest
 from aiohttp import web
 from multidict import CIMultiDict
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
 
 from services.imagefetch.config import Settings
 from services.imagefetch.delivery import EXCERPT_BYTES, Deliverer
 from services.imagefetch.domain import Delivery, DeliveryOrder
-from services.imagefetch.instruments import Instruments
 from services.imagefetch.server import running
 from shared.errors import Unavailable, ValidationFailed
 from shared.grpc_client import create_channel
 from shared.rpc_errors import rpc_errors
 from shared.url_guard import parse_allow_list
 from tests.support import eventually, serve_on_loopback
+from tests.support.recorded import Recorded
 
 if TYPE_CHECKING:
     from renderflow.v1.imagefetch_pb2_grpc import ImageFetchServiceAsyncStub as Stub
@@ -562,35 +557,9 @@ async def test_the_log_line_names_the_host_only(
 # The RPC.
 
 
-@dataclass
-class Recorded:
-    """What the service under test records, kept apart from any global provider."""
-
-    spans: InMemorySpanExporter
-    metrics: InMemoryMetricReader
-    instruments: Instruments
-
-    def points(self, name: str, **attributes: Any) -> int:
-        """The sum of a counter's points, or a histogram's count, over points with `attributes`."""
-        data = self.metrics.get_metrics_data()
-        total = 0
-        for resource in data.resource_metrics if data else []:
-            for scope in resource.scope_metrics:
-                for metric in scope.metrics:
-                    if metric.name == name:
-                        for point in metric.data.data_points:
-                            if attributes.items() <= dict(point.attributes or {}).items():
-                                total += int(getattr(point, "value", getattr(point, "count", 0)))
-        return total
-
-
 @pytest.fixture
 def recorded() -> Recorded:
-    spans, metrics = InMemorySpanExporter(), InMemoryMetricReader()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    instruments = Instruments.create(MeterProvider(metric_readers=[metrics]), tracer_provider)
-    return Recorded(spans, metrics, instruments)
+    return Recorded.create()
 
 
 @pytest.fixture

@@ -6,19 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
 
 from services.imagefetch.config import Settings
-from services.imagefetch.instruments import Instruments
 from services.imagefetch.server import running
 from shared.errors import ValidationFailed
 from shared.grpc_client import create_channel
@@ -26,6 +20,7 @@ from shared.rpc_errors import rpc_errors
 from shared.url_guard import parse_allow_list
 from tests.support import eventually
 from tests.support.origin import Origin
+from tests.support.recorded import Recorded
 
 if TYPE_CHECKING:
     from renderflow.v1.imagefetch_pb2_grpc import ImageFetchServiceAsyncStub as Stub
@@ -40,34 +35,9 @@ SETTINGS = Settings(
 )
 
 
-@dataclass
-class Recorded:
-    """What the service under test records, kept apart from any global provider."""
-
-    spans: InMemorySpanExporter
-    metrics: InMemoryMetricReader
-    instruments: Instruments
-
-    def counter(self, name: str, **attributes: Any) -> int:
-        data = self.metrics.get_metrics_data()
-        total = 0
-        for resource in data.resource_metrics if data else []:
-            for scope in resource.scope_metrics:
-                for metric in scope.metrics:
-                    if metric.name == name:
-                        for point in metric.data.data_points:
-                            if attributes.items() <= dict(point.attributes or {}).items():
-                                total += int(getattr(point, "value", getattr(point, "count", 0)))
-        return total
-
-
 @pytest.fixture
 def recorded() -> Recorded:
-    spans, metrics = InMemorySpanExporter(), InMemoryMetricReader()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    instruments = Instruments.create(MeterProvider(metric_readers=[metrics]), tracer_provider)
-    return Recorded(spans, metrics, instruments)
+    return Recorded.create()
 
 
 @pytest.fixture
@@ -223,12 +193,12 @@ async def test_spans_and_metrics_tell_the_story(stub: Stub, origin: Origin, reco
         and fetches[2].attributes["imagefetch.failure_reason"] == "not_an_image"
     )
 
-    assert recorded.counter("imagefetch.cache.hits") == 1
-    assert recorded.counter("imagefetch.cache.misses") == 2
-    assert recorded.counter("imagefetch.attempts") == 3
-    assert recorded.counter("imagefetch.failures", reason="not_an_image") == 1
-    assert recorded.counter("imagefetch.origin.duration", outcome="http_500") == 1
-    assert recorded.counter("imagefetch.origin.duration", outcome="ok") == 2
+    assert recorded.points("imagefetch.cache.hits") == 1
+    assert recorded.points("imagefetch.cache.misses") == 2
+    assert recorded.points("imagefetch.attempts") == 3
+    assert recorded.points("imagefetch.failures", reason="not_an_image") == 1
+    assert recorded.points("imagefetch.origin.duration", outcome="http_500") == 1
+    assert recorded.points("imagefetch.origin.duration", outcome="ok") == 2
 
 
 async def test_a_refused_name_tells_the_caller_nothing_of_what_it_resolved_to(
