@@ -61,6 +61,9 @@ SCENARIOS = (
     Scenario("imagefetch", "bench_imagefetch", ("--hits", "1000"), ("--hits", "200", "--hangs", "3")),
     Scenario("tracing", "bench_tracing", ("--windows", "4"), ("--windows", "1")),
     Scenario("feed", "bench_feed", ("--changes", "200"), ("--changes", "50")),
+    Scenario(
+        "webhooks", "bench_webhooks", ("--renders", "256", "--reps", "6"), ("--renders", "128", "--reps", "2")
+    ),
 )
 BUDGET_S = 600.0
 

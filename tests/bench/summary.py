@@ -85,6 +85,12 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             out["tracing_on_vs_off"] = ratio(_rate(node["on"]), _rate(node["off"]))
             if isinstance(node.get("metrics"), dict):  # what the spans alone cost
                 out["tracing_on_vs_metrics_only"] = ratio(_rate(node["on"]), _rate(node["metrics"]))
+    webhooks = results.get("webhooks", {}).get("phases", {})
+    if webhooks:
+        # Renders/s with every render's webhook at a hanging (slow) receiver ÷ with none: target >= 0.9.
+        none = webhooks.get("none", {}).get("renders_per_s")
+        out["webhooks_hanging_vs_none"] = ratio(webhooks.get("hanging", {}).get("renders_per_s"), none)
+        out["webhooks_slow_vs_none"] = ratio(webhooks.get("slow", {}).get("renders_per_s"), none)
     return out
 
 
@@ -181,6 +187,8 @@ def _known(name: str, result: dict[str, Any]) -> list[str]:
             for mode in ("off", "metrics", "sampled", "on")
             if mode in overhead
         ]
+    if name == "webhooks":
+        return _webhook_lines(result)
     return _scalars(result)
 
 
@@ -270,4 +278,24 @@ def _queue_lines(result: dict[str, Any]) -> list[str]:
         parts = costs.get("worker_cpu_share_by_part")
         if parts:
             lines.append("  worker CPU by part: " + ", ".join(f"{k} {v:.0%}" for k, v in parts.items()))
+    return lines
+
+
+def _webhook_lines(result: dict[str, Any]) -> list[str]:
+    s, ratios_ = result["settings"], result["ratios"]
+    lines = [
+        f"{s['renders']} renders x {s['reps']} reps, webhook {'/'.join(s['events'])}; renders/s with the "
+        f"receiver hanging / answering after {s['slow_s']:g} s ÷ with no webhook "
+        f"{ratios_['hanging_vs_none']} / {ratios_['slow_vs_none']} (paired by rep "
+        f"{ratios_['hanging_vs_none_paired']} / {ratios_['slow_vs_none_paired']}; target >= 0.9)"
+    ]
+    for name, phase in result["phases"].items():
+        d = phase["deliveries"]
+        cpu = ", ".join(f"{part} {ms:.2f}" for part, ms in phase["cpu_ms_per_render"].items() if ms >= 0.05)
+        lines += [
+            f"  {name:<8} {phase['renders_per_s']:7.1f} renders/s; at its end {d['made']} deliveries, "
+            f"{d['delivered']} delivered, {d['in_flight']} in flight, {d['pending']} pending, "
+            f"backlog {d['backlog']} ({d['backlog_age_s']:g} s old)",
+            f"           CPU ms per render: {cpu}",
+        ]
     return lines

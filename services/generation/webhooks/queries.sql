@@ -108,27 +108,31 @@ SELECT (SELECT count(*) FROM again) = 0 AS endpoint_deleted FROM delivery
 -- and at most `per_receiver` in flight to one URL, so that a receiver that hangs holds that many
 -- of the dispatchers' slots and every other receiver's deliveries go on. SKIP LOCKED: dispatchers
 -- of several generation replicas share the work.
-WITH candidates AS (
-    SELECT d.id, d.url, d.next_attempt_at,
-        (SELECT count(*) FROM webhook_deliveries l
-         WHERE l.url = d.url AND l.leased_until > now()) AS in_flight
+WITH in_flight AS MATERIALIZED (
+    SELECT url, count(*) AS n FROM webhook_deliveries WHERE leased_until > now() GROUP BY url
+),
+candidates AS (
+    -- In due order along the index, skipping receivers at their cap (a list computed once), so the
+    -- scan stops as soon as it has enough.
+    SELECT d.id, d.url, d.next_attempt_at
     FROM webhook_deliveries d
     WHERE d.state = 'pending' AND d.next_attempt_at <= now()
       AND (d.leased_until IS NULL OR d.leased_until < now())
+      AND d.url <> ALL (ARRAY(SELECT url FROM in_flight WHERE n >= %(per_receiver)s))
       AND NOT EXISTS (
           SELECT FROM webhook_deliveries e
           WHERE e.state = 'pending' AND e.subscription = d.subscription AND e.render_id = d.render_id
             AND e.seq < d.seq)
       AND (d.endpoint_id IS NULL OR EXISTS (
           SELECT FROM webhook_endpoints w WHERE w.id = d.endpoint_id AND w.enabled))
-      AND (SELECT count(*) FROM webhook_deliveries l
-           WHERE l.url = d.url AND l.leased_until > now()) < %(per_receiver)s
     ORDER BY d.next_attempt_at
     LIMIT %(limit)s * 4
 ),
 ranked AS (
-    SELECT id, next_attempt_at, in_flight + row_number() OVER (PARTITION BY url ORDER BY next_attempt_at) AS nth
-    FROM candidates
+    SELECT c.id, c.next_attempt_at,
+        coalesce((SELECT f.n FROM in_flight f WHERE f.url = c.url), 0)
+            + row_number() OVER (PARTITION BY c.url ORDER BY c.next_attempt_at) AS nth
+    FROM candidates c
 ),
 due AS (
     SELECT d.id FROM webhook_deliveries d JOIN ranked r ON r.id = d.id

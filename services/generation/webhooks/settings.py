@@ -19,11 +19,12 @@ class WebhookSettings:
     may: they share the work); `false` leaves them to others."""
     poll_s: float = 0.25
     """RENDERFLOW_WEBHOOKS_POLL_S: how often due deliveries are looked for."""
-    concurrency: int = 32
+    concurrency: int = 64
     """RENDERFLOW_WEBHOOKS_CONCURRENCY: deliveries in flight at once, per generation process."""
-    per_receiver: int = 4
+    per_receiver: int = 16
     """RENDERFLOW_WEBHOOKS_PER_RECEIVER: deliveries in flight at once to one URL, across processes: a
-    receiver that hangs holds no more of the dispatchers' slots than this."""
+    receiver that hangs holds no more of the dispatchers' slots than this, and one that answers in
+    a second takes this many deliveries a second."""
     timeout_s: float = 10.0
     """RENDERFLOW_WEBHOOKS_TIMEOUT_S: the most one attempt may take, connecting included."""
     backoff_s: float = 5.0
