@@ -11,6 +11,7 @@ import hashlib
 import os
 import tempfile
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -32,8 +33,8 @@ class StoredArtifact:
 class ArtifactStore(Protocol):
     """Where outputs live. Writes are atomic; a repeated write of a render replaces it whole."""
 
-    async def put(self, render_id: str, data: bytes) -> StoredArtifact:
-        """Stores `data` as the render's output."""
+    async def put(self, render_id: str, data: bytes, content_type: str | None = None) -> StoredArtifact:
+        """Stores `data` as the render's output (`content_type`: what a direct download says)."""
         ...
 
     async def size(self, render_id: str) -> int:
@@ -52,9 +53,13 @@ class ArtifactStore(Protocol):
         """Deletes the render's output, if it is there."""
         ...
 
-    def path(self, render_id: str) -> Path:
-        """The file holding a render's output, for readers that need a file (ffmpeg seeking in a
-        video); it may not exist."""
+    def local_copy(self, render_id: str) -> AbstractAsyncContextManager[Path]:
+        """A file holding the render's output for the block, for readers that need a file (ffmpeg
+        seeking in a video); NotFound when there is none."""
+        ...
+
+    async def close(self) -> None:
+        """Lets go of what the store holds open."""
         ...
 
 
@@ -70,8 +75,16 @@ class LocalArtifactStore:
             raise ValueError(f"not a render id: {render_id!r}")
         return self._root / render_id[:2] / render_id
 
-    async def put(self, render_id: str, data: bytes) -> StoredArtifact:
+    async def put(self, render_id: str, data: bytes, content_type: str | None = None) -> StoredArtifact:
         return await asyncio.to_thread(self._put, self.path(render_id), data)
+
+    @asynccontextmanager
+    async def local_copy(self, render_id: str) -> AsyncIterator[Path]:
+        await self.size(render_id)  # NotFound when there is none
+        yield self.path(render_id)
+
+    async def close(self) -> None:
+        return None
 
     async def delete(self, render_id: str) -> None:
         await asyncio.to_thread(self.path(render_id).unlink, missing_ok=True)

@@ -8,7 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.generation.artifacts import ArtifactStore, LocalArtifactStore
 from services.generation.backends.selection import BackendSettings
+from services.generation.object_store import ObjectStoreSettings, S3ArtifactStore
 from services.generation.pacing import parse_rates
 from services.generation.webhooks.settings import WebhookSettings
 from shared.settings import Addresses, ConfigError, Env, listen_address, run_dir, service_token
@@ -20,6 +22,11 @@ def _database_url(env: Env) -> str:
     if url is None:
         raise ConfigError("DATABASE_URL is required by the generation service")
     return url
+
+
+def artifact_store(directory: Path, bucket: ObjectStoreSettings | None) -> ArtifactStore:
+    """The store outputs go to: the bucket when one is set, else the directory."""
+    return S3ArtifactStore(bucket) if bucket is not None else LocalArtifactStore(directory)
 
 
 def _artifact_dir(env: Env) -> Path:
@@ -39,6 +46,9 @@ class Settings:
     metadata_addr: str
     """RENDERFLOW_METADATA_ADDR: the metadata service, which says what a submit's project, chain and
     rules are (cached here, kept current by its change feed)."""
+    artifact_s3: ObjectStoreSettings | None = None
+    """RENDERFLOW_ARTIFACT_S3_*: the bucket outputs are stored in instead (when
+    RENDERFLOW_ARTIFACT_S3_BUCKET is set)."""
     metadata_timeout_s: float = 2.0
     """RENDERFLOW_GENERATION_METADATA_TIMEOUT_S: deadline of one read from metadata on a cache miss."""
     catalog_ttl_s: float = 300.0
@@ -97,6 +107,7 @@ class Settings:
             listen=listen_address(Addresses.from_env(env).generation, env, "RENDERFLOW_GENERATION_LISTEN"),
             database_url=_database_url(env),
             artifact_dir=_artifact_dir(env),
+            artifact_s3=ObjectStoreSettings.from_env(env),
             metadata_addr=Addresses.from_env(env).metadata,
             metadata_timeout_s=env.float("RENDERFLOW_GENERATION_METADATA_TIMEOUT_S", 2.0, minimum=0.01),
             catalog_ttl_s=env.float("RENDERFLOW_GENERATION_CATALOG_TTL_S", 300.0, minimum=0),
@@ -133,6 +144,9 @@ class WorkerSettings:
     """DATABASE_URL: the PostgreSQL holding schema `generation` (required)."""
     artifact_dir: Path
     """RENDERFLOW_ARTIFACT_DIR: where outputs are stored; default `<run dir>/artifacts`."""
+    artifact_s3: ObjectStoreSettings | None = None
+    """RENDERFLOW_ARTIFACT_S3_*: the bucket outputs are stored in instead (when
+    RENDERFLOW_ARTIFACT_S3_BUCKET is set)."""
     imagefetch_addr: str = Addresses.imagefetch
     """RENDERFLOW_IMAGEFETCH_ADDR: the image-fetch service, for reference URLs."""
     worker_id: str = ""
@@ -211,6 +225,7 @@ class WorkerSettings:
         return cls(
             database_url=_database_url(env),
             artifact_dir=_artifact_dir(env),
+            artifact_s3=ObjectStoreSettings.from_env(env),
             imagefetch_addr=Addresses.from_env(env).imagefetch,
             worker_id=env.str("RENDERFLOW_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
             concurrency=env.int("RENDERFLOW_WORKER_CONCURRENCY", 4, minimum=1),

@@ -50,13 +50,17 @@ r AS (
     INSERT INTO renders (id, user_id, project_id, project, chain_id, position, kind, prompt,
         negative_prompt, params, rules, reference, batch_id, timings, trace_id, traceparent,
         idempotency_key, request_hash, priority, deadline_at, timeout_s, retry_of, retention_s, webhook,
-        last_seq, created_at)
+        hooked, last_seq, created_at)
     SELECT %(id)s, %(user_id)s, %(project_id)s, %(project)s, %(chain_id)s, p.position, %(kind)s,
         %(prompt)s, %(negative_prompt)s, %(params)s, %(rules)s,
         CASE WHEN %(chains)s AND p.position = 1 THEN NULL ELSE %(reference)s::jsonb END,
         %(batch_id)s, %(timings)s, %(trace_id)s, %(traceparent)s, %(idempotency_key)s,
         %(request_hash)s, %(priority)s, %(deadline_at)s, %(timeout_s)s, %(retry_of)s, %(retention_s)s,
-        %(webhook)s, 1, clock_timestamp()
+        %(webhook)s,
+        %(webhook)s::jsonb IS NOT NULL OR EXISTS (
+            SELECT FROM webhook_endpoints w
+            WHERE w.project_id = %(project_id)s AND w.user_id = %(user_id)s AND w.enabled),
+        1, clock_timestamp()
     FROM p
     ON CONFLICT DO NOTHING
     RETURNING *
@@ -624,13 +628,16 @@ FOR UPDATE
 
 -- name: prune_events
 -- Events of renders that ended before the retention: found through their terminal event, deleted
--- a batch of renders at a time.
+-- a batch of renders at a time, with their webhook deliveries that are settled (and their logs).
 WITH ended AS (
     SELECT render_id FROM events
     WHERE type IN ('succeeded', 'failed', 'cancelled', 'expired') AND at < now() - make_interval(secs => %s)
     ORDER BY at LIMIT %s
 ),
-gone AS (DELETE FROM events e USING ended WHERE e.render_id = ended.render_id RETURNING 1)
+gone AS (DELETE FROM events e USING ended WHERE e.render_id = ended.render_id RETURNING 1),
+settled AS (
+    DELETE FROM webhook_deliveries d USING ended WHERE d.render_id = ended.render_id AND d.state <> 'pending'
+)
 SELECT (SELECT count(*) FROM ended), (SELECT count(*) FROM gone)
 
 -- name: drifted_tenants

@@ -159,13 +159,13 @@ class References:
         video = source.output.content_type.startswith("video/")
         try:
             if video:
-                await self._artifacts.size(render_id)  # NotFound when the file is gone
-                frame = await last_frame(self._artifacts.path(render_id))
+                async with self._artifacts.local_copy(render_id) as path:  # NotFound when it is gone
+                    frame = await last_frame(path)
                 return frame, "the last frame"
             return await self._artifacts.get(render_id), "the output"
         except NotFound:
             raise ReferenceFailed("not_found", f"the output of render {render_id} is missing") from None
         except BackendError as exc:
             raise ReferenceFailed(exc.reason, f"the last frame of render {render_id}: {exc}") from exc
-        except OSError as exc:
+        except (OSError, Unavailable) as exc:
             raise ReferenceFailed("unavailable", "the artifact store failed", transient=True) from exc

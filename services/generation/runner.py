@@ -24,8 +24,8 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from yarl import URL
 
-from services.generation.artifacts import ArtifactStore
-from services.generation.backends import Backend, BackendError, GenerationInput
+from services.generation.artifacts import ArtifactStore, StoredArtifact
+from services.generation.backends import Artifact, Backend, BackendError, GenerationInput
 from services.generation.domain import NewEvent, Output, ReferenceOutcome, Render, RenderError
 from services.generation.instruments import Instruments
 from services.generation.jobs import Claim
@@ -282,9 +282,7 @@ class JobRunner:
                 raise Failure(RenderError("timeout", reason, message), False) from exc
         with self._phase("store", render, timings):
             try:
-                stored = await writer.phase(
-                    NewEvent("phase", phase="store"), self._artifacts.put(render.id, artifact.data)
-                )
+                stored = await writer.phase(NewEvent("phase", phase="store"), self._put(render.id, artifact))
             except OSError as exc:
                 raise Failure(
                     RenderError("internal", "store_failed", str(exc), retryable=True), True
@@ -310,6 +308,14 @@ class JobRunner:
         )
         if not succeeded:
             raise LeaseLost(claim.render_id)
+
+    async def _put(self, render_id: str, artifact: Artifact) -> StoredArtifact:
+        """The output stored; OSError when the store fails (a disk, or an object store that is
+        down: Unavailable here is the store's, not the database's, and costs this attempt only)."""
+        try:
+            return await self._artifacts.put(render_id, artifact.data, artifact.content_type)
+        except Unavailable as exc:
+            raise OSError(f"the artifact store is unavailable: {exc}") from exc
 
     async def _reference(self, render: Render, attempt: Attempt) -> tuple[bytes | None, str]:
         """The reference bytes, or None and why the render goes on without them; what became of

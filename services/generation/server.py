@@ -9,10 +9,9 @@ from functools import partial
 
 from renderflow.v1 import generation_pb2, generation_pb2_grpc
 
-from services.generation.artifacts import LocalArtifactStore
 from services.generation.background import background
 from services.generation.catalog import Catalog
-from services.generation.config import Settings
+from services.generation.config import Settings, artifact_store
 from services.generation.deadlines import sweep_deadlines
 from services.generation.events import EventHub
 from services.generation.instruments import Instruments, count_finished, watch_queue
@@ -65,7 +64,8 @@ async def running(settings: Settings) -> AsyncIterator[int]:
             url = database_url(settings.database_url)
             listener = Listener(url, ["generation_events"], hub.on_notify, hub.resync)
             await stack.enter_async_context(background(listener.run(), "generation-listen"))
-        artifacts = LocalArtifactStore(settings.artifact_dir)
+        artifacts = artifact_store(settings.artifact_dir, settings.artifact_s3)
+        stack.push_async_callback(artifacts.close)
         metadata = await stack.enter_async_context(
             create_channel(settings.metadata_addr, token=settings.service_token)
         )

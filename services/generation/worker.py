@@ -16,11 +16,11 @@ from functools import partial
 
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 
-from services.generation.artifacts import ArtifactStore, LocalArtifactStore
+from services.generation.artifacts import ArtifactStore
 from services.generation.backends import Backend
 from services.generation.backends.selection import open_backends
 from services.generation.background import background
-from services.generation.config import WorkerSettings
+from services.generation.config import WorkerSettings, artifact_store
 from services.generation.instruments import count_finished
 from services.generation.jobs import Claim, JobPolicy
 from services.generation.listener import Listener
@@ -199,7 +199,9 @@ async def running_worker(
         )
         channel = create_channel(settings.imagefetch_addr, token=settings.service_token)
         stack.push_async_callback(channel.close)
-        artifacts = artifacts or LocalArtifactStore(settings.artifact_dir)
+        if artifacts is None:
+            artifacts = artifact_store(settings.artifact_dir, settings.artifact_s3)
+            stack.push_async_callback(artifacts.close)
         if backends is None:
             backends = await stack.enter_async_context(
                 open_backends(settings.backend, settings.procedural_step_ms)

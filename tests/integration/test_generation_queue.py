@@ -240,6 +240,13 @@ async def test_events_of_renders_ended_long_ago_are_pruned(queue: Queue) -> None
         assert await queue.jobs.finish(claim, "succeeded", output=OUTPUT)
     async with queue.pool.connection() as conn:
         await conn.execute("UPDATE events SET at = now() - interval '8 days' WHERE render_id = %s", [old])
+        for render_id, state in ((old, "delivered"), (old, "pending"), (recent, "delivered")):
+            await conn.execute(
+                "INSERT INTO webhook_deliveries (user_id, render_id, subscription, url, event, seq,"
+                " event_at, state) VALUES ('alice', %s, 'render', 'https://h.example', 'completed', 1,"
+                " now(), %s)",
+                [render_id, state],
+            )
 
     rescued = await queue.jobs.rescue()
 
@@ -247,6 +254,11 @@ async def test_events_of_renders_ended_long_ago_are_pruned(queue: Queue) -> None
     assert await queue.event_types(old) == []
     assert (await queue.store.get("alice", old)).status == "succeeded"  # the render stays
     assert await queue.event_types(recent) != [] and await queue.event_types(open_) == ["queued"]
+    async with queue.pool.connection() as conn:
+        cur = await conn.execute("SELECT render_id, state FROM webhook_deliveries ORDER BY render_id, state")
+        kept = await cur.fetchall()
+    # Settled deliveries go with the events; one still to be made stays.
+    assert sorted(kept) == sorted([(old, "pending"), (recent, "delivered")])
 
 
 async def _tenants(queue: Queue) -> dict[str, tuple[int, int, int]]:

@@ -236,9 +236,9 @@ class GatedArtifacts(LocalArtifactStore):
         super().__init__(root)
         self.gate = asyncio.Event()
 
-    async def put(self, render_id: str, data: bytes) -> StoredArtifact:
+    async def put(self, render_id: str, data: bytes, content_type: str | None = None) -> StoredArtifact:
         await self.gate.wait()
-        return await super().put(render_id, data)
+        return await super().put(render_id, data, content_type)
 
 
 async def test_a_long_store_phase_is_announced_while_it_lasts(

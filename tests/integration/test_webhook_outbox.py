@@ -4,13 +4,20 @@ are checked when named. No dispatcher runs here: what is asserted is what is que
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
 from renderflow.v1 import generation_pb2 as pb
 
+from services.generation.store import database_url as search_path_url
+from services.generation.webhooks.store import Delivery, WebhookStore
 from shared.errors import FailedPrecondition, NotFound, ValidationFailed
 from shared.rpc_errors import rpc_errors
 from tests.support.generation import (
@@ -199,3 +206,32 @@ async def test_a_deleted_endpoints_deliveries_are_given_up_and_cannot_be_redeliv
         await stub.Redeliver(pb.RedeliverRequest(user_id=alice, delivery_id=delivery.id))
 
     assert (delivery.state, delivery.endpoint_id) == ("failed", endpoint.id)
+
+
+async def test_a_users_first_deliveries_at_once_are_all_signed_with_one_new_secret(
+    stub: Stub, database_url: str
+) -> None:
+    alice = await user_id(stub, "alice")  # the server has migrated the database
+    pool = AsyncConnectionPool(
+        search_path_url(database_url), kwargs={"autocommit": True}, min_size=10, max_size=10, open=False
+    )
+    await pool.open()
+    try:
+        store = WebhookStore(pool)
+        deliveries = [replace(_delivery(alice), id=str(uuid.uuid4())) for _ in range(10)]
+
+        secrets = await asyncio.gather(*(store.signing_secrets(d) for d in deliveries))
+
+        assert all(len(found) == 1 for found in secrets)  # none found without one
+        assert len({found[0] for found in secrets}) == 1  # one secret made, whoever made it
+        assert (await store.user_secret(alice)).secret == secrets[0][0]
+    finally:
+        await pool.close()
+
+
+def _delivery(user: str) -> Delivery:
+    now = datetime.now(UTC)
+    return Delivery(
+        id="", user_id=user, render_id="r", endpoint_id="", url=HOOK, event="completed", seq=1,
+        state="pending", attempts=1, created_at=now, next_attempt_at=now, delivered_at=None,
+    )  # fmt: skip

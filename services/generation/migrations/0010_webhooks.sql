@@ -1,8 +1,10 @@
 -- Webhooks: who receives which renders' events, signed with whose secret, and the deliveries to
 -- make, recorded with the event that causes them (docs/webhooks.md).
 
--- A render's own receiver, as submitted: {url, events}.
+-- A render's own receiver, as submitted: {url, events}; `hooked`: whether its events may have
+-- receivers (its own, or its project's endpoints): the outbox looks at no other render.
 ALTER TABLE renders ADD COLUMN webhook jsonb;
+ALTER TABLE renders ADD COLUMN hooked boolean NOT NULL DEFAULT false;
 
 -- A user's signing secret for the deliveries of render webhooks; the previous one signs beside it
 -- until `previous_expires_at` (a rotation's overlap).
@@ -85,35 +87,40 @@ CREATE TABLE webhook_attempts (
 );
 
 -- The outbox: deliveries are made by the statement that writes their events, so an event is
--- never written without its deliveries nor the other way round. Once per statement (a claim or a
--- batch writes many events at once); with no receiver anywhere it costs one index probe per event.
+-- never written without its deliveries nor the other way round. Every statement that appends a
+-- render's events moves its `last_seq` (or inserts it, at 1) in the same statement: a row trigger
+-- on renders, fired at the statement's end, finds the new events. Its WHEN is checked without a
+-- call: a render with no receiver costs nothing.
 CREATE FUNCTION webhook_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO webhook_deliveries AS d
         (user_id, render_id, endpoint_id, subscription, url, event, seq, event_at, trace_id, traceparent)
-    SELECT DISTINCT ON (r.id, s.subscription, x.event, CASE WHEN x.event = 'progress' THEN 0 ELSE e.seq END)
-        r.user_id, r.id, s.endpoint_id, s.subscription, s.url, x.event, e.seq, e.at, r.trace_id,
-        r.traceparent
-    FROM new_events e
+    SELECT DISTINCT ON (s.subscription, x.event, CASE WHEN x.event = 'progress' THEN 0 ELSE e.seq END)
+        NEW.user_id, NEW.id, s.endpoint_id, s.subscription, s.url, x.event, e.seq, e.at, NEW.trace_id,
+        NEW.traceparent
+    FROM events e
     CROSS JOIN LATERAL (SELECT CASE
         WHEN e.type IN ('succeeded', 'failed', 'cancelled', 'expired') THEN 'completed'
         WHEN e.type IN ('queued', 'started', 'progress') THEN e.type
     END AS event) x
-    JOIN renders r ON r.id = e.render_id
     CROSS JOIN LATERAL (
         SELECT w.id AS endpoint_id, w.id::text AS subscription, w.url, w.events
         FROM webhook_endpoints w
-        WHERE w.project_id = r.project_id AND w.user_id = r.user_id AND w.enabled
+        WHERE w.project_id = NEW.project_id AND w.user_id = NEW.user_id AND w.enabled
         UNION ALL
-        SELECT NULL, 'render', r.webhook ->> 'url', ARRAY(SELECT jsonb_array_elements_text(r.webhook -> 'events'))
-        WHERE r.webhook IS NOT NULL
+        SELECT NULL, 'render', NEW.webhook ->> 'url', ARRAY(SELECT jsonb_array_elements_text(NEW.webhook -> 'events'))
+        WHERE NEW.webhook IS NOT NULL
     ) s
-    WHERE x.event = ANY (s.events)
-    ORDER BY r.id, s.subscription, x.event, CASE WHEN x.event = 'progress' THEN 0 ELSE e.seq END, e.seq DESC
+    WHERE e.render_id = NEW.id
+      AND e.seq > CASE WHEN TG_OP = 'UPDATE' THEN OLD.last_seq ELSE 0 END AND e.seq <= NEW.last_seq
+      AND x.event = ANY (s.events)
+    ORDER BY s.subscription, x.event, CASE WHEN x.event = 'progress' THEN 0 ELSE e.seq END, e.seq DESC
     ON CONFLICT (subscription, render_id) WHERE event = 'progress' AND state = 'pending' AND attempts = 0
     DO UPDATE SET seq = greatest(d.seq, EXCLUDED.seq), event_at = greatest(d.event_at, EXCLUDED.event_at);
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER events_webhook_outbox AFTER INSERT ON events
-    REFERENCING NEW TABLE AS new_events FOR EACH STATEMENT EXECUTE FUNCTION webhook_outbox();
+CREATE TRIGGER renders_webhook_outbox_insert AFTER INSERT ON renders
+    FOR EACH ROW WHEN (NEW.hooked) EXECUTE FUNCTION webhook_outbox();
+CREATE TRIGGER renders_webhook_outbox_update AFTER UPDATE OF last_seq ON renders
+    FOR EACH ROW WHEN (NEW.hooked AND NEW.last_seq > OLD.last_seq) EXECUTE FUNCTION webhook_outbox();

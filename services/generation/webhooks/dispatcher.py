@@ -51,6 +51,8 @@ Send = Callable[[str, Mapping[str, str], bytes, float], Awaitable[imagefetch_pb2
 ReadRender = Callable[[str, str], Awaitable[generation_pb2.Render]]
 """`await read(user_id, render_id)`: the render as the API shows it; NotFound once it is gone."""
 DELIVERED = "delivered"
+MAX_PAUSE_S = 2.0
+"""The longest pause between two claims."""
 BACKLOG_CHECK_S = 5.0
 """How often the backlog's age (a gauge) is read."""
 
@@ -120,8 +122,9 @@ class Dispatcher:
                     task.add_done_callback(self._tasks.discard)
                 if len(claimed) < free or free <= 0:
                     # A claim over a long backlog of a receiver at its cap costs the database: the
-                    # pause grows with it, so claiming never takes more than a tenth of the time.
-                    await asyncio.sleep(max(self._settings.poll_s, claim_s * 10))
+                    # pause grows with it (claiming takes at most a tenth of the time), up to a cap
+                    # that bounds how late a new delivery may start.
+                    await asyncio.sleep(min(MAX_PAUSE_S, max(self._settings.poll_s, claim_s * 10)))
         finally:
             for task in list(self._tasks):
                 task.cancel()

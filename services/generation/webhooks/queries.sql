@@ -3,9 +3,18 @@
 -- Receivers and secrets ---------------------------------------------------------------------
 
 -- name: create_endpoint
-INSERT INTO webhook_endpoints (user_id, project_id, project, url, events, description, secret)
-VALUES (%(user_id)s, %(project_id)s, %(project)s, %(url)s, %(events)s, %(description)s, %(secret)s)
-RETURNING *
+-- The project's renders not yet ended are hooked: their next events reach the endpoint too.
+WITH made AS (
+    INSERT INTO webhook_endpoints (user_id, project_id, project, url, events, description, secret)
+    VALUES (%(user_id)s, %(project_id)s, %(project)s, %(url)s, %(events)s, %(description)s, %(secret)s)
+    RETURNING *
+),
+hooked AS (
+    UPDATE renders SET hooked = true
+    WHERE project_id = %(project_id)s AND user_id = %(user_id)s AND NOT hooked
+      AND status NOT IN ('succeeded', 'failed', 'cancelled', 'expired')
+)
+SELECT * FROM made
 
 -- name: endpoints_of_project
 SELECT * FROM webhook_endpoints WHERE user_id = %(user_id)s AND project_id = %(project_id)s
@@ -17,6 +26,12 @@ WHERE id = %(id)s::uuid AND user_id = %(user_id)s AND project_id = %(project_id)
 
 -- name: update_endpoint
 -- Changes what is given (NULL: unchanged); enabling clears why it was disabled and its failures.
+WITH hooked AS (
+    -- Enabled again: the project's renders not yet ended are hooked (as when it was made).
+    UPDATE renders SET hooked = true
+    WHERE %(enabled)s AND project_id = %(project_id)s AND user_id = %(user_id)s AND NOT hooked
+      AND status NOT IN ('succeeded', 'failed', 'cancelled', 'expired')
+)
 UPDATE webhook_endpoints SET
     url = coalesce(%(url)s, url),
     events = coalesce(%(events)s, events),
@@ -48,16 +63,13 @@ WHERE id = %(id)s::uuid AND user_id = %(user_id)s AND project_id = %(project_id)
 RETURNING secret, previous_expires_at
 
 -- name: user_secret
--- The user's secret, made with `secret` when the user has none.
-WITH made AS (
-    INSERT INTO webhook_secrets (user_id, secret) VALUES (%(user_id)s, %(secret)s)
-    ON CONFLICT (user_id) DO NOTHING
-    RETURNING secret, previous_expires_at
-)
-SELECT secret, previous_expires_at FROM made
-UNION ALL
 SELECT secret, previous_expires_at FROM webhook_secrets WHERE user_id = %(user_id)s
-LIMIT 1
+
+-- name: make_user_secret
+-- The user's secret, `secret`, unless the user has one. Its own statement: a read in the same
+-- statement would not see a secret made at the same moment by another (its snapshot is older).
+INSERT INTO webhook_secrets (user_id, secret) VALUES (%(user_id)s, %(secret)s)
+ON CONFLICT (user_id) DO NOTHING
 
 -- name: rotate_user_secret
 INSERT INTO webhook_secrets AS s (user_id, secret) VALUES (%(user_id)s, %(secret)s)
@@ -153,18 +165,9 @@ SELECT secret, CASE WHEN previous_expires_at > now() THEN previous_secret END AS
 FROM webhook_endpoints WHERE id = %(endpoint_id)s::uuid
 
 -- name: user_signing_secrets
--- The secrets that sign a user's render webhooks (the user's secret is made on first use, with
--- `secret`), and the previous one while its overlap lasts.
-WITH made AS (
-    INSERT INTO webhook_secrets (user_id, secret) VALUES (%(user_id)s, %(secret)s)
-    ON CONFLICT (user_id) DO NOTHING
-    RETURNING secret, NULL::text AS previous_secret
-)
-SELECT secret, previous_secret FROM made
-UNION ALL
-SELECT secret, CASE WHEN previous_expires_at > now() THEN previous_secret END
+-- The secrets that sign a user's render webhooks, and the previous one while its overlap lasts.
+SELECT secret, CASE WHEN previous_expires_at > now() THEN previous_secret END AS previous_secret
 FROM webhook_secrets WHERE user_id = %(user_id)s
-LIMIT 1
 
 -- name: set_body
 UPDATE webhook_deliveries SET body = %(body)s WHERE id = %(id)s::uuid AND body IS NULL

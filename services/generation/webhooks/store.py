@@ -224,9 +224,20 @@ class WebhookStore:
         return Secret(row["secret"], row["previous_expires_at"])
 
     async def user_secret(self, user_id: str) -> Secret:
-        row = await self._one("user_secret", {"user_id": user_id, "secret": new_secret()})
-        assert row is not None
+        """The user's secret, made on first ask."""
+        row = await self._made("user_secret", user_id)
         return Secret(row["secret"], row["previous_expires_at"])
+
+    async def _made(self, query: str, user_id: str) -> dict[str, Any]:
+        """`query`'s row of the user's secret, the secret made first when there is none (by this
+        call, or by another at the same moment)."""
+        row = await self._one(query, {"user_id": user_id})
+        if row is None:
+            async with self._conn() as conn:
+                await conn.execute(QUERIES["make_user_secret"], {"user_id": user_id, "secret": new_secret()})
+            row = await self._one(query, {"user_id": user_id})
+        assert row is not None
+        return row
 
     async def rotate_user_secret(self, user_id: str, overlap_s: float) -> Secret:
         params = {"user_id": user_id, "secret": new_secret(), "overlap_s": overlap_s}
@@ -289,9 +300,7 @@ class WebhookStore:
         if delivery.endpoint_id:
             row = await self._one("endpoint_signing_secrets", {"endpoint_id": delivery.endpoint_id})
         else:
-            row = await self._one(
-                "user_signing_secrets", {"user_id": delivery.user_id, "secret": new_secret()}
-            )
+            row = await self._made("user_signing_secrets", delivery.user_id)
         if row is None:  # the endpoint was deleted since: nothing signs for it any more
             return []
         return [secret for secret in (row["secret"], row["previous_secret"]) if secret]
