@@ -51,6 +51,9 @@ Send = Callable[[str, Mapping[str, str], bytes, float], Awaitable[imagefetch_pb2
 ReadRender = Callable[[str, str], Awaitable[generation_pb2.Render]]
 """`await read(user_id, render_id)`: the render as the API shows it; NotFound once it is gone."""
 DELIVERED = "delivered"
+SECRETS_TTL_S = 5.0
+"""How long the secrets of an endpoint or a user are used before they are read again."""
+SECRETS_CACHED = 10_000
 MAX_PAUSE_S = 2.0
 """The longest pause between two claims."""
 BACKLOG_CHECK_S = 5.0
@@ -99,6 +102,8 @@ class Dispatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self.backlog_age_s = 0.0
         self._next_backlog_check = 0.0
+        self._secrets_cache: dict[str, tuple[float, list[str]]] = {}
+        """{endpoint id or `user:<id>`: (valid until, secrets)}."""
         meter = metrics.get_meter(f"{SCOPE}.webhooks", meter_provider=meter_provider)
         meter.create_observable_gauge(
             "renderflow.webhooks.backlog_age",
@@ -177,7 +182,7 @@ class Dispatcher:
             body = delivery.body or await self._body(delivery, now)
         except NotFound:
             return Outcome(now, "render_gone", 0, 0.0, "the render no longer exists", "", None)
-        secrets = await self._store.signing_secrets(delivery)
+        secrets = await self._secrets(delivery)
         if not secrets:
             return Outcome(now, "endpoint_deleted", 0, 0.0, "the endpoint no longer exists", "", None)
         headers = signed_headers(delivery.id, now, body, secrets)
@@ -210,7 +215,22 @@ class Dispatcher:
             message=result.message,
             excerpt=result.response_excerpt,
             next_attempt_at=None if result.outcome == DELIVERED else self._next(delivery, now, result),
+            # Progress is sent as it is when sent; the rest as it was first time, every time.
+            body=body if delivery.body is None and delivery.event != "progress" else None,
         )
+
+    async def _secrets(self, delivery: Delivery) -> list[str]:
+        """The secrets that sign `delivery`, read at most every SECRETS_TTL_S per endpoint or user
+        (a rotation keeps the old one signing far longer than that)."""
+        key = delivery.endpoint_id or f"user:{delivery.user_id}"
+        cached = self._secrets_cache.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        secrets = await self._store.signing_secrets(delivery)
+        self._secrets_cache[key] = (time.monotonic() + SECRETS_TTL_S, secrets)
+        if len(self._secrets_cache) > SECRETS_CACHED:
+            self._secrets_cache.pop(next(iter(self._secrets_cache)))
+        return secrets
 
     async def _body(self, delivery: Delivery, now: datetime) -> str:
         render = await self._read_render(delivery.user_id, delivery.render_id)
@@ -221,8 +241,6 @@ class Dispatcher:
                 "data": render_json(render),
             }
         ).decode()
-        if delivery.event != "progress":  # progress is sent as it is when sent; the rest as it was
-            await self._store.set_body(delivery.id, body)
         return body
 
     def _next(

@@ -169,9 +169,6 @@ FROM webhook_endpoints WHERE id = %(endpoint_id)s::uuid
 SELECT secret, CASE WHEN previous_expires_at > now() THEN previous_secret END AS previous_secret
 FROM webhook_secrets WHERE user_id = %(user_id)s
 
--- name: set_body
-UPDATE webhook_deliveries SET body = %(body)s WHERE id = %(id)s::uuid AND body IS NULL
-
 -- name: record_attempt
 -- One attempt's outcome: the log entry, and the delivery delivered, failed for good, or due again
 -- at `next_attempt_at`; the endpoint's run of failures started, ended, or long enough to disable it.
@@ -187,7 +184,7 @@ delivery AS (
                      THEN 'failed' ELSE 'pending' END,
         delivered_at = CASE WHEN %(delivered)s THEN %(at)s ELSE delivered_at END,
         next_attempt_at = coalesce(%(next_attempt_at)s, next_attempt_at),
-        leased_until = NULL, last_outcome = %(outcome)s
+        leased_until = NULL, last_outcome = %(outcome)s, body = coalesce(body, %(body)s)
     WHERE id = %(id)s::uuid
     RETURNING endpoint_id
 )

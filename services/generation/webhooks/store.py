@@ -134,6 +134,8 @@ class Outcome:
     excerpt: str
     next_attempt_at: datetime | None
     """None: no more attempts (delivered, or given up)."""
+    body: str | None = None
+    """The body sent, to keep for the next attempts (None: keep what is kept)."""
 
     @property
     def delivered(self) -> bool:
@@ -305,10 +307,6 @@ class WebhookStore:
             return []
         return [secret for secret in (row["secret"], row["previous_secret"]) if secret]
 
-    async def set_body(self, delivery_id: str, body: str) -> None:
-        async with self._conn() as conn:
-            await conn.execute(QUERIES["set_body"], {"id": delivery_id, "body": body})
-
     async def record(self, delivery: Delivery, outcome: Outcome, disable_after_s: float) -> str | None:
         """Records an attempt; the reason its endpoint was disabled by it, if it was."""
         params = {
@@ -323,6 +321,7 @@ class WebhookStore:
             "next_attempt_at": outcome.next_attempt_at,
             "delivered": outcome.delivered,
             "disable_after_s": disable_after_s,
+            "body": outcome.body,
         }
         row = await self._one("record_attempt", params)
         if row is not None and not row["enabled"] and row["disabled_reason"].startswith("its deliveries"):
