@@ -24,6 +24,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from yarl import URL
 
+from shared.settings import ConfigError, Env
+
 # Failure reasons (besides `http_<status>`), exactly as a render's error carries them.
 TIMEOUT = "timeout"
 TOO_LARGE = "too_large"
@@ -112,6 +114,15 @@ def parse_allow_list(items: Iterable[str]) -> tuple[Network, ...]:
         except ValueError:
             raise ValueError(f"not an address or network: {item!r}") from None
     return tuple(networks)
+
+
+def allow_list(env: Env) -> tuple[Network, ...]:
+    """The private addresses user-given URLs may reach (RENDERFLOW_IMAGEFETCH_ALLOW, read by every
+    process that checks such URLs); ConfigError names a bad entry."""
+    try:
+        return parse_allow_list(env.list("RENDERFLOW_IMAGEFETCH_ALLOW"))
+    except ValueError as exc:
+        raise ConfigError(f"RENDERFLOW_IMAGEFETCH_ALLOW: {exc}") from None
 
 
 def normalize_url(raw: str) -> URL:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from yarl import URL
 
 from shared.settings import Addresses, ConfigError, Env, listen_address, service_token
-from shared.url_guard import Network, parse_allow_list
+from shared.url_guard import Network, allow_list
 
 MIB = 1024 * 1024
 
@@ -82,10 +82,7 @@ class Settings:
     def from_env(cls, env: Env) -> Settings:
         """Settings from `RENDERFLOW_*` variables; ConfigError names a bad one."""
         addresses = Addresses.from_env(env)
-        try:
-            allow = parse_allow_list(env.list("RENDERFLOW_IMAGEFETCH_ALLOW"))
-        except ValueError as exc:
-            raise ConfigError(f"RENDERFLOW_IMAGEFETCH_ALLOW: {exc}") from None
+        allow = allow_list(env)
         cache_url = env.optional("RENDERFLOW_CACHE_URL")
         if cache_url is not None:
             _check_cache_url(cache_url)

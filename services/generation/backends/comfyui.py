@@ -238,6 +238,8 @@ class _PromptRun:
         self._client_id = f"renderflow-{uuid.uuid4().hex}"
         self.prompt_id = str(uuid.uuid4())
         self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._entry: dict[str, Any] = {}
+        """P's history entry as last read ({} until it ended)."""
 
     @property
     def extra(self) -> dict[str, str]:
@@ -360,7 +362,7 @@ class _PromptRun:
         if where is None:
             raise InstanceFailed("prompt_lost", "the instance no longer knows the prompt (restarted?)")
         if where == "history":
-            self._raise_if_failed(await self._history())
+            self._raise_if_failed(self._entry)
             return True
         return False
 
@@ -374,10 +376,11 @@ class _PromptRun:
         return "history" if await self._history() else None  # it may have ended in between
 
     async def _history(self) -> dict[str, Any]:
-        """P's history entry ({} until it ended)."""
+        """P's history entry ({} until it ended), kept in `_entry` (the output is read from it)."""
         history = await self._call("read the history", "GET", self._client.base / "history" / self.prompt_id)
         entry = history.get(self.prompt_id) if isinstance(history, dict) else None
-        return entry if isinstance(entry, dict) else {}
+        self._entry = entry if isinstance(entry, dict) else {}
+        return self._entry
 
     def _raise_if_failed(self, entry: Mapping[str, Any]) -> None:
         status = entry.get("status") if isinstance(entry.get("status"), dict) else {}
@@ -396,7 +399,7 @@ class _PromptRun:
 
     async def _output(self) -> tuple[bytes, str]:
         """The bytes of the first saved file of the render's kind."""
-        entry = await self._history()
+        entry = self._entry or await self._history()  # read already when the websocket was quiet
         self._raise_if_failed(entry)
         wanted = _KIND_EXTENSIONS[self._job.kind]
         files = [

@@ -98,10 +98,6 @@ class Pool:
 
         return callback
 
-    @property
-    def capacity(self) -> int:
-        return sum(instance.slots for instance in self.instances)
-
     @asynccontextmanager
     async def instance(self, exclude: set[Instance]) -> AsyncIterator[Instance]:
         """A slot of the least busy instance that is up and not in `exclude`, held until exit;

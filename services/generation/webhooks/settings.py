@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.settings import ConfigError, Env
-from shared.url_guard import Network, parse_allow_list
+from shared.settings import Env
+from shared.url_guard import Network, allow_list
 
 DAY_S = 86400.0
 
@@ -47,10 +47,6 @@ class WebhookSettings:
 
     @classmethod
     def from_env(cls, env: Env) -> WebhookSettings:
-        try:
-            allow = parse_allow_list(env.list("RENDERFLOW_IMAGEFETCH_ALLOW"))
-        except ValueError as exc:
-            raise ConfigError(f"RENDERFLOW_IMAGEFETCH_ALLOW: {exc}") from None
         return cls(
             dispatch=env.bool("RENDERFLOW_WEBHOOKS_DISPATCH", cls.dispatch),
             poll_s=env.float("RENDERFLOW_WEBHOOKS_POLL_S", cls.poll_s, minimum=0.01),
@@ -64,5 +60,5 @@ class WebhookSettings:
             rotation_overlap_s=env.float(
                 "RENDERFLOW_WEBHOOKS_ROTATION_OVERLAP_S", cls.rotation_overlap_s, minimum=0
             ),
-            allow=allow,
+            allow=allow_list(env),
         )
