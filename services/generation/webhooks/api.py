@@ -49,7 +49,7 @@ class Webhooks:
     async def create_endpoint(
         self, user_id: str, project: str, url: str, events: Sequence[str], description: str
     ) -> Endpoint:
-        checked_url, checked_events = self._checked(url, events)
+        checked_url, checked_events = self._url(url), self._events(events)
         _check_description(description)
         project_id, slug = await self._project(user_id, project)
         return await self._store.create_endpoint(
@@ -136,9 +136,6 @@ class Webhooks:
 
     async def redeliver(self, user_id: str, delivery_id: str) -> Delivery:
         return await self._store.redeliver(user_id, _uuid(delivery_id, "delivery"))
-
-    def _checked(self, url: str, events: Sequence[str]) -> tuple[str, tuple[str, ...]]:
-        return self._url(url), self._events(events)
 
     def _url(self, url: str) -> str:
         try:

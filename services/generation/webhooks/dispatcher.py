@@ -42,6 +42,7 @@ from services.generation.webhooks.store import Delivery, Outcome, WebhookStore
 from shared.errors import NotFound, RenderflowError
 from shared.metrics import SCOPE
 from shared.render_json import render_json
+from shared.url_guard import DELIVERED
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer(f"{SCOPE}.webhooks")
@@ -50,7 +51,6 @@ Send = Callable[[str, Mapping[str, str], bytes, float], Awaitable[imagefetch_pb2
 """`await send(url, headers, body, timeout_s)`: one POST through the image fetcher."""
 ReadRender = Callable[[str, str], Awaitable[generation_pb2.Render]]
 """`await read(user_id, render_id)`: the render as the API shows it; NotFound once it is gone."""
-DELIVERED = "delivered"
 SECRETS_TTL_S = 5.0
 """How long the secrets of an endpoint or a user are used before they are read again."""
 SECRETS_CACHED = 10_000

@@ -19,6 +19,7 @@ from services.generation.records import fetch_all, fetch_one
 from services.generation.store import translated
 from shared.errors import FailedPrecondition, NotFound
 from shared.statements import load_queries
+from shared.url_guard import DELIVERED
 
 QUERIES = load_queries(Path(__file__).with_name("queries.sql"))
 SECRET_PREFIX = "whsec_"
@@ -139,7 +140,7 @@ class Outcome:
 
     @property
     def delivered(self) -> bool:
-        return self.outcome == "delivered"
+        return self.outcome == DELIVERED
 
 
 class WebhookStore:
