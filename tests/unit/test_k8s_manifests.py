@@ -22,6 +22,10 @@ K8S = ROOT / "k8s"
 # A KEDA custom resource: no schema in the validator, checked on its own below.
 KEDA_SCALED_OBJECT = K8S / "keda" / "scaledobject.yaml"
 EXAMPLE_SECRET = K8S / "secret.example.yaml"
+# Kustomize components applied on top of k8s/ by choice: built and checked below, not part of the
+# default objects.
+OPTIONS = K8S / "options"
+SHARED_VOLUME = OPTIONS / "shared-volume"
 # The oldest Kubernetes these manifests are meant for, and the newest the validator knows.
 KUBERNETES_VERSIONS = ("1.30", "1.37")
 
@@ -47,6 +51,9 @@ GRPC_SERVICES = ("metadata", "imagefetch", "generation")
 WITH_DATABASE = ("metadata", "generation", "worker")
 WITH_ARTIFACTS = ("generation", "worker")
 SERVICE_TOKEN = "RENDERFLOW_SERVICE_TOKEN"
+OBJECT_STORE_SECRET = "renderflow-object-store"
+OBJECT_STORE_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+ARTIFACT_CLAIM = "renderflow-artifacts"
 
 Manifest = dict[str, Any]
 
@@ -67,11 +74,12 @@ def _secret_value(reference: Manifest) -> str:
 
 
 def _object_files() -> list[Path]:
-    """Every file of Kubernetes objects under k8s/ (kustomizations are not objects)."""
+    """Every file of Kubernetes objects under k8s/ (kustomizations are not objects, nor are the
+    options' patches)."""
     return sorted(
         path
         for path in K8S.rglob("*.yaml")
-        if path.name != "kustomization.yaml" and path != KEDA_SCALED_OBJECT
+        if path.name != "kustomization.yaml" and path != KEDA_SCALED_OBJECT and OPTIONS not in path.parents
     )
 
 
@@ -105,6 +113,50 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster() -> Cluster:
     return Cluster([doc for path in _object_files() for doc in _documents(path)])
+
+
+# The merge key of each list the options' strategic-merge patches reach, as Kubernetes declares it
+# (patchMergeKey); any other list a patch holds replaces the original, as in kustomize.
+MERGE_KEYS = {"containers": "name", "env": "name", "volumes": "name", "volumeMounts": "mountPath"}
+
+
+def _merge(original: Manifest, patch: Manifest) -> Manifest:
+    """`original` with a strategic-merge `patch` applied (a null removes the key)."""
+    merged = dict(original)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(original.get(key), dict):
+            merged[key] = _merge(original[key], value)
+        elif key in MERGE_KEYS and isinstance(original.get(key), list):
+            items = {item[MERGE_KEYS[key]]: item for item in original[key]}
+            for item in value:
+                name = item[MERGE_KEYS[key]]
+                items[name] = _merge(items[name], item) if name in items else item
+            merged[key] = list(items.values())
+        else:
+            merged[key] = value
+    return merged
+
+
+def _with_component(cluster: Cluster, directory: Path) -> Cluster:
+    """The objects of k8s/ with the kustomize component in `directory` applied, as kustomize
+    builds them (the tests run no process, hence no kustomize)."""
+    (component,) = _documents(directory / "kustomization.yaml")
+    assert (component["apiVersion"], component["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component")
+    objects = list(cluster.objects)
+    objects += [doc for name in component.get("resources", []) for doc in _documents(directory / name)]
+    for patch in component.get("patches", []):
+        assert set(patch) == {"path"}, "only strategic-merge patches in files are built here"
+        for doc in _documents(directory / patch["path"]):
+            target = Cluster(objects).get(doc["kind"], doc["metadata"]["name"])
+            objects[objects.index(target)] = _merge(target, doc)
+    return Cluster(objects)
+
+
+@pytest.fixture(scope="module")
+def shared_volume(cluster: Cluster) -> Cluster:
+    return _with_component(cluster, SHARED_VOLUME)
 
 
 def _pod(deployment: Manifest) -> Manifest:
@@ -150,12 +202,10 @@ def _service_target(cluster: Cluster, name: str, port: int) -> int:
     return _container_port(deployment, matching[0].get("targetPort", port))
 
 
-@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-@pytest.mark.parametrize("path", _object_files(), ids=lambda p: str(p.relative_to(K8S)))
-def test_manifest_is_valid_for_kubernetes(path: Path, version: str) -> None:
-    """Strict: an unknown or misspelt field fails, as it would be dropped silently by kubectl."""
+def _invalid(objects: list[Manifest], version: str) -> list[str]:
+    """What the API's schemas of `version` reject in `objects`, strictly."""
     problems: list[str] = []
-    for doc in _documents(path):
+    for doc in objects:
         name = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
         try:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -164,7 +214,14 @@ def test_manifest_is_valid_for_kubernetes(path: Path, version: str) -> None:
             problems.append(f"{name}: {where}: {error.message}")
         except kubernetes_validate.SchemaNotFoundError as error:
             problems.append(f"{name}: {error.message}")
-    assert problems == []
+    return problems
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", _object_files(), ids=lambda p: str(p.relative_to(K8S)))
+def test_manifest_is_valid_for_kubernetes(path: Path, version: str) -> None:
+    """Strict: an unknown or misspelt field fails, as it would be dropped silently by kubectl."""
+    assert _invalid(_documents(path), version) == []
 
 
 def test_kustomization_applies_every_manifest_but_the_example_secret_and_keda() -> None:
@@ -257,21 +314,33 @@ def test_every_command_names_a_runnable_module(module: str) -> None:
         assert 'if __name__ == "__main__":' in Path(spec.origin).read_text(), module
 
 
-@pytest.mark.parametrize("name", ENTRY_POINTS)
-def test_each_component_accepts_the_environment_of_its_pod(cluster: Cluster, name: str) -> None:
-    """ConfigMap, literal env and the Secrets' keys, read by the component's own settings loader."""
+def _environment(cluster: Cluster, name: str) -> dict[str, str]:
+    """What the container of Deployment `name` finds in its environment: ConfigMap, literal env
+    and the example Secrets' keys."""
     environ = dict(cluster.settings)
     for variable in _container(cluster.get("Deployment", name)).get("env", []):
         if "value" in variable:
             environ[variable["name"]] = variable["value"]
         else:
             environ[variable["name"]] = _secret_value(variable["valueFrom"]["secretKeyRef"])
+    return environ
+
+
+def _settings(cluster: Cluster, name: str) -> Any:
+    """The settings the component of Deployment `name` reads from its environment."""
     module, _, class_name = SETTINGS_CLASSES[name].partition(":")
-    settings = getattr(importlib.import_module(module), class_name).from_env(Env(environ))
+    return getattr(importlib.import_module(module), class_name).from_env(Env(_environment(cluster, name)))
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_each_component_accepts_the_environment_of_its_pod(cluster: Cluster, name: str) -> None:
+    """ConfigMap, literal env and the Secrets' keys, read by the component's own settings loader."""
+    environ = _environment(cluster, name)
+    settings = _settings(cluster, name)
     if name in GRPC_SERVICES:
         assert settings.listen == environ[f"RENDERFLOW_{name.upper()}_LISTEN"]
     if name in WITH_ARTIFACTS:
-        assert str(settings.artifact_dir) == environ["RENDERFLOW_ARTIFACT_DIR"]
+        assert settings.artifact_s3.bucket == environ["RENDERFLOW_ARTIFACT_S3_BUCKET"]
     assert settings.service_token == environ[SERVICE_TOKEN]
 
 
@@ -287,11 +356,13 @@ def test_every_container_gets_the_service_token_from_its_secret(cluster: Cluster
 
 def test_the_example_secrets_hold_placeholders_not_secrets() -> None:
     secrets = _example_secrets()
-    assert sorted(secrets) == ["renderflow-database", "renderflow-service-token"]
+    assert sorted(secrets) == ["renderflow-database", OBJECT_STORE_SECRET, "renderflow-service-token"]
     url = urlsplit(secrets["renderflow-database"]["stringData"]["DATABASE_URL"])
     assert url.password is not None and "PLACEHOLDER" in url.password
     assert url.hostname is not None and url.hostname.endswith(".invalid")
     assert "PLACEHOLDER" in secrets["renderflow-service-token"]["stringData"][SERVICE_TOKEN]
+    for key in OBJECT_STORE_KEYS:
+        assert "PLACEHOLDER" in secrets[OBJECT_STORE_SECRET]["stringData"][key], key
     assert "EXAMPLE ONLY" in EXAMPLE_SECRET.read_text().splitlines()[0]
 
 
@@ -407,16 +478,67 @@ def test_workers_have_time_to_drain_and_leave_one_at_a_time(cluster: Cluster) ->
     assert pdb["spec"]["maxUnavailable"] == 1
 
 
-def test_workers_and_generation_share_the_artifact_volume(cluster: Cluster) -> None:
-    claim = cluster.get("PersistentVolumeClaim", "renderflow-artifacts")
-    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
-    artifact_dir = cluster.settings["RENDERFLOW_ARTIFACT_DIR"]
-    for name in WITH_ARTIFACTS:
+def test_workers_and_generation_store_outputs_in_one_bucket(cluster: Cluster) -> None:
+    """Workers write what generation serves: both read the bucket from the ConfigMap, and its keys
+    from one Secret, optional for pods that get a role instead. Nothing else gets the keys."""
+    assert cluster.settings["RENDERFLOW_ARTIFACT_S3_BUCKET"]
+    assert "RENDERFLOW_ARTIFACT_DIR" not in cluster.settings, "outputs are not files by default"
+    assert not set(OBJECT_STORE_KEYS) & set(cluster.settings), "a secret does not belong in the ConfigMap"
+    assert cluster.all("PersistentVolumeClaim") == [], "no volume is shared by default"
+    stores = []
+    for name in ENTRY_POINTS:
         deployment = cluster.get("Deployment", name)
+        env = {e["name"]: e for e in _container(deployment).get("env", [])}
+        if name not in WITH_ARTIFACTS:
+            assert not set(OBJECT_STORE_KEYS) & set(env), f"{name} stores no output and needs no keys"
+            continue
+        assert not [e for e in env if e.startswith("RENDERFLOW_ARTIFACT_")], f"{name} overrides the bucket"
+        for key in OBJECT_STORE_KEYS:
+            reference = env[key]["valueFrom"]["secretKeyRef"]
+            assert reference == {"name": OBJECT_STORE_SECRET, "key": key, "optional": True}, name
+        assert [v for v in _pod(deployment)["volumes"] if "persistentVolumeClaim" in v] == [], name
+        store = _settings(cluster, name).artifact_s3
+        assert store is not None, name
+        assert store.access_key_id == _secret_value(
+            {"name": OBJECT_STORE_SECRET, "key": OBJECT_STORE_KEYS[0]}
+        )
+        stores.append(store)
+    assert stores[0] == stores[1], "generation and the workers see different buckets"
+
+
+def test_the_shared_volume_option_lists_its_files() -> None:
+    (component,) = _documents(SHARED_VOLUME / "kustomization.yaml")
+    listed = component.get("resources", []) + [patch["path"] for patch in component.get("patches", [])]
+    assert sorted(listed) == sorted(
+        p.name for p in SHARED_VOLUME.glob("*.yaml") if p.name != "kustomization.yaml"
+    )
+    (kustomization,) = _documents(K8S / "kustomization.yaml")
+    assert "components" not in kustomization, "the bucket is the default"
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_shared_volume_option_builds_valid_objects(shared_volume: Cluster, version: str) -> None:
+    assert _invalid(shared_volume.objects, version) == []
+
+
+def test_the_shared_volume_option_keeps_outputs_on_one_readwritemany_claim(shared_volume: Cluster) -> None:
+    """Workers and generation, possibly on different nodes, mount one claim where outputs are
+    stored, and no bucket is left set: it would take precedence over the directory."""
+    claim = shared_volume.get("PersistentVolumeClaim", ARTIFACT_CLAIM)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    settings = shared_volume.settings
+    assert not [key for key in settings if key.startswith("RENDERFLOW_ARTIFACT_S3_")]
+    artifact_dir = settings["RENDERFLOW_ARTIFACT_DIR"]
+    for name in WITH_ARTIFACTS:
+        deployment = shared_volume.get("Deployment", name)
         volumes = {v["name"]: v for v in _pod(deployment)["volumes"]}
         (mount,) = [m for m in _container(deployment)["volumeMounts"] if m["mountPath"] == artifact_dir]
-        assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == "renderflow-artifacts", name
+        assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == ARTIFACT_CLAIM, name
         assert not mount.get("readOnly"), name
+        assert "emptyDir" in volumes["tmp"], f"{name} keeps its scratch space"
+        loaded = _settings(shared_volume, name)
+        assert loaded.artifact_s3 is None, name
+        assert str(loaded.artifact_dir) == artifact_dir, name
 
 
 def test_keda_scales_workers_on_queue_depth_per_worker_slot(cluster: Cluster) -> None:
