@@ -25,6 +25,7 @@ from gateway.routes import (
     projects,
     renders,
     rules,
+    uploads,
     webhooks,
 )
 from gateway.slow_clients import ConnectionCaps, body_deadline_middleware, quiet_accept_errors
@@ -104,7 +105,8 @@ def create_app(
     app.cleanup_ctx.append(_auth_context)
     app.cleanup_ctx.append(rate_limits_context)
     app.cleanup_ctx.append(watch_hub_context)
-    for module in (health, docs, metrics, projects, rules, webhooks, renders, batches, events, output):
+    modules = (health, docs, metrics, projects, rules, webhooks, uploads, renders, batches, events, output)
+    for module in modules:
         app.add_routes(module.routes)
     return app
 

@@ -196,7 +196,7 @@ class MetadataClient(_Client):
 
 
 class GenerationClient(_Client):
-    """Renders, their events and outputs, and webhooks (renderflow.v1.GenerationService)."""
+    """Renders, their events and outputs, uploads, and webhooks (renderflow.v1.GenerationService)."""
 
     def __init__(self, channel: grpc.aio.Channel, timeout_s: float, output_timeout_s: float) -> None:
         super().__init__(channel)
@@ -227,9 +227,14 @@ class GenerationClient(_Client):
                 generation_pb2.GetBatchRequest(user_id=user_id, batch_id=batch_id), timeout=self._timeout
             )
 
-    async def get_render(self, user_id: str, render_id: str, *, brief: bool = False) -> generation_pb2.Render:
-        """The user's render (`brief`: without the queue estimates, for an ownership check)."""
-        request = generation_pb2.GetRenderRequest(user_id=user_id, render_id=render_id, brief=brief)
+    async def get_render(
+        self, user_id: str, render_id: str, *, brief: bool = False, download_url: bool = False
+    ) -> generation_pb2.Render:
+        """The user's render (`brief`: without the queue estimates, for an ownership check;
+        `download_url`: with a presigned link to its output, when the store gives one)."""
+        request = generation_pb2.GetRenderRequest(
+            user_id=user_id, render_id=render_id, brief=brief, download_url=download_url
+        )
         with rpc_errors():
             return await self._stub.GetRender(request, timeout=self._timeout)
 
@@ -247,6 +252,7 @@ class GenerationClient(_Client):
         batch_id: str = "",
         created_after: datetime | None = None,
         created_before: datetime | None = None,
+        download_url: bool = False,
     ) -> generation_pb2.ListRendersResponse:
         request = generation_pb2.ListRendersRequest(
             user_id=user_id,
@@ -257,6 +263,7 @@ class GenerationClient(_Client):
             by_position=by_position,
             kind=kind,
             batch_id=batch_id,
+            download_url=download_url,
         )
         if created_after is not None:
             request.created_after.FromDatetime(created_after)
@@ -313,6 +320,30 @@ class GenerationClient(_Client):
             user_id=user_id, render_id=render_id, offset=offset, length=length
         )
         return self._stream("GetOutput", self._stub.GetOutput(request, timeout=self._output_timeout))
+
+    # Uploads
+
+    async def create_upload(self, user_id: str, data: AsyncIterator[bytes]) -> generation_pb2.Upload:
+        """An upload of the bytes `data` yields, streamed as they come (generation stops the call as
+        soon as they pass its cap); given as long as an output's download."""
+
+        async def chunks() -> AsyncIterator[generation_pb2.UploadChunk]:
+            yield generation_pb2.UploadChunk(user_id=user_id)
+            async for piece in data:
+                yield generation_pb2.UploadChunk(data=piece)
+
+        with rpc_errors():
+            return await self._stub.CreateUpload(chunks(), timeout=self._output_timeout)
+
+    async def get_upload(self, user_id: str, upload_id: str) -> generation_pb2.Upload:
+        request = generation_pb2.UploadRequest(user_id=user_id, upload_id=upload_id)
+        with rpc_errors():
+            return await self._stub.GetUpload(request, timeout=self._timeout)
+
+    async def delete_upload(self, user_id: str, upload_id: str) -> generation_pb2.Upload:
+        request = generation_pb2.UploadRequest(user_id=user_id, upload_id=upload_id)
+        with rpc_errors():
+            return await self._stub.DeleteUpload(request, timeout=self._timeout)
 
     # Webhooks
 

@@ -33,6 +33,14 @@ def _path(name: str, description: str, schema: Schema | None = None) -> Schema:
     }
 
 
+_DOWNLOAD_URL = _query(
+    "download_url",
+    {"type": "boolean"},
+    "true: the output also gives `download_url`, a short-lived presigned URL of the object store "
+    "(none with the local store), and `download_expires_at`",
+)
+
+
 def _header(name: str, description: str) -> Schema:
     return {
         "name": name,
@@ -98,6 +106,7 @@ def _op(
 
 _RENDER_ID = _path("id", "the render's id")
 _BATCH_ID = _path("id", "the batch's id")
+_UPLOAD_ID = _path("id", "the upload's id")
 _RULE_PATH = [_SLUG, _path("rule_id", "the rule's id")]
 _TEXT_HEADER = {"schema": {"type": "string"}}
 _SUBMIT_HEADERS = {
@@ -342,6 +351,46 @@ PATHS: dict[str, dict[str, Schema]] = {
             parameters=[_DELIVERY_ID],
         ),
     },
+    "/v1/uploads": {
+        "post": {
+            **_op(
+                "createUpload",
+                "Upload an image to serve as a render's reference (`reference: {upload_id}`): the raw "
+                "bytes as the body, or the `file` field of a multipart form. Checked to decode as an "
+                "image (its type is the one it decodes as), kept until `expires_at`",
+                {"201": _json("Upload", "stored", _LOCATION), "413": _PROBLEM},
+            ),
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "image/*": {"schema": {"type": "string", "contentMediaType": "image/*"}},
+                    "application/octet-stream": {"schema": {"type": "string"}},
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {"file": {"type": "string", "contentMediaType": "image/*"}},
+                            "required": ["file"],
+                        }
+                    },
+                },
+            },
+        },
+    },
+    "/v1/uploads/{id}": {
+        "get": _op(
+            "getUpload",
+            "An upload of yours that has not expired",
+            {"200": _json("Upload", "it")},
+            parameters=[_UPLOAD_ID],
+        ),
+        "delete": _op(
+            "deleteUpload",
+            "Delete an upload at once (renders queued with it that have not started go without it, or "
+            "fail when it is required)",
+            {"200": _json("Upload", "what it was")},
+            parameters=[_UPLOAD_ID],
+        ),
+    },
     "/v1/renders": {
         "post": _submit("submitRender", "Queue one render; returns at once", "RenderRequest"),
         "get": _op(
@@ -364,6 +413,7 @@ PATHS: dict[str, dict[str, Schema]] = {
                     {"type": "string", "format": "date-time", "maxLength": 64},
                     "created before this moment (RFC 3339, with its offset)",
                 ),
+                _DOWNLOAD_URL,
                 *_PAGE,
             ],
         ),
@@ -427,7 +477,10 @@ PATHS: dict[str, dict[str, Schema]] = {
     },
     "/v1/renders/{id}": {
         "get": _op(
-            "getRender", "Get a render", {"200": _json("Render", "the render")}, parameters=[_RENDER_ID]
+            "getRender",
+            "Get a render",
+            {"200": _json("Render", "the render")},
+            parameters=[_RENDER_ID, _DOWNLOAD_URL],
         ),
         "delete": _op(
             "deleteRenderOutput",
@@ -511,7 +564,9 @@ PATHS: dict[str, dict[str, Schema]] = {
     "/v1/renders/{id}/output": {
         "get": _op(
             "getRenderOutput",
-            "The finished render's bytes (HEAD: their headers); 410 once deleted or past its retention",
+            "The finished render's bytes (HEAD: their headers); 410 once deleted or past its retention. "
+            "With an object store, a client that allows it (`redirect=true`, or `Prefer: redirect`) "
+            "is sent to a short-lived presigned URL of the store instead (307)",
             {
                 "200": {
                     "description": "the bytes",
@@ -523,6 +578,13 @@ PATHS: dict[str, dict[str, Schema]] = {
                 },
                 "206": {"description": "the requested range", "content": {"image/png": {}, "video/mp4": {}}},
                 "304": {"description": "unchanged (If-None-Match)"},
+                "307": {
+                    "description": "fetch it from the object store (redirect allowed, GET only)",
+                    "headers": {
+                        "Location": {"schema": {"type": "string"}, "description": "a presigned URL"},
+                        "Preference-Applied": {"schema": {"type": "string"}, "description": "`redirect`"},
+                    },
+                },
                 "409": {"$ref": "#/components/responses/Problem"},
                 "410": _PROBLEM,
                 "416": {"$ref": "#/components/responses/Problem"},
@@ -531,6 +593,13 @@ PATHS: dict[str, dict[str, Schema]] = {
                 _RENDER_ID,
                 _header("Range", "a single `bytes=a-b` range"),
                 _header("If-None-Match", "an ETag from a previous download"),
+                _query(
+                    "redirect",
+                    {"type": "boolean"},
+                    "true: a 307 to a presigned URL of the object store where there is one "
+                    "(the local store streams regardless)",
+                ),
+                _header("Prefer", "`redirect`: as `redirect=true`"),
             ],
         ),
     },

@@ -98,6 +98,20 @@ def webhook_endpoint_json(endpoint: generation_pb2.WebhookEndpoint) -> JSON:
     return body
 
 
+def upload_json(upload: generation_pb2.Upload) -> JSON:
+    """An uploaded image, as it decoded, and until when renders may name it."""
+    return {
+        "id": upload.id,
+        "content_type": upload.content_type,
+        "bytes": upload.bytes,
+        "width": upload.width,
+        "height": upload.height,
+        "sha256": upload.sha256,
+        "created_at": timestamp(upload.created_at),
+        "expires_at": timestamp(upload.expires_at),
+    }
+
+
 def webhook_secret_json(secret: generation_pb2.WebhookSecret) -> JSON:
     """A signing secret, and until when the one it replaced still signs beside it (null: none does)."""
     return {"secret": secret.secret, "previous_expires_at": _maybe_time(secret, "previous_expires_at")}

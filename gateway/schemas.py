@@ -397,6 +397,9 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "the output of the nearest earlier render of its chain that succeeded (a "
                 "video: its last frame; none for the first render, or when none succeeded)",
             },
+            "upload_id": _described(
+                ID, "an image you uploaded (POST /v1/uploads) and that has not expired, checked when queued"
+            ),
             "required": {
                 "type": "boolean",
                 "default": False,
@@ -404,8 +407,13 @@ SCHEMAS: dict[str, Schema] = {
                 "without it",
             },
         },
-        oneOf=[{"required": ["url"]}, {"required": ["render_id"]}, {"required": ["previous"]}],
-        error_message="must have exactly one of url, render_id and previous",
+        oneOf=[
+            {"required": ["url"]},
+            {"required": ["render_id"]},
+            {"required": ["previous"]},
+            {"required": ["upload_id"]},
+        ],
+        error_message="must have exactly one of url, render_id, previous and upload_id",
     ),
     "WebhookInput": _object(
         {
@@ -615,6 +623,7 @@ SCHEMAS: dict[str, Schema] = {
                     {
                         "url": {"type": "string", "description": "the image URL it was asked to start from"},
                         "render_id": _described(ID, "the render whose output it was asked to start from"),
+                        "upload_id": _described(ID, "the upload it was asked to start from"),
                         "previous": {
                             "const": True,
                             "description": "it continues from the nearest earlier render of its chain that "
@@ -669,6 +678,17 @@ SCHEMAS: dict[str, Schema] = {
                             "description": "a video's length, in seconds; null for an image",
                         },
                         "sha256": {"type": "string", "description": "the SHA-256 of the bytes, hex"},
+                        "download_url": {
+                            "type": ["string", "null"],
+                            "description": "asked for (`download_url=true`) and the outputs are in an "
+                            "object store: a presigned URL of the store that fetches the bytes without "
+                            "credentials until `download_expires_at`; null otherwise",
+                        },
+                        "download_expires_at": {
+                            "type": ["string", "null"],
+                            "format": "date-time",
+                            "description": "when `download_url` stops working; null without one",
+                        },
                     }
                 ),
                 "what it made: set once it succeeded; null otherwise, and once the output is deleted "
@@ -890,6 +910,25 @@ SCHEMAS: dict[str, Schema] = {
             }
         },
         ["webhooks"],
+    ),
+    "Upload": _object(
+        {
+            "id": _id("upload"),
+            "content_type": {
+                "type": "string",
+                "description": "its media type as its bytes decode (image/png, image/jpeg, image/webp, "
+                "image/gif, image/bmp, image/tiff), whatever it was sent as",
+            },
+            "bytes": {"type": "integer", "description": "its size, in bytes"},
+            "width": {"type": "integer", "description": "its width, in pixels"},
+            "height": {"type": "integer", "description": "its height, in pixels"},
+            "sha256": {"type": "string", "description": "the SHA-256 of the bytes, hex"},
+            "created_at": _CREATED_AT,
+            "expires_at": _described(
+                _TIME, "when it is deleted (renders may name it until then; RENDERFLOW_UPLOAD_TTL_S)"
+            ),
+        },
+        description="an image you uploaded, to serve as renders' reference",
     ),
     "WebhookSecret": _object(
         {

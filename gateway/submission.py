@@ -13,6 +13,7 @@ from renderflow.v1 import generation_pb2
 from gateway.state import TIMER
 from shared.contract import PARAMS
 from shared.errors import ValidationFailed
+from shared.http_headers import preferences
 from shared.render_json import KINDS
 
 SEED_LIMIT = 2**32
@@ -33,8 +34,8 @@ def render_params(kind: str, given: dict[str, Any]) -> generation_pb2.RenderPara
 
 
 def reference(given: dict[str, Any] | None) -> generation_pb2.Reference | None:
-    """The reference image's source: a URL, another render, or (`previous: true`) the render
-    before this one in its chain (generation drops it for the first render of a chain)."""
+    """The reference image's source: a URL, another render, an upload, or (`previous: true`) the
+    render before this one in its chain (generation drops it for the first render of a chain)."""
     if not given:
         return None
     ref = generation_pb2.Reference(required=bool(given.get("required", False)))
@@ -42,6 +43,8 @@ def reference(given: dict[str, Any] | None) -> generation_pb2.Reference | None:
         ref.url = given["url"]
     elif "render_id" in given:
         ref.render_id = given["render_id"]
+    elif "upload_id" in given:
+        ref.upload_id = given["upload_id"]
     else:
         ref.chain_previous = True
     return ref
@@ -99,15 +102,8 @@ def moment(text: str, field: str, malformed: str = "must be an RFC 3339 date-tim
 def prefer_wait(request: web.Request, max_wait_s: float) -> float | None:
     """The seconds of a `Prefer: wait=N` header (RFC 7240), clamped to `max_wait_s`; None without
     one. Like any preference, a malformed one is ignored rather than refused."""
-    for header in request.headers.getall("Prefer", []):
-        for preference in header.split(","):
-            name, _, value = preference.split(";", 1)[0].partition("=")
-            if name.strip().lower() != "wait":
-                continue
-            value = value.strip().strip('"')
-            if value.isascii() and value.isdigit():
-                return min(float(value), max_wait_s)
-    return None
+    value = preferences(request.headers.getall("Prefer", [])).get("wait", "")
+    return min(float(value), max_wait_s) if value.isascii() and value.isdigit() else None
 
 
 def spent_so_far(request: web.Request) -> generation_pb2.Timings:

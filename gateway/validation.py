@@ -242,6 +242,7 @@ async def read_json(request: web.Request, schema_name: str) -> dict[str, Any]:
 
 
 _INTEGER = re.compile("-?[0-9]{1,18}")
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
 @functools.cache
@@ -271,6 +272,12 @@ def read_query(request: web.Request, operation_id: str) -> dict[str, Any]:
                 values[name] = int(raw)
             else:
                 errors.append(FieldError(name, "must be an integer"))
+            continue
+        if parameters.get(name, {}).get("type") == "boolean":
+            if raw.lower() in _BOOLEANS:
+                values[name] = _BOOLEANS[raw.lower()]
+            else:
+                errors.append(FieldError(name, "must be true or false"))
             continue
         values[name] = raw
     errors.extend(_field_errors(validator.iter_errors(values)))

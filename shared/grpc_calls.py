@@ -117,7 +117,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer
             )
-        return handler  # no client-streaming methods are served; the token was checked above
+        if handler.stream_unary:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+            ) -> Any:
+                async with around(method, metadata, context, streaming=True):
+                    return await inner_su(requests, context)
+
+            return grpc.stream_unary_rpc_method_handler(
+                stream_unary, handler.request_deserializer, handler.response_serializer
+            )
+        return handler  # no bidirectional methods are served; the token was checked above
 
     @asynccontextmanager
     async def _around(

@@ -1,11 +1,26 @@
-"""Retry-After from the HTTP peers the services call: parsing it, and honouring it when retrying."""
+"""Headers read in more than one place: Retry-After from the HTTP peers the services call (parsing it,
+and honouring it when retrying), and a client's `Prefer` (RFC 7240)."""
 
 from __future__ import annotations
 
 import email.utils
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from tenacity import RetryCallState, wait_exponential_jitter
+
+
+def preferences(headers: Iterable[str]) -> dict[str, str]:
+    """The preferences of `Prefer` headers, by lowercased name, with their values unquoted (`""`
+    for none; parameters after `;` dropped); the first of a repeated name counts. Like any
+    preference, one that cannot be read is left out rather than refused."""
+    found: dict[str, str] = {}
+    for header in headers:
+        for preference in header.split(","):
+            name, _, value = preference.split(";", 1)[0].partition("=")
+            if name.strip():
+                found.setdefault(name.strip().lower(), value.strip().strip('"'))
+    return found
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -1,17 +1,30 @@
 """Deciding whether bytes are an image: magic bytes first, then Pillow must read and decode them all.
+For references fetched from URLs (imagefetch) and uploaded (generation).
 
-Whatever the origin's Content-Type claims, only the bytes count; the type reported is the one
-they really are.
+Whatever the origin's or the client's Content-Type claims, only the bytes count; the type reported
+is the one they really are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+from dataclasses import dataclass
 
 from PIL import Image as PilImage
 
-from services.imagefetch.domain import NOT_AN_IMAGE, TOO_LARGE, FetchFailure, Image
+from shared.url_guard import NOT_AN_IMAGE, TOO_LARGE, FetchFailure
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """What bytes that decoded as an image are."""
+
+    content_type: str
+    """Detected from the bytes, not anyone's claim."""
+    width: int
+    height: int
+
 
 # Signatures of the formats accepted, and the Pillow format each must then decode as.
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
@@ -34,7 +47,7 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def inspect(data: bytes, final_url: str, max_pixels: int) -> Image:
+def inspect(data: bytes, max_pixels: int) -> Decoded:
     """The image these bytes are, or FetchFailure(not_an_image | too_large). CPU-bound: in the
     event loop, use `inspect_async`."""
     announced = sniff(data)
@@ -58,9 +71,9 @@ def inspect(data: bytes, final_url: str, max_pixels: int) -> Image:
         # Pillow reports broken data as many kinds of error (OSError, SyntaxError, ValueError, ...).
         message = f"the bytes do not decode as {announced} ({type(exc).__name__})"
         raise FetchFailure(NOT_AN_IMAGE, message) from None
-    return Image(data=data, content_type=content_type, width=width, height=height, final_url=final_url)
+    return Decoded(content_type, width, height)
 
 
-async def inspect_async(data: bytes, final_url: str, max_pixels: int) -> Image:
+async def inspect_async(data: bytes, max_pixels: int) -> Decoded:
     """`inspect` in a worker thread, so decoding does not stall the event loop."""
-    return await asyncio.to_thread(inspect, data, final_url, max_pixels)
+    return await asyncio.to_thread(inspect, data, max_pixels)

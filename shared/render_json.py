@@ -46,7 +46,7 @@ def error_json(error: generation_pb2.RenderError) -> JSON:
 
 
 def reference_json(reference: generation_pb2.Reference) -> JSON | None:
-    """`{url | render_id | previous: true, required}` as requests name references, and what became
+    """`{url | render_id | upload_id | previous: true, required}` as requests name references, and what became
     of it: `used` (null until the render has run), `reason` and `message` when it was not used,
     `source_render_id`: the render whose output served (a chain's: the one it continued from)."""
     source = reference.WhichOneof("source")
@@ -102,6 +102,8 @@ def render_json(render: generation_pb2.Render) -> JSON:
             "height": output.height,
             "duration_s": output.duration_s if is_video else None,
             "sha256": output.sha256,
+            "download_url": output.download_url or None,
+            "download_expires_at": _maybe_time(output, "download_expires_at"),
         }
         if render.HasField("output")
         else None,

@@ -1,4 +1,5 @@
-"""A finished render's bytes, streamed from the generation service: ETag, If-None-Match, one Range."""
+"""A finished render's bytes, streamed from the generation service: ETag, If-None-Match, one Range;
+or, with an object store and a client that allows it, a redirect to a presigned URL of the store."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from renderflow.v1 import generation_pb2
 
 from gateway.auth import principal
 from gateway.problems import RangeNotSatisfiable
-from gateway.routes import ID, clients, phase
+from gateway.routes import ID, clients, phase, query
 from shared.errors import FailedPrecondition, Gone
+from shared.http_headers import preferences
 
 routes = web.RouteTableDef()
 
@@ -75,8 +77,11 @@ async def render_output(request: web.Request) -> web.StreamResponse:
     user = principal(request)
     render_id = request.match_info["id"]
     generation = clients(request).generation
+    prefers_redirect = "redirect" in preferences(request.headers.getall("Prefer", []))
+    allowed = query(request, "getRenderOutput").get("redirect", False) or prefers_redirect
+    redirect = allowed and request.method == "GET"  # a presigned URL is signed for GET alone
     with phase(request, "db"):
-        render = await generation.get_render(user.user_id, render_id)
+        render = await generation.get_render(user.user_id, render_id, brief=True, download_url=redirect)
     if render.HasField("output_deleted_at"):
         deleted = render.output_deleted_at.ToJsonString()
         raise Gone(f"The output was deleted at {deleted} (deleted by its user, or past its retention).")
@@ -93,6 +98,11 @@ async def render_output(request: web.Request) -> web.StreamResponse:
         headers["ETag"] = f'"{output.sha256}"'
         if etag_matches(request.headers.get("If-None-Match"), headers["ETag"]):
             return web.Response(status=304, headers=headers)
+    if output.download_url:  # asked for, and the store gave one
+        redirected = {"Location": output.download_url, "Cache-Control": "private, no-store"}
+        if prefers_redirect:
+            redirected["Preference-Applied"] = "redirect"
+        return web.Response(status=307, headers=redirected)
     if_range = request.headers.get("If-Range")
     wanted = None if if_range and if_range != headers.get("ETag") else request.headers.get("Range")
     byte_range = parse_range(wanted, output.bytes)

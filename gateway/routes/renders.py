@@ -114,8 +114,11 @@ async def _answer(
 @routes.get(f"/v1/renders/{ID}")
 async def get_render(request: web.Request) -> web.Response:
     user = principal(request)
+    download_url = query(request, "getRender").get("download_url", False)
     with phase(request, "db"):
-        render = await clients(request).generation.get_render(user.user_id, request.match_info["id"])
+        render = await clients(request).generation.get_render(
+            user.user_id, request.match_info["id"], download_url=download_url
+        )
     return json_response(render_json(render))
 
 
@@ -140,6 +143,7 @@ async def list_renders(request: web.Request) -> web.Response:
             created_before=_moment(params, "created_before"),
             page_size=page_size,
             page_token=page_token,
+            download_url=params.get("download_url", False),
         )
     return json_response(page("renders", [render_json(r) for r in answer.renders], answer.next_page_token))
 

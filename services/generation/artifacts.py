@@ -13,13 +13,16 @@ import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 from services.generation.validation import is_valid_id
 from shared.errors import NotFound, ValidationFailed
 
 CHUNK = 64 * 1024
+UPLOADS = "uploads"
+"""The scope of the store (`scoped`) that holds uploads, beside the outputs."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,17 @@ class ArtifactStore(Protocol):
         seeking in a video); NotFound when there is none."""
         ...
 
+    async def presigned_url(
+        self, render_id: str, expires_s: float | None = None
+    ) -> tuple[str, datetime] | None:
+        """A URL that fetches the output from the store itself without credentials, and until
+        when; None from a store that cannot give one (the local directory)."""
+        ...
+
+    def scoped(self, name: str) -> Self:
+        """A store of another kind of file (`uploads`) beside this one's, on the same client."""
+        ...
+
     async def close(self) -> None:
         """Lets go of what the store holds open."""
         ...
@@ -82,6 +96,12 @@ class LocalArtifactStore:
     async def local_copy(self, render_id: str) -> AsyncIterator[Path]:
         await self.size(render_id)  # NotFound when there is none
         yield self.path(render_id)
+
+    async def presigned_url(self, render_id: str, expires_s: float | None = None) -> None:
+        return None
+
+    def scoped(self, name: str) -> LocalArtifactStore:
+        return LocalArtifactStore(self._root / name)
 
     async def close(self) -> None:
         return None

@@ -12,6 +12,7 @@ from services.generation.artifacts import ArtifactStore, LocalArtifactStore
 from services.generation.backends.selection import BackendSettings
 from services.generation.object_store import ObjectStoreSettings, S3ArtifactStore
 from services.generation.pacing import parse_rates
+from services.generation.uploads.settings import UploadSettings
 from services.generation.webhooks.settings import WebhookSettings
 from shared.settings import Addresses, ConfigError, Env, listen_address, run_dir, service_token
 from shared.telemetry import Budgets
@@ -99,6 +100,7 @@ class Settings:
     """RENDERFLOW_IMAGEFETCH_ADDR: the image-fetch service, which sends webhook deliveries (and
     prefetches); empty (in code only): no deliveries are sent from this process."""
     webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    uploads: UploadSettings = field(default_factory=UploadSettings)
 
     @classmethod
     def from_env(cls, env: Env) -> Settings:
@@ -133,6 +135,7 @@ class Settings:
             service_token=service_token(env),
             imagefetch_addr=Addresses.from_env(env).imagefetch,
             webhooks=WebhookSettings.from_env(env),
+            uploads=UploadSettings.from_env(env),
         )
 
 

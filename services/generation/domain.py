@@ -67,13 +67,15 @@ class ReferenceOutcome:
 
 @dataclass(frozen=True)
 class Reference:
-    """Where the reference image comes from: a URL, another render's output, or the output of the
-    previous render of the same chain (exactly one); and, once the render has run, its outcome."""
+    """Where the reference image comes from: a URL, another render's output, the output of the
+    previous render of the same chain, or an upload (exactly one); and, once the render has run, its
+    outcome."""
 
     url: str = ""
     render_id: str = ""
     required: bool = False
     chain_previous: bool = False
+    upload_id: str = ""
     outcome: ReferenceOutcome | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -83,6 +85,8 @@ class Reference:
             "required": self.required,
             "chain_previous": self.chain_previous,
         }
+        if self.upload_id:  # rows of before uploads have none, and read the same
+            data["upload_id"] = self.upload_id
         if self.outcome is not None:
             data["outcome"] = self.outcome.to_json()
         return data
@@ -95,6 +99,7 @@ class Reference:
             render_id=data.get("render_id", ""),
             required=data.get("required", False),
             chain_previous=data.get("chain_previous", False),
+            upload_id=data.get("upload_id", ""),
             outcome=ReferenceOutcome(**outcome) if outcome else None,
         )
 
@@ -185,6 +190,15 @@ class Output:
 
 
 @dataclass(frozen=True)
+class DownloadLink:
+    """A URL that fetches an output from the object store itself, without credentials, until
+    `expires_at`."""
+
+    url: str
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
 class Render:
     """A render as stored, with the derived queue figures filled in by queries that ask for them."""
 
@@ -233,6 +247,8 @@ class Render:
     eta_s: float | None = None
     remaining_s: float | None = None
     stalled: bool = False
+    download: DownloadLink | None = None
+    """Asked for, and the store can sign one: a direct link to the output."""
     waiting_on: str = ""
     """While it waits for its chain predecessor to end: that render's id."""
     replayed: bool = False

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import re
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -385,6 +386,12 @@ class S3ArtifactStore:
         with self._errors("sign a URL of", render_id):
             url = await obstore.sign_async(self._store, "GET", key, expires_in)
         return url, expires_at
+
+    def scoped(self, name: str) -> S3ArtifactStore:
+        """The objects under `<prefix><name>/` (another kind of file: uploads), on this store's client."""
+        scoped = copy.copy(self)
+        scoped._settings = replace(self._settings, prefix=f"{self._settings.prefix}{name}/")
+        return scoped
 
     async def check(self) -> None:
         """Returns when the store answers and holds the bucket (a GET of a key that need not exist);

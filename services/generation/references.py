@@ -1,5 +1,5 @@
 """Reference images for renders: fetched through the imagefetch service, or read from another
-render's output. This module is the worker's gRPC edge towards imagefetch.
+render's output or from an upload. This module is the worker's gRPC edge towards imagefetch.
 
 A render's output that is a video stands as a reference by its last frame (as PNG): a chain goes
 on from where the render before it ended, and any render named as a reference is read the same
@@ -22,7 +22,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from services.generation.artifacts import ArtifactStore
+from services.generation.artifacts import UPLOADS, ArtifactStore
 from services.generation.backends import BackendError
 from services.generation.backends.video import last_frame
 from services.generation.domain import Render
@@ -83,6 +83,7 @@ class References:
         self._stub = imagefetch_pb2_grpc.ImageFetchServiceStub(channel)
         self._renders = renders
         self._artifacts = artifacts
+        self._uploads = artifacts.scoped(UPLOADS)
         self._timeout_s = timeout_s
         self._outage_s = outage_s
 
@@ -96,6 +97,10 @@ class References:
         if reference.render_id:
             data, what = await self._output_of(render.user_id, reference.render_id)
             return Resolved(data, reference.render_id, f"reference: {what} of {reference.render_id}")
+        if reference.upload_id:
+            return Resolved(
+                await self._upload(reference.upload_id), note=f"reference: upload {reference.upload_id}"
+            )
         before = await self._renders.continues_from(render.user_id, render.chain_id, render.position)
         if before is None:
             message = f"no render before position {render.position} of chain {render.chain_id} has succeeded"
@@ -136,6 +141,16 @@ class References:
             failure = result.failure
             raise ReferenceFailed(failure.reason, failure.message, retryable=failure.retryable)
         return result.image.data
+
+    async def _upload(self, upload_id: str) -> bytes:
+        """An upload's bytes (whose owner the submit checked); `not_found` once it expired or was
+        deleted."""
+        try:
+            return await self._uploads.get(upload_id)
+        except NotFound:
+            raise ReferenceFailed("not_found", f"upload {upload_id} is gone (expired or deleted)") from None
+        except (OSError, Unavailable) as exc:
+            raise ReferenceFailed("unavailable", "the artifact store failed", transient=True) from exc
 
     async def _output_of(self, user_id: str, render_id: str) -> tuple[bytes, str]:
         """A render's output as a reference image, and what of it that is (the output, or the

@@ -36,12 +36,14 @@ class Retention:
         return replace(spec, retention_s=spec.retention_s or self.output_s)
 
 
-async def sweep_retention(sweep: Callable[[], Awaitable[tuple[int, int]]], interval_s: float) -> None:
-    """Calls `sweep` about every `interval_s`, for ever."""
+async def sweep_retention(sweep: Callable[[], Awaitable[tuple[int, int, int]]], interval_s: float) -> None:
+    """Calls `sweep` about every `interval_s`, for ever; it returns how many outputs, render records
+    and expired uploads it deleted."""
     await periodically(sweep, interval_s, "retention sweep", _report)
 
 
-def _report(deleted: tuple[int, int]) -> None:
-    outputs, records = deleted
-    if outputs or records:
-        log.info("retention applied", extra={"outputs_deleted": outputs, "records_deleted": records})
+def _report(deleted: tuple[int, int, int]) -> None:
+    outputs, records, uploads = deleted
+    if outputs or records or uploads:
+        counts = {"outputs_deleted": outputs, "records_deleted": records, "uploads_deleted": uploads}
+        log.info("retention applied", extra=counts)

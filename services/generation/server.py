@@ -9,6 +9,7 @@ from functools import partial
 
 from renderflow.v1 import generation_pb2, generation_pb2_grpc
 
+from services.generation.artifacts import UPLOADS
 from services.generation.background import background
 from services.generation.catalog import Catalog
 from services.generation.config import Settings, artifact_store
@@ -22,6 +23,8 @@ from services.generation.service import Renders
 from services.generation.servicer import GenerationServicer, render_pb
 from services.generation.stalls import stalled_gauge, watch_stalls
 from services.generation.store import Store, database_url
+from services.generation.uploads.api import Uploads
+from services.generation.uploads.store import UploadStore
 from services.generation.webhooks.api import Webhooks
 from services.generation.webhooks.dispatcher import Dispatcher
 from services.generation.webhooks.egress import ImageFetchEgress
@@ -84,8 +87,9 @@ async def running(settings: Settings) -> AsyncIterator[int]:
             prefetch = prefetcher.start
         retention = Retention(settings.output_retention_s, settings.max_retention_s)
         receivers = Receivers(settings.webhooks.allow)
+        uploads = Uploads(UploadStore(store.pool), artifacts.scoped(UPLOADS), settings.uploads)
         renders = Renders(
-            store, catalog, hub, artifacts, settings.stall_after_s, prefetch, retention, receivers
+            store, catalog, hub, artifacts, settings.stall_after_s, prefetch, retention, receivers, uploads
         )
 
         async def read_render(user_id: str, render_id: str) -> generation_pb2.Render:
@@ -99,13 +103,17 @@ async def running(settings: Settings) -> AsyncIterator[int]:
             )
             dispatcher = Dispatcher(webhook_store, read_render, ImageFetchEgress(egress), settings.webhooks)
             await stack.enter_async_context(background(dispatcher.run(), "generation-webhooks"))
-        apply_retention = partial(store.sweep_retention, artifacts.delete, settings.record_retention_s)
+
+        async def apply_retention() -> tuple[int, int, int]:
+            outputs, records = await store.sweep_retention(artifacts.delete, settings.record_retention_s)
+            return outputs, records, await uploads.sweep()
+
         await stack.enter_async_context(
             background(sweep_retention(apply_retention, settings.retention_sweep_s), "generation-retention")
         )
         handle = create_server([SERVICE_NAME], token=settings.service_token)
         generation_pb2_grpc.add_GenerationServiceServicer_to_server(
-            GenerationServicer(renders, webhooks), handle.server
+            GenerationServicer(renders, webhooks, uploads), handle.server
         )
         port = await start(handle, settings.listen)
 

@@ -16,6 +16,7 @@ from services.generation.artifacts import ArtifactStore
 from services.generation.catalog import Catalog, Placement
 from services.generation.domain import (
     Batch,
+    DownloadLink,
     Event,
     Output,
     Page,
@@ -27,6 +28,7 @@ from services.generation.domain import (
 from services.generation.events import EventHub, follow
 from services.generation.protocols import ApiStore
 from services.generation.retention import Retention
+from services.generation.uploads.api import Uploads
 from services.generation.validation import normalized, normalized_batch
 from services.generation.webhooks.receivers import Receivers
 from shared.contract import PRIORITY, phase_attribute
@@ -53,6 +55,7 @@ class Renders:
         prefetch: Callable[[str], None] | None = None,
         retention: Retention | None = None,
         receivers: Receivers | None = None,
+        uploads: Uploads | None = None,
     ) -> None:
         self._store = store
         self._catalog = catalog
@@ -61,6 +64,7 @@ class Renders:
         self._stall_after_s = stall_after_s
         self._retention = retention or Retention()
         self._receivers = receivers or Receivers()
+        self._uploads = uploads
         self._run_times: tuple[float, eta.Durations] | None = None
         """When the run-time model was read, and the model."""
         self._prefetch = prefetch
@@ -71,6 +75,7 @@ class Renders:
         """Queues one render (idempotently) in its project and chain, with the rules active there;
         returns it as stored. NotFound for a project or chain the user does not have."""
         valid = self._receivers.applied(self._retention.applied(normalized(spec)))
+        await self._check_uploads(submission.user_id, [valid])
         placement, submission = await _db_phase(
             submission,
             self._catalog.place(submission.user_id, valid.project, valid.chain_id, submission.min_change_seq),
@@ -86,6 +91,7 @@ class Renders:
             self._receivers.applied(self._retention.applied(s, f"items[{i}]."), f"items[{i}].")
             for i, s in enumerate(normalized_batch(specs))
         ]
+        await self._check_uploads(submission.user_id, valid, "items[{}].")
         placements, submission = await _db_phase(submission, self._placements(valid, submission))
         batch = await self._store.submit_batch(valid, placements, submission, time.perf_counter())
         self._prefetch_references(batch.renders)
@@ -118,6 +124,21 @@ class Renders:
             raise ValidationFailed(f"{errors[0].field}: {errors[0].message}", errors)
         return [placed[(spec.project, spec.chain_id)] for spec in specs]
 
+    async def _check_uploads(self, user_id: str, specs: list[RenderSpec], prefix: str = "") -> None:
+        """ValidationFailed for each spec naming an upload that is not the user's or has expired
+        (one query, and only when some spec names an upload)."""
+        named = [
+            (i, s.reference.upload_id) for i, s in enumerate(specs) if s.reference and s.reference.upload_id
+        ]
+        if not named:
+            return
+        if self._uploads is None:
+            raise ValidationFailed.field(
+                prefix.format(named[0][0]) + "reference.upload_id", "uploads are off"
+            )
+        fields = [prefix.format(i) + "reference.upload_id" for i, _ in named]
+        await self._uploads.check_named(user_id, [upload_id for _, upload_id in named], fields)
+
     async def chain_lengths(self, user_id: str, chain_ids: list[str]) -> dict[str, int]:
         """How many positions each of the user's chains has allocated (those with none left out)."""
         return await self._store.chain_lengths(user_id, chain_ids)
@@ -129,19 +150,41 @@ class Renders:
         for url in urls:
             self._prefetch(url)
 
-    async def get(self, user_id: str, render_id: str, *, estimates: bool = True) -> Render:
+    async def get(
+        self, user_id: str, render_id: str, *, estimates: bool = True, download: bool = False
+    ) -> Render:
         """The render; with `estimates`, its place in the queue and when it should start while
-        queued, and when it should end while running."""
+        queued, and when it should end while running; with `download`, a direct link to its
+        output when the store gives one."""
         render = await self._store.get(user_id, render_id)
         if estimates:
             [render] = await self._with_estimates(user_id, [render])
+        if download:
+            [render] = await self._with_download_links([render])
         return self._derived(render)
 
-    async def list(self, user_id: str, where: RenderFilter, page_size: int, page_token: str) -> Page:
-        """One page of the user's renders (those queued with their place and expected start)."""
+    async def list(
+        self, user_id: str, where: RenderFilter, page_size: int, page_token: str, *, download: bool = False
+    ) -> Page:
+        """One page of the user's renders (those queued with their place and expected start;
+        with `download`, those with an output with a direct link to it, as `get`)."""
         page = await self._store.list_page(user_id, where, page_size, page_token)
         renders = await self._with_estimates(user_id, page.renders)
+        if download:
+            renders = await self._with_download_links(renders)
         return Page([self._derived(r) for r in renders], page.next_page_token)
+
+    async def _with_download_links(self, renders: Sequence[Render]) -> Sequence[Render]:
+        """`renders`, those with an output there with a presigned link to it (signing is local:
+        no request to the store)."""
+        linked: list[Render] = []
+        for render in renders:
+            if render.output is not None and render.output_deleted_at is None:
+                signed = await self._artifacts.presigned_url(render.id)
+                if signed is not None:
+                    render = replace(render, download=DownloadLink(*signed))
+            linked.append(render)
+        return linked
 
     async def _with_estimates(self, user_id: str, renders: Sequence[Render]) -> Sequence[Render]:
         """`renders`, those queued (and not waiting for a chain predecessor) with `queue_position`

@@ -25,8 +25,11 @@ from services.generation.domain import (
     Webhook,
 )
 from services.generation.service import Renders
+from services.generation.uploads.api import Uploads
+from services.generation.uploads.store import Upload
 from services.generation.webhooks.api import Webhooks
 from services.generation.webhooks.messages import delivery_pb, endpoint_pb, secret_pb
+from shared.errors import ValidationFailed
 
 Context = Any  # grpc.aio.ServicerContext, unused by these handlers
 
@@ -44,11 +47,35 @@ _STATUS = {value: name for name, value in _STATUS_PB.items()}
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
-    """Translates each RPC to a call of `Renders` (or, for webhooks, `Webhooks`)."""
+    """Translates each RPC to a call of `Renders` (or, for webhooks and uploads, `Webhooks` and
+    `Uploads`)."""
 
-    def __init__(self, renders: Renders, webhooks: Webhooks) -> None:
+    def __init__(self, renders: Renders, webhooks: Webhooks, uploads: Uploads) -> None:
         self._renders = renders
         self._webhooks = webhooks
+        self._uploads = uploads
+
+    # Uploads
+
+    async def CreateUpload(
+        self, request_iterator: AsyncIterator[pb.UploadChunk], context: Context
+    ) -> pb.Upload:
+        first = await anext(request_iterator, None)
+        if first is None or not first.user_id:
+            raise ValidationFailed.field("user_id", "the first chunk names the user")
+
+        async def data() -> AsyncIterator[bytes]:
+            yield first.data
+            async for chunk in request_iterator:
+                yield chunk.data
+
+        return upload_pb(await self._uploads.create(first.user_id, data()))
+
+    async def GetUpload(self, request: pb.UploadRequest, context: Context) -> pb.Upload:
+        return upload_pb(await self._uploads.get(request.user_id, request.upload_id))
+
+    async def DeleteUpload(self, request: pb.UploadRequest, context: Context) -> pb.Upload:
+        return upload_pb(await self._uploads.delete(request.user_id, request.upload_id))
 
     # Webhooks
 
@@ -144,9 +171,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return pb.GetChainLengthsResponse(lengths=lengths)
 
     async def GetRender(self, request: pb.GetRenderRequest, context: Context) -> pb.Render:
-        return render_pb(
-            await self._renders.get(request.user_id, request.render_id, estimates=not request.brief)
+        render = await self._renders.get(
+            request.user_id, request.render_id, estimates=not request.brief, download=request.download_url
         )
+        return render_pb(render)
 
     async def ListRenders(self, request: pb.ListRendersRequest, context: Context) -> pb.ListRendersResponse:
         where = RenderFilter(
@@ -160,7 +188,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             by_position=request.by_position,
         )
         page = await self._renders.list(
-            request.user_id, where, request.page.page_size, request.page.page_token
+            request.user_id,
+            where,
+            request.page.page_size,
+            request.page.page_token,
+            download=request.download_url,
         )
         return pb.ListRendersResponse(
             renders=[render_pb(r) for r in page.renders], next_page_token=page.next_page_token
@@ -240,7 +272,11 @@ def spec_from_pb(spec: pb.RenderSpec) -> RenderSpec:
     if spec.HasField("reference"):
         ref = spec.reference
         reference = Reference(
-            url=ref.url, render_id=ref.render_id, required=ref.required, chain_previous=ref.chain_previous
+            url=ref.url,
+            render_id=ref.render_id,
+            required=ref.required,
+            chain_previous=ref.chain_previous,
+            upload_id=ref.upload_id,
         )
     return RenderSpec(
         render_id=spec.render_id,
@@ -321,6 +357,8 @@ def render_pb(render: Render) -> pb.Render:
             message.reference.url = ref.url
         elif ref.render_id:
             message.reference.render_id = ref.render_id
+        elif ref.upload_id:
+            message.reference.upload_id = ref.upload_id
         else:
             message.reference.chain_previous = ref.chain_previous
         message.reference.required = ref.required
@@ -331,6 +369,9 @@ def render_pb(render: Render) -> pb.Render:
             message.reference.source_render_id = ref.outcome.source_render_id
     if render.output is not None:
         message.output.CopyFrom(pb.RenderOutput(**render.output.__dict__))
+        if render.download is not None:
+            message.output.download_url = render.download.url
+            message.output.download_expires_at.CopyFrom(_timestamp(render.download.expires_at))
     if render.error is not None:
         message.error.CopyFrom(error_pb(render.error))
     if render.retention_s is not None:
@@ -395,6 +436,19 @@ def batch_pb(batch: Batch) -> pb.Batch:
 
 def _moment(message: Any, field: str) -> datetime | None:
     return getattr(message, field).ToDatetime(UTC) if message.HasField(field) else None
+
+
+def upload_pb(upload: Upload) -> pb.Upload:
+    return pb.Upload(
+        id=upload.id,
+        content_type=upload.content_type,
+        bytes=upload.bytes,
+        width=upload.width,
+        height=upload.height,
+        sha256=upload.sha256,
+        created_at=_timestamp(upload.created_at),
+        expires_at=_timestamp(upload.expires_at),
+    )
 
 
 def _timestamp(value: datetime) -> Timestamp:

@@ -71,8 +71,9 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
 
     reference = spec.reference
     if reference is not None:
-        if [bool(reference.url), bool(reference.render_id), reference.chain_previous].count(True) != 1:
-            bad("reference", "must have exactly one of url, render_id and chain_previous")
+        sources = [reference.url, reference.render_id, reference.chain_previous, reference.upload_id]
+        if [bool(source) for source in sources].count(True) != 1:
+            bad("reference", "must have exactly one of url, render_id, chain_previous and upload_id")
         elif reference.chain_previous:
             pass  # the render before it in its chain (none for the first: dropped when queued)
         elif reference.url:
@@ -82,6 +83,9 @@ def normalized(spec: RenderSpec, prefix: str = "") -> RenderSpec:
                 parts = urlsplit("")
             if parts.scheme not in ("http", "https") or not parts.hostname or len(reference.url) > MAX_URL:
                 bad("reference.url", f"must be an absolute http or https URL of at most {MAX_URL} characters")
+        elif reference.upload_id:
+            if not is_valid_id(reference.upload_id):
+                bad("reference.upload_id", "is not an upload id")
         elif not is_valid_id(reference.render_id):
             bad("reference.render_id", "is not a render id")
         elif reference.render_id == render_id:

@@ -23,9 +23,9 @@ from services.imagefetch.cache import ImageCache, cache_key, ttl_for
 from services.imagefetch.config import Settings
 from services.imagefetch.domain import FetchFailure, FetchOrder, FetchOutcome, Image, Progress
 from services.imagefetch.fetcher import HttpFetcher, ProgressSink
-from services.imagefetch.image import inspect_async
 from services.imagefetch.instruments import Instruments
 from shared.errors import ValidationFailed
+from shared.images import inspect_async
 from shared.url_guard import normalize_url
 
 log = logging.getLogger(__name__)
@@ -203,8 +203,13 @@ class ImageService:
                     url, deadline_at, on_attempt=on_attempt, on_progress=flight.broadcast
                 )
                 async with asyncio.timeout_at(deadline_at):
-                    image = await inspect_async(
-                        download.data, str(download.final_url), self._settings.max_pixels
+                    decoded = await inspect_async(download.data, self._settings.max_pixels)
+                    image = Image(
+                        data=download.data,
+                        content_type=decoded.content_type,
+                        width=decoded.width,
+                        height=decoded.height,
+                        final_url=str(download.final_url),
                     )
             except (TimeoutError, FetchFailure) as exc:
                 failure = exc if isinstance(exc, FetchFailure) else FetchFailure.timed_out()

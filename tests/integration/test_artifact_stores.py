@@ -22,7 +22,6 @@ import aiohttp
 import obstore
 import psutil
 import pytest
-from obstore.store import S3Store
 from PIL import Image
 
 from services.generation.artifacts import CHUNK, LocalArtifactStore
@@ -64,47 +63,16 @@ async def outputs() -> dict[str, tuple[bytes, str]]:
     return made
 
 
-def s3_settings(server: SeaweedFS, **changes: Any) -> ObjectStoreSettings:
-    """Settings of a store in the server's bucket under a prefix of its own, quick to give up on a
-    store that is down."""
-    settings = ObjectStoreSettings(
-        bucket=server.bucket,
-        endpoint=server.endpoint,
-        path_style=True,
-        prefix=f"t-{uuid.uuid4().hex[:8]}/",
-        part_bytes=MIN_PART_BYTES,
-        connect_timeout_s=1.0,
-        timeout_s=5.0,
-        retry_s=0.3,
-        access_key_id=server.access_key,
-        secret_access_key=server.secret_key,
-    )
-    return replace(settings, **changes)
-
-
 @pytest.fixture(params=["local", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     if request.param == "local":
         return LocalArtifactStore(tmp_path / "artifacts")
-    return S3ArtifactStore(s3_settings(request.getfixturevalue("seaweedfs")))
+    return S3ArtifactStore(request.getfixturevalue("seaweedfs").store_settings())
 
 
 @pytest.fixture
 def s3(seaweedfs: SeaweedFS) -> S3ArtifactStore:
-    return S3ArtifactStore(s3_settings(seaweedfs))
-
-
-def raw_client(server: SeaweedFS) -> S3Store:
-    """A client of the bucket of our own, to look at what the store wrote."""
-    return S3Store(
-        server.bucket,
-        endpoint=server.endpoint,
-        region="us-east-1",
-        access_key_id=server.access_key,
-        secret_access_key=server.secret_key,
-        virtual_hosted_style_request=False,
-        client_options={"allow_http": True},
-    )
+    return S3ArtifactStore(seaweedfs.store_settings())
 
 
 def new_id() -> str:
@@ -222,12 +190,12 @@ async def test_a_png_and_an_mp4_round_trip(
 
 
 async def test_keys_fan_out_under_the_prefix_and_prefixes_keep_stores_apart(seaweedfs: SeaweedFS) -> None:
-    settings = s3_settings(seaweedfs, prefix="renders/a/")
+    settings = seaweedfs.store_settings(prefix="renders/a/")
     store, other = S3ArtifactStore(settings), S3ArtifactStore(replace(settings, prefix="renders/b/"))
     render_id = new_id()
     assert store.key(render_id) == f"renders/a/{render_id[:2]}/{render_id}"
     await store.put(render_id, b"in a")
-    meta = await obstore.head_async(raw_client(seaweedfs), store.key(render_id))
+    meta = await obstore.head_async(seaweedfs.raw_client(), store.key(render_id))
     assert meta["size"] == 4
     with pytest.raises(NotFound):
         await other.get(render_id)
@@ -250,7 +218,7 @@ async def test_a_large_output_goes_up_in_parts_without_a_second_copy(
     assert peak - before < 3 * MIN_PART_BYTES, f"the upload grew memory by {(peak - before) >> 20} MiB"
     assert (stored.size, stored.sha256) == (BIG, hashlib.sha256(data).hexdigest())
     # S3's ETag of an object made of N parts ends in -N.
-    meta = await obstore.head_async(raw_client(seaweedfs), s3.key(render_id))
+    meta = await obstore.head_async(seaweedfs.raw_client(), s3.key(render_id))
     assert meta["e_tag"] is not None and meta["e_tag"].strip('"').endswith(f"-{BIG // MIN_PART_BYTES}")
     boundary = MIN_PART_BYTES - 10
     assert b"".join(await chunks_of(s3, render_id, boundary, 20)) == data[boundary : boundary + 20]
@@ -322,7 +290,7 @@ async def test_an_upload_cut_by_a_crash_leaves_nothing_visible(
     with pytest.raises(NotFound):
         await s3.size(render_id)
     with pytest.raises(FileNotFoundError):
-        await obstore.head_async(raw_client(seaweedfs), s3.key(render_id))
+        await obstore.head_async(seaweedfs.raw_client(), s3.key(render_id))
 
 
 async def test_a_cancelled_upload_is_aborted(seaweedfs: SeaweedFS, s3: S3ArtifactStore) -> None:
@@ -382,8 +350,8 @@ async def test_a_local_copy_is_a_file_while_it_is_needed(s3: S3ArtifactStore) ->
 
 
 async def test_wrong_credentials_or_bucket_are_unavailable(seaweedfs: SeaweedFS) -> None:
-    wrong_secret = S3ArtifactStore(s3_settings(seaweedfs, secret_access_key="not-the-secret"))
-    no_bucket = S3ArtifactStore(s3_settings(seaweedfs, bucket="no-such-bucket"))
+    wrong_secret = S3ArtifactStore(seaweedfs.store_settings(secret_access_key="not-the-secret"))
+    no_bucket = S3ArtifactStore(seaweedfs.store_settings(bucket="no-such-bucket"))
     for store in (wrong_secret, no_bucket):
         with pytest.raises(Unavailable):
             await store.check()
@@ -457,7 +425,7 @@ def test_bad_settings_name_the_variable(values: dict[str, str], named: str) -> N
 async def test_the_stack_stores_and_serves_outputs_from_the_bucket(
     seaweedfs: SeaweedFS, database_url: str, tmp_path: Path
 ) -> None:
-    bucket = s3_settings(seaweedfs)
+    bucket = seaweedfs.store_settings()
     worker = in_process_worker("s3-worker", artifact_s3=bucket)
     async with running_stack(
         database_url, tmp_path, start_worker=worker, generation_changes={"artifact_s3": bucket}

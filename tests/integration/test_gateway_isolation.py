@@ -21,6 +21,7 @@ from tests.support.gateway_stack import (
     running_stack,
     seed_resources,
 )
+from tests.support.origin import png_bytes
 
 PROBLEM = "application/problem+json"
 WEBSOCKET_HANDSHAKE = {
@@ -43,6 +44,7 @@ class Owner(Resources):
     webhook_render_id: str
     """A render with a webhook of its own, and so deliveries."""
     delivery_id: str
+    upload_id: str
     secrets: tuple[str, ...]
     """The user's signing secret and the endpoint's."""
 
@@ -67,11 +69,15 @@ async def seed_owner(stack: LiveStack) -> Owner:
     (delivery,) = [d for d in listed["deliveries"] if d["endpoint_id"] is None]
     assert len(listed["deliveries"]) == 2
     _, secret = await stack.call("GET", "/v1/webhooks/secret", alice.headers)
+    upload = await stack.created(
+        "POST", "/v1/uploads", {**alice.headers, "Content-Type": "image/png"}, data=png_bytes()
+    )
     return Owner(
         **vars(alice),
         endpoint_id=endpoint["id"],
         webhook_render_id=render["id"],
         delivery_id=delivery["id"],
+        upload_id=upload["id"],
         secrets=(secret["secret"], endpoint["secret"]),
     )
 
@@ -135,6 +141,9 @@ CASES: dict[str, Case] = {
     "listEndpointDeliveries": Case(),
     "listRenderDeliveries": Case(),
     "redeliver": Case(),
+    "getUpload": Case(),
+    "deleteUpload": Case(),
+    "createUpload": Case(422, note="an upload of the caller's own, of a body that is no image"),
     # Lists: nothing of the first user's, and a filter naming their project is a 404.
     "listProjects": Case(200),
     "listRenders": Case(200, query=lambda owner: {"chain_id": owner.chain_id}),
@@ -171,6 +180,8 @@ def _id(template: str, owner: Owner) -> str:
         return owner.delivery_id
     if template == "/v1/renders/{id}/deliveries":
         return owner.webhook_render_id
+    if template.startswith("/v1/uploads/"):
+        return owner.upload_id
     return owner.render_id
 
 
@@ -193,6 +204,7 @@ def _secrets(owner: Owner) -> list[str]:
         owner.endpoint_id,
         owner.webhook_render_id,
         owner.delivery_id,
+        owner.upload_id,
         *owner.secrets,
         HOOK,
         "warm light",
@@ -266,6 +278,8 @@ async def test_a_second_user_reaches_nothing_of_the_first(stack: LiveStack) -> N
     assert still_delivering == deliveries
     _, render = await stack.call("GET", f"/v1/renders/{alice.render_id}", alice.headers)
     assert render["status"] == "succeeded"
+    upload, _ = await stack.call("GET", f"/v1/uploads/{alice.upload_id}", alice.headers)
+    assert upload.status == 200
 
 
 async def test_another_user_s_render_is_no_reference(stack: LiveStack) -> None:

@@ -335,7 +335,7 @@ async def test_a_render_request_with_a_bad_reference_names_it(stack: LiveStack) 
     response, body = await stack.call("POST", "/v1/renders", alice, json=both)
     assert_problem(response, body, 422, "validation_failed")
     assert body["errors"] == [
-        {"field": "reference", "message": "must have exactly one of url, render_id and previous"}
+        {"field": "reference", "message": "must have exactly one of url, render_id, previous and upload_id"}
     ]
     # `previous` on the first render of a chain: there is none, so no reference.
     response, first = await stack.call(

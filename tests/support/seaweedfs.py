@@ -26,13 +26,17 @@ import sys
 import sysconfig
 import threading
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import aiohttp
 import pytest
+from obstore.store import S3Store
 
+from services.generation.object_store import MIN_PART_BYTES, ObjectStoreSettings
 from tests.conftest import free_port
 
 ACCESS_KEY = "renderflow-test-access"
@@ -111,6 +115,35 @@ class SeaweedFS:
     async def up(self) -> None:
         """Starts the server again on the same ports with the same data; returns once it answers."""
         await asyncio.to_thread(self._launch)
+
+    def store_settings(self, **changes: Any) -> ObjectStoreSettings:
+        """Settings of an artifact store in this server's bucket under a prefix of its own, quick to
+        give up while the server is down; `changes` replace any of them."""
+        settings = ObjectStoreSettings(
+            bucket=self.bucket,
+            endpoint=self.endpoint,
+            path_style=True,
+            prefix=f"t-{uuid.uuid4().hex[:8]}/",
+            part_bytes=MIN_PART_BYTES,
+            connect_timeout_s=1.0,
+            timeout_s=5.0,
+            retry_s=0.3,
+            access_key_id=self.access_key,
+            secret_access_key=self.secret_key,
+        )
+        return replace(settings, **changes)
+
+    def raw_client(self) -> S3Store:
+        """A client of the bucket of the test's own, to look at what a store wrote."""
+        return S3Store(
+            self.bucket,
+            endpoint=self.endpoint,
+            region="us-east-1",
+            access_key_id=self.access_key,
+            secret_access_key=self.secret_key,
+            virtual_hosted_style_request=False,
+            client_options={"allow_http": True},
+        )
 
     async def pending_uploads(self) -> list[str]:
         """The multipart uploads of the bucket begun and neither completed nor aborted (SeaweedFS

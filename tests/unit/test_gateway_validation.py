@@ -97,7 +97,7 @@ def test_missing_fields_and_wrong_shapes() -> None:
         "reference": {"url": "https://x/y", "render_id": "r"},
     }
     assert _fields(both, "RenderRequest") == {
-        "reference": "must have exactly one of url, render_id and previous"
+        "reference": "must have exactly one of url, render_id, previous and upload_id"
     }
 
 

@@ -1,4 +1,4 @@
-"""Image validation: only bytes that decode count, whatever they were served as."""
+"""Image validation: only bytes that decode count, whatever they were served or uploaded as."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import zlib
 import pytest
 from PIL import Image as PilImage
 
-from services.imagefetch.domain import NOT_AN_IMAGE, TOO_LARGE, FetchFailure
-from services.imagefetch.image import inspect, sniff
+from shared.images import inspect, sniff
+from shared.url_guard import NOT_AN_IMAGE, TOO_LARGE, FetchFailure
 from tests.support.origin import png_bytes
 
 MAX_PIXELS = 10_000_000
@@ -34,9 +34,8 @@ def _encoded(image_format: str, size: tuple[int, int] = (40, 30)) -> bytes:
     ],
 )
 def test_supported_formats_are_detected_with_their_size(image_format: str, content_type: str) -> None:
-    image = inspect(_encoded(image_format), "http://cdn.example/x", MAX_PIXELS)
+    image = inspect(_encoded(image_format), MAX_PIXELS)
     assert (image.content_type, image.width, image.height) == (content_type, 40, 30)
-    assert image.final_url == "http://cdn.example/x"
 
 
 def test_the_type_comes_from_the_bytes_not_the_name() -> None:
@@ -59,7 +58,7 @@ def test_the_type_comes_from_the_bytes_not_the_name() -> None:
 )
 def test_bytes_that_do_not_decode_are_not_an_image(data: bytes) -> None:
     with pytest.raises(FetchFailure) as caught:
-        inspect(data, "http://cdn.example/x", MAX_PIXELS)
+        inspect(data, MAX_PIXELS)
     assert caught.value.reason == NOT_AN_IMAGE
     assert not caught.value.retryable
 
@@ -82,5 +81,5 @@ def _png_header_claiming(width: int, height: int) -> bytes:
 @pytest.mark.parametrize(("width", "height"), [(5000, 5000), (100_000, 100_000)])
 def test_too_many_pixels_is_too_large_before_decoding(width: int, height: int) -> None:
     with pytest.raises(FetchFailure) as caught:
-        inspect(_png_header_claiming(width, height), "http://cdn.example/x", MAX_PIXELS)
+        inspect(_png_header_claiming(width, height), MAX_PIXELS)
     assert caught.value.reason == TOO_LARGE
