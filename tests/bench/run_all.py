@@ -64,6 +64,13 @@ SCENARIOS = (
     Scenario(
         "webhooks", "bench_webhooks", ("--renders", "256", "--reps", "6"), ("--renders", "128", "--reps", "2")
     ),
+    Scenario(
+        "artifacts",
+        "bench_artifacts",
+        ("--renders", "20", "--downloads", "20"),
+        ("--renders", "5", "--downloads", "5"),
+        120.0,
+    ),
 )
 BUDGET_S = 600.0
 

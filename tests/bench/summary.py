@@ -91,6 +91,10 @@ def ratios(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         none = webhooks.get("none", {}).get("renders_per_s")
         out["webhooks_hanging_vs_none"] = ratio(webhooks.get("hanging", {}).get("renders_per_s"), none)
         out["webhooks_slow_vs_none"] = ratio(webhooks.get("slow", {}).get("renders_per_s"), none)
+    artifacts = results.get("artifacts", {}).get("ratios", {})
+    for key in ("download_s3_vs_local", "to_succeeded_p50_s3_vs_local", "presigned_vs_gateway_s3"):
+        if key in artifacts:  # S3 (SeaweedFS) ÷ local directory; presigned URL ÷ through the gateway
+            out[f"artifacts_{key}"] = artifacts[key]
     return out
 
 
@@ -189,6 +193,8 @@ def _known(name: str, result: dict[str, Any]) -> list[str]:
         ]
     if name == "webhooks":
         return _webhook_lines(result)
+    if name == "artifacts":
+        return artifact_lines(result)
     return _scalars(result)
 
 
@@ -298,4 +304,38 @@ def _webhook_lines(result: dict[str, Any]) -> list[str]:
             f"backlog {d['backlog']} ({d['backlog_age_s']:g} s old)",
             f"           CPU ms per render: {cpu}",
         ]
+    return lines
+
+
+def artifact_lines(result: dict[str, Any]) -> list[str]:
+    """bench_artifacts' figures: each store's time to succeeded and download rates, and the ratios."""
+    s, r, video = result["settings"], result["ratios"], result["settings"]["video"]
+    lines = [
+        f"video output of {s['output_mb']:g} MB ({video['width']}x{video['height']}, "
+        f"{video['duration_s']:g} s), {s['renders']} renders and {s['downloads']} downloads per store "
+        f"(MB = 10^6 bytes):"
+    ]
+    for name, done in result["to_succeeded"].items():
+        store = result["store_phase"][name]
+        lines.append(
+            f"  {name:<5} submit -> succeeded p50 {done['p50_ms']:7.1f} ms  p90 {done['p90_ms']:7.1f} ms"
+            f"  (store phase p50 {store['p50_ms']:6.1f} ms, p90 {store['p90_ms']:6.1f} ms)"
+        )
+    for name, down in result["download"].items():
+        many = result["download_concurrent"][name]
+        lines.append(
+            f"  {name:<5} GET output via gateway {down['mb_per_s']:7.1f} MB/s median, "
+            f"{down['best_mb_per_s']:7.1f} best; {s['concurrent']} at once {many['mb_per_s']:7.1f} MB/s"
+        )
+    for name, pre in result["presigned"].items():
+        lines.append(
+            f"  {name:<5} presigned URL direct  {pre['mb_per_s']:7.1f} MB/s median, "
+            f"{pre['best_mb_per_s']:7.1f} best (via the gateway's 307 in {pre['redirect_p50_ms']:g} ms p50)"
+        )
+    lines.append(
+        f"  s3/local: download {r['download_s3_vs_local']}, {s['concurrent']} at once "
+        f"{r['download_concurrent_s3_vs_local']}, "
+        f"submit -> succeeded p50 {r['to_succeeded_p50_s3_vs_local']} "
+        f"({r['to_succeeded_p50_s3_minus_local_ms']:+g} ms); presigned/gateway {r['presigned_vs_gateway_s3']}"
+    )
     return lines
