@@ -173,7 +173,16 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: 
         log.exception("unexpected error in %s", method)
         exc = RenderflowError()
     status = to_status(exc)
-    await context.abort(status.code, status.details, status.trailing_metadata)
+    trailing = tuple(status.trailing_metadata)
+    if exc.grpc_status is grpc.StatusCode.UNAVAILABLE:
+        # The handler's own answer, after its own waiting (a store or database that is down): the
+        # channel's retry policy, meant for a peer that never got the call, must not run it again.
+        trailing += (NO_RETRY,)
+    await context.abort(status.code, status.details, trailing)
+
+
+NO_RETRY = ("grpc-retry-pushback-ms", "-1")
+"""Trailing metadata that tells a client's retry policy not to retry (gRPC's retry design, A6)."""
 
 
 def _is_abort(exc: BaseException) -> bool:

@@ -13,9 +13,11 @@ import grpc
 
 from shared.grpc_calls import ServiceChannel
 
-# Retry transient transport failures (peer restarting, connection reset) a few times with backoff.
-# gRPC only retries a call that has not yet reached the server's handler, so this is safe for
-# every method; application-level retries are the caller's business.
+# Retry transient transport failures (peer restarting, connection reset, a server draining or not
+# serving) a few times with backoff. gRPC retries any attempt that ends UNAVAILABLE before the
+# answer's headers, a handler's own UNAVAILABLE included: handlers say theirs with a pushback of -1
+# (shared.grpc_calls.NO_RETRY), which forbids it, so only calls that did no work are run again.
+# Application-level retries are the caller's business.
 _SERVICE_CONFIG = {
     # Spread calls over every address the name resolves to (one per pod behind a headless Service).
     "loadBalancingConfig": [{"round_robin": {}}],

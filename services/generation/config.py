@@ -184,6 +184,9 @@ class WorkerSettings:
     """RENDERFLOW_WORKER_IMAGEFETCH_OUTAGE_S: how long a render waits for the image-fetch service to
     answer again (it is down, restarting) before that counts as a failed attempt: an outage of our
     own plumbing should not spend the attempts of a user's render."""
+    store_outage_s: float = 60.0
+    """RENDERFLOW_WORKER_STORE_OUTAGE_S: how long a render waits for an object store that is down to
+    take its output before that counts as a failed attempt (`store_failed`), for the same reason."""
     procedural_step_ms: float = 0.0
     """RENDERFLOW_BACKEND_PROCEDURAL_STEP_MS: latency the procedural backend adds to each step."""
     backend: BackendSettings = field(default_factory=BackendSettings)
@@ -244,6 +247,7 @@ class WorkerSettings:
             progress_interval_s=env.float("RENDERFLOW_WORKER_PROGRESS_INTERVAL_S", 0.1, minimum=0.0),
             image_fetch_timeout_s=env.float("RENDERFLOW_WORKER_IMAGEFETCH_TIMEOUT_S", 5.0, minimum=0.1),
             image_fetch_outage_s=env.float("RENDERFLOW_WORKER_IMAGEFETCH_OUTAGE_S", 60.0, minimum=0.0),
+            store_outage_s=env.float("RENDERFLOW_WORKER_STORE_OUTAGE_S", 60.0, minimum=0.0),
             procedural_step_ms=env.float("RENDERFLOW_BACKEND_PROCEDURAL_STEP_MS", 0.0, minimum=0.0),
             backend=BackendSettings.from_env(env),
             budgets=Budgets.from_env(env),

@@ -22,6 +22,13 @@ from typing import Any, Literal, TypeVar
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 from yarl import URL
 
 from services.generation.artifacts import ArtifactStore, StoredArtifact
@@ -160,6 +167,7 @@ class JobRunner:
         instruments: Instruments | None = None,
         max_duration_s: Mapping[str, float] | None = None,
         pacing: BackendPacing | None = None,
+        store_outage_s: float = 0.0,
     ) -> None:
         self._queue = queue
         self._backends = backends
@@ -175,6 +183,7 @@ class JobRunner:
         self._max_duration_s = max_duration_s or {}
         """The most a backend call may take, by kind."""
         self._pacing = pacing
+        self._store_outage_s = store_outage_s
 
     async def run(self, claim: Claim, control: Control) -> None:
         """Runs the job; when the worker cancels it, records why (cancelled, handed back, dropped)."""
@@ -310,12 +319,32 @@ class JobRunner:
             raise LeaseLost(claim.render_id)
 
     async def _put(self, render_id: str, artifact: Artifact) -> StoredArtifact:
-        """The output stored; OSError when the store fails (a disk, or an object store that is
-        down: Unavailable here is the store's, not the database's, and costs this attempt only)."""
+        """The output stored. An object store that is down is waited for (up to `store_outage_s`,
+        as for the image fetcher: an outage of our own plumbing should not spend the attempts of a
+        user's render); past that, and for a disk that fails, OSError: a failed attempt."""
+
+        def waiting(state: RetryCallState) -> None:
+            if state.attempt_number == 1 and state.outcome is not None:
+                error = str(state.outcome.exception())
+                log.warning(
+                    "artifact store unavailable; waiting for it",
+                    extra={"render_id": render_id, "error": error},
+                )
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(Unavailable),
+            wait=wait_exponential_jitter(multiplier=0.25, max=5.0),
+            stop=stop_after_delay(self._store_outage_s),
+            before_sleep=waiting,
+            reraise=True,
+        )
         try:
-            return await self._artifacts.put(render_id, artifact.data, artifact.content_type)
-        except Unavailable as exc:
+            async for attempt in retrying:
+                with attempt:
+                    stored = await self._artifacts.put(render_id, artifact.data, artifact.content_type)
+        except Unavailable as exc:  # the store's, not the database's: it costs this attempt only
             raise OSError(f"the artifact store is unavailable: {exc}") from exc
+        return stored
 
     async def _reference(self, render: Render, attempt: Attempt) -> tuple[bytes | None, str]:
         """The reference bytes, or None and why the render goes on without them; what became of

@@ -220,6 +220,7 @@ async def running_worker(
             budgets=settings.budgets,
             max_duration_s={"image": settings.max_duration_image_s, "video": settings.max_duration_video_s},
             pacing=BackendPacing(store, settings.backend_rate_limits),
+            store_outage_s=settings.store_outage_s,
         )
         worker = Worker(settings, store, runner)
         runner.on_retry = worker.wake_later

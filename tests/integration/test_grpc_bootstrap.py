@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.trace import SpanKind
 
-from shared.errors import NotFound, RateLimited, RenderflowError, ValidationFailed
+from shared.errors import NotFound, RateLimited, RenderflowError, Unavailable, ValidationFailed
 from shared.grpc_client import create_channel
 from shared.grpc_server import create_server, start
 from shared.rpc_errors import rpc_errors
@@ -21,10 +21,13 @@ _RAISES: dict[str, Exception] = {
     "invalid": ValidationFailed.field("params.width", "must be at most 2048"),
     "limited": RateLimited(retry_after=2.5),
     "bug": KeyError("boom"),
+    "unavailable": Unavailable("the artifact store could not read the output"),
 }
+_CALLS: list[str] = []
 
 
 async def _unary(request: bytes, context: Any) -> bytes:
+    _CALLS.append(request.decode())
     raise _RAISES[request.decode()]
 
 
@@ -69,6 +72,15 @@ async def test_domain_errors_arrive_typed(target: str) -> None:
     with pytest.raises(RateLimited) as limited:
         await _call_unary(target, "limited")
     assert limited.value.retry_after == 2.5
+
+
+async def test_a_handler_s_own_unavailable_is_answered_once_not_retried(target: str) -> None:
+    # The channel retries UNAVAILABLE for peers that never got the call; a handler that waited for
+    # a store and gave up must not be run again (and its caller kept waiting as many times).
+    _CALLS.clear()
+    with pytest.raises(Unavailable, match="could not read the output"):
+        await _call_unary(target, "unavailable")
+    assert _CALLS == ["unavailable"]
 
 
 async def test_unexpected_error_is_internal_without_details(target: str) -> None:
