@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +21,7 @@ from services.generation.validation import is_valid_id
 from shared.errors import NotFound, ValidationFailed
 
 CHUNK = 64 * 1024
+COPY_CHUNK = 1024 * 1024
 UPLOADS = "uploads"
 """The scope of the store (`scoped`) that holds uploads, beside the outputs."""
 
@@ -36,8 +37,11 @@ class StoredArtifact:
 class ArtifactStore(Protocol):
     """Where outputs live. Writes are atomic; a repeated write of a render replaces it whole."""
 
-    async def put(self, render_id: str, data: bytes, content_type: str | None = None) -> StoredArtifact:
-        """Stores `data` as the render's output (`content_type`: what a direct download says)."""
+    async def put(
+        self, render_id: str, data: bytes | Path, content_type: str | None = None
+    ) -> StoredArtifact:
+        """Stores `data`, or the file it names (read a piece at a time, never whole), as the
+        render's output (`content_type`: what a direct download says)."""
         ...
 
     async def size(self, render_id: str) -> int:
@@ -89,7 +93,9 @@ class LocalArtifactStore:
             raise ValueError(f"not a render id: {render_id!r}")
         return self._root / render_id[:2] / render_id
 
-    async def put(self, render_id: str, data: bytes, content_type: str | None = None) -> StoredArtifact:
+    async def put(
+        self, render_id: str, data: bytes | Path, content_type: str | None = None
+    ) -> StoredArtifact:
         return await asyncio.to_thread(self._put, self.path(render_id), data)
 
     @asynccontextmanager
@@ -110,12 +116,17 @@ class LocalArtifactStore:
         await asyncio.to_thread(self.path(render_id).unlink, missing_ok=True)
 
     @staticmethod
-    def _put(path: Path, data: bytes) -> StoredArtifact:
+    def _put(path: Path, data: bytes | Path) -> StoredArtifact:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        digest = hashlib.sha256()
+        size = 0
         try:
             with os.fdopen(fd, "wb") as file:
-                file.write(data)
+                for piece in _pieces(data):
+                    digest.update(piece)
+                    file.write(piece)
+                    size += len(piece)
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temp, path)
@@ -128,7 +139,7 @@ class LocalArtifactStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        return StoredArtifact(len(data), hashlib.sha256(data).hexdigest())
+        return StoredArtifact(size, digest.hexdigest())
 
     async def size(self, render_id: str) -> int:
         try:
@@ -159,3 +170,13 @@ class LocalArtifactStore:
     async def get(self, render_id: str) -> bytes:
         """The whole output of a render (for references)."""
         return b"".join([chunk async for chunk in self.read(render_id)])
+
+
+def _pieces(data: bytes | Path) -> Iterator[bytes | memoryview]:
+    """`data` whole, or the file it names a MiB at a time."""
+    if isinstance(data, bytes):
+        yield data
+        return
+    with data.open("rb") as file:
+        while piece := file.read(COPY_CHUNK):
+            yield piece

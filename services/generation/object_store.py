@@ -207,12 +207,18 @@ def _prefix(raw: str) -> str:
     return "".join(f"{s}/" for s in segments)
 
 
-class _Parts:
-    """The caller's bytes in parts, without copies, hashed as the upload reads them; `stop()` makes
-    the next read fail, which aborts the multipart upload reading it."""
+FILE_READ_BYTES = 1024 * 1024
 
-    def __init__(self, data: bytes, part_bytes: int) -> None:
-        self._view = memoryview(data)
+
+class _Parts:
+    """The caller's bytes in parts, without copies, or a file's read a part at a time (never whole),
+    hashed as the upload reads them; `stop()` makes the next read fail, which aborts the multipart
+    upload reading it."""
+
+    def __init__(self, data: bytes | Path, part_bytes: int) -> None:
+        self._view = memoryview(data) if isinstance(data, bytes) else None
+        self._file = data.open("rb") if isinstance(data, Path) else None
+        self.size = len(data) if isinstance(data, bytes) else data.stat().st_size
         self._part_bytes = part_bytes
         self._position = 0
         self._stopped = False
@@ -221,15 +227,26 @@ class _Parts:
     def stop(self) -> None:
         self._stopped = True
 
-    def __iter__(self) -> Iterator[memoryview]:
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __iter__(self) -> Iterator[memoryview | bytes]:
         return self
 
-    def __next__(self) -> memoryview:
+    def __next__(self) -> memoryview | bytes:
         if self._stopped:
             raise _Cancelled("the upload was cancelled")
-        if self._position >= len(self._view):
+        if self._position >= self.size:
             raise StopIteration
-        part = self._view[self._position : self._position + self._part_bytes]
+        if self._file is not None:  # read where the upload's thread asks: not on the event loop
+            # A MiB at a time: obstore gathers its parts from them, so only its buffers are whole parts.
+            part: memoryview | bytes = self._file.read(FILE_READ_BYTES)
+            if not part:
+                raise StopIteration
+        else:
+            assert self._view is not None
+            part = self._view[self._position : self._position + self._part_bytes]
         self._position += len(part)
         self.digest.update(part)
         return part
@@ -283,14 +300,22 @@ class S3ArtifactStore:
             raise ValueError(f"not a render id: {render_id!r}")
         return f"{self._settings.prefix}{render_id[:2]}/{render_id}"
 
-    async def put(self, render_id: str, data: bytes, content_type: str | None = None) -> StoredArtifact:
-        """Stores `data` as the render's output, replacing any whole; `content_type` is what the
-        store answers a presigned URL with."""
+    async def put(
+        self, render_id: str, data: bytes | Path, content_type: str | None = None
+    ) -> StoredArtifact:
+        """Stores `data` (or the file it names, read a part at a time) as the render's output,
+        replacing any whole; `content_type` is what the store answers a presigned URL with."""
+        parts = await asyncio.to_thread(_Parts, data, self._settings.part_bytes)
+        try:
+            return await self._put(render_id, parts, content_type)
+        finally:
+            parts.close()
+
+    async def _put(self, render_id: str, parts: _Parts, content_type: str | None) -> StoredArtifact:
         key = self.key(render_id)
         part_bytes = self._settings.part_bytes
-        parts = _Parts(data, part_bytes)
         attributes: Attributes | None = {"Content-Type": content_type} if content_type else None
-        multipart = len(data) > part_bytes
+        multipart = parts.size > part_bytes
         upload = asyncio.ensure_future(
             obstore.put_async(
                 self._store,
@@ -306,7 +331,7 @@ class S3ArtifactStore:
             # One PUT: cancelling it drops the request, and the object is stored whole or not at all.
             with self._errors("store the output of", render_id, missing_is_unavailable=True):
                 await upload
-            return StoredArtifact(len(data), parts.digest.hexdigest())
+            return StoredArtifact(parts.size, parts.digest.hexdigest())
         upload.add_done_callback(_retrieve)
         try:
             with self._errors("store the output of", render_id, missing_is_unavailable=True):
@@ -318,7 +343,7 @@ class S3ArtifactStore:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(upload), ABORT_WAIT_S)
             raise
-        return StoredArtifact(len(data), parts.digest.hexdigest())
+        return StoredArtifact(parts.size, parts.digest.hexdigest())
 
     async def size(self, render_id: str) -> int:
         """The size of the render's output (a HEAD); NotFound when there is none."""

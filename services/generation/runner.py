@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import shutil
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from opentelemetry import trace
@@ -250,13 +253,20 @@ class JobRunner:
             writer = EventWriter(self._queue, claim, self._progress_interval_s)
             attempt = Attempt()
             try:
-                await self._work(claim, render, writer, timings, attempt)
+                async with _output_dir(render.kind) as workdir:
+                    await self._work(claim, render, writer, timings, attempt, workdir)
             except Failure as failure:
                 _mark_failed(span, failure.error)
                 await self._failed(claim, failure, timings, writer.held(), attempt)
 
     async def _work(
-        self, claim: Claim, render: Render, writer: EventWriter, timings: dict[str, float], attempt: Attempt
+        self,
+        claim: Claim,
+        render: Render,
+        writer: EventWriter,
+        timings: dict[str, float],
+        attempt: Attempt,
+        workdir: Path | None,
     ) -> None:
         reference = None
         if render.reference is not None:
@@ -275,7 +285,7 @@ class JobRunner:
             deadline = asyncio.timeout(limit)
             try:
                 async with deadline:
-                    artifact = await backend.generate(_input(render, reference), writer.progress)
+                    artifact = await backend.generate(_input(render, reference, workdir), writer.progress)
                 attempt.provider_request(artifact.provider_request_id)
             except BackendError as exc:
                 attempt.provider_request(exc.provider_request_id)
@@ -341,7 +351,7 @@ class JobRunner:
         try:
             async for attempt in retrying:
                 with attempt:
-                    stored = await self._artifacts.put(render_id, artifact.data, artifact.content_type)
+                    stored = await self._artifacts.put(render_id, artifact.content, artifact.content_type)
         except Unavailable as exc:  # the store's, not the database's: it costs this attempt only
             raise OSError(f"the artifact store is unavailable: {exc}") from exc
         return stored
@@ -449,7 +459,7 @@ def _mark_failed(span: Span, error: RenderError) -> None:
     span.set_status(Status(StatusCode.ERROR, f"{error.code}: {error.reason}"))
 
 
-def _input(render: Render, reference: bytes | None) -> GenerationInput:
+def _input(render: Render, reference: bytes | None, workdir: Path | None) -> GenerationInput:
     params = render.params
     return GenerationInput(
         render_id=render.id,
@@ -466,7 +476,22 @@ def _input(render: Render, reference: bytes | None) -> GenerationInput:
         fps=params.fps,
         deadline=render.deadline,
         workflow=params.workflow,
+        workdir=workdir,
     )
+
+
+@asynccontextmanager
+async def _output_dir(kind: str) -> AsyncIterator[Path | None]:
+    """For a video, a directory of the attempt's own where its output is written as a file (stored
+    from there in parts, never held whole), removed afterwards however the attempt ends."""
+    if kind != "video":
+        yield None
+        return
+    path = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="renderflow-output-"))
+    try:
+        yield path
+    finally:
+        await asyncio.to_thread(shutil.rmtree, path, True)
 
 
 def _links(traceparent: str) -> list[Link]:

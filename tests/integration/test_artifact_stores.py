@@ -40,6 +40,8 @@ IMAGE = GenerationInput("art-image", "image", "a calm harbour", "", 96, 64, 4, 7
 VIDEO = replace(IMAGE, render_id="art-video", kind="video", steps=3, duration_s=1.5, fps=8)
 BIG = 40 * 1024 * 1024
 """A video-sized output: eight parts of S3's smallest size."""
+HUGE = 4 * BIG
+"""A file larger than what any copy of it in memory could hide in."""
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
@@ -200,6 +202,32 @@ async def test_keys_fan_out_under_the_prefix_and_prefixes_keep_stores_apart(seaw
     with pytest.raises(NotFound):
         await other.get(render_id)
     assert "secret" not in repr(store) and seaweedfs.secret_key not in repr(settings)
+
+
+async def test_a_file_is_stored_a_piece_at_a_time_never_whole(store: Store, tmp_path: Path) -> None:
+    render_id = new_id()
+    path, digest = tmp_path / "video.mp4", hashlib.sha256()
+    with path.open("wb") as file:
+        for _ in range(HUGE // MIN_PART_BYTES):
+            piece = os.urandom(MIN_PART_BYTES)
+            digest.update(piece)
+            file.write(piece)
+    del piece
+    process = psutil.Process()
+    before = peak = process.memory_info().rss
+    upload = asyncio.ensure_future(store.put(render_id, path, "video/mp4"))
+    while not upload.done():
+        peak = max(peak, process.memory_info().rss)
+        await asyncio.sleep(0.002)
+    stored = await upload
+    # Read a MiB at a time as the upload takes it: on top, the client's buffers of the parts in flight
+    # and of the next (19-26 MiB of 5 MiB parts, measured), a fraction of the file, whatever its size.
+    assert peak - before < HUGE // 4, f"the upload grew memory by {(peak - before) >> 20} MiB"
+    assert (stored.size, stored.sha256) == (HUGE, digest.hexdigest())
+    read_back = hashlib.sha256()
+    async for chunk in store.read(render_id):
+        read_back.update(chunk)
+    assert read_back.hexdigest() == digest.hexdigest() and path.exists()  # the caller's file, left
 
 
 async def test_a_large_output_goes_up_in_parts_without_a_second_copy(

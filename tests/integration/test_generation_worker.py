@@ -236,7 +236,9 @@ class GatedArtifacts(LocalArtifactStore):
         super().__init__(root)
         self.gate = asyncio.Event()
 
-    async def put(self, render_id: str, data: bytes, content_type: str | None = None) -> StoredArtifact:
+    async def put(
+        self, render_id: str, data: bytes | Path, content_type: str | None = None
+    ) -> StoredArtifact:
         await self.gate.wait()
         return await super().put(render_id, data, content_type)
 

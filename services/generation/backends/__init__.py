@@ -10,6 +10,7 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Protocol
 
 ProgressCallback = Callable[[int, int], Awaitable[None]]
@@ -37,6 +38,14 @@ class GenerationInput:
     deadline: datetime | None = None
     """When the render ends unstarted or is stopped (the render's `deadline`), if it has one: a
     provider with a queue of its own may be told not to start it later."""
+    workdir: Path | None = None
+    """A directory of the attempt's own, where a video is written as a file (`Artifact.file`)
+    rather than held in memory; the runner stores it from there and removes the directory. None:
+    the output comes back as bytes."""
+
+    def output_file(self) -> Path | None:
+        """Where the output goes when it is to be a file (a video, with a workdir); else None."""
+        return self.workdir / "output" if self.workdir is not None and self.kind == "video" else None
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,13 @@ class Artifact:
     duration_s: float = 0.0
     provider_request_id: str = ""
     """The provider's own id of the request that made it, when there is a provider."""
+    file: Path | None = None
+    """The output's file in the render's workdir, when it was written there (`data` is then empty)."""
+
+    @property
+    def content(self) -> bytes | Path:
+        """The output, as the store takes it: its file, or its bytes."""
+        return self.file or self.data
 
 
 class StepProgress:

@@ -41,6 +41,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -397,8 +398,9 @@ class _PromptRun:
                 raise _failure(message[0], message[1])
         raise PermanentBackendError("the workflow failed at the instance", "execution_error")
 
-    async def _output(self) -> tuple[bytes, str]:
-        """The bytes of the first saved file of the render's kind."""
+    async def _output(self) -> tuple[bytes | Path, str]:
+        """The bytes of the first saved file of the render's kind (a video: into the render's
+        workdir, when it has one)."""
         entry = self._entry or await self._history()  # read already when the websocket was quiet
         self._raise_if_failed(entry)
         wanted = _KIND_EXTENSIONS[self._job.kind]
@@ -420,7 +422,7 @@ class _PromptRun:
         first = files[0]
         query = {key: str(first.get(key) or "") for key in ("filename", "subfolder", "type")}
         try:
-            return await self._client.fetch(self._client.base / "view" % query)
+            return await self._client.fetch(self._client.base / "view" % query, self._job.output_file())
         except TransientBackendError as exc:
             raise InstanceFailed(exc.reason, f"the output cannot be read: {exc}") from None
 

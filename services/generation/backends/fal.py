@@ -340,7 +340,7 @@ class FalBackend:
             noun = "an image" if job.kind == "image" else "a video"
             raise PermanentBackendError(f"fal's result holds no {noun}", "bad_output")
         url, declared = file["url"], file.get("content_type")
-        data, served = await self._client.read_output(url)
+        data, served = await self._client.read_output(url, job.output_file())
         return await output_artifact(job, data, served or (declared if isinstance(declared, str) else ""))
 
     async def _cancel(self, run: _Run) -> None:

@@ -239,7 +239,7 @@ class PredictionBackend(ABC, Generic[S]):
     async def _output(self, job: GenerationInput, prediction: Prediction) -> Artifact:
         if not prediction.output:
             raise PermanentBackendError("the prediction succeeded without an output", "bad_output")
-        data, declared = await self._client.read_output(prediction.output)
+        data, declared = await self._client.read_output(prediction.output, job.output_file())
         return await output_artifact(job, data, declared)
 
     async def _cancel(self, run: _Run) -> None:

@@ -26,6 +26,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from services.generation.backends import (
@@ -171,7 +172,7 @@ class OpenAiImagesBackend:
 
         return min(self._settings.sizes, key=distance)
 
-    async def _image(self, answer: Any) -> tuple[bytes, str]:
+    async def _image(self, answer: Any) -> tuple[bytes | Path, str]:
         """The bytes of the first image of an answer, and the type it declares."""
         images = answer.get("data") if isinstance(answer, dict) else None
         first = images[0] if isinstance(images, list) and images else None

@@ -9,6 +9,7 @@ import io
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
@@ -102,8 +103,12 @@ def request_body(job: GenerationInput) -> dict[str, Any]:
     return {"input": params}
 
 
-def sniff(data: bytes) -> str:
-    """The media type that the first bytes announce, or "" when unknown."""
+def sniff(data: bytes | Path) -> str:
+    """The media type that the first bytes (of `data`, or of the file it names) announce, or ""
+    when unknown."""
+    if isinstance(data, Path):
+        with data.open("rb") as file:
+            data = file.read(16)
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "image/png"
     if data.startswith(b"\xff\xd8\xff"):
@@ -126,10 +131,11 @@ def decode_data_url(value: str) -> tuple[bytes, str]:
         raise PermanentBackendError("the output data URL is not valid base64", "bad_output") from None
 
 
-async def output_artifact(job: GenerationInput, data: bytes, declared: str) -> Artifact:
-    """The output as an Artifact, once its bytes say it is what the render asked for (a PNG, JPEG
-    or WebP image that decodes, or an MP4 with a video stream) and its declared type does not say
-    otherwise (an HTML error page served with 200 is refused); the bytes decide the type."""
+async def output_artifact(job: GenerationInput, data: bytes | Path, declared: str) -> Artifact:
+    """The output as an Artifact, once its bytes (or its file's: a video downloaded into the
+    render's workdir) say it is what the render asked for (a PNG, JPEG or WebP image that decodes,
+    or an MP4 with a video stream) and its declared type does not say otherwise (an HTML error
+    page served with 200 is refused); the bytes decide the type."""
     declared = declared.split(";")[0].strip().lower()
     sniffed = sniff(data)
     wanted = "image/" if job.kind == "image" else "video/"
@@ -141,7 +147,11 @@ async def output_artifact(job: GenerationInput, data: bytes, declared: str) -> A
         )
     if job.kind == "video":
         info = await probe(data)
+        if isinstance(data, Path):
+            return Artifact(b"", sniffed, info.width, info.height, info.duration_s, file=data)
         return Artifact(data, sniffed, info.width, info.height, info.duration_s)
+    if isinstance(data, Path):  # an image is not asked for as a file; read one given anyway
+        data = await asyncio.to_thread(data.read_bytes)
     width, height, image_format = await asyncio.to_thread(_decoded, data)
     return Artifact(data, _IMAGE_TYPES[image_format], width, height)
 

@@ -270,7 +270,8 @@ class ProceduralBackend:
         if job.fps < 1 or job.duration_s <= 0:
             raise PermanentBackendError("a video needs fps >= 1 and a positive duration", "bad_params")
         animation = await asyncio.to_thread(Animation, job)
-        async with encoding(animation.width, animation.height, job.fps) as encoder:
+        into = job.output_file()
+        async with encoding(animation.width, animation.height, job.fps, into) as encoder:
             written = 0
             for step in range(1, job.steps + 1):
                 await asyncio.to_thread(animation.paint, step)
@@ -280,9 +281,11 @@ class ProceduralBackend:
                 await self._pace()
                 if step < job.steps:
                     await on_progress(step, job.steps)
-            data = await encoder.finish()
+            path = await encoder.finish()
+            data = b"" if into else await asyncio.to_thread(path.read_bytes)
         await on_progress(job.steps, job.steps)
-        return Artifact(data, "video/mp4", animation.width, animation.height, animation.duration_s)
+        size = (animation.width, animation.height, animation.duration_s)
+        return Artifact(data, "video/mp4", *size, file=into)
 
     async def _pace(self) -> None:
         if self._step_s:

@@ -9,11 +9,14 @@ it) and never logged; a provider's message that echoes it is redacted.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
@@ -32,6 +35,8 @@ from shared.settings import ConfigError
 from shared.telemetry import http_client_tracing
 
 log = logging.getLogger(__name__)
+OUTPUT_CHUNK = 256 * 1024
+"""How much of a downloaded output is read (and, into a file, written) at a time."""
 
 MIB = 1024 * 1024
 USER_AGENT = "renderflow-generation/0.1"
@@ -210,27 +215,36 @@ class ProviderClient:
 
         return await self._retried(what, method, url, sent, body, read)
 
-    async def read_output(self, value: str) -> tuple[bytes, str]:
-        """An output the provider gave as a `data:` URL or as a URL to download: its bytes and the
-        type it declares."""
+    async def read_output(self, value: str, into: Path | None = None) -> tuple[bytes | Path, str]:
+        """An output the provider gave as a `data:` URL or as a URL to download: its bytes (or,
+        downloaded `into` a file, that file) and the type it declares."""
         if value.startswith("data:"):
             return decode_data_url(value)
-        return await self.fetch(self.output_url(value))
+        return await self.fetch(self.output_url(value), into)
 
-    async def fetch(self, url: URL) -> tuple[bytes, str]:
-        """An output's bytes and declared content type, retried, its size capped while reading."""
+    async def fetch(self, url: URL, into: Path | None = None) -> tuple[bytes | Path, str]:
+        """An output's bytes and declared content type, retried, its size capped while reading;
+        with `into`, written to that file as it arrives (a video is never held whole), which is
+        returned instead of the bytes."""
         limit = self._max_output_bytes
         too_large = PermanentBackendError(f"the output is larger than {limit} bytes", "too_large")
 
-        async def read(response: aiohttp.ClientResponse) -> tuple[bytes, str]:
+        async def read(response: aiohttp.ClientResponse) -> tuple[bytes | Path, str]:
             if (response.content_length or 0) > limit:
                 raise too_large
+            declared = response.headers.get("Content-Type", "")
+            size = 0
             body = bytearray()
-            async for chunk in response.content.iter_chunked(64 * 1024):
-                body += chunk
-                if len(body) > limit:
-                    raise too_large
-            return bytes(body), response.headers.get("Content-Type", "")
+            with open(into, "wb") if into else contextlib.nullcontext() as file:  # noqa: ASYNC230
+                async for chunk in response.content.iter_chunked(OUTPUT_CHUNK):
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    if file is None:
+                        body += chunk
+                    else:
+                        await asyncio.to_thread(file.write, chunk)
+            return (into or bytes(body)), declared
 
         return await self._retried("fetch", "GET", url, self.headers(url), None, read)
 

@@ -110,28 +110,29 @@ class Encoder:
         with suppress(OSError):
             self._sink.close()
 
-    async def finish(self) -> bytes:
-        """Ends the input, waits for ffmpeg to write the file, and returns its bytes."""
+    async def finish(self) -> Path:
+        """Ends the input, waits for ffmpeg to write the file, and returns where it is."""
         self._sink.close()
         if await self._process.wait() != 0:
             raise await self._failed()
         await self._reader
-        return await asyncio.to_thread(self._path.read_bytes)
+        return self._path
 
 
 @asynccontextmanager
-async def encoding(width: int, height: int, fps: int) -> AsyncIterator[Encoder]:
-    """An Encoder for frames of `width` x `height` (both even) at `fps`; on exit (cancellation
-    included) ffmpeg is killed if still running and its files are removed."""
+async def encoding(width: int, height: int, fps: int, output: Path | None = None) -> AsyncIterator[Encoder]:
+    """An Encoder for frames of `width` x `height` (both even) at `fps`, writing `output` (by
+    default a file of its own, removed on exit); on exit (cancellation included) ffmpeg is killed
+    if still running."""
     workdir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="renderflow-video-"))
-    path = workdir / "out.mp4"
+    path = output or workdir / "out.mp4"
     # bitexact and no metadata: the same frames give the same bytes (x264 is deterministic too).
     args = [
         *("-hide_banner", "-nostdin", "-nostats", "-loglevel", "error"),
         *("-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-r", str(fps), "-i", "-"),
         *("-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p"),
         *("-movflags", "+faststart", "-fflags", "+bitexact", "-flags:v", "+bitexact"),
-        *("-map_metadata", "-1", "-y", str(path)),
+        *("-map_metadata", "-1", "-f", "mp4", "-y", str(path)),
     ]
     encoder = None
     read_end, write_end = os.pipe()
@@ -160,13 +161,15 @@ async def encoding(width: int, height: int, fps: int) -> AsyncIterator[Encoder]:
         await asyncio.to_thread(shutil.rmtree, workdir, True)
 
 
-async def probe(data: bytes) -> VideoInfo:
-    """Codec, pixel format, size, duration and frame count of the first video stream of `data`
-    (read by ffmpeg, which demuxes every packet); PermanentBackendError if it is not a video."""
+async def probe(data: bytes | Path) -> VideoInfo:
+    """Codec, pixel format, size, duration and frame count of the first video stream of `data`, or
+    of the file it names (read by ffmpeg, which demuxes every packet); PermanentBackendError if it
+    is not a video."""
     workdir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="renderflow-probe-"))
     try:
-        path = workdir / "in"
-        await asyncio.to_thread(path.write_bytes, data)
+        path = data if isinstance(data, Path) else workdir / "in"
+        if not isinstance(data, Path):
+            await asyncio.to_thread(path.write_bytes, data)
         returncode, stderr = await _run_ffmpeg(
             ["-i", str(path), "-map", "0:v:0", "-c", "copy", "-f", "null", "-"], stderr=True
         )
