@@ -14,29 +14,17 @@ from dataclasses import dataclass
 import grpc
 from opentelemetry import trace
 from renderflow.v1 import imagefetch_pb2, imagefetch_pb2_grpc
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
 
 from services.generation.artifacts import UPLOADS, ArtifactStore
 from services.generation.backends import BackendError
 from services.generation.backends.video import last_frame
 from services.generation.domain import Render
+from services.generation.outages import waiting_out
 from services.generation.protocols import RenderSource
 from shared.errors import NotFound, RenderflowError, Unavailable
 from shared.rpc_errors import rpc_errors
 
 log = logging.getLogger(__name__)
-
-
-def _log_outage(state: RetryCallState) -> None:
-    if state.attempt_number == 1 and state.outcome is not None:
-        error = str(state.outcome.exception())
-        log.warning("image-fetch service unavailable; waiting for it", extra={"error": error})
 
 
 class ReferenceFailed(Exception):
@@ -111,16 +99,8 @@ class References:
 
     async def _fetch(self, url: str) -> bytes:
         request = imagefetch_pb2.FetchRequest(url=url, deadline_ms=int(self._timeout_s * 1000))
-        # While the service is away (restarting, redeployed), wait for it rather than fail.
-        waiting = AsyncRetrying(
-            retry=retry_if_exception_type(Unavailable),
-            wait=wait_exponential_jitter(multiplier=0.25, max=5.0),
-            stop=stop_after_delay(self._outage_s),
-            before_sleep=_log_outage,
-            reraise=True,
-        )
         try:
-            async for attempt in waiting:
+            async for attempt in waiting_out(self._outage_s, "image-fetch service"):
                 with attempt, rpc_errors():
                     # A little slack over the fetch's own deadline, so its typed timeout wins.
                     result = await self._stub.Fetch(request, timeout=self._timeout_s + 1.0)

@@ -25,13 +25,6 @@ from typing import Any, Literal, TypeVar
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
 from yarl import URL
 
 from services.generation.artifacts import ArtifactStore, StoredArtifact
@@ -39,6 +32,7 @@ from services.generation.backends import Artifact, Backend, BackendError, Genera
 from services.generation.domain import NewEvent, Output, ReferenceOutcome, Render, RenderError
 from services.generation.instruments import Instruments
 from services.generation.jobs import Claim
+from services.generation.outages import waiting_out
 from services.generation.pacing import BackendPacing
 from services.generation.protocols import WorkerStore
 from services.generation.references import ReferenceFailed, References
@@ -333,23 +327,8 @@ class JobRunner:
         as for the image fetcher: an outage of our own plumbing should not spend the attempts of a
         user's render); past that, and for a disk that fails, OSError: a failed attempt."""
 
-        def waiting(state: RetryCallState) -> None:
-            if state.attempt_number == 1 and state.outcome is not None:
-                error = str(state.outcome.exception())
-                log.warning(
-                    "artifact store unavailable; waiting for it",
-                    extra={"render_id": render_id, "error": error},
-                )
-
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(Unavailable),
-            wait=wait_exponential_jitter(multiplier=0.25, max=5.0),
-            stop=stop_after_delay(self._store_outage_s),
-            before_sleep=waiting,
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
+            async for attempt in waiting_out(self._store_outage_s, "artifact store", render_id=render_id):
                 with attempt:
                     stored = await self._artifacts.put(render_id, artifact.content, artifact.content_type)
         except Unavailable as exc:  # the store's, not the database's: it costs this attempt only

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf.timestamp_pb2 import Timestamp
 from renderflow.v1 import generation_pb2 as pb
 from renderflow.v1 import generation_pb2_grpc as pb_grpc
 from renderflow.v1 import metadata_pb2
@@ -30,6 +29,7 @@ from services.generation.uploads.store import Upload
 from services.generation.webhooks.api import Webhooks
 from services.generation.webhooks.messages import delivery_pb, endpoint_pb, secret_pb
 from shared.errors import ValidationFailed
+from shared.protobuf_time import timestamp
 
 Context = Any  # grpc.aio.ServicerContext, unused by these handlers
 
@@ -341,7 +341,7 @@ def render_pb(render: Render) -> pb.Render:
         timings=pb.Timings(**render.timings),
         attempts=render.attempts,
         trace_id=render.trace_id,
-        created_at=_timestamp(render.created_at),
+        created_at=timestamp(render.created_at),
         stalled=render.stalled,
         waiting_on=render.waiting_on,
         timeout_s=render.timeout_s,
@@ -371,7 +371,7 @@ def render_pb(render: Render) -> pb.Render:
         message.output.CopyFrom(pb.RenderOutput(**render.output.__dict__))
         if render.download is not None:
             message.output.download_url = render.download.url
-            message.output.download_expires_at.CopyFrom(_timestamp(render.download.expires_at))
+            message.output.download_expires_at.CopyFrom(timestamp(render.download.expires_at))
     if render.error is not None:
         message.error.CopyFrom(error_pb(render.error))
     if render.retention_s is not None:
@@ -389,7 +389,7 @@ def render_pb(render: Render) -> pb.Render:
     ):
         value: datetime | None = getattr(render, name)
         if value is not None:
-            getattr(message, name).CopyFrom(_timestamp(value))
+            getattr(message, name).CopyFrom(timestamp(value))
     if render.queue_position is not None:
         message.queue_position = render.queue_position
     if render.eta_s is not None:
@@ -405,7 +405,7 @@ def event_pb(event: Event) -> pb.RenderEvent:
         seq=event.seq,
         type=event.type,
         render_id=event.render_id,
-        at=_timestamp(event.at),
+        at=timestamp(event.at),
         phase=event.phase,
         message=event.message,
     )
@@ -430,7 +430,7 @@ def batch_pb(batch: Batch) -> pb.Batch:
         id=batch.id,
         counts=counts,
         renders=[render_pb(r) for r in batch.renders],
-        created_at=_timestamp(batch.created_at),
+        created_at=timestamp(batch.created_at),
     )
 
 
@@ -446,12 +446,6 @@ def upload_pb(upload: Upload) -> pb.Upload:
         width=upload.width,
         height=upload.height,
         sha256=upload.sha256,
-        created_at=_timestamp(upload.created_at),
-        expires_at=_timestamp(upload.expires_at),
+        created_at=timestamp(upload.created_at),
+        expires_at=timestamp(upload.expires_at),
     )
-
-
-def _timestamp(value: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp

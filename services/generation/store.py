@@ -104,6 +104,13 @@ async def translated() -> AsyncIterator[None]:
         raise Unavailable("the database is unavailable") from exc
 
 
+@asynccontextmanager
+async def connection(pool: AsyncConnectionPool) -> AsyncIterator[AsyncConnection[Any]]:
+    """A connection of `pool` (autocommit) whose driver errors arrive as domain errors."""
+    async with translated(), pool.connection() as conn:
+        yield conn
+
+
 class Store:
     """Renders, events, batches and the job queue in schema `generation`."""
 

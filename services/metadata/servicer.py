@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from datetime import datetime
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from renderflow.v1 import metadata_pb2 as pb
 from renderflow.v1 import metadata_pb2_grpc
 
@@ -19,26 +17,21 @@ from services.metadata.changefeed import ChangeFeed
 from services.metadata.domain import ApiKey, Chain, Change, Project, Rule, User
 from services.metadata.service import Metadata
 from services.metadata.store import LAST_CHANGE_SEQ
+from shared.protobuf_time import timestamp
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["MetadataService"].full_name
 
 
-def _timestamp(at: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(at)
-    return stamp
-
-
 def _user(user: User) -> pb.User:
-    return pb.User(id=str(user.id), name=user.name, created_at=_timestamp(user.created_at))
+    return pb.User(id=str(user.id), name=user.name, created_at=timestamp(user.created_at))
 
 
 def _key(key: ApiKey) -> pb.ApiKeyInfo:
-    info = pb.ApiKeyInfo(id=str(key.id), prefix=key.prefix, created_at=_timestamp(key.created_at))
+    info = pb.ApiKeyInfo(id=str(key.id), prefix=key.prefix, created_at=timestamp(key.created_at))
     if key.revoked_at is not None:
-        info.revoked_at.CopyFrom(_timestamp(key.revoked_at))
+        info.revoked_at.CopyFrom(timestamp(key.revoked_at))
     return info
 
 
@@ -60,7 +53,7 @@ def _project(project: Project) -> pb.Project:
         slug=project.slug,
         name=project.name,
         default_chain_id=str(project.default_chain_id),
-        created_at=_timestamp(project.created_at),
+        created_at=timestamp(project.created_at),
     )
 
 
@@ -71,7 +64,7 @@ def _chain(chain: Chain) -> pb.Chain:
         name=chain.name,
         is_default=chain.is_default,
         length=chain.length,
-        created_at=_timestamp(chain.created_at),
+        created_at=timestamp(chain.created_at),
         project_id=str(chain.project_id),
     )
 
@@ -83,7 +76,7 @@ def _rule(rule: Rule) -> pb.Rule:
         chain_id=str(rule.chain_id) if rule.chain_id else "",
         text=rule.text,
         active=rule.active,
-        created_at=_timestamp(rule.created_at),
+        created_at=timestamp(rule.created_at),
     )
 
 
@@ -94,7 +87,7 @@ def _change(change: Change) -> pb.Change:
         action=change.action,
         entity_id=str(change.entity_id),
         user_id=str(change.user_id),
-        at=_timestamp(change.at),
+        at=timestamp(change.at),
     )
 
 

@@ -45,7 +45,7 @@ from services.generation.object_store import MIN_PART_BYTES, ObjectStoreSettings
 from shared.errors import Unavailable
 from shared.service_auth import new_service_token
 from tests.conftest import free_port
-from tests.support.gateway_stack import LiveStack, assert_problem, in_process_worker, running_stack
+from tests.support.gateway_stack import LiveStack, assert_problem, running_on_bucket, running_stack
 from tests.support.provider import Prediction, Provider
 from tests.support.seaweedfs import SeaweedFS, serving_seaweedfs
 
@@ -129,10 +129,7 @@ async def test_a_download_while_the_store_is_down_is_a_typed_503_then_served_onc
     seaweedfs: SeaweedFS, database_url: str, tmp_path: Path
 ) -> None:
     bucket = seaweedfs.store_settings()
-    worker = in_process_worker("download-worker", artifact_s3=bucket)
-    async with running_stack(
-        database_url, tmp_path, start_worker=worker, generation_changes={"artifact_s3": bucket}
-    ) as stack:
+    async with running_on_bucket(database_url, tmp_path, bucket, "download-worker") as stack:
         alice = await new_user(stack)
         render = await stack.created("POST", "/v1/renders", {**alice, "Prefer": "wait=20"}, json=IMAGE)
         assert render["status"] == "succeeded", render
@@ -168,16 +165,15 @@ async def test_a_render_stored_while_the_store_is_down_is_retried_and_succeeds_o
     # No waiting for the store within an attempt (RENDERFLOW_WORKER_STORE_OUTAGE_S=0), and attempts
     # to spare: the store may take a few seconds to come back, and each attempt while it is down
     # fails in about RENDERFLOW_ARTIFACT_S3_RETRY_S.
-    worker = in_process_worker(
+    async with running_on_bucket(
+        database_url,
+        tmp_path,
+        bucket,
         "store-worker",
-        artifact_s3=bucket,
         store_outage_s=0.0,
         max_attempts=10,
         retry_base_s=0.2,
         retry_max_s=2.0,
-    )
-    async with running_stack(
-        database_url, tmp_path, start_worker=worker, generation_changes={"artifact_s3": bucket}
     ) as stack:
         alice = await new_user(stack)
         events: list[Any] = []
@@ -218,9 +214,8 @@ async def test_a_short_store_outage_is_waited_for_within_the_attempt(
     seaweedfs: SeaweedFS, database_url: str, tmp_path: Path
 ) -> None:
     bucket = seaweedfs.store_settings()
-    worker = in_process_worker("patient-worker", artifact_s3=bucket, store_outage_s=30.0)
-    async with running_stack(
-        database_url, tmp_path, start_worker=worker, generation_changes={"artifact_s3": bucket}
+    async with running_on_bucket(
+        database_url, tmp_path, bucket, "patient-worker", store_outage_s=30.0
     ) as stack:
         alice = await new_user(stack)
         events: list[Any] = []
@@ -251,10 +246,7 @@ async def test_a_download_while_the_store_is_down_waits_out_the_stores_retries_o
     seaweedfs: SeaweedFS, database_url: str, tmp_path: Path
 ) -> None:
     bucket = replace(seaweedfs.store_settings(), retry_s=1.0)
-    worker = in_process_worker("budget-worker", artifact_s3=bucket)
-    async with running_stack(
-        database_url, tmp_path, start_worker=worker, generation_changes={"artifact_s3": bucket}
-    ) as stack:
+    async with running_on_bucket(database_url, tmp_path, bucket, "budget-worker") as stack:
         alice = await new_user(stack)
         render = await stack.created("POST", "/v1/renders", {**alice, "Prefer": "wait=20"}, json=IMAGE)
         assert render["status"] == "succeeded", render

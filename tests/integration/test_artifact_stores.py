@@ -31,7 +31,7 @@ from services.generation.backends.video import last_frame
 from services.generation.object_store import MIN_PART_BYTES, ObjectStoreSettings, S3ArtifactStore
 from shared.errors import NotFound, Unavailable, ValidationFailed
 from shared.settings import ConfigError, Env
-from tests.support.gateway_stack import in_process_worker, running_stack
+from tests.support.gateway_stack import running_on_bucket
 from tests.support.seaweedfs import SeaweedFS, serving_seaweedfs
 
 Store = LocalArtifactStore | S3ArtifactStore
@@ -454,10 +454,7 @@ async def test_the_stack_stores_and_serves_outputs_from_the_bucket(
     seaweedfs: SeaweedFS, database_url: str, tmp_path: Path
 ) -> None:
     bucket = seaweedfs.store_settings()
-    worker = in_process_worker("s3-worker", artifact_s3=bucket)
-    async with running_stack(
-        database_url, tmp_path, start_worker=worker, generation_changes={"artifact_s3": bucket}
-    ) as stack:
+    async with running_on_bucket(database_url, tmp_path, bucket, "s3-worker") as stack:
         alice = await stack.user("alice")
         await stack.call("POST", "/v1/projects", alice, json={"slug": "art", "name": "Art"})
         request = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from gateway.clients import Clients, open_clients
 from gateway.config import Settings as GatewaySettings
 from services.generation.config import Settings as GenerationSettings
 from services.generation.config import WorkerSettings
+from services.generation.object_store import ObjectStoreSettings
 from services.generation.server import running as generation_running
 from services.generation.worker import running_worker
 from services.metadata import admin
@@ -136,6 +137,17 @@ def in_process_worker(worker_id: str, concurrency: int = 4, **changes: Any) -> S
         await exits.enter_async_context(running_worker(replace(settings, **changes)))
 
     return start
+
+
+def running_on_bucket(
+    database_url: str, work_dir: Path, bucket: ObjectStoreSettings, worker_id: str, **worker_changes: Any
+) -> AbstractAsyncContextManager[LiveStack]:
+    """`running_stack` with outputs and uploads in `bucket`, and an in-process worker (its settings
+    changed by `worker_changes`) storing there."""
+    worker = in_process_worker(worker_id, artifact_s3=bucket, **worker_changes)
+    return running_stack(
+        database_url, work_dir, start_worker=worker, generation_changes={"artifact_s3": bucket}
+    )
 
 
 @asynccontextmanager

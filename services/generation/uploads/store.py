@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from services.generation.artifacts import StoredArtifact
 from services.generation.records import fetch_all, fetch_one
-from services.generation.store import translated
+from services.generation.store import connection
 from shared.errors import NotFound
 from shared.images import Decoded
 from shared.statements import load_queries
@@ -47,11 +45,6 @@ class UploadStore:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
 
-    @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[AsyncConnection[Any]]:
-        async with translated(), self._pool.connection() as conn:
-            yield conn
-
     async def insert(
         self, user_id: str, upload_id: str, image: Decoded, stored: StoredArtifact, ttl_s: float
     ) -> Upload:
@@ -66,26 +59,26 @@ class UploadStore:
             "sha256": stored.sha256,
             "ttl_s": ttl_s,
         }
-        async with self._conn() as conn:
+        async with connection(self._pool) as conn:
             row = await fetch_one(conn, QUERIES["insert_upload"], params)
         assert row is not None
         return Upload.from_row(row)
 
     async def get(self, user_id: str, upload_id: str) -> Upload:
         """The user's upload; NotFound for another user's, an expired one, or none."""
-        async with self._conn() as conn:
+        async with connection(self._pool) as conn:
             row = await fetch_one(conn, QUERIES["get_upload"], {"id": upload_id, "user_id": user_id})
         return _found(row, upload_id)
 
     async def delete(self, user_id: str, upload_id: str) -> Upload:
         """Deletes the user's upload's record and returns what it was; NotFound as `get`."""
-        async with self._conn() as conn:
+        async with connection(self._pool) as conn:
             row = await fetch_one(conn, QUERIES["delete_upload"], {"id": upload_id, "user_id": user_id})
         return _found(row, upload_id)
 
     async def live(self, user_id: str, upload_ids: Sequence[str]) -> set[str]:
         """Those of `upload_ids` that are uploads of the user, not expired."""
-        async with self._conn() as conn:
+        async with connection(self._pool) as conn:
             rows = await fetch_all(
                 conn, QUERIES["live_uploads"], {"user_id": user_id, "ids": list(upload_ids)}
             )
@@ -94,7 +87,7 @@ class UploadStore:
     async def sweep(self, delete_file: Callable[[str], Awaitable[None]]) -> int:
         """Deletes a batch of uploads past their time, each file before its record's commit (a file
         that fails to go keeps its record, for the next sweep). Returns how many went."""
-        async with self._conn() as conn, conn.transaction():
+        async with connection(self._pool) as conn, conn.transaction():
             due = [row["id"] for row in await fetch_all(conn, QUERIES["due_uploads"], {"limit": SWEEP_BATCH})]
             for upload_id in due:
                 await delete_file(upload_id)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
 from renderflow.v1 import generation_pb2 as pb
 
 from services.generation.webhooks.store import Delivery, Endpoint, Secret
+from shared.protobuf_time import timestamp
 
 
 def endpoint_pb(endpoint: Endpoint) -> pb.WebhookEndpoint:
@@ -19,18 +17,18 @@ def endpoint_pb(endpoint: Endpoint) -> pb.WebhookEndpoint:
         description=endpoint.description,
         state="enabled" if endpoint.enabled else "disabled",
         disabled_reason=endpoint.disabled_reason,
-        created_at=_timestamp(endpoint.created_at),
+        created_at=timestamp(endpoint.created_at),
         secret=endpoint.secret,
     )
     if endpoint.failing_since is not None:
-        message.failing_since.CopyFrom(_timestamp(endpoint.failing_since))
+        message.failing_since.CopyFrom(timestamp(endpoint.failing_since))
     return message
 
 
 def secret_pb(secret: Secret) -> pb.WebhookSecret:
     message = pb.WebhookSecret(secret=secret.secret)
     if secret.previous_expires_at is not None:
-        message.previous_expires_at.CopyFrom(_timestamp(secret.previous_expires_at))
+        message.previous_expires_at.CopyFrom(timestamp(secret.previous_expires_at))
     return message
 
 
@@ -43,11 +41,11 @@ def delivery_pb(delivery: Delivery) -> pb.Delivery:
         url=delivery.url,
         state=delivery.state,
         attempts=delivery.attempts,
-        created_at=_timestamp(delivery.created_at),
+        created_at=timestamp(delivery.created_at),
         attempt_log=[
             pb.DeliveryAttempt(
                 number=attempt.number,
-                at=_timestamp(attempt.at),
+                at=timestamp(attempt.at),
                 outcome=attempt.outcome,
                 status=attempt.status,
                 latency_ms=attempt.latency_ms,
@@ -60,11 +58,5 @@ def delivery_pb(delivery: Delivery) -> pb.Delivery:
     for name in ("next_attempt_at", "delivered_at"):
         value = getattr(delivery, name)
         if value is not None:
-            getattr(message, name).CopyFrom(_timestamp(value))
+            getattr(message, name).CopyFrom(timestamp(value))
     return message
-
-
-def _timestamp(value: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp

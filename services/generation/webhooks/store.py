@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import base64
 import secrets
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from services.generation.records import fetch_all, fetch_one
-from services.generation.store import translated
+from services.generation.store import connection
 from shared.errors import FailedPrecondition, NotFound
 from shared.statements import load_queries
 from shared.url_guard import DELIVERED
@@ -149,13 +147,8 @@ class WebhookStore:
     def __init__(self, pool: AsyncConnectionPool) -> None:
         self._pool = pool
 
-    @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[AsyncConnection[Any]]:
-        async with translated(), self._pool.connection() as conn:
-            yield conn
-
     async def _one(self, name: str, params: dict[str, Any]) -> dict[str, Any] | None:
-        async with self._conn() as conn:
+        async with connection(self._pool) as conn:
             return await fetch_one(conn, QUERIES[name], params)
 
     async def _found(self, name: str, params: dict[str, Any], what: str) -> dict[str, Any]:
@@ -185,7 +178,7 @@ class WebhookStore:
         return Endpoint.from_row(row, with_secret=True)
 
     async def endpoints(self, user_id: str, project_id: str) -> list[Endpoint]:
-        async with self._conn() as conn:
+        async with connection(self._pool) as conn:
             rows = await fetch_all(
                 conn, QUERIES["endpoints_of_project"], {"user_id": user_id, "project_id": project_id}
             )
@@ -236,7 +229,7 @@ class WebhookStore:
         call, or by another at the same moment)."""
         row = await self._one(query, {"user_id": user_id})
         if row is None:
-            async with self._conn() as conn:
+            async with connection(self._pool) as conn:
                 await conn.execute(QUERIES["make_user_secret"], {"user_id": user_id, "secret": new_secret()})
             row = await self._one(query, {"user_id": user_id})
         assert row is not None
@@ -270,7 +263,7 @@ class WebhookStore:
             "before_id": before[1] if before else None,
         }
         name = "deliveries_of_render" if render_id else "deliveries_of_endpoint"
-        async with self._conn() as conn:
+        async with connection(self._pool) as conn:
             rows = await fetch_all(conn, QUERIES[name], params)
             attempts = await fetch_all(conn, QUERIES["attempts_of"], {"ids": [row["id"] for row in rows]})
         logs: dict[str, list[Attempt]] = {}
@@ -284,7 +277,7 @@ class WebhookStore:
         row = await self._found("redeliver", {"id": delivery_id, "user_id": user_id}, "delivery")
         if row["endpoint_deleted"]:
             raise FailedPrecondition("its endpoint was deleted: there is nowhere to deliver it")
-        async with self._conn() as conn:
+        async with connection(self._pool) as conn:
             found = await fetch_one(conn, QUERIES["delivery"], {"id": delivery_id})
             attempts = await fetch_all(conn, QUERIES["attempts_of"], {"ids": [delivery_id]})
         assert found is not None
@@ -294,7 +287,7 @@ class WebhookStore:
 
     async def claim(self, limit: int, lease_s: float, per_receiver: int) -> list[Delivery]:
         params = {"limit": limit, "lease_s": lease_s, "per_receiver": per_receiver}
-        async with self._conn() as conn:
+        async with connection(self._pool) as conn:
             rows = await fetch_all(conn, QUERIES["claim_deliveries"], params)
         return [Delivery.from_row(row) for row in rows]
 
