@@ -11,7 +11,7 @@ from collections.abc import AsyncIterable, Sequence
 from services.generation.artifacts import ArtifactStore
 from services.generation.uploads.settings import UploadSettings
 from services.generation.uploads.store import Upload, UploadStore
-from shared.errors import FieldError, PayloadTooLarge, ValidationFailed
+from shared.errors import FieldError, PayloadTooLarge, Unavailable, ValidationFailed
 from shared.images import inspect_async
 from shared.url_guard import FetchFailure
 
@@ -58,7 +58,13 @@ class Uploads:
         """Deletes the user's upload: its record at once (renders queued with it fail to find it),
         then its bytes."""
         upload = await self._store.delete(user_id, upload_id)
-        await self._files.delete(upload_id)
+        try:
+            await self._files.delete(upload_id)
+        except (Unavailable, OSError) as exc:
+            # It is deleted for everyone already: its bytes, named by no record, are never read again.
+            log.warning(
+                "the bytes of a deleted upload stay", extra={"upload_id": upload_id, "error": str(exc)}
+            )
         return upload
 
     async def check_named(self, user_id: str, upload_ids: Sequence[str], fields: Sequence[str]) -> None:
