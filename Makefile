@@ -12,10 +12,10 @@ INSTALL_STAMP := $(VENV)/.installed
 
 install: $(INSTALL_STAMP) $(PROTO_STAMP)
 
-$(INSTALL_STAMP): pyproject.toml
+$(INSTALL_STAMP): pyproject.toml client/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[local,dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[local,dev]' -e ./client
 	touch $@
 
 proto: $(INSTALL_STAMP)
