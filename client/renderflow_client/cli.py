@@ -433,7 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # Lines are not wrapped for a pipe or a file (a script reads them whole), tables not squeezed.
     wide = None if sys.stdout.isatty() else PIPE_WIDTH
-    out, err = Console(soft_wrap=True, width=wide), Console(stderr=True, soft_wrap=True)
+    out = Console(soft_wrap=True, width=wide, highlight=False)
+    err = Console(stderr=True, soft_wrap=True, highlight=False)
     try:
         return asyncio.run(_run(args, out, err))
     except KeyboardInterrupt:
