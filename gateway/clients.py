@@ -325,15 +325,26 @@ class GenerationClient(_Client):
 
     async def create_upload(self, user_id: str, data: AsyncIterator[bytes]) -> generation_pb2.Upload:
         """An upload of the bytes `data` yields, streamed as they come (generation stops the call as
-        soon as they pass its cap); given as long as an output's download."""
+        soon as they pass its cap); given as long as an output's download. An error of `data`
+        itself (a client's malformed body) is raised as it is, not as the call's."""
+        failed: list[Exception] = []
 
         async def chunks() -> AsyncIterator[generation_pb2.UploadChunk]:
             yield generation_pb2.UploadChunk(user_id=user_id)
-            async for piece in data:
-                yield generation_pb2.UploadChunk(data=piece)
+            try:
+                async for piece in data:
+                    yield generation_pb2.UploadChunk(data=piece)
+            except Exception as exc:
+                failed.append(exc)
+                raise
 
-        with rpc_errors():
-            return await self._stub.CreateUpload(chunks(), timeout=self._output_timeout)
+        try:
+            with rpc_errors():
+                return await self._stub.CreateUpload(chunks(), timeout=self._output_timeout)
+        except Exception:
+            if failed:
+                raise failed[0] from None
+            raise
 
     async def get_upload(self, user_id: str, upload_id: str) -> generation_pb2.Upload:
         request = generation_pb2.UploadRequest(user_id=user_id, upload_id=upload_id)

@@ -4,11 +4,14 @@ user's upload is a 404."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.auth import principal
+from gateway.problems import BadRequest
 from gateway.resources import json_response, upload_json
 from gateway.routes import ID, clients, phase
 from shared.errors import ValidationFailed
@@ -51,13 +54,24 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
 
 async def _form_file(request: web.Request) -> AsyncIterator[bytes]:
     """The bytes of the form's `file` field (the parts before it skipped, those after it unread)."""
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if isinstance(part, BodyPartReader) and part.name == FORM_FIELD:
-            return _part(part)
+    with _malformed_form():
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if isinstance(part, BodyPartReader) and part.name == FORM_FIELD:
+                return _part(part)
     raise ValidationFailed.field(FORM_FIELD, "is missing: send the image as the form's `file` field")
 
 
 async def _part(part: BodyPartReader) -> AsyncIterator[bytes]:
-    while chunk := await part.read_chunk(CHUNK):
-        yield chunk
+    with _malformed_form():
+        while chunk := await part.read_chunk(CHUNK):
+            yield chunk
+
+
+@contextmanager
+def _malformed_form() -> Iterator[None]:
+    """aiohttp's complaints about a multipart body as a 400."""
+    try:
+        yield
+    except (ValueError, HttpProcessingError) as exc:
+        raise BadRequest(f"The form cannot be read ({type(exc).__name__}).") from None

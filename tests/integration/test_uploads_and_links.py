@@ -238,6 +238,21 @@ async def test_what_is_not_an_image_or_too_large_is_refused_and_nothing_is_kept(
         assert kept == []
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"--b\r\nNone--b--\r\n",
+        b"--b\r\nContent-Disposition: form-data; name=file\r\n\r\nPNG...",
+        b"no boundary at all",
+    ],
+    ids=["bad-header", "cut-short", "no-parts"],
+)
+async def test_a_malformed_form_is_refused_as_such(stack: Stack, body: bytes) -> None:
+    status, problem = await stack.upload(body, {"Content-Type": "multipart/form-data; boundary=b"})
+    assert status in (400, 422), problem
+    assert problem["code"] in ("bad_request", "validation_failed")
+
+
 async def test_a_form_without_its_file_field_is_refused(stack: Stack) -> None:
     form = aiohttp.FormData()
     form.add_field("image", png_bytes(), filename="a.png", content_type="image/png")
