@@ -140,24 +140,23 @@ async def test_render_of_a_video_writes_an_mp4(account: Account, tmp_path: Path)
     assert (tmp_path / "waves.mp4").read_bytes()[4:8] == b"ftyp"
 
 
+async def interrupted(account: Account, tmp_path: Path, answer: str) -> tuple[str, int]:
+    """A slow render interrupted once its steps show, the question answered with `answer`: what
+    the terminal showed, and the exit status."""
+    terminal = spawn(account, "render", "slow", "--param", "steps=150", cwd=tmp_path)
+    await terminal.expect(r"step \d+/150")
+    terminal.interrupt()
+    await terminal.expect(r"Cancel it instead\? \[y/N\]")
+    terminal.type(answer)
+    return await terminal.until_exit()
+
+
 async def test_ctrl_c_leaves_the_render_running_unless_asked_to_cancel(
     account: Account, tmp_path: Path
 ) -> None:
-    slow = ["--param", "steps=150"]
-    left = spawn(account, "render", "left alone", *slow, cwd=tmp_path)
-    await left.expect(r"step \d+/150")
-    left.interrupt()
-    await left.expect(r"Cancel it instead\? \[y/N\]")
-    left.type("")
-    left_screen, left_status = await left.until_exit()
+    left_screen, left_status = await interrupted(account, tmp_path, "")
     left_id = re.search(r"render ([0-9a-f-]{36}) left running", left_screen)
-
-    cancelled = spawn(account, "render", "stopped", *slow, cwd=tmp_path)
-    await cancelled.expect(r"step \d+/150")
-    cancelled.interrupt()
-    await cancelled.expect(r"Cancel it instead\? \[y/N\]")
-    cancelled.type("y")
-    cancelled_screen, cancelled_status = await cancelled.until_exit()
+    cancelled_screen, cancelled_status = await interrupted(account, tmp_path, "y")
 
     assert left_status == 130 and left_id, left_screen
     code, out, _ = await run(account, "get", left_id.group(1), "--json", cwd=tmp_path)
