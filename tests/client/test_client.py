@@ -254,47 +254,70 @@ async def test_a_429_storm_makes_every_render_once(database_url: str, tmp_path: 
 
 
 async def test_a_submit_whose_answer_is_lost_is_retried_into_the_same_render(account: Account) -> None:
-    lossy = LosingAnswers(account.url, lose=2)
-    async with serving(lossy.forward) as url, AsyncRenderflow(url, account.api_key, project="demo") as rf:
+    flaky = FlakyNetwork(account.url, lose_submits=2)
+    async with serving(flaky.forward) as url, AsyncRenderflow(url, account.api_key, project="demo") as rf:
         render = await rf.submit("only once", params=IMAGE)
         listed = [r.id async for r in rf.list()]
-    assert lossy.lost == 2 and lossy.forwarded == 3
+    assert flaky.lost == 2 and flaky.submits == 3
     assert listed == [render.id]
 
 
-class LosingAnswers:
-    """A proxy in front of the gateway that forwards each submit but drops the connection instead
-    of answering the first `lose` of them: the render was queued, the client never heard."""
+async def test_a_download_cut_midway_resumes_where_it_broke_off(account: Account, tmp_path: Path) -> None:
+    flaky = FlakyNetwork(account.url, cut_downloads=1)
+    async with serving(flaky.forward) as url, AsyncRenderflow(url, account.api_key, project="demo") as rf:
+        render = await rf.render("noise", params={"width": 512, "height": 512, "steps": 2}, timeout=30)
+        saved = await rf.download(render, tmp_path / "noise.png")
+    assert render.output is not None and isinstance(saved, Path)
+    assert hashlib.sha256(saved.read_bytes()).hexdigest() == render.output.sha256
+    assert flaky.cut_at and flaky.ranges == [None, f"bytes={flaky.cut_at}-"]
 
-    def __init__(self, upstream: str, lose: int) -> None:
+
+class FlakyNetwork:
+    """A proxy in front of the gateway that forwards every request, but drops the connection
+    instead of answering the first `lose_submits` submits (the render was queued, the client never
+    heard), and cuts the first `cut_downloads` downloads of an output halfway."""
+
+    def __init__(self, upstream: str, *, lose_submits: int = 0, cut_downloads: int = 0) -> None:
         self._upstream = upstream
-        self._lose = lose
-        self.lost = 0
-        self.forwarded = 0
+        self._lose, self._cut = lose_submits, cut_downloads
+        self.submits = self.lost = self.cut_at = 0
+        self.ranges: list[str | None] = []
+        """The Range of each download of an output."""
 
     async def forward(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
         async with (
-            ClientSession() as session,
+            ClientSession(auto_decompress=False) as session,
             session.request(
                 request.method, self._upstream + request.path_qs, headers=headers, data=body
             ) as answer,
         ):
             payload = await answer.read()
-            if request.method == "POST" and request.path == "/v1/renders":
-                self.forwarded += 1
-                if self.lost < self._lose:
-                    self.lost += 1
-                    assert request.transport is not None
-                    request.transport.abort()
-                    return web.Response()
-            kept = {
-                k: v
-                for k, v in answer.headers.items()
-                if k.lower() not in ("content-length", "transfer-encoding", "content-encoding")
-            }
-            return web.Response(status=answer.status, body=payload, headers=kept)
+        kept = {
+            k: v
+            for k, v in answer.headers.items()
+            if k.lower() not in ("content-length", "transfer-encoding", "content-encoding")
+        }
+        assert request.transport is not None
+        if request.method == "POST" and request.path == "/v1/renders":
+            self.submits += 1
+            if self.lost < self._lose:
+                self.lost += 1
+                request.transport.abort()
+                return web.Response()
+        if request.path.endswith("/output"):
+            self.ranges.append(request.headers.get("Range"))
+            if self._cut:
+                self._cut -= 1
+                self.cut_at = len(payload) // 2
+                response = web.StreamResponse(status=answer.status, headers=kept)
+                response.content_length = len(payload)
+                await response.prepare(request)
+                await response.write(payload[: self.cut_at])
+                request.transport.abort()
+                return response
+        return web.Response(status=answer.status, body=payload, headers=kept)
 
 
 @asynccontextmanager
