@@ -12,11 +12,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from shared.contract import PHASE_BUDGETS_MS
+from tools.tracereport.findings import find
 from tools.tracereport.html import render_html
 from tools.tracereport.model import ReadCounts
 from tools.tracereport.report import build_report, report_dict
+from tools.tracereport.review import KINDS, render_review
 from tools.tracereport.selection import Filters, load_spans, parse_since
 from tools.tracereport.text import render_text
+from tools.tracereport.traces import TraceSet
+
+FINDINGS_EXIT = 3
+"""The exit status when `--fail-on` names a kind of finding that was made."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -37,8 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trace-report: {error}", file=sys.stderr)
         return 1
     report = build_report(spans, counts, filters, budgets, top=args.top)
+    found = find(TraceSet(spans))
     sys.stdout.write(render_text(report))
     try:
+        if args.review == "-":
+            sys.stdout.write("\n" + render_review(report, found))
+        elif args.review:
+            Path(args.review).write_text(render_review(report, found), encoding="utf-8")
         if args.html:
             Path(args.html).write_text(render_html(report), encoding="utf-8")
         if args.json:
@@ -46,6 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"trace-report: {error}", file=sys.stderr)
         return 1
+    failing = [f for f in found if f.kind in args.fail_on]
+    if failing:
+        print(
+            f"trace-report: {len(failing)} finding(s) of {', '.join(sorted(set(args.fail_on)))}",
+            file=sys.stderr,
+        )
+        return FINDINGS_EXIT
     return 0
 
 
@@ -108,4 +126,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--html", metavar="OUT", help="also write the report as a self-contained HTML page")
     parser.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
+    parser.add_argument(
+        "--review",
+        metavar="OUT",
+        help="also write the performance review as Markdown ('-': after the report)",
+    )
+    parser.add_argument(
+        "--fail-on",
+        action="append",
+        default=[],
+        choices=sorted(KINDS),
+        metavar="KIND",
+        help=f"exit {FINDINGS_EXIT} when a finding of this kind is made (repeatable): "
+        + ", ".join(sorted(KINDS)),
+    )
     return parser

@@ -1,0 +1,75 @@
+"""`trace-report --review` on a system that is not Renderflow (tests/support/flawed_app.py): the
+review names each of the shop's four flaws at its location, with a saving within 30 % of the one
+measured by fixing it, and finds nothing in the fixed shop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.support.flawed_app import Run, run_shop
+from tools.tracereport.cli import FINDINGS_EXIT, main
+from tools.tracereport.findings import Finding, find
+from tools.tracereport.model import ReadCounts
+from tools.tracereport.selection import Filters, load_spans
+from tools.tracereport.traces import TraceSet
+
+FLAWS = {
+    "sequential_calls": "GET /items/{id}",
+    "blocking_fetch": "GET /preview",
+    "serial_loop": "POST /batch",
+    "failing_route": "GET /broken",
+}
+
+
+@pytest.fixture(scope="module")
+async def shops(pg_server_url: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, Run]:
+    directory = tmp_path_factory.mktemp("shop")
+    flawed = await run_shop(pg_server_url, directory / "flawed.jsonl", flawed=True)
+    fixed = await run_shop(pg_server_url, directory / "fixed.jsonl", flawed=False)
+    return flawed, fixed
+
+
+def findings_of(run: Run) -> list[Finding]:
+    return find(TraceSet(load_spans([run.traces], Filters(), ReadCounts())))
+
+
+async def test_the_review_names_each_flaw_with_the_saving_fixing_it_brings(shops: tuple[Run, Run]) -> None:
+    flawed, fixed = shops
+    found = {(f.kind, f.route): f for f in findings_of(flawed)}
+    for line in found.values():
+        print(line.kind, line.route, round(line.saving_ms, 1), line.location, line.evidence)
+    assert set(FLAWS.items()) <= set(found)
+    for kind, route in FLAWS.items():
+        finding = found[(kind, route)]
+        assert finding.occurrences == 10 and finding.exemplars
+        if kind == "failing_route":
+            assert finding.extra["error_rate"] == 1.0 and finding.extra["exception"] == "KeyError"
+            assert "load theme" in finding.location
+            continue
+        measured = flawed.mean_ms(route) - fixed.mean_ms(route)
+        assert abs(finding.saving_ms - measured) <= 0.3 * measured, (kind, finding.saving_ms, measured)
+    assert found[("sequential_calls", "GET /items/{id}")].candidate
+    assert "no deadline" in found[("blocking_fetch", "GET /preview")].evidence
+    assert "render item x8" in found[("serial_loop", "POST /batch")].location
+
+
+async def test_the_fixed_shop_has_nothing_to_review(shops: tuple[Run, Run]) -> None:
+    _, fixed = shops
+    assert findings_of(fixed) == []
+
+
+async def test_the_review_in_markdown_and_the_exit_status_for_ci(
+    shops: tuple[Run, Run], tmp_path: Path
+) -> None:
+    flawed, fixed = shops
+    review = tmp_path / "review.md"
+    status = main([str(flawed.traces), "--review", str(review), "--fail-on", "failing_route"])
+    text = review.read_text()
+    clean = main([str(fixed.traces), "--fail-on", "failing_route", "--fail-on", "serial_loop"])
+
+    assert status == FINDINGS_EXIT and clean == 0
+    assert "## Critical issues" in text and "**GET /broken** fails" in text
+    for label in ("Sequential calls (candidate)", "Blocking external fetch", "Serial loop"):
+        assert label in text

@@ -1,0 +1,86 @@
+"""The performance review as Markdown (`trace-report --review`): what fails, what is slow and why,
+what to do first (ranked by estimated saving x how often), and the figures to track."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tools.tracereport.findings import Finding
+from tools.tracereport.report import Report
+
+KINDS = {
+    "failing_route": "Failing route",
+    "sequential_calls": "Sequential calls",
+    "repeated_calls": "Repeated calls (N+1)",
+    "blocking_fetch": "Blocking external fetch",
+    "serial_loop": "Serial loop",
+    "long_tail": "Long tail",
+}
+
+
+def render_review(report: Report, findings: Sequence[Finding]) -> str:
+    window = (
+        f" from {report.start:%Y-%m-%d %H:%M:%S} to {report.end:%H:%M:%S} UTC"
+        if report.start and report.end
+        else ""
+    )
+    lines = [
+        "# Performance review",
+        "",
+        f"{report.trace_count} traces, {report.span_count} spans{window}.",
+        "",
+    ]
+    failing = [f for f in findings if f.kind == "failing_route"]
+    slow = [f for f in findings if f.kind != "failing_route"]
+    lines += ["## Critical issues", ""]
+    if failing:
+        for finding in failing:
+            lines.append(f"- **{finding.route}** fails: {finding.evidence}. At `{finding.location}`.")
+            lines.append(f"  {finding.recommendation} Exemplars: {_ids(finding)}.")
+    else:
+        lines.append("No route fails.")
+    lines += ["", "## Bottlenecks, by estimated saving", ""]
+    if slow:
+        lines += [
+            "| # | finding | route | saving per request | requests | total | where |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for rank, finding in enumerate(slow, 1):
+            label = KINDS[finding.kind] + (" (candidate)" if finding.candidate else "")
+            lines.append(
+                f"| {rank} | {label} | `{finding.route}` | {finding.saving_ms:.0f} ms | "
+                f"{finding.occurrences} of {finding.traces} | {finding.total_saving_ms / 1000:.1f} s | "
+                f"`{finding.location}` |"
+            )
+        lines += ["", "## Recommendations", ""]
+        for rank, finding in enumerate(slow, 1):
+            lines.append(f"{rank}. **{KINDS[finding.kind]}** in `{finding.route}`: {finding.evidence}.")
+            lines.append(f"   {finding.recommendation} Exemplars: {_ids(finding)}.")
+    else:
+        lines.append("Nothing found worth a change.")
+    lines += [
+        "",
+        "## Routes",
+        "",
+        "| route | requests | avg | p50 | p95 | max | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    served = [e for e in report.endpoints if e.endpoint.side == "server" and not e.stream]
+    for stats in served:
+        s = stats.summary
+        lines.append(
+            f"| `{stats.endpoint.name}` | {s.count} | {s.avg_ms:.0f} ms | {s.p50_ms:.0f} ms | "
+            f"{s.p95_ms:.0f} ms | {s.max_ms:.0f} ms | {stats.error_rate:.1%} |"
+        )
+    lines += ["", "## Metrics to track", ""]
+    for stats in served:
+        budget = max(1.0, stats.summary.p95_ms)
+        lines.append(
+            f"- `{stats.endpoint.name}`: p95 at most {budget:.0f} ms (today's), error rate under 1 % "
+            f"(today {stats.error_rate:.1%})."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _ids(finding: Finding) -> str:
+    return ", ".join(f"`{trace_id}`" for trace_id in finding.exemplars)
