@@ -270,13 +270,17 @@ def phase_stats(
 
 @dataclass
 class ErrorCause:
-    """Failed spans of one name that failed for one reason."""
+    """Failures that began at spans of one name, for one reason."""
 
     span_name: str
     cause: str
     count: int
+    """Failures, each counted once, at the span where it began (a failed span none of whose
+    children failed), not at every span it passed through on its way up."""
     example_trace_id: str
     services: list[str]
+    passed_through: int = 0
+    """Failed spans above them: the ones that only passed these failures on."""
 
 
 def is_error(span: Span) -> bool:
@@ -301,22 +305,37 @@ def error_cause(span: Span) -> str:
 
 
 def error_causes(spans: Iterable[Span]) -> list[ErrorCause]:
-    """Failed spans grouped by (span name, cause), most frequent first."""
+    """Failures grouped by (span name, cause) where they began, most frequent first."""
+    by_key = {(span.trace_id, span.span_id): span for span in spans}
+    failed = {key for key, span in by_key.items() if is_error(span)}
+    passed_on = {(span.trace_id, span.parent_id) for key, span in by_key.items() if key in failed}
     causes: dict[tuple[str, str], ErrorCause] = {}
-    for span in spans:
-        if not is_error(span):
-            continue
+    for key in failed - passed_on:
+        span = by_key[key]
         endpoint = endpoint_of(span)
         name = endpoint.name if endpoint is not None else span.name
         key = (name, error_cause(span))
         cause = causes.get(key)
         if cause is None:
-            causes[key] = ErrorCause(name, key[1], 1, span.trace_id, [span.service])
-        else:
-            cause.count += 1
-            if span.service not in cause.services:
-                cause.services.append(span.service)
-    return sorted(causes.values(), key=lambda c: (-c.count, c.span_name, c.cause))
+            cause = causes[key] = ErrorCause(name, key[1], 0, span.trace_id, [])
+        cause.count += 1
+        cause.passed_through += _failed_ancestors(span, by_key, failed)
+        if span.service not in cause.services:
+            cause.services.append(span.service)
+    return sorted(causes.values(), key=lambda c: (-c.count, c.span_name, c.cause, c.example_trace_id))
+
+
+def _failed_ancestors(
+    span: Span, by_key: Mapping[tuple[str, str], Span], failed: set[tuple[str, str]]
+) -> int:
+    count, seen, current = 0, set(), span
+    while current.parent_id is not None and (key := (current.trace_id, current.parent_id)) in by_key:
+        if key in seen:
+            break  # a cycle in broken input
+        seen.add(key)
+        current = by_key[key]
+        count += key in failed
+    return count
 
 
 def _first(attrs: Mapping[str, AttributeValue], *keys: str) -> AttributeValue | None:

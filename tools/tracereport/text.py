@@ -132,7 +132,7 @@ def _bar(row: WaterfallRow, total_ms: float) -> str:
 def _errors(report: Report) -> str:
     if not report.errors:
         return ""
-    lines = [f"{'TOP ERROR CAUSES':<24} {'count':>6}  {'cause':<33} example trace"]
+    lines = [f"{'TOP ERROR CAUSES (where they began)':<24} {'count':>6}  {'cause':<33} example trace"]
     for cause in report.errors[:10]:
         lines.append(
             f"{fit(cause.span_name, 24)} {cause.count:>6}  {fit(cause.cause, 33)} {cause.example_trace_id}"
