@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from shared.contract import PHASE_BUDGETS_MS
 from tools.tracereport.findings import find
 from tools.tracereport.html import render_html
 from tools.tracereport.model import ReadCounts
+from tools.tracereport.quality import data_quality
 from tools.tracereport.report import build_report, report_dict
 from tools.tracereport.review import KINDS, render_review
 from tools.tracereport.selection import Filters, load_spans, parse_since
@@ -43,13 +45,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"trace-report: {error}", file=sys.stderr)
         return 1
     report = build_report(spans, counts, filters, budgets, top=args.top)
-    found = find(TraceSet(spans))
+    trace_set = TraceSet(spans)
+    found = find(trace_set)
+    quality = data_quality(trace_set)
     sys.stdout.write(render_text(report))
     try:
         if args.review == "-":
-            sys.stdout.write("\n" + render_review(report, found))
+            sys.stdout.write("\n" + render_review(report, found, quality))
         elif args.review:
-            Path(args.review).write_text(render_review(report, found), encoding="utf-8")
+            Path(args.review).write_text(render_review(report, found, quality), encoding="utf-8")
         if args.html:
             Path(args.html).write_text(render_html(report), encoding="utf-8")
         if args.json:
@@ -68,13 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def expand_paths(patterns: Sequence[str]) -> list[Path]:
-    """Files named by the arguments: a file, a directory (its *.jsonl files) or a glob pattern;
-    ValueError for an argument that names nothing."""
+    """Files named by the arguments: a file, a directory (its span files: *.jsonl and *.json, rotated
+    ones and compressed ones too) or a glob pattern; ValueError for an argument that names nothing."""
     paths: list[Path] = []
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            paths += sorted(path.glob("*.jsonl"))
+            paths += sorted(p for p in path.iterdir() if p.is_file() and _SPAN_FILE.search(p.name))
         elif path.exists():
             paths.append(path)
         elif matches := sorted(glob.glob(pattern, recursive=True)):
@@ -82,6 +86,10 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
         else:
             raise ValueError(f"no such file, directory or match: {pattern}")
     return list(dict.fromkeys(paths))
+
+
+_SPAN_FILE = re.compile(r"\.jsonl?(\.\d+)?(\.gz|\.zst)?$")
+"""A file of spans as exporters write them: `traces.jsonl`, rotated `traces.jsonl.1`, compressed."""
 
 
 def _budget(value: str) -> tuple[str, float]:

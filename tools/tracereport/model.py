@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gzip
+import io
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import IO, Any, TypeAlias, cast
+
+import zstandard
 
 Scalar: TypeAlias = str | int | float | bool
 AttributeValue: TypeAlias = Scalar | tuple[Scalar, ...]
@@ -80,26 +84,58 @@ class ReadCounts:
 
 
 def read_spans(paths: Iterable[Path], counts: ReadCounts, since_ns: int | None = None) -> Iterator[Span]:
-    """The spans in `paths`, line by line, skipping (and counting) lines that do not parse and, when
-    `since_ns` is given, spans that started before it. Blank lines are ignored."""
+    """The spans in `paths` (plain, `.gz` or `.zst`), line by line, skipping (and counting) lines
+    that do not parse (a truncated last line among them) and, when `since_ns` is given, spans that
+    started before it. Blank lines are ignored. A file that is one JSON document over several lines
+    (a request, or a list of them) is read as such."""
     for path in paths:
         counts.files += 1
-        with path.open("rb") as lines:
-            for number, raw in enumerate(lines, start=1):
-                if not raw.strip():
-                    continue
-                counts.lines += 1
-                try:
-                    spans, bad = parse_request(json.loads(raw))
-                except (ValueError, TypeError, AttributeError, KeyError):
-                    counts.bad_lines += 1
-                    counts.first_bad = counts.first_bad or f"{path}:{number}"
-                    continue
+        with _opened(path) as lines:
+            requests = _requests(path, lines, counts)
+            for spans, bad in requests:
                 counts.bad_spans += bad
                 counts.spans += len(spans)
                 for span in spans:
                     if since_ns is None or span.start_ns >= since_ns:
                         yield span
+
+
+def _opened(path: Path) -> IO[bytes]:
+    if path.suffix == ".gz":
+        return cast(IO[bytes], gzip.open(path, "rb"))
+    if path.suffix == ".zst":
+        # zstandard's reader reads, but not by line: a buffered reader over it does.
+        reader = zstandard.ZstdDecompressor().stream_reader(path.open("rb"), closefd=True)
+        return io.BufferedReader(cast(io.RawIOBase, reader))
+    return path.open("rb")
+
+
+def _requests(path: Path, stream: IO[bytes], counts: ReadCounts) -> Iterator[tuple[list[Span], int]]:
+    """The decoded requests of a file: one per line, or the whole file's one document."""
+    pending: list[bytes] = []
+    for number, raw in enumerate(stream, start=1):
+        if not raw.strip():
+            continue
+        if pending:  # within a document of many lines
+            pending.append(raw)
+            continue
+        counts.lines += 1
+        try:
+            yield parse_request(json.loads(raw))
+        except (ValueError, TypeError, AttributeError, KeyError):
+            if number == 1 and raw.lstrip()[:1] in (b"{", b"["):
+                pending.append(raw)  # perhaps the first line of a pretty-printed document
+                continue
+            counts.bad_lines += 1
+            counts.first_bad = counts.first_bad or f"{path}:{number}"
+    if pending:
+        try:
+            document = json.loads(b"".join(pending))
+            for request in document if isinstance(document, list) else [document]:
+                yield parse_request(request)
+        except (ValueError, TypeError, AttributeError, KeyError):
+            counts.bad_lines += 1
+            counts.first_bad = counts.first_bad or f"{path}:1"
 
 
 def parse_request(request: Any) -> tuple[list[Span], int]:

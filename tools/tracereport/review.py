@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tools.tracereport.findings import Finding
+from tools.tracereport.quality import Quality
 from tools.tracereport.report import Report
 
 KINDS = {
@@ -18,7 +19,7 @@ KINDS = {
 }
 
 
-def render_review(report: Report, findings: Sequence[Finding]) -> str:
+def render_review(report: Report, findings: Sequence[Finding], quality: Quality | None = None) -> str:
     window = (
         f" from {report.start:%Y-%m-%d %H:%M:%S} to {report.end:%H:%M:%S} UTC"
         if report.start and report.end
@@ -79,6 +80,19 @@ def render_review(report: Report, findings: Sequence[Finding]) -> str:
             f"- `{stats.endpoint.name}`: p95 at most {budget:.0f} ms (today's), error rate under 1 % "
             f"(today {stats.error_rate:.1%})."
         )
+    if quality is not None:
+        lines += ["", "## Data quality", ""]
+        if quality.clean:
+            lines.append(f"All {quality.spans} spans of {quality.traces} traces are whole and in order.")
+        else:
+            lines += [
+                f"- {quality.orphans} span(s) whose parent is missing; {quality.without_root} trace(s) "
+                "without their root (the findings of those requests may be incomplete)",
+                f"- {quality.skewed} span(s) outside their parent's time by more than 1 ms (clock skew "
+                "between hosts: sequences across them are uncertain)",
+                f"- {quality.calls_without_detail} call(s) without their statement or URL (repeated calls "
+                "among them cannot be told apart)",
+            ]
     return "\n".join(lines) + "\n"
 
 
