@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.flawed_app import Run, run_shop
+from tests.support.flawed_app import RENDER_S, Run, run_shop
 from tools.tracereport.cli import FINDINGS_EXIT, main
+from tools.tracereport.critical import route_paths, slow_vs_fast
 from tools.tracereport.findings import Finding, find
 from tools.tracereport.model import ReadCounts
 from tools.tracereport.selection import Filters, load_spans
@@ -73,3 +74,28 @@ async def test_the_review_in_markdown_and_the_exit_status_for_ci(
     assert "## Critical issues" in text and "**GET /broken** fails" in text
     for label in ("Sequential calls (candidate)", "Blocking external fetch", "Serial loop"):
         assert label in text
+    assert "## Where the time goes (critical path)" in text and "| `render item (self)` |" in text
+    assert "## Slow against fast" in text and "`search.kind=fuzzy`" in text
+    assert "## Data quality" in text
+
+
+async def test_where_each_route_spends_its_time_on_the_critical_path(shops: tuple[Run, Run]) -> None:
+    flawed, _ = shops
+    paths = {p.route: p for p in route_paths(TraceSet(load_spans([flawed.traces], Filters(), ReadCounts())))}
+
+    batch = {s.name: s for s in paths["POST /batch"].shares}
+    assert batch["render item (self)"].share > 0.8  # the eight renders, one after another
+    assert batch["render item (self)"].p50_ms == pytest.approx(8 * 1000 * RENDER_S, rel=0.3)
+    preview = paths["GET /preview"].shares[0]
+    assert preview.name.startswith("GET") and preview.share > 0.8  # waiting for the origin
+    assert sum(s.share for s in paths["GET /items/{id}"].shares) <= 1.0 + 1e-9
+
+
+async def test_slow_against_fast_names_what_sets_the_tail_apart(shops: tuple[Run, Run]) -> None:
+    flawed, _ = shops
+    found = {s.route: s for s in slow_vs_fast(TraceSet(load_spans([flawed.traces], Filters(), ReadCounts())))}
+    search = found["GET /search"]
+
+    assert search.slow >= 1 and search.fast >= 15
+    assert "search.kind=fuzzy" in [pair for pair, _, _ in search.over_represented]
+    assert search.grew[0][0] == "search (self)" and search.grew[0][2] > 3 * search.grew[0][1]

@@ -7,7 +7,9 @@ service that emits OpenTelemetry.
 - `GET /preview`: a reference image fetched from a slow origin while the client waits, with no
   timeout (fixed: fetched ahead, when the shop starts);
 - `POST /batch`: eight renders, one after another (fixed: at once, at most eight at a time);
-- `GET /broken`: fails every time, deep inside (fixed: works).
+- `GET /broken`: fails every time, deep inside (fixed: works);
+- `GET /search`: not a flaw, a tail to explain: one search in ten is fuzzy (`search.kind`), five
+  times slower than an exact one.
 
 Instrumented with the standard instrumentations (aiohttp server and client, psycopg), its spans
 written as the OpenTelemetry Collector's file exporter writes them (OTLP/JSON lines).
@@ -38,6 +40,8 @@ from tests.support.origin import png_bytes
 QUERY_S = 0.02
 ORIGIN_DELAY_S = 0.1
 RENDER_S = 0.02
+SEARCH_S = 0.01
+FUZZY = 5
 BATCH = 8
 QUERIES = ("item", "price", "stock", "reviews")
 
@@ -134,23 +138,32 @@ async def run_shop(database_url: str, traces: Path, *, flawed: bool, requests: i
                     return web.json_response({"theme": themes[request.query.get("theme", "dark")]})
                 return web.json_response({"theme": themes.get(request.query.get("theme", "dark"), "light")})
 
+        async def search(request: web.Request) -> web.Response:
+            kind = request.query.get("kind", "exact")
+            with tracer.start_as_current_span("search", attributes={"search.kind": kind}):
+                await asyncio.sleep(SEARCH_S * (FUZZY if kind == "fuzzy" else 1))
+            return web.json_response({"kind": kind})
+
         app = web.Application()
         app.router.add_get("/items/{id}", item)
         app.router.add_get("/preview", preview)
         app.router.add_post("/batch", batch)
         app.router.add_get("/broken", broken)
+        app.router.add_get("/search", search)
         shop = await stack.enter_async_context(_server(app))
         if not flawed:
             prefetched.append(await fetch_image())
+        searches = [f"/search?kind={'fuzzy' if n % 10 == 9 else 'exact'}" for n in range(2 * requests)]
         async with aiohttp.ClientSession() as client:
-            for route, method, path in (
-                ("GET /items/{id}", "GET", "/items/7"),
-                ("GET /preview", "GET", "/preview"),
-                ("POST /batch", "POST", "/batch"),
-                ("GET /broken", "GET", "/broken"),
+            for route, method, paths in (
+                ("GET /items/{id}", "GET", ["/items/7"] * requests),
+                ("GET /preview", "GET", ["/preview"] * requests),
+                ("POST /batch", "POST", ["/batch"] * requests),
+                ("GET /broken", "GET", ["/broken"] * requests),
+                ("GET /search", "GET", searches),
             ):
                 run.seconds[route] = []
-                for _ in range(requests):
+                for path in paths:
                     started = time.perf_counter()
                     async with client.request(method, shop + path) as response:
                         await response.read()

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from shared.contract import PHASE_BUDGETS_MS
+from tools.tracereport.critical import route_paths, slow_vs_fast
 from tools.tracereport.findings import find
 from tools.tracereport.html import render_html
 from tools.tracereport.model import ReadCounts
@@ -48,12 +49,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     trace_set = TraceSet(spans)
     found = find(trace_set)
     quality = data_quality(trace_set)
+
+    def review() -> str:
+        return render_review(report, found, quality, route_paths(trace_set), slow_vs_fast(trace_set))
+
     sys.stdout.write(render_text(report))
     try:
         if args.review == "-":
-            sys.stdout.write("\n" + render_review(report, found, quality))
+            sys.stdout.write("\n" + review())
         elif args.review:
-            Path(args.review).write_text(render_review(report, found, quality), encoding="utf-8")
+            Path(args.review).write_text(review(), encoding="utf-8")
         if args.html:
             Path(args.html).write_text(render_html(report), encoding="utf-8")
         if args.json:

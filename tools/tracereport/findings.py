@@ -77,15 +77,20 @@ class Finding:
         return self.saving_ms * self.occurrences
 
 
+def routes_of(traces: TraceSet) -> dict[str, list[Tree]]:
+    """The traces as trees, by the route of their root (a request's endpoint, or the root's name)."""
+    by_route: dict[str, list[Tree]] = defaultdict(list)
+    for spans in traces.traces.values():
+        tree = Tree(spans)
+        if tree.root is not None:
+            by_route[tree.route].append(tree)
+    return dict(sorted(by_route.items()))
+
+
 def find(traces: TraceSet) -> list[Finding]:
     """Every finding over the traces, the largest total saving first (failing routes first)."""
-    trees = [_Tree(traces, spans) for spans in traces.traces.values()]
-    trees = [tree for tree in trees if tree.root is not None]
-    by_route: dict[str, list[_Tree]] = defaultdict(list)
-    for tree in trees:
-        by_route[tree.route].append(tree)
     findings: list[Finding] = []
-    for route, group in sorted(by_route.items()):
+    for route, group in routes_of(traces).items():
         findings += _failing(route, group)
         findings += _grouped(route, group, "sequential_calls", lambda t: t.sequential_calls())
         findings += _grouped(route, group, "repeated_calls", lambda t: t.repeated_calls())
@@ -111,10 +116,12 @@ class _Hit:
     evidence: Mapping[str, float]
 
 
-class _Tree:
+class Tree:
     """One trace as a tree, with its root request."""
 
-    def __init__(self, traces: TraceSet, spans: Sequence[Span]) -> None:
+    root: Span | None
+
+    def __init__(self, spans: Sequence[Span]) -> None:
         self.spans = spans
         ids = {span.span_id for span in spans}
         roots = [s for s in spans if s.parent_id is None or s.parent_id not in ids]
@@ -259,9 +266,9 @@ class _Tree:
 
 
 def _grouped(
-    route: str, trees: Sequence[_Tree], kind: str, hits_of: Callable[[_Tree], list[_Hit]]
+    route: str, trees: Sequence[Tree], kind: str, hits_of: Callable[[Tree], list[_Hit]]
 ) -> list[Finding]:
-    found: dict[tuple[str, ...], list[tuple[_Tree, _Hit]]] = defaultdict(list)
+    found: dict[tuple[str, ...], list[tuple[Tree, _Hit]]] = defaultdict(list)
     for tree in trees:
         for hit in hits_of(tree):
             found[hit.key].append((tree, hit))
@@ -292,8 +299,8 @@ def _grouped(
     return findings
 
 
-def _blocking_fetches(route: str, trees: Sequence[_Tree]) -> list[Finding]:
-    fetches: dict[str, list[tuple[_Tree, Span, bool]]] = defaultdict(list)
+def _blocking_fetches(route: str, trees: Sequence[Tree]) -> list[Finding]:
+    fetches: dict[str, list[tuple[Tree, Span, bool]]] = defaultdict(list)
     for tree in trees:
         for span, deadline in tree.blocking_fetches():
             fetches[_signature(span)].append((tree, span, deadline))
@@ -331,7 +338,7 @@ def _blocking_fetches(route: str, trees: Sequence[_Tree]) -> list[Finding]:
     return findings
 
 
-def _failing(route: str, trees: Sequence[_Tree]) -> list[Finding]:
+def _failing(route: str, trees: Sequence[Tree]) -> list[Finding]:
     failed = [
         (tree, origin)
         for tree in trees
@@ -339,7 +346,7 @@ def _failing(route: str, trees: Sequence[_Tree]) -> list[Finding]:
     ]
     if not failed:
         return []
-    causes: dict[tuple[str, str, str], list[tuple[_Tree, Span]]] = defaultdict(list)
+    causes: dict[tuple[str, str, str], list[tuple[Tree, Span]]] = defaultdict(list)
     for tree, origin in failed:
         message = _NUMBERS.sub("N", origin.status_message or "")
         message = message.removeprefix(f"{origin.exception}: ") if origin.exception else message
@@ -371,7 +378,7 @@ def _failing(route: str, trees: Sequence[_Tree]) -> list[Finding]:
     return findings
 
 
-def _long_tail(route: str, trees: Sequence[_Tree]) -> list[Finding]:
+def _long_tail(route: str, trees: Sequence[Tree]) -> list[Finding]:
     durations = sorted(tree.duration_ms for tree in trees)
     if len(durations) < 5:
         return []
@@ -466,7 +473,7 @@ def _covered_ms(span: Span, children: Iterable[Span]) -> float:
     return covered / 1e6
 
 
-def _exemplars(occurrences: Sequence[tuple[_Tree, object]]) -> tuple[str, ...]:
+def _exemplars(occurrences: Sequence[tuple[Tree, object]]) -> tuple[str, ...]:
     slowest = sorted({tree.trace_id: tree for tree, _ in occurrences}.values(), key=lambda t: -t.duration_ms)
     return tuple(tree.trace_id for tree in slowest[:3])
 

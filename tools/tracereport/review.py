@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from tools.tracereport.critical import RoutePath, SlowFast
 from tools.tracereport.findings import Finding
 from tools.tracereport.quality import Quality
 from tools.tracereport.report import Report
@@ -19,7 +20,13 @@ KINDS = {
 }
 
 
-def render_review(report: Report, findings: Sequence[Finding], quality: Quality | None = None) -> str:
+def render_review(
+    report: Report,
+    findings: Sequence[Finding],
+    quality: Quality | None = None,
+    paths: Sequence[RoutePath] = (),
+    tails: Sequence[SlowFast] = (),
+) -> str:
     window = (
         f" from {report.start:%Y-%m-%d %H:%M:%S} to {report.end:%H:%M:%S} UTC"
         if report.start and report.end
@@ -73,6 +80,34 @@ def render_review(report: Report, findings: Sequence[Finding], quality: Quality 
             f"| `{stats.endpoint.name}` | {s.count} | {s.avg_ms:.0f} ms | {s.p50_ms:.0f} ms | "
             f"{s.p95_ms:.0f} ms | {s.max_ms:.0f} ms | {stats.error_rate:.1%} |"
         )
+    if paths:
+        lines += ["", "## Where the time goes (critical path)", ""]
+        lines.append(
+            "What each route's requests waited for; `name (self)`: time of a span not covered by its children"
+        )
+        lines.append("(its own work, or work nobody instrumented).")
+        for route in paths:
+            lines += ["", f"`{route.route}` ({route.traces} traces, p50 {route.p50_ms:.0f} ms):", ""]
+            lines += ["| span | p50 | p95 | share |", "| --- | --- | --- | --- |"]
+            lines += [
+                f"| `{s.name}` | {s.p50_ms:.1f} ms | {s.p95_ms:.1f} ms | {s.share:.0%} |"
+                for s in route.shares
+            ]
+    if tails:
+        lines += ["", "## Slow against fast", ""]
+        for tail in tails:
+            grew = (
+                ", ".join(f"`{name}` {fast:.0f} → {slow:.0f} ms" for name, fast, slow in tail.grew)
+                or "nothing"
+            )
+            over = ", ".join(
+                f"`{pair}` ({fast:.0%} of fast, {slow:.0%} of slow)"
+                for pair, fast, slow in tail.over_represented
+            )
+            lines.append(
+                f"- `{tail.route}`, its {tail.slow} slowest (p95 and above) against {tail.fast}: grew: {grew}"
+                + (f"; more often: {over}" if over else "")
+            )
     lines += ["", "## Metrics to track", ""]
     for stats in served:
         budget = max(1.0, stats.summary.p95_ms)
