@@ -4,6 +4,7 @@ measured by fixing it, and finds nothing in the fixed shop."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,19 @@ async def test_slow_against_fast_names_what_sets_the_tail_apart(shops: tuple[Run
     assert search.slow >= 1 and search.fast >= 15
     assert "search.kind=fuzzy" in [pair for pair, _, _ in search.over_represented]
     assert search.grew[0][0] == "search (self)" and search.grew[0][2] > 3 * search.grew[0][1]
+
+
+async def test_diff_of_before_and_after_a_change(
+    shops: tuple[Run, Run], capsys: pytest.CaptureFixture[str]
+) -> None:
+    flawed, fixed = shops
+    better = main(["diff", str(flawed.traces), str(fixed.traces)])
+    improved = capsys.readouterr()
+    worse = main(["diff", str(fixed.traces), str(flawed.traces)])
+    regressed = capsys.readouterr()
+
+    assert better == 0 and worse == FINDINGS_EXIT
+    assert re.search(r"^POST /batch .* -[89]\d% ", improved.out, re.MULTILINE)  # p95 down 80-99 %
+    assert "  - GET /preview > GET" in improved.out  # the fetch left the request's path
+    assert "GET /broken: errors 0.0% → 100.0%" in regressed.err
+    assert "POST /batch: p95" in regressed.err

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from shared.contract import PHASE_BUDGETS_MS
+from tools.tracereport import diff
 from tools.tracereport.critical import route_paths, slow_vs_fast
 from tools.tracereport.findings import find
 from tools.tracereport.html import render_html
@@ -29,9 +30,13 @@ FINDINGS_EXIT = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Prints the report of the span files in `argv` (and writes --html/--json); the exit code."""
+    """Prints the report of the span files in `argv` (and writes --html/--json/--review), or with
+    `diff BEFORE AFTER` compares two sets of them; the exit code."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["diff"]:
+        return diff.main(arguments[1:], expand_paths)
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     try:
         paths = expand_paths(args.files)
         since = parse_since(args.since, datetime.now(UTC)) if args.since else None
