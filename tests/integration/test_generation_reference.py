@@ -34,6 +34,7 @@ from tests.support.generation import (
     submit,
     user_id,
 )
+from tests.support.observed_stack import Recorder
 
 OK_URL = "https://images.example/ok.png"
 MISSING_URL = "https://images.example/missing.png"
@@ -152,6 +153,29 @@ async def test_submit_prefetches_a_reference_url_in_the_background(
     assert status_name(render) == "queued"  # no worker: only the prefetch can have asked
     await asyncio.wait_for(servicer.asked.wait(), 5)
     assert servicer.requests == [OK_URL]
+
+
+async def test_a_prefetch_is_a_trace_of_its_own_linked_to_the_submit(
+    start_server: ServerFactory, imagefetch: tuple[str, StandInImageFetch], recorder: Recorder
+) -> None:
+    address, servicer = imagefetch
+    stub = await start_server(prefetch_addr=address)
+    await submit(stub, reference=pb.Reference(url=OK_URL))
+    await asyncio.wait_for(servicer.asked.wait(), 5)
+    await recorder.wait_for(lambda spans: any(s.name == "reference_prefetch" for s in spans))
+
+    [prefetch] = [s for s in recorder.spans if s.name == "reference_prefetch"]
+    [link] = prefetch.links
+    [submitted] = [
+        s for s in recorder.spans if s.context is not None and s.context.span_id == link.context.span_id
+    ]
+    assert prefetch.parent is None and prefetch.context is not None
+    assert submitted.name.endswith("GenerationService/Submit") and submitted.context is not None
+    assert submitted.context.trace_id != prefetch.context.trace_id  # the submit's trace ends with it
+    fetches = [s for s in recorder.spans if s.name.endswith("ImageFetchService/Fetch")]
+    assert fetches and all(
+        s.context is not None and s.context.trace_id == prefetch.context.trace_id for s in fetches
+    )
 
 
 async def test_a_render_waits_out_an_imagefetch_outage_without_spending_an_attempt(
