@@ -22,6 +22,7 @@ from shared.spans import STREAM_ATTRIBUTE
 from shared.statements import SCOPE as SQL_SCOPE
 from shared.telemetry import JsonLinesSpanExporter
 from tests.support.observed_stack import TINY_MS, ObservedStack, Recorder, job_id
+from tools.tracereport.cli import main as trace_report
 from tools.tracereport.model import ReadCounts
 from tools.tracereport.report import build_report
 from tools.tracereport.selection import Filters, load_spans
@@ -236,7 +237,9 @@ async def test_slow_phases_log_one_warning_with_the_whole_breakdown(observed: Ob
     assert job.context is not None and store["trace_id"] == format(job.context.trace_id, "032x")
 
 
-async def test_the_trace_report_over_the_exported_spans(observed: ObservedStack, tmp_path: Path) -> None:
+async def test_the_trace_report_over_the_exported_spans(
+    observed: ObservedStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     scenario = await run_scenario(observed)
     path = tmp_path / "traces.jsonl"
     exporter = JsonLinesSpanExporter(path)
@@ -266,3 +269,11 @@ async def test_the_trace_report_over_the_exported_spans(observed: ObservedStack,
     assert origin.count == 2 and origin.passed_through >= 2 * 3, origin
     assert ("render", "http_404") not in causes and ("imagefetch.fetch", "http_404") not in causes
     assert scenario.missing_required in {job_id(s) for s in observed.recorder.spans if s.name == "render"}
+
+    # One render, span by span: its submit and its job (linked), and where it failed.
+    code = trace_report([str(path), "--render", scenario.missing_required])
+    shown = capsys.readouterr().out
+    assert code == 0
+    assert "POST /v1/renders" in shown and "↪ render" in shown and "image_fetch" in shown
+    [began] = [line for line in shown.splitlines() if line.startswith("failed at")]
+    assert began.startswith("failed at GET (") and ": HTTP 404, passed on by" in began  # the origin's answer

@@ -116,3 +116,14 @@ async def test_diff_of_before_and_after_a_change(
     assert "  - GET /preview > GET" in improved.out  # the fetch left the request's path
     assert "GET /broken: errors 0.0% → 100.0%" in regressed.err
     assert "POST /batch: p95" in regressed.err
+
+
+async def test_one_trace_span_by_span(shops: tuple[Run, Run], capsys: pytest.CaptureFixture[str]) -> None:
+    flawed, _ = shops
+    [failing] = [f for f in findings_of(flawed) if f.kind == "failing_route"]
+    code = main([str(flawed.traces), "--trace", failing.exemplars[0]])
+    shown = capsys.readouterr().out
+
+    assert code == 0 and f"trace {failing.exemplars[0]}" in shown
+    assert "! GET /broken" in shown and "!   load theme" in shown
+    assert "failed at load theme (shop): KeyError" in shown

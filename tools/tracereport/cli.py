@@ -17,14 +17,17 @@ from tools.tracereport import diff
 from tools.tracereport.critical import route_paths, slow_vs_fast
 from tools.tracereport.findings import find
 from tools.tracereport.html import render_html
-from tools.tracereport.model import ReadCounts
+from tools.tracereport.model import ReadCounts, Span
 from tools.tracereport.quality import data_quality
 from tools.tracereport.report import build_report, report_dict
 from tools.tracereport.review import KINDS, render_review
 from tools.tracereport.selection import Filters, load_spans, parse_since
-from tools.tracereport.text import render_text
+from tools.tracereport.stats import error_causes
+from tools.tracereport.text import render_text, waterfalls
 from tools.tracereport.traces import TraceSet
 
+ONE_REQUEST_ROWS = 500
+"""The most spans a one-request waterfall shows."""
 FINDINGS_EXIT = 3
 """The exit status when `--fail-on` names a kind of finding that was made."""
 
@@ -43,13 +46,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         budgets = {**PHASE_BUDGETS_MS, **dict(_budget(b) for b in args.budget)}
     except ValueError as error:
         parser.error(str(error))
-    filters = Filters(since=since, route=args.route, services=tuple(args.service))
+    filters = Filters(
+        since=since,
+        route=args.route,
+        services=tuple(args.service),
+        trace_id=args.trace,
+        render_id=args.render,
+    )
     counts = ReadCounts()
     try:
         spans = load_spans(paths, filters, counts)
     except OSError as error:
         print(f"trace-report: {error}", file=sys.stderr)
         return 1
+    if args.trace or args.render:
+        return _one_request(spans, filters)
     report = build_report(spans, counts, filters, budgets, top=args.top)
     trace_set = TraceSet(spans)
     found = find(trace_set)
@@ -78,6 +89,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return FINDINGS_EXIT
+    return 0
+
+
+def _one_request(spans: list[Span], filters: Filters) -> int:
+    """One request (or render) and the traces linked to it, span by span, with where it failed."""
+    if not spans:
+        print(f"trace-report: no spans of {filters.describe()}", file=sys.stderr)
+        return 1
+    traces = TraceSet(spans)
+    shown = [traces.waterfall(group, ONE_REQUEST_ROWS) for group in traces.groups()]
+    sys.stdout.write(waterfalls(sorted(shown, key=lambda w: w.start_ns), 0) + "\n")
+    for cause in error_causes(traces):
+        passed = f", passed on by {cause.passed_through} span(s) above" if cause.passed_through else ""
+        print(f"failed at {cause.span_name} ({', '.join(cause.services)}): {cause.cause}{passed}")
     return 0
 
 
@@ -134,6 +159,10 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME",
         help="only traces touching this service (repeatable)",
+    )
+    parser.add_argument("--trace", metavar="ID", help="only this trace and those linked to it, span by span")
+    parser.add_argument(
+        "--render", metavar="ID", help="only this render's traces (its submit and its jobs), span by span"
     )
     parser.add_argument(
         "--budget",

@@ -28,11 +28,15 @@ class Filters:
     """A substring of, or a glob on, an endpoint name (`POST /v1/renders`, `GenerationService/Submit`)."""
     services: tuple[str, ...] = ()
     """Service names (`service.name`)."""
+    trace_id: str | None = None
+    """One trace (with the traces linked to it)."""
+    render_id: str | None = None
+    """The traces of one render: its submit and its jobs (spans with `render.id`)."""
 
     @property
     def picks_traces(self) -> bool:
         """Whether the filters pick traces (and so the spans must be read twice)."""
-        return self.route is not None or bool(self.services)
+        return self.route is not None or bool(self.services) or bool(self.trace_id or self.render_id)
 
     def describe(self) -> str:
         """The filters in force, for a report's heading; empty when there are none."""
@@ -40,12 +44,18 @@ class Filters:
             f"since {self.since.isoformat()}" if self.since else "",
             f"route {self.route}" if self.route else "",
             f"service {', '.join(self.services)}" if self.services else "",
+            f"trace {self.trace_id}" if self.trace_id else "",
+            f"render {self.render_id}" if self.render_id else "",
         ]
         return "; ".join(c for c in chosen if c)
 
     def matches(self, span: Span) -> bool:
         """Whether the span is one the filters ask for: an endpoint matching the route, of one of
         the services. Its trace (and the traces linked to it) go into the report."""
+        if self.trace_id is not None and span.trace_id != self.trace_id.lower():
+            return False
+        if self.render_id is not None and span.attributes.get("render.id") != self.render_id:
+            return False
         if self.services and span.service not in self.services:
             return False
         if self.route is None:

@@ -275,8 +275,8 @@ class ErrorCause:
     span_name: str
     cause: str
     count: int
-    """Failures, each counted once, at the span where it began (a failed span none of whose
-    children failed), not at every span it passed through on its way up."""
+    """Failures, each counted once, at the span where it began (a failed span with no failed span
+    below it), not at every span it passed through on its way up."""
     example_trace_id: str
     services: list[str]
     passed_through: int = 0
@@ -308,7 +308,7 @@ def error_causes(spans: Iterable[Span]) -> list[ErrorCause]:
     """Failures grouped by (span name, cause) where they began, most frequent first."""
     by_key = {(span.trace_id, span.span_id): span for span in spans}
     failed = {key for key, span in by_key.items() if is_error(span)}
-    passed_on = {(span.trace_id, span.parent_id) for key, span in by_key.items() if key in failed}
+    passed_on = {above for key in failed for above in _ancestors(by_key[key], by_key)}
     causes: dict[tuple[str, str], ErrorCause] = {}
     for key in failed - passed_on:
         span = by_key[key]
@@ -328,14 +328,20 @@ def error_causes(spans: Iterable[Span]) -> list[ErrorCause]:
 def _failed_ancestors(
     span: Span, by_key: Mapping[tuple[str, str], Span], failed: set[tuple[str, str]]
 ) -> int:
-    count, seen, current = 0, set(), span
+    return sum(key in failed for key in _ancestors(span, by_key))
+
+
+def _ancestors(span: Span, by_key: Mapping[tuple[str, str], Span]) -> list[tuple[str, str]]:
+    """The keys of the span's ancestors present, nearest first (a failure below any of them, even
+    through calls that answered normally, is the one that began it)."""
+    found: list[tuple[str, str]] = []
+    current = span
     while current.parent_id is not None and (key := (current.trace_id, current.parent_id)) in by_key:
-        if key in seen:
+        if key in found:
             break  # a cycle in broken input
-        seen.add(key)
+        found.append(key)
         current = by_key[key]
-        count += key in failed
-    return count
+    return found
 
 
 def _first(attrs: Mapping[str, AttributeValue], *keys: str) -> AttributeValue | None:

@@ -24,7 +24,7 @@ def render_text(report: Report) -> str:
     if not report.span_count:
         return f"No spans to report on.\n\n{_footer(report)}\n"
     parts = [_header(report), *_endpoints(report.endpoints), _phases(report)]
-    parts += [_waterfalls(report.slowest, report.streams), _errors(report), _footer(report)]
+    parts += [waterfalls(report.slowest, report.streams), _errors(report), _footer(report)]
     return "\n\n".join(part for part in parts if part) + "\n"
 
 
@@ -95,7 +95,7 @@ def _phases(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _waterfalls(slowest: Sequence[Waterfall], streams: int) -> str:
+def waterfalls(slowest: Sequence[Waterfall], streams: int) -> str:
     if not slowest:
         return ""
     blocks = [
