@@ -13,6 +13,7 @@ import asyncio
 import logging
 import random
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -429,7 +430,26 @@ class JobRunner:
         )
         budget = self._budgets.of(phase)
         if budget is not None and elapsed_ms > budget:
-            log_slow_operation(log, phase, elapsed_ms, budget, timings, render_id=render.id)
+            # What an SRE acts on: the render, and for a reference the host it came from (never the
+            # URL: it may carry credentials), for the generation the render's size and worker's host.
+            reference = render.reference
+            url_host = (
+                URL(reference.url).host if phase == "image_fetch" and reference and reference.url else None
+            )
+            log_slow_operation(
+                log,
+                phase,
+                elapsed_ms,
+                budget,
+                timings,
+                render_id=render.id,
+                reference_host=url_host,
+                kind=render.kind,
+                worker_host=_HOST,
+            )
+
+
+_HOST = socket.gethostname()
 
 
 def _mark_failed(span: Span, error: RenderError) -> None:

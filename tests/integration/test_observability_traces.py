@@ -235,6 +235,7 @@ async def test_slow_phases_log_one_warning_with_the_whole_breakdown(observed: Ob
     assert enqueue["trace_id"] == format(request.context.trace_id, "032x")
     assert {"queue_wait_ms", "generation_ms", "store_ms"} <= store["timings"].keys()
     assert job.context is not None and store["trace_id"] == format(job.context.trace_id, "032x")
+    assert store["kind"] == "image" and store["worker_host"]  # what an SRE acts on, on the job's line
 
 
 async def test_the_trace_report_over_the_exported_spans(
