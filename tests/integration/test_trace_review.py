@@ -66,9 +66,12 @@ async def test_the_review_in_markdown_and_the_exit_status_for_ci(
     shops: tuple[Run, Run], tmp_path: Path
 ) -> None:
     flawed, fixed = shops
-    review = tmp_path / "review.md"
-    status = main([str(flawed.traces), "--review", str(review), "--fail-on", "failing_route"])
+    review, page = tmp_path / "review.md", tmp_path / "report.html"
+    status = main(
+        [str(flawed.traces), "--review", str(review), "--html", str(page), "--fail-on", "failing_route"]
+    )
     text = review.read_text()
+    assert "<h2>Findings</h2>" in page.read_text() and "Serial loop" in page.read_text()
     clean = main([str(fixed.traces), "--fail-on", "failing_route", "--fail-on", "serial_loop"])
 
     assert status == FINDINGS_EXIT and clean == 0

@@ -15,12 +15,12 @@ from pathlib import Path
 from shared.contract import PHASE_BUDGETS_MS
 from tools.tracereport import diff
 from tools.tracereport.critical import route_paths, slow_vs_fast
-from tools.tracereport.findings import find
+from tools.tracereport.findings import KINDS, find
 from tools.tracereport.html import render_html
 from tools.tracereport.model import ReadCounts, Span
 from tools.tracereport.quality import data_quality
 from tools.tracereport.report import build_report, report_dict
-from tools.tracereport.review import KINDS, render_review
+from tools.tracereport.review import render_review
 from tools.tracereport.selection import Filters, load_spans, parse_since
 from tools.tracereport.stats import error_causes
 from tools.tracereport.text import render_text, waterfalls
@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.review:
             Path(args.review).write_text(review(), encoding="utf-8")
         if args.html:
-            Path(args.html).write_text(render_html(report), encoding="utf-8")
+            Path(args.html).write_text(render_html(report, found), encoding="utf-8")
         if args.json:
             Path(args.json).write_text(json.dumps(report_dict(report), indent=2) + "\n", encoding="utf-8")
     except OSError as error:

@@ -46,6 +46,15 @@ TAIL_RATIO = 10.0
 MIN_SAVING_MS = 1.0
 """Findings that would save less per occurrence are left out."""
 
+KINDS = {  # the kinds of finding, as the review names them
+    "failing_route": "Failing route",
+    "sequential_calls": "Sequential calls",
+    "repeated_calls": "Repeated calls (N+1)",
+    "blocking_fetch": "Blocking external fetch",
+    "serial_loop": "Serial loop",
+    "long_tail": "Long tail",
+}
+
 _NUMBERS = re.compile(r"\b\d+(\.\d+)?\b|\b[0-9a-f]{8,}(-[0-9a-f]{4,}){0,4}\b", re.IGNORECASE)
 
 

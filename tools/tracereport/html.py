@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable, Sequence
 from html import escape
 
+from tools.tracereport.findings import KINDS, Finding
 from tools.tracereport.report import Report
 from tools.tracereport.stats import EndpointStats, PhaseStats, Summary
 from tools.tracereport.text import inputs_note, ms, streams_note
@@ -30,8 +31,8 @@ svg text { font: 11px system-ui, sans-serif; fill: #333; } svg .mono { font-fami
 """
 
 
-def render_html(report: Report) -> str:
-    """The whole report as an HTML document."""
+def render_html(report: Report, findings: Sequence[Finding] = ()) -> str:
+    """The whole report as an HTML document, with the review's findings first when given."""
     e = escape
     period = (
         f"{report.start:%Y-%m-%d %H:%M:%S} to {report.end:%H:%M:%S} UTC"
@@ -42,6 +43,7 @@ def render_html(report: Report) -> str:
         "<h1>Trace report</h1>",
         f"<p>{report.trace_count:,} traces, {report.span_count:,} spans. {e(period)}</p>",
         f"<p>Filters: {e(filters)}</p>" if (filters := report.filters.describe()) else "",
+        *(["<h2>Findings</h2>", _findings_table(findings)] if findings else []),
         "<h2>Phases</h2>",
         _phase_chart(report.phases),
         _stacked_phases(report.phases),
@@ -54,7 +56,7 @@ def render_html(report: Report) -> str:
         "<h2>Slowest traces</h2>",
         f'<p class="muted">{e(streams_note(report.streams))}</p>' if report.streams else "",
         *(_waterfall(rank, w) for rank, w in enumerate(report.slowest, start=1)),
-        "<h2>Top error causes</h2>",
+        "<h2>Top error causes (where they began)</h2>",
         _error_table(report),
         f'<p class="muted">{e(inputs_note(report.counts))}</p>',
     ]
@@ -114,6 +116,26 @@ def _phase_table(phases: Sequence[PhaseStats]) -> str:
             ]
         )
     return _table(head, rows) if rows else ""
+
+
+def _findings_table(findings: Sequence[Finding]) -> str:
+    rows = [
+        [escape(KINDS[f.kind] + (" (candidate)" if f.candidate else "")), f"<code>{escape(f.route)}</code>",
+         f"{f.saving_ms:,.0f} ms", f"{f.occurrences} of {f.traces}", escape(f.location), escape(f.evidence),
+         escape(f.recommendation), " ".join(f"<code>{escape(t)}</code>" for t in f.exemplars)]
+        for f in findings
+    ]  # fmt: skip
+    head = (
+        "finding",
+        "route",
+        "saving per request",
+        "requests",
+        "where",
+        "evidence",
+        "what to do",
+        "exemplars",
+    )
+    return _table(head, rows)
 
 
 def _error_table(report: Report) -> str:

@@ -6,18 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tools.tracereport.critical import RoutePath, SlowFast
-from tools.tracereport.findings import Finding
+from tools.tracereport.findings import KINDS, Finding
 from tools.tracereport.quality import Quality
 from tools.tracereport.report import Report
-
-KINDS = {
-    "failing_route": "Failing route",
-    "sequential_calls": "Sequential calls",
-    "repeated_calls": "Repeated calls (N+1)",
-    "blocking_fetch": "Blocking external fetch",
-    "serial_loop": "Serial loop",
-    "long_tail": "Long tail",
-}
 
 
 def render_review(
