@@ -34,8 +34,9 @@ from renderflow_client.models import Render, RenderEvent
 
 OK, FAILED, USAGE, CANCELLED, TIMED_OUT, API_ERROR, INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 EXIT_BY_STATUS = {"succeeded": OK, "failed": FAILED, "cancelled": CANCELLED, "expired": CANCELLED}
-BATCH_SIZE = 64
-"""The most renders one batch request may hold."""
+BATCH_SIZE = 32
+"""Renders per batch request: under the API's 64, and under the default rate limit's burst (40),
+which a batch larger than it is refused for."""
 PIPE_WIDTH = 200
 """The width of tables printed to a pipe or a file."""
 POLL_S = 1.0

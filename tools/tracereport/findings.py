@@ -87,11 +87,13 @@ class Finding:
 
 
 def routes_of(traces: TraceSet) -> dict[str, list[Tree]]:
-    """The traces as trees, by the route of their root (a request's endpoint, or the root's name)."""
+    """The traces of requests and jobs (a server or consumer span at the root) as trees, by the
+    route of their root (a request's endpoint, or the root's name); start-up work, polls and
+    housekeeping, which nobody waits for, left out."""
     by_route: dict[str, list[Tree]] = defaultdict(list)
     for spans in traces.traces.values():
         tree = Tree(spans)
-        if tree.root is not None:
+        if tree.root is not None and tree.root.kind in ("server", "consumer"):
             by_route[tree.route].append(tree)
     return dict(sorted(by_route.items()))
 

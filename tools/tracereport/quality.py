@@ -21,10 +21,11 @@ class Quality:
     without_root: int
     """Traces none of whose spans is a root: the request that began them is missing."""
     skewed: int
-    """Spans outside their parent's time by more than SKEW_MS (another host's clock, as a rule)."""
+    """Spans outside their parent's time by more than SKEW_MS: another host's clock, or work that
+    outlived the span that started it."""
     calls_without_detail: int
-    """Database spans without their statement, outgoing HTTP spans without their URL: repeated
-    calls cannot be told apart among them."""
+    """Database spans without their statement and named by a verb alone, outgoing HTTP spans
+    without their URL: repeated calls cannot be told apart among them."""
 
     @property
     def clean(self) -> bool:
@@ -50,8 +51,12 @@ def data_quality(traces: TraceSet) -> Quality:
             is_http_call = span.kind == "client" and (
                 "http.request.method" in attrs or "http.method" in attrs
             )
-            if (is_db and not (attrs.get("db.query.text") or attrs.get("db.statement"))) or (
-                is_http_call and not (attrs.get("url.full") or attrs.get("http.url"))
+            # A span named after its statement's block (`submit_render`) says which it is; one named
+            # by a verb alone (`SELECT`, `GET`) without the statement or URL does not.
+            generic = span.name.isupper() and " " not in span.name
+            if generic and (
+                (is_db and not (attrs.get("db.query.text") or attrs.get("db.statement")))
+                or (is_http_call and not (attrs.get("url.full") or attrs.get("http.url")))
             ):
                 without_detail += 1
         without_root += roots == 0

@@ -115,7 +115,7 @@ def render_review(
                 f"- {quality.orphans} span(s) whose parent is missing; {quality.without_root} trace(s) "
                 "without their root (the findings of those requests may be incomplete)",
                 f"- {quality.skewed} span(s) outside their parent's time by more than 1 ms (clock skew "
-                "between hosts: sequences across them are uncertain)",
+                "between hosts, or work that outlived the span that started it)",
                 f"- {quality.calls_without_detail} call(s) without their statement or URL (repeated calls "
                 "among them cannot be told apart)",
             ]
