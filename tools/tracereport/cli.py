@@ -82,14 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"trace-report: {error}", file=sys.stderr)
         return 1
-    failing = [f for f in found if f.kind in args.fail_on]
-    if failing:
+    gates = dict(args.fail_on)
+    failing = [f for f in found if f.kind in gates and f.saving_ms >= gates[f.kind]]
+    for finding in failing:
+        print(f"trace-report: {finding.kind} in {finding.route}: {finding.evidence}", file=sys.stderr)
+    limit = args.max_error_rate
+    erring = [e for e in report.endpoints if limit is not None and e.error_rate > limit]
+    for endpoint in erring:
         print(
-            f"trace-report: {len(failing)} finding(s) of {', '.join(sorted(set(args.fail_on)))}",
+            f"trace-report: {endpoint.endpoint.name} fails {endpoint.error_rate:.1%} of calls",
             file=sys.stderr,
         )
-        return FINDINGS_EXIT
-    return 0
+    return FINDINGS_EXIT if failing or erring else 0
 
 
 def _one_request(spans: list[Span], filters: Filters) -> int:
@@ -125,6 +129,17 @@ def expand_paths(patterns: Sequence[str]) -> list[Path]:
 
 _SPAN_FILE = re.compile(r"\.jsonl?(\.\d+)?(\.gz|\.zst)?$")
 """A file of spans as exporters write them: `traces.jsonl`, rotated `traces.jsonl.1`, compressed."""
+
+
+def _gate(value: str) -> tuple[str, float]:
+    """`KIND` or `KIND:MS`: a kind of finding, and the least saving per request that fails."""
+    kind, _, least = value.partition(":")
+    if kind not in KINDS:
+        raise argparse.ArgumentTypeError(f"{kind!r} is none of {', '.join(sorted(KINDS))}")
+    try:
+        return kind, float(least) if least else 0.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{least!r} is not milliseconds") from None
 
 
 def _budget(value: str) -> tuple[str, float]:
@@ -179,12 +194,18 @@ def _parser() -> argparse.ArgumentParser:
         help="also write the performance review as Markdown ('-': after the report)",
     )
     parser.add_argument(
+        "--max-error-rate",
+        type=float,
+        metavar="SHARE",
+        help=f"exit {FINDINGS_EXIT} when an endpoint fails more than this share of its calls (0.01: 1 %%)",
+    )
+    parser.add_argument(
         "--fail-on",
         action="append",
         default=[],
-        choices=sorted(KINDS),
-        metavar="KIND",
-        help=f"exit {FINDINGS_EXIT} when a finding of this kind is made (repeatable): "
-        + ", ".join(sorted(KINDS)),
+        type=_gate,
+        metavar="KIND[:MS]",
+        help=f"exit {FINDINGS_EXIT} when a finding of this kind is made, saving at least MS per request "
+        "(repeatable): " + ", ".join(sorted(KINDS)),
     )
     return parser

@@ -1,7 +1,8 @@
 """Where a route's time goes, over all its traces (pure): the critical path of each trace (what
 the request waited for: from its end backwards, the child that ended last, then what came before
-it), summed by span name, with the parent's own time in between shown as `name (self)` — work of
-its own or work nobody instrumented; and slow against fast: for the route's traces at or above its
+it), summed by span name: the time of a span on the path that none of its children covers (its own
+work, or for the root, work nobody instrumented), next to the span's whole and own time; and slow
+against fast: for the route's traces at or above its
 p95, which spans grew and which attribute values they carry more often than the rest.
 """
 
@@ -25,13 +26,19 @@ HIGH_CARDINALITY = 0.5
 
 @dataclass(frozen=True)
 class PathShare:
-    """One span name's time on a route's critical paths."""
+    """One span name's time on a route's critical paths (per trace), and its time in all."""
 
     name: str
     p50_ms: float
     p95_ms: float
     share: float
-    """Of the route's time, over all its traces."""
+    """Of the route's critical-path time, over all its traces."""
+    total_ms: float
+    """Mean per trace of the spans' whole durations (overlapping ones counted each)."""
+    self_ms: float
+    """Mean per trace of the spans' own time: not covered by their children, on the path or not."""
+    root: bool = False
+    """The route's own span: its time on the path is its own work or what nobody instrumented."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,8 @@ class SlowFast:
 
 
 def critical_path(root: Span, children: Mapping[str, Sequence[Span]]) -> dict[str, float]:
-    """Milliseconds of each span name on the critical path under `root`."""
+    """Milliseconds of each span name on the critical path under `root` (a span's part not
+    covered by the children on the path)."""
     spent: dict[str, float] = defaultdict(float)
 
     def walk(span: Span, until_ns: int, depth: int) -> None:
@@ -66,10 +74,10 @@ def critical_path(root: Span, children: Mapping[str, Sequence[Span]]) -> dict[st
             if child.start_ns >= cursor or child.end_ns <= span.start_ns or depth > 200:
                 continue
             child_end = min(child.end_ns, cursor)
-            spent[f"{span.name} (self)"] += (cursor - child_end) / 1e6
+            spent[span.name] += (cursor - child_end) / 1e6
             walk(child, child_end, depth + 1)
             cursor = max(child.start_ns, span.start_ns)
-        spent[f"{span.name} (self)"] += max(0, cursor - span.start_ns) / 1e6
+        spent[span.name] += max(0, cursor - span.start_ns) / 1e6
 
     walk(root, root.end_ns, 0)
     return spent
@@ -84,11 +92,27 @@ def route_paths(traces: TraceSet, top: int = 6) -> list[RoutePath]:
             continue
         total = sum(sum(path.values()) for path in paths) or 1.0
         names = {name for path in paths for name in path}
+        own = [tree.self_time() for tree in trees]
+        whole: list[dict[str, float]] = []
+        for tree in trees:
+            spans_time: dict[str, float] = defaultdict(float)
+            for span in tree.spans:
+                spans_time[span.name] += span.duration_ms
+            whole.append(spans_time)
+        roots = {tree.root.name for tree in trees if tree.root is not None}
         shares = []
         for name in names:
             values = sorted(path.get(name, 0.0) for path in paths)
             shares.append(
-                PathShare(name, percentile(values, 50), percentile(values, 95), sum(values) / total)
+                PathShare(
+                    name,
+                    percentile(values, 50),
+                    percentile(values, 95),
+                    sum(values) / total,
+                    _mean(w.get(name, 0.0) for w in whole),
+                    _mean(o.get(name, 0.0) for o in own),
+                    root=name in roots,
+                )
             )
         shares.sort(key=lambda s: -s.share)
         durations = sorted(tree.duration_ms for tree in trees)

@@ -32,6 +32,8 @@ class Side:
     error_rate: float
     paths: dict[str, float] = field(default_factory=dict)
     """Mean duration of each span path."""
+    path_errors: dict[str, float] = field(default_factory=dict)
+    """Share of each span path's spans that failed."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ def side_of(trees: Sequence[Tree]) -> Side:
     durations = sorted(tree.duration_ms for tree in trees)
     errors = sum(1 for tree in trees if tree.root is not None and is_error(tree.root))
     sums: dict[str, list[float]] = defaultdict(list)
+    failed: dict[str, int] = defaultdict(int)
     for tree in trees:
         by_id = {span.span_id: span for span in tree.spans}
         for span in tree.spans:
@@ -77,13 +80,16 @@ def side_of(trees: Sequence[Tree]) -> Side:
             while current.parent_id is not None and current.parent_id in by_id and len(names) < 8:
                 current = by_id[current.parent_id]
                 names.append(current.name)
-            sums[" > ".join(reversed(names))].append(span.duration_ms)
+            path = " > ".join(reversed(names))
+            sums[path].append(span.duration_ms)
+            failed[path] += is_error(span)
     return Side(
         len(trees),
         percentile(durations, 50),
         percentile(durations, 95),
         errors / len(trees) if trees else 0.0,
         {path: statistics.fmean(values) for path, values in sums.items()},
+        {path: failed[path] / len(values) for path, values in sums.items()},
     )
 
 
@@ -122,6 +128,10 @@ def render(diffs: Sequence[RouteDiff], top: int = 5) -> str:
         for path, was, now in moved[:top]:
             if abs(now - was) >= 0.1:
                 lines.append(f"    {path[:70]:<70} {was:>8.1f} → {now:<8.1f} ms")
+        for path in sorted(b.path_errors.keys() & a.path_errors.keys()):
+            if abs(a.path_errors[path] - b.path_errors[path]) >= 0.01:
+                errors = f"{b.path_errors[path]:.0%} → {a.path_errors[path]:.0%} failed"
+                lines.append(f"  ! {path[:70]:<70} {errors}")
         for path in sorted(a.paths.keys() - b.paths.keys())[:top]:
             lines.append(f"  + {path[:70]}")
         for path in sorted(b.paths.keys() - a.paths.keys())[:top]:

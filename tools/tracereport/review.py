@@ -74,14 +74,19 @@ def render_review(
     if paths:
         lines += ["", "## Where the time goes (critical path)", ""]
         lines.append(
-            "What each route's requests waited for; `name (self)`: time of a span not covered by its children"
+            "What each route's requests waited for: a span's time on the path that its children do not "
+            "cover (its own work; for the route's own span, also work nobody instrumented), beside the "
+            "span's whole and own time per request."
         )
-        lines.append("(its own work, or work nobody instrumented).")
         for route in paths:
             lines += ["", f"`{route.route}` ({route.traces} traces, p50 {route.p50_ms:.0f} ms):", ""]
-            lines += ["| span | p50 | p95 | share |", "| --- | --- | --- | --- |"]
             lines += [
-                f"| `{s.name}` | {s.p50_ms:.1f} ms | {s.p95_ms:.1f} ms | {s.share:.0%} |"
+                "| span | on the path p50 | p95 | share | whole | own |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            lines += [
+                f"| `{s.name}`{' (incl. uninstrumented)' if s.root else ''} | {s.p50_ms:.1f} ms | "
+                f"{s.p95_ms:.1f} ms | {s.share:.0%} | {s.total_ms:.1f} ms | {s.self_ms:.1f} ms |"
                 for s in route.shares
             ]
     if tails:
