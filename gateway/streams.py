@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 
 from aiohttp import web
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from gateway.auth import Principal
 from shared.errors import QuotaExceeded
+from shared.metrics import SCOPE
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,12 @@ class OpenStreams:
     def __init__(self, max_per_key: int) -> None:
         self._max_per_key = max_per_key
         self._by_key: dict[str, list[_Stream]] = {}
+        _registries.add(self)
+
+    @property
+    def count(self) -> int:
+        """Streams open now (SSE and WebSocket)."""
+        return sum(len(streams) for streams in self._by_key.values())
 
     @contextlib.contextmanager
     def opened(self, caller: Principal, end: EndStream) -> Iterator[None]:
@@ -90,3 +100,18 @@ class OpenStreams:
 
 
 OPEN_STREAMS = web.AppKey("open_streams", OpenStreams)
+
+
+_registries: weakref.WeakSet[OpenStreams] = weakref.WeakSet()
+
+
+def _open_streams(options: CallbackOptions) -> Iterable[Observation]:
+    yield Observation(sum(registry.count for registry in list(_registries)))
+
+
+metrics.get_meter(f"{SCOPE}.gateway").create_observable_gauge(
+    "renderflow.gateway.streams.open",
+    [_open_streams],
+    unit="{stream}",
+    description="Event streams (SSE and WebSocket) open on this gateway",
+)

@@ -21,6 +21,7 @@ from psycopg import sql
 from psycopg.types.json import set_json_dumps, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
+from shared.resource_metrics import MeasuredPool
 from shared.statements import TracedCursor
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ async def open_pool(
     With `autocommit`, each statement commits on its own (one round trip instead of three);
     operations of several statements open `conn.transaction()` themselves.
     """
-    pool = AsyncConnectionPool(
+    pool = MeasuredPool(
         url,
         min_size=min_size,
         max_size=max_size,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 from shared.logs import setup_logging
+from shared.resource_metrics import measure_event_loop_lag
 from shared.settings import Env, run_dir
 from shared.telemetry import setup_telemetry
 
@@ -63,10 +64,14 @@ def run_process(
     telemetry = setup_telemetry(service, env, run_dir(env), metrics_port=metrics_port)
 
     async def serve() -> None:
-        async with serving():
-            tune_gc()
-            received = await wait_for_shutdown_signal()
-            log.info("shutting down", extra={"signal": received.name})
+        lag = asyncio.create_task(measure_event_loop_lag(), name="event-loop-lag")
+        try:
+            async with serving():
+                tune_gc()
+                received = await wait_for_shutdown_signal()
+                log.info("shutting down", extra={"signal": received.name})
+        finally:
+            lag.cancel()
 
     try:
         asyncio.run(serve())

@@ -18,7 +18,8 @@ from shared.metrics import SCOPE, phase_histogram
 
 log = logging.getLogger(__name__)
 
-QueueDepth = Callable[[], Awaitable[Mapping[tuple[str, str], int]]]
+QueueDepth = Callable[[], Awaitable[Mapping[tuple[str, str], tuple[int, float]]]]
+"""Jobs by (kind, state): how many, and the oldest one's age in seconds."""
 """Jobs by (kind, state), state being `queued` or `running`."""
 
 
@@ -34,6 +35,7 @@ class Instruments:
     retries: metrics.Counter
     queued: Gauge
     running: Gauge
+    oldest: Gauge
 
     @classmethod
     def create(cls, meter_provider: metrics.MeterProvider | None = None) -> Instruments:
@@ -52,6 +54,12 @@ class Instruments:
             ),
             running=meter.create_gauge(
                 "renderflow.renders.running", unit="{render}", description="Renders being worked on, by kind"
+            ),
+            oldest=meter.create_gauge(
+                "renderflow.queue.oldest_age",
+                unit="s",
+                description="How long the oldest render waiting for a worker has been queued, by kind "
+                "(0: none waits); workers that are gone or too few show here first",
             ),
         )
 
@@ -86,6 +94,8 @@ async def watch_queue(depth: QueueDepth, instruments: Instruments, interval_s: f
             # Every kind is reported, 0 when none is there.
             for kind in {*KINDS, *(kind for kind, _ in jobs)}:
                 attributes = {"render.kind": kind}
-                instruments.queued.set(jobs.get((kind, "queued"), 0), attributes)
-                instruments.running.set(jobs.get((kind, "running"), 0), attributes)
+                queued, oldest = jobs.get((kind, "queued"), (0, 0.0))
+                instruments.queued.set(queued, attributes)
+                instruments.running.set(jobs.get((kind, "running"), (0, 0.0))[0], attributes)
+                instruments.oldest.set(round(oldest, 3), attributes)
         await asyncio.sleep(interval_s)

@@ -221,8 +221,9 @@ WHERE status = 'succeeded' AND started_at IS NOT NULL
 ORDER BY finished_at DESC LIMIT 500
 
 -- name: queue_depth
--- Jobs by kind and state, right now.
-SELECT kind, state, count(*) AS jobs FROM jobs GROUP BY kind, state
+-- Jobs by kind and state, right now, and how long the oldest of each has been there (seconds).
+SELECT kind, state, count(*) AS jobs, extract(epoch FROM now() - min(created_at)) AS oldest_s
+FROM jobs GROUP BY kind, state
 
 -- name: job_counts
 -- Jobs by state.

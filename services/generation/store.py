@@ -237,11 +237,12 @@ class Store:
             rows = await fetch_all(conn, QUERIES["recent_run_times"])
         return [Sample(row["kind"], row["params"], row["seconds"]) for row in rows]
 
-    async def queue_depth(self) -> dict[tuple[str, str], int]:
-        """Jobs by (kind, state): queued (retries in backoff included) and running, right now."""
+    async def queue_depth(self) -> dict[tuple[str, str], tuple[int, float]]:
+        """Jobs by (kind, state): queued (retries in backoff included) and running, right now: how
+        many, and the age in seconds of the oldest (since its render was submitted)."""
         async with self._conn() as conn:
             rows = await fetch_all(conn, QUERIES["queue_depth"])
-        return {(row["kind"], row["state"]): int(row["jobs"]) for row in rows}
+        return {(row["kind"], row["state"]): (int(row["jobs"]), float(row["oldest_s"])) for row in rows}
 
     async def list_page(self, user_id: str, where: RenderFilter, size: int, page_token: str) -> Page:
         """The user's renders matching `where`, newest first (or by chain position), one page."""

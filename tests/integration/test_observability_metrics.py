@@ -137,3 +137,12 @@ async def test_metrics_parse_and_move_when_renders_run(
         after, "renderflow_renders_finished_total"
     )
     assert total(service, "process_cpu_seconds_total") > 0
+    # What the process uses: its pools (the in-process services' pools, by name), and the queue's age.
+    assert after[("renderflow_queue_oldest_age_seconds", frozenset({("render_kind", "video")}))] == 0
+    pools = {dict(labels).get("pool") for name, labels in after if name == "renderflow_db_pool_connections"}
+    assert {"generation", "metadata"} <= pools, pools
+    in_use_and_idle = total(after, "renderflow_db_pool_connections", pool="generation")
+    assert 1 <= in_use_and_idle <= total(after, "renderflow_db_pool_max", pool="generation")
+    assert after[("renderflow_db_pool_waiting", frozenset({("pool", "generation")}))] == 0
+    assert total(after, "renderflow_db_pool_acquire_duration_seconds_count", pool="generation") > 0
+    assert after[("renderflow_gateway_streams_open", frozenset())] == 0  # the renders' streams all ended
