@@ -7,11 +7,16 @@ Callers wrap calls in `shared.rpc_errors.rpc_errors()` so that they only ever se
 from __future__ import annotations
 
 import json
+import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from shared.grpc_calls import ServiceChannel
+from shared.metrics import SCOPE
 
 # Retry transient transport failures (peer restarting, connection reset, a server draining or not
 # serving) a few times with backoff. gRPC retries any attempt that ends UNAVAILABLE before the
@@ -51,5 +56,29 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 
 def create_channel(target: str, *, token: str | None = None) -> grpc.aio.Channel:
     """An insecure channel to `target` (host:port) with tracing and the options above; every call
-    carries `token` (RENDERFLOW_SERVICE_TOKEN) when given."""
-    return ServiceChannel(grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS), token)
+    carries `token` (RENDERFLOW_SERVICE_TOKEN) when given. Its state is a metric while it lives."""
+    channel = ServiceChannel(grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS), token)
+    _channels[channel] = target
+    return channel
+
+
+_channels: weakref.WeakKeyDictionary[ServiceChannel, str] = weakref.WeakKeyDictionary()
+
+
+def _states(options: CallbackOptions) -> Iterable[Observation]:
+    """1 for each channel's state, 0 for the others: `max by (target, state)` reads as a state."""
+    for channel, target in list(_channels.items()):
+        try:
+            state = channel.get_state(try_to_connect=False)
+        except RuntimeError:  # closed, its loop gone
+            continue
+        for each in grpc.ChannelConnectivity:
+            yield Observation(int(each is state), {"target": target, "state": each.name.lower()})
+
+
+metrics.get_meter(f"{SCOPE}.grpc").create_observable_gauge(
+    "renderflow.grpc.channel.state",
+    [_states],
+    description="The state of each gRPC channel to a peer (1 for its state now): ready, idle, connecting, "
+    "transient_failure (the peer cannot be reached), shutdown",
+)

@@ -146,3 +146,9 @@ async def test_metrics_parse_and_move_when_renders_run(
     assert after[("renderflow_db_pool_waiting", frozenset({("pool", "generation")}))] == 0
     assert total(after, "renderflow_db_pool_acquire_duration_seconds_count", pool="generation") > 0
     assert after[("renderflow_gateway_streams_open", frozenset())] == 0  # the renders' streams all ended
+    ready = {
+        dict(labels)["target"]
+        for (name, labels), value in after.items()
+        if name == "renderflow_grpc_channel_state" and dict(labels)["state"] == "ready" and value == 1
+    }
+    assert len(ready) >= 2, ready  # the gateway's channels to metadata and generation, at least
