@@ -40,6 +40,7 @@ from services.generation.worker import Worker, running_worker
 from services.metadata.config import Settings as MetadataSettings
 from services.metadata.server import running as metadata_running
 from shared.grpc_client import create_channel
+from shared.metrics import serve_metrics
 from shared.service_auth import new_service_token
 from tests.support.gateway_stack import LiveStack, StartWorker, running_stack
 from tests.support.generation import (
@@ -260,3 +261,13 @@ def redis_url() -> Iterator[str]:
     """A redis-server of our own on a free port for the session, or a skip saying why not."""
     with serving_redis() as url:
         yield url
+
+
+@pytest.fixture
+async def service_metrics_url() -> AsyncIterator[str]:
+    """`/metrics` on a port of its own, as the gRPC services and the workers serve it."""
+    server = serve_metrics("127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.port}/metrics"
+    finally:
+        server.stop()

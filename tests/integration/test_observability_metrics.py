@@ -4,55 +4,23 @@ finished by status and error, retries by reason, the queue gauges, image-fetch c
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.generation.backends import (
-    Artifact,
     Backend,
-    GenerationInput,
-    ProgressCallback,
-    TransientBackendError,
 )
-from services.generation.backends.procedural import ProceduralBackend
-from shared.metrics import serve_metrics
+from tests.support.backends import FlakyBackend
 from tests.support.observed_stack import ObservedStack
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-class FlakyBackend:
-    """The procedural backend, whose first attempt at each `flaky...` prompt fails as an overloaded
-    provider would (a transient failure: the render is retried)."""
-
-    name = "flaky"
-
-    def __init__(self) -> None:
-        self._inner = ProceduralBackend()
-        self._failed: set[str] = set()
-
-    async def generate(self, job: GenerationInput, on_progress: ProgressCallback) -> Artifact:
-        if job.prompt.startswith("flaky") and job.render_id not in self._failed:
-            self._failed.add(job.render_id)
-            raise TransientBackendError("the provider is overloaded", "overloaded")
-        return await self._inner.generate(job, on_progress)
-
-
 @pytest.fixture
 def worker_backends() -> Mapping[str, Backend]:
     return {"procedural": FlakyBackend()}
-
-
-@pytest.fixture
-async def service_metrics_url() -> AsyncIterator[str]:
-    """`/metrics` on a port of its own, as the gRPC services and the workers serve it."""
-    server = serve_metrics("127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.port}/metrics"
-    finally:
-        server.stop()
 
 
 async def scrape(stack: ObservedStack, url: str) -> Samples:

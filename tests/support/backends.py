@@ -8,7 +8,14 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontext
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
-from services.generation.backends import Artifact, Backend, GenerationInput
+from services.generation.backends import (
+    Artifact,
+    Backend,
+    GenerationInput,
+    ProgressCallback,
+    TransientBackendError,
+)
+from services.generation.backends.procedural import ProceduralBackend
 
 
 class _Served(Protocol):
@@ -49,3 +56,20 @@ async def generate(backend: Backend, job: GenerationInput) -> tuple[Artifact, li
         steps.append(step)
 
     return await backend.generate(job, progress), steps
+
+
+class FlakyBackend:
+    """The procedural backend, whose first attempt at each `flaky...` prompt fails as an overloaded
+    provider would (a transient failure: the render is retried)."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self._inner = ProceduralBackend()
+        self._failed: set[str] = set()
+
+    async def generate(self, job: GenerationInput, on_progress: ProgressCallback) -> Artifact:
+        if job.prompt.startswith("flaky") and job.render_id not in self._failed:
+            self._failed.add(job.render_id)
+            raise TransientBackendError("the provider is overloaded", "overloaded")
+        return await self._inner.generate(job, on_progress)
