@@ -1,12 +1,16 @@
 """The Kubernetes manifests in k8s/: valid against the API's schemas, and holding what a reviewer
-checks by hand (non-root pods with limits, settings from one ConfigMap, ports that agree)."""
+checks by hand (non-root pods with limits, settings from one ConfigMap, ports that agree, network
+policies that let each pod reach what it calls and nothing else)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
+import ipaddress
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,10 +26,20 @@ K8S = ROOT / "k8s"
 # A KEDA custom resource: no schema in the validator, checked on its own below.
 KEDA_SCALED_OBJECT = K8S / "keda" / "scaledobject.yaml"
 EXAMPLE_SECRET = K8S / "secret.example.yaml"
+# Applied apart, by choice, and outside the namespace: checked on their own below.
+EXAMPLES = K8S / "examples"
+CLOUDNATIVEPG_EXAMPLE = EXAMPLES / "cloudnativepg.yaml"
+# Prometheus rule files and their promtool tests live there beside Kubernetes objects: files that
+# hold no object are not manifests (anywhere else, such a file fails validation).
+MONITORING = K8S / "monitoring"
+# The API groups of the custom resources in k8s/: the validator has no schema for them, so each is
+# checked by a test of its own here (or, for the Prometheus Operator's, by the rule tests).
+CUSTOM_RESOURCE_GROUPS = ("keda.sh", "postgresql.cnpg.io", "monitoring.coreos.com")
 # Kustomize components applied on top of k8s/ by choice: built and checked below, not part of the
 # default objects.
 OPTIONS = K8S / "options"
 SHARED_VOLUME = OPTIONS / "shared-volume"
+PROVIDER_EGRESS = OPTIONS / "provider-egress"
 # The oldest Kubernetes these manifests are meant for, and the newest the validator knows.
 KUBERNETES_VERSIONS = ("1.30", "1.37")
 
@@ -73,14 +87,31 @@ def _secret_value(reference: Manifest) -> str:
     return value
 
 
+def _holds_objects(path: Path) -> bool:
+    # By the text, not the parsed YAML: these files are others' business, checked by their tests.
+    if MONITORING not in path.parents:
+        return True
+    return re.search(r"^apiVersion:", path.read_text(), re.MULTILINE) is not None
+
+
 def _object_files() -> list[Path]:
     """Every file of Kubernetes objects under k8s/ (kustomizations are not objects, nor are the
     options' patches)."""
     return sorted(
         path
         for path in K8S.rglob("*.yaml")
-        if path.name != "kustomization.yaml" and path != KEDA_SCALED_OBJECT and OPTIONS not in path.parents
+        if path.name != "kustomization.yaml" and OPTIONS not in path.parents and _holds_objects(path)
     )
+
+
+def _group(doc: Manifest) -> str:
+    """The API group of an object (empty for the core group)."""
+    group, _, _ = str(doc.get("apiVersion", "")).rpartition("/")
+    return group
+
+
+def _is_custom_resource(doc: Manifest) -> bool:
+    return _group(doc) in CUSTOM_RESOURCE_GROUPS
 
 
 class Cluster:
@@ -112,7 +143,17 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster() -> Cluster:
-    return Cluster([doc for path in _object_files() for doc in _documents(path)])
+    """What `kubectl apply -k k8s` makes, and the objects made out of band in the namespace (the
+    example Secrets, the dashboards): no custom resource, nothing of examples/."""
+    return Cluster(
+        [
+            doc
+            for path in _object_files()
+            if EXAMPLES not in path.parents
+            for doc in _documents(path)
+            if not _is_custom_resource(doc)
+        ]
+    )
 
 
 # The merge key of each list the options' strategic-merge patches reach, as Kubernetes declares it
@@ -203,9 +244,12 @@ def _service_target(cluster: Cluster, name: str, port: int) -> int:
 
 
 def _invalid(objects: list[Manifest], version: str) -> list[str]:
-    """What the API's schemas of `version` reject in `objects`, strictly."""
+    """What the API's schemas of `version` reject in `objects`, strictly (custom resources aside:
+    the validator knows none)."""
     problems: list[str] = []
     for doc in objects:
+        if _is_custom_resource(doc):
+            continue
         name = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
         try:
             kubernetes_validate.validate(doc, version, strict=True)
@@ -224,7 +268,9 @@ def test_manifest_is_valid_for_kubernetes(path: Path, version: str) -> None:
     assert _invalid(_documents(path), version) == []
 
 
-def test_kustomization_applies_every_manifest_but_the_example_secret_and_keda() -> None:
+def test_kustomization_applies_every_manifest_but_the_example_secret() -> None:
+    """Every file of k8s/ itself; the subfolders (KEDA, examples, options, monitoring) are applied
+    apart, by choice."""
     (kustomization,) = _documents(K8S / "kustomization.yaml")
     expected = sorted(
         p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml" and p != EXAMPLE_SECRET
@@ -266,7 +312,22 @@ def test_every_container_runs_as_non_root_read_only_with_limits(cluster: Cluster
                 missing = {"cpu", "memory"} - set(container.get("resources", {}).get(bound, {}))
                 if missing:
                     problems.append(f"{where}: no {bound} for {sorted(missing)}")
+            resources = container.get("resources", {})
+            for resource in ("cpu", "memory"):
+                request = _quantity(resources.get("requests", {}).get(resource, "0"))
+                if request > _quantity(resources.get("limits", {}).get(resource, "0")):
+                    problems.append(f"{where}: {resource} requested above its limit")
     assert problems == []
+
+
+QUANTITY_SUFFIXES = {"m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def _quantity(value: str | int) -> float:
+    """A Kubernetes resource quantity (`250m`, `"1"`, `512Mi`) as a number."""
+    parsed = re.fullmatch(r"(\d+(?:\.\d+)?)([A-Za-z]*)", str(value))
+    assert parsed is not None, f"not a quantity: {value!r}"
+    return float(parsed.group(1)) * QUANTITY_SUFFIXES[parsed.group(2)]
 
 
 def test_renderflow_pods_run_as_the_image_user_with_a_writable_tmp(cluster: Cluster) -> None:
@@ -416,15 +477,37 @@ def test_prometheus_scrapes_every_process_where_it_serves_metrics(cluster: Clust
         assert _container_port(deployment, port) == port, name
 
 
-def test_traces_are_sampled_whole_at_a_ratio(cluster: Cluster) -> None:
-    """The decision is taken where a trace starts and followed by every hop, so a kept trace is whole."""
+def _collector_config(cluster: Cluster) -> Manifest:
+    config: Manifest = yaml.safe_load(
+        cluster.get("ConfigMap", "otel-collector-config")["data"]["config.yaml"]
+    )
+    return config
+
+
+def test_traces_are_sampled_whole_in_the_collector(cluster: Cluster) -> None:
+    """Every span leaves the services, and the collector keeps whole traces: every one with an
+    error, every slow one, and a share of the rest."""
     settings = cluster.settings
-    assert settings["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio"
-    assert 0 < float(settings["OTEL_TRACES_SAMPLER_ARG"]) <= 1
+    assert settings["OTEL_TRACES_SAMPLER"] == "parentbased_always_on"
+    assert "OTEL_TRACES_SAMPLER_ARG" not in settings, "no ratio applies at the source"
+    collector = _container(cluster.get("Deployment", "otel-collector"))
+    # tail_sampling is in the contrib distribution only.
+    assert collector["image"].startswith("otel/opentelemetry-collector-contrib:")
+    config = _collector_config(cluster)
+    pipelines = config["service"]["pipelines"]
+    # After the memory limiter, which must see data first; before batching, which would split traces.
+    assert pipelines["traces"]["processors"] == ["memory_limiter", "tail_sampling", "batch"]
+    for signal in ("metrics", "logs"):
+        assert "tail_sampling" not in pipelines[signal]["processors"], signal
+    policies = {p["type"]: p for p in config["processors"]["tail_sampling"]["policies"]}
+    assert sorted(policies) == ["latency", "probabilistic", "status_code"]
+    assert policies["status_code"]["status_code"]["status_codes"] == ["ERROR"]
+    assert 0 < policies["latency"]["latency"]["threshold_ms"] <= 1000
+    assert 0 < policies["probabilistic"]["probabilistic"]["sampling_percentage"] < 100
 
 
 def test_collector_pipelines_use_only_configured_components(cluster: Cluster) -> None:
-    config = yaml.safe_load(cluster.get("ConfigMap", "otel-collector-config")["data"]["config.yaml"])
+    config = _collector_config(cluster)
     for pipeline, stages in config["service"]["pipelines"].items():
         for section in ("receivers", "processors", "exporters"):
             unknown = set(stages.get(section, [])) - set(config.get(section, {}))
@@ -506,14 +589,18 @@ def test_workers_and_generation_store_outputs_in_one_bucket(cluster: Cluster) ->
     assert stores[0] == stores[1], "generation and the workers see different buckets"
 
 
-def test_the_shared_volume_option_lists_its_files() -> None:
-    (component,) = _documents(SHARED_VOLUME / "kustomization.yaml")
+@pytest.mark.parametrize("option", [SHARED_VOLUME, PROVIDER_EGRESS], ids=lambda p: p.name)
+def test_each_option_lists_its_files(option: Path) -> None:
+    (component,) = _documents(option / "kustomization.yaml")
     listed = component.get("resources", []) + [patch["path"] for patch in component.get("patches", [])]
-    assert sorted(listed) == sorted(
-        p.name for p in SHARED_VOLUME.glob("*.yaml") if p.name != "kustomization.yaml"
-    )
+    assert sorted(listed) == sorted(p.name for p in option.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_no_option_is_applied_by_default() -> None:
+    """The bucket is the default, and workers reach no provider."""
     (kustomization,) = _documents(K8S / "kustomization.yaml")
-    assert "components" not in kustomization, "the bucket is the default"
+    assert "components" not in kustomization
+    assert sorted(p.name for p in OPTIONS.iterdir()) == sorted([SHARED_VOLUME.name, PROVIDER_EGRESS.name])
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -560,3 +647,331 @@ def test_keda_scales_workers_on_queue_depth_per_worker_slot(cluster: Cluster) ->
     assert divisor is not None, trigger["metadata"]["query"]
     assert divisor.group(1) == cluster.settings["RENDERFLOW_WORKER_CONCURRENCY"]
     assert trigger["metadata"]["targetQueryValue"] == "1"
+
+
+# --- Network policies -------------------------------------------------------------------------
+# A small model of NetworkPolicy semantics (matchLabels selectors, ipBlocks, ports by number or
+# name): a connection is allowed when the policies of its source's namespace let it out and those
+# of its destination's let it in; a pod no policy selects for a direction is not isolated.
+
+NETWORK_POLICIES = K8S / "network-policies.yaml"
+# The address the policies hold for the object store until it is set (a documentation range).
+OBJECT_STORE_PLACEHOLDER = "192.0.2.10"
+PROMETHEUS_NAMESPACE = "monitoring"
+POSTGRES_PORT = 5432
+HTTPS, HTTP = 443, 80
+PUBLIC_ADDRESSES = ("93.184.215.14", "2606:2800:21f:cb07:6820:80da:af6b:8b2c")
+PRIVATE_ADDRESSES = ("10.12.0.7", "172.20.1.1", "192.168.1.10", "100.64.0.1", "169.254.169.254", "fd00::1")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One end of a connection: a pod (its namespace and labels) or an address outside the cluster."""
+
+    name: str
+    namespace: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    namespace_labels: Mapping[str, str] = field(default_factory=dict)
+    ports: Mapping[str, int] = field(default_factory=dict)
+    address: str = ""
+
+
+def _outside(address: str) -> Endpoint:
+    return Endpoint(address, address=address)
+
+
+def _pod_of(cluster: Cluster, name: str) -> Endpoint:
+    """The pods of Deployment `name`, with the labels of their namespace."""
+    deployment = cluster.get("Deployment", name)
+    namespace = cluster.get("Namespace", NAMESPACE)
+    ports = {p["name"]: p["containerPort"] for c in _containers(deployment) for p in c.get("ports", [])}
+    return Endpoint(
+        name,
+        NAMESPACE,
+        deployment["spec"]["template"]["metadata"]["labels"],
+        {**namespace["metadata"].get("labels", {}), "kubernetes.io/metadata.name": NAMESPACE},
+        ports,
+    )
+
+
+def _pod_elsewhere(name: str, namespace: str, labels: Mapping[str, str] | None = None) -> Endpoint:
+    return Endpoint(name, namespace, labels or {}, {"kubernetes.io/metadata.name": namespace})
+
+
+KUBE_DNS = _pod_elsewhere("kube-dns", "kube-system", {"k8s-app": "kube-dns"})
+PROMETHEUS = _pod_elsewhere("prometheus", PROMETHEUS_NAMESPACE, {"app.kubernetes.io/name": "prometheus"})
+
+
+def _selects(selector: Manifest, labels: Mapping[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"the model knows matchLabels only: {selector}"
+    matched: bool = selector.get("matchLabels", {}).items() <= labels.items()
+    return matched
+
+
+def _policy_types(policy: Manifest) -> list[str]:
+    spec = policy["spec"]
+    return list(spec.get("policyTypes", ["Ingress", *(["Egress"] if "egress" in spec else [])]))
+
+
+def _peer_matches(peer: Manifest, other: Endpoint, policy_namespace: str) -> bool:
+    if "ipBlock" in peer:
+        if not other.address:
+            return False  # pod addresses in an ipBlock are the network plugin's business: not relied on
+        address = ipaddress.ip_address(other.address)
+        block = peer["ipBlock"]
+        excepted = any(address in ipaddress.ip_network(cidr) for cidr in block.get("except", []))
+        return address in ipaddress.ip_network(block["cidr"]) and not excepted
+    if other.address:
+        return False
+    if "namespaceSelector" in peer:
+        in_namespace = _selects(peer["namespaceSelector"], other.namespace_labels)
+    else:
+        in_namespace = other.namespace == policy_namespace
+    return in_namespace and _selects(peer.get("podSelector", {}), other.labels)
+
+
+def _port_matches(entry: Manifest, protocol: str, port: int, named: Mapping[str, int]) -> bool:
+    if entry.get("protocol", "TCP") != protocol:
+        return False
+    if "port" not in entry:
+        return True
+    first: int = named.get(entry["port"], -1) if isinstance(entry["port"], str) else entry["port"]
+    last: int = entry.get("endPort", first)
+    return first <= port <= last
+
+
+def _lets(
+    policies: list[Manifest], pod: Endpoint, other: Endpoint, direction: str, protocol: str, port: int
+) -> bool:
+    """Whether the policies selecting `pod` let traffic through in `direction` (Ingress: from
+    `other` to `pod`'s `port`; Egress: from `pod` to `other`'s)."""
+    if pod.address:
+        return True  # outside the cluster: no policy of ours
+    selecting = [
+        p
+        for p in policies
+        if p["metadata"]["namespace"] == pod.namespace
+        and direction in _policy_types(p)
+        and _selects(p["spec"]["podSelector"], pod.labels)
+    ]
+    if not selecting:
+        return True
+    rules_key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    destination = pod if direction == "Ingress" else other
+    for policy in selecting:
+        for rule in policy["spec"].get(rules_key, []):
+            namespace = policy["metadata"]["namespace"]
+            peers = rule.get(peers_key)
+            if peers and not any(_peer_matches(peer, other, namespace) for peer in peers):
+                continue
+            ports = rule.get("ports")
+            if ports and not any(_port_matches(e, protocol, port, destination.ports) for e in ports):
+                continue
+            return True
+    return False
+
+
+def _allowed(
+    policies: list[Manifest], source: Endpoint, destination: Endpoint, port: int, protocol: str = "TCP"
+) -> bool:
+    return _lets(policies, source, destination, "Egress", protocol, port) and _lets(
+        policies, destination, source, "Ingress", protocol, port
+    )
+
+
+def _policies(cluster: Cluster) -> list[Manifest]:
+    return cluster.all("NetworkPolicy")
+
+
+def _deployments(cluster: Cluster) -> list[Endpoint]:
+    return [_pod_of(cluster, d["metadata"]["name"]) for d in cluster.all("Deployment")]
+
+
+def _postgres() -> Endpoint:
+    """PostgreSQL's pods, in the namespace of the CloudNativePG example."""
+    (db,) = [d for d in _documents(CLOUDNATIVEPG_EXAMPLE) if d["kind"] == "Cluster"]
+    labels = {"cnpg.io/cluster": db["metadata"]["name"]}
+    return _pod_elsewhere("postgres", db["metadata"]["namespace"], labels)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a settings object, nested settings included."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for item in dataclasses.fields(value):
+            yield from _strings(getattr(value, item.name))
+    elif isinstance(value, str):
+        yield value
+
+
+def _callees(cluster: Cluster, name: str) -> set[tuple[str, str]]:
+    """What the process of Deployment `name` connects to in the namespace, from its own settings:
+    (Deployment, port name) for every gRPC service and cache address it holds, plus the collector."""
+    settings = cluster.settings
+    held = set(_strings(_settings(cluster, name)))
+    callees = {("otel-collector", "otlp-grpc")}
+    callees |= {(s, "grpc") for s in GRPC_SERVICES if settings[f"RENDERFLOW_{s.upper()}_ADDR"] in held}
+    if settings["RENDERFLOW_CACHE_URL"] in held:
+        callees.add(("redis", "redis"))
+    return callees
+
+
+def test_network_policies_deny_everything_by_default(cluster: Cluster) -> None:
+    (kustomization,) = _documents(K8S / "kustomization.yaml")
+    assert NETWORK_POLICIES.name in kustomization["resources"]
+    deny = cluster.get("NetworkPolicy", "default-deny")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    # No policy opens a whole namespace's pods to everything.
+    for policy in _policies(cluster):
+        for rule in policy["spec"].get("ingress", []) + policy["spec"].get("egress", []):
+            assert rule.get("ports"), f"{policy['metadata']['name']}: a rule without ports"
+
+
+def test_every_pod_is_selected_by_a_policy_of_its_own(cluster: Cluster) -> None:
+    for pod in _deployments(cluster):
+        named = [
+            p["metadata"]["name"]
+            for p in _policies(cluster)
+            if p["spec"]["podSelector"] and _selects(p["spec"]["podSelector"], pod.labels)
+        ]
+        assert pod.name in named, pod.name
+
+
+def test_every_pod_resolves_names(cluster: Cluster) -> None:
+    for pod in _deployments(cluster):
+        for protocol in ("UDP", "TCP"):
+            assert _allowed(_policies(cluster), pod, KUBE_DNS, 53, protocol), (pod.name, protocol)
+
+
+def test_pods_reach_exactly_what_they_call_in_the_namespace(cluster: Cluster) -> None:
+    """Each Renderflow process reaches the services and cache its settings name, and the collector;
+    every other pod-to-pod connection (metrics ports, Redis from a service that has no cache, a
+    worker calling generation...) is refused."""
+    policies = _policies(cluster)
+    pods = _deployments(cluster)
+    allowed = {
+        (source.name, destination.name, port_name)
+        for source in pods
+        for destination in pods
+        for port_name, port in destination.ports.items()
+        if _allowed(policies, source, destination, port)
+    }
+    expected = {(name, *callee) for name in ENTRY_POINTS for callee in _callees(cluster, name)}
+    assert allowed == expected
+    # What the policies' header says, derived above from the settings.
+    assert ("gateway", "generation", "grpc") in allowed
+    assert ("generation", "imagefetch", "grpc") in allowed
+    assert ("worker", "imagefetch", "grpc") in allowed
+    assert ("worker", "generation", "grpc") not in allowed
+
+
+def test_only_the_gateway_is_open_to_clients(cluster: Cluster) -> None:
+    policies = _policies(cluster)
+    client = _outside(PUBLIC_ADDRESSES[0])
+    for pod in _deployments(cluster):
+        for port_name, port in pod.ports.items():
+            reachable = _allowed(policies, client, pod, port)
+            assert reachable == (pod.name == "gateway" and port_name == "http"), (pod.name, port_name)
+
+
+def test_prometheus_scrapes_the_metrics_ports_and_nothing_else(cluster: Cluster) -> None:
+    policies = _policies(cluster)
+    for pod in _deployments(cluster):
+        template = cluster.get("Deployment", pod.name)["spec"]["template"]
+        scraped = int(template["metadata"].get("annotations", {}).get("prometheus.io/port", -1))
+        for port_name, port in pod.ports.items():
+            # The gateway's /metrics is on its public port, open to all.
+            assert _allowed(policies, PROMETHEUS, pod, port) == (port == scraped), (pod.name, port_name)
+
+
+def test_the_database_is_reached_by_its_users_only(cluster: Cluster) -> None:
+    postgres = _postgres()
+    for pod in _deployments(cluster):
+        reachable = _allowed(_policies(cluster), pod, postgres, POSTGRES_PORT)
+        assert reachable == (pod.name in WITH_DATABASE), pod.name
+
+
+def test_the_object_store_is_reached_by_generation_and_workers_only(cluster: Cluster) -> None:
+    store = _outside(OBJECT_STORE_PLACEHOLDER)
+    for pod in _deployments(cluster):
+        reachable = _allowed(_policies(cluster), pod, store, HTTPS)
+        # imagefetch reaches every public address, this one among them.
+        assert reachable == (pod.name in (*WITH_ARTIFACTS, "imagefetch")), pod.name
+
+
+def test_only_imagefetch_reaches_the_internet_and_never_private_addresses(cluster: Cluster) -> None:
+    policies = _policies(cluster)
+    for pod in _deployments(cluster):
+        for address in PUBLIC_ADDRESSES:
+            for port in (HTTP, HTTPS):
+                reachable = _allowed(policies, pod, _outside(address), port)
+                assert reachable == (pod.name == "imagefetch"), (pod.name, address, port)
+            assert not _allowed(policies, pod, _outside(address), 22), (pod.name, address)
+        for address in PRIVATE_ADDRESSES:
+            assert not _allowed(policies, pod, _outside(address), HTTPS), (pod.name, address)
+
+
+@pytest.fixture(scope="module")
+def provider_egress(cluster: Cluster) -> Cluster:
+    return _with_component(cluster, PROVIDER_EGRESS)
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_provider_egress_option_builds_valid_objects(provider_egress: Cluster, version: str) -> None:
+    assert _invalid(provider_egress.objects, version) == []
+
+
+def test_the_provider_egress_option_opens_https_to_the_internet_for_workers_only(
+    cluster: Cluster, provider_egress: Cluster
+) -> None:
+    policies = _policies(provider_egress)
+    worker = _pod_of(provider_egress, "worker")
+    for address in PUBLIC_ADDRESSES:
+        assert _allowed(policies, worker, _outside(address), HTTPS), address
+        assert not _allowed(policies, worker, _outside(address), HTTP), address
+    for address in PRIVATE_ADDRESSES:
+        assert not _allowed(policies, worker, _outside(address), HTTPS), address
+    for pod in _deployments(provider_egress):
+        if pod.name != "worker":
+            before = _allowed(_policies(cluster), pod, _outside(PUBLIC_ADDRESSES[0]), HTTPS)
+            assert _allowed(policies, pod, _outside(PUBLIC_ADDRESSES[0]), HTTPS) == before, pod.name
+    # Without the option, a worker reaches no provider.
+    assert not _allowed(_policies(cluster), worker, _outside(PUBLIC_ADDRESSES[0]), HTTPS)
+
+
+# --- The CloudNativePG example ------------------------------------------------------------------
+
+
+def test_the_cloudnativepg_example_makes_the_database_renderflow_expects() -> None:
+    """Its database and owner are those of DATABASE_URL; its namespace is the one the network
+    policies let Renderflow reach on 5432; a pooler, if any, keeps LISTEN working."""
+    text = CLOUDNATIVEPG_EXAMPLE.read_text()
+    assert "EXAMPLE ONLY" in text.splitlines()[0]
+    docs = {doc["kind"]: doc for doc in _documents(CLOUDNATIVEPG_EXAMPLE)}
+    assert sorted(docs) == ["Cluster", "Namespace", "Pooler"]
+    db = docs["Cluster"]
+    assert db["apiVersion"] == "postgresql.cnpg.io/v1"
+    assert db["metadata"]["namespace"] == docs["Namespace"]["metadata"]["name"] != NAMESPACE
+    assert db["spec"]["instances"] >= 3, "a primary and two replicas"
+    assert re.fullmatch(r"\d+(Gi|Ti)", db["spec"]["storage"]["size"])
+    url = urlsplit(_example_secrets()["renderflow-database"]["stringData"]["DATABASE_URL"])
+    initdb = db["spec"]["bootstrap"]["initdb"]
+    assert (initdb["database"], initdb["owner"]) == (url.path.lstrip("/"), url.username)
+    # Enough connections for every pool at the autoscaler's maximum (docs/operations.md, "Connections").
+    (scaled,) = _documents(KEDA_SCALED_OBJECT)
+    assert scaled["spec"]["maxReplicaCount"] == 20
+    assert int(db["spec"]["postgresql"]["parameters"]["max_connections"]) >= 224
+    pooler = docs["Pooler"]
+    assert pooler["metadata"]["namespace"] == db["metadata"]["namespace"]
+    assert pooler["metadata"]["name"] != db["metadata"]["name"]
+    assert pooler["spec"]["cluster"]["name"] == db["metadata"]["name"]
+    assert pooler["spec"]["type"] == "rw"
+    assert pooler["spec"]["pgbouncer"]["poolMode"] == "session", "LISTEN needs a session of its own"
+
+
+def test_the_cloudnativepg_example_holds_only_known_custom_resources() -> None:
+    """Its Namespace is checked against the API's schemas with every other file; its Cluster and
+    Pooler, which the validator knows nothing of, only here and above."""
+    for doc in _documents(CLOUDNATIVEPG_EXAMPLE):
+        if doc["kind"] != "Namespace":
+            assert _group(doc) == "postgresql.cnpg.io", doc["kind"]
+        assert set(doc) <= {"apiVersion", "kind", "metadata", "spec"}, doc["kind"]
