@@ -12,7 +12,7 @@ import io
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from standardwebhooks.webhooks import Webhook
 
 from gateway.config import Settings as GatewaySettings
 from tests.client.conftest import STEP_MS, Account, new_account
+from tests.support import serving_app
 from tests.support.gateway_stack import procedural_worker, running_stack
 from tests.support.origin import png_bytes
 from tests.support.tcp_proxy import TcpProxy
@@ -320,16 +321,8 @@ class FlakyNetwork:
         return web.Response(status=answer.status, body=payload, headers=kept)
 
 
-@asynccontextmanager
-async def serving(handler: Handler) -> AsyncIterator[str]:
+def serving(handler: Handler) -> AbstractAsyncContextManager[str]:
     """`handler` answering every request on a port of its own; its base URL."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    return serving_app(app)

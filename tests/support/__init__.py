@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 from aiohttp import web
 
@@ -27,3 +28,13 @@ async def serve_on_loopback(app: web.Application, port: int = 0) -> tuple[web.Ap
     await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
     bound: int = runner.addresses[0][1]
     return runner, bound
+
+
+@asynccontextmanager
+async def serving_app(app: web.Application) -> AsyncIterator[str]:
+    """`app` served on a free loopback port for the block (`serve_on_loopback`); its base URL."""
+    runner, port = await serve_on_loopback(app)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

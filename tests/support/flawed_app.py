@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from shared.telemetry import JsonLinesSpanExporter
+from tests.support import serving_app
 from tests.support.origin import png_bytes
 
 QUERY_S = 0.02
@@ -57,18 +57,6 @@ class Run:
         return 1000 * sum(self.seconds[route]) / len(self.seconds[route])
 
 
-@asynccontextmanager
-async def _server(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
-
-
 async def _origin_image(request: web.Request) -> web.Response:
     await asyncio.sleep(ORIGIN_DELAY_S)
     return web.Response(body=png_bytes(), content_type="image/png")
@@ -89,7 +77,7 @@ async def run_shop(database_url: str, traces: Path, *, flawed: bool, requests: i
         stack.callback(server_instrumentation.uninstrument)
         origin_app = web.Application()
         origin_app.router.add_get("/image.png", _origin_image)
-        origin = await stack.enter_async_context(_server(origin_app))
+        origin = await stack.enter_async_context(serving_app(origin_app))
         connections = []
         for _ in QUERIES:
             conn = await psycopg.AsyncConnection.connect(database_url, autocommit=True)
@@ -150,7 +138,7 @@ async def run_shop(database_url: str, traces: Path, *, flawed: bool, requests: i
         app.router.add_post("/batch", batch)
         app.router.add_get("/broken", broken)
         app.router.add_get("/search", search)
-        shop = await stack.enter_async_context(_server(app))
+        shop = await stack.enter_async_context(serving_app(app))
         if not flawed:
             prefetched.append(await fetch_image())
         searches = [f"/search?kind={'fuzzy' if n % 10 == 9 else 'exact'}" for n in range(2 * requests)]

@@ -84,12 +84,11 @@ def critical_path(root: Span, children: Mapping[str, Sequence[Span]]) -> dict[st
 
 
 def route_paths(traces: TraceSet, top: int = 6) -> list[RoutePath]:
-    """Per route (its server spans' endpoint), the span names with most time on its critical paths."""
+    """Per route (`routes_of`: requests and jobs, each with its root), the span names with most
+    time on its critical paths."""
     found = []
     for route, trees in routes_of(traces).items():
         paths = [_path(tree) for tree in trees]
-        if not paths:
-            continue
         total = sum(sum(path.values()) for path in paths) or 1.0
         names = {name for path in paths for name in path}
         own = [tree.self_time() for tree in trees]
@@ -124,7 +123,6 @@ def slow_vs_fast(traces: TraceSet, top: int = 3) -> list[SlowFast]:
     """Per route with enough traces, its slowest 5 % against the rest."""
     found = []
     for route, trees in routes_of(traces).items():
-        trees = [tree for tree in trees if tree.root is not None]
         if len(trees) < MIN_TRACES:
             continue
         cut = percentile(sorted(tree.duration_ms for tree in trees), 95)
